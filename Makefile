@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  make demo   |   make test
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test lint demo demo-stop bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+demo: $(STAMP)
+	$(BIN)/python -m scripts.demo start
+
+demo-stop: $(STAMP)
+	$(BIN)/python -m scripts.demo stop
+
+bench: $(STAMP)
+	mkdir -p bench/results
+	$(BIN)/python -m bench.make_dataset --out bench/results/dataset.npz
+	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --json > bench/results/quality.json
+
+clean:
+	rm -rf $(VENV) .state

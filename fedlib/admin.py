@@ -1,0 +1,254 @@
+"""``fl-admin``: the operator's command line for one deployment.
+
+    fl-admin init --holdout holdout.npz        # keys, buckets, holdout, model version 1
+    fl-admin enroll CLIENT_ID --public-key client_key.pub.pem --out client.json
+    fl-admin revoke CLIENT_ID
+    fl-admin status [--json]
+
+Settings come from ``--config`` / ``$FL_SERVER_CONFIG`` / ``./fl-server.toml`` and
+``FL_*`` environment variables (see :mod:`fedlib.settings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fedlib import crypto
+from fedlib.errors import FedError
+from fedlib.evaluation import evaluate_onnx
+from fedlib.model import FeatureSchema, create_model
+from fedlib.rounds import package_model
+from fedlib.server import Deployment, Holdout
+from fedlib.settings import ServerSettings
+
+
+def _deployment(args: argparse.Namespace) -> Deployment:
+    return Deployment(ServerSettings.load(args.config))
+
+
+def initial_package(
+    deployment: Deployment, holdout: Holdout, *, kind: str | None = None, seed: int = 0
+):
+    """Version 1: a fresh model whose scaling and threshold come from the server's holdout.
+
+    The holdout is the server's own data, so no device row is needed to start; later
+    versions move only through federated updates.
+    """
+    settings = deployment.settings
+    kind = kind or settings.model_kind
+    benign = holdout.benign()
+    schema = FeatureSchema.from_data(holdout.feature_names, benign, "log1p")
+    model = create_model(kind, schema, seed=seed)
+    model.calibrate_threshold(benign, quantile=settings.threshold_quantile)
+    training = settings.training(
+        compression=model.preferred_compression if model.sufficient_statistics else None
+    )
+    draft = package_model(model, version=1, training=training)
+    metrics = evaluate_onnx(draft.onnx_bytes, holdout.features, holdout.labels).as_dict()
+    return package_model(model, version=1, training=training, metrics=metrics)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    deployment = _deployment(args)
+    deployment.ensure_keys()
+    deployment.ensure_buckets()
+    holdout = Holdout.from_bytes(Path(args.holdout).read_bytes())
+    deployment.save_holdout(holdout)
+    deployment.save_fleet(deployment.load_fleet())
+    registry = deployment.registry(signing=True)
+    if registry.active_version() is None:
+        package = initial_package(deployment, holdout, kind=args.model_kind, seed=args.seed)
+        registry.publish(package)
+        print(
+            f"published version 1 ({package.metadata.model_kind}, "
+            f"holdout AUC {package.metadata.metrics['auc']:.3f})"
+        )
+    else:
+        print(f"models already published (active version {registry.active_version()})")
+    print(f"keys in {deployment.keys_dir}; buckets ready at {deployment.s3.endpoint_url}")
+    return 0
+
+
+def client_config_document(
+    deployment: Deployment,
+    client_id: str,
+    *,
+    features_dir: str,
+    state_dir: str,
+    access_key: str | None,
+    secret_key: str | None,
+) -> dict[str, object]:
+    """What a device needs, as written by ``enroll``: no secret of the server's."""
+    settings = deployment.settings
+    signing = deployment.package_signing_key().public_key()
+    return {
+        "client_id": client_id,
+        "inbox_url": f"s3://{settings.inbox_bucket}",
+        "models_url": f"s3://{settings.models_bucket}",
+        "s3": {
+            "endpoint_url": deployment.s3.endpoint_url,
+            "region": deployment.s3.region,
+            "access_key": access_key,
+            "secret_key": secret_key,
+        },
+        "server_public_key_pem": crypto.public_pem(deployment.current_server_public_key()).decode(),
+        "package_signing_keys_pem": [crypto.public_pem(signing).decode()],
+        "features_dir": features_dir,
+        "state_dir": state_dir,
+    }
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    deployment = _deployment(args)
+    fleet = deployment.load_fleet()
+    kid = fleet.enroll(args.client_id, Path(args.public_key).read_bytes())
+    deployment.save_fleet(fleet)
+    doc = client_config_document(
+        deployment,
+        args.client_id,
+        features_dir=args.features_dir,
+        state_dir=args.state_dir,
+        access_key=args.access_key,
+        secret_key=args.secret_key,
+    )
+    out = Path(args.out)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out.chmod(0o600)
+    print(f"enrolled {args.client_id} (key {kid}); client config written to {out}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    deployment = _deployment(args)
+    fleet = deployment.load_fleet()
+    revoked = fleet.revoke(args.client_id)
+    deployment.save_fleet(fleet)
+    print(f"revoked {args.client_id}: keys {', '.join(revoked)}")
+    return 0
+
+
+def status_document(deployment: Deployment) -> dict[str, object]:
+    registry = deployment.registry()
+    versions = []
+    for version in registry.versions():
+        meta = registry.read_version(version).metadata
+        versions.append(
+            {
+                "version": version,
+                "auc": meta.metrics.get("auc"),
+                "ap": meta.metrics.get("ap"),
+                "rollback_of": meta.rollback_of,
+                "published_at": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(meta.created_at_ms / 1000)
+                ),
+            }
+        )
+    pending = sum(1 for _ in deployment.inbox.list("updates/"))
+    quarantined = sum(1 for _ in deployment.state.list("quarantine/"))
+    fleet = deployment.load_fleet()
+    return {
+        "active_version": registry.active_version(),
+        "versions": versions,
+        "pending_updates": pending,
+        "quarantined": quarantined,
+        "clients": fleet.client_ids(),
+        "revoked_clients": sorted(
+            set(fleet.client_ids(include_revoked=True)) - set(fleet.client_ids())
+        ),
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    doc = status_document(_deployment(args))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"active version:  {doc['active_version']}")
+    for v in doc["versions"]:  # type: ignore[union-attr]
+        auc = "-" if v["auc"] is None else f"{v['auc']:.3f}"
+        extra = f" (rollback of {v['rollback_of']})" if v["rollback_of"] else ""
+        print(f"  v{v['version']:<4} auc {auc}  {v['published_at']}{extra}")
+    print(f"pending updates: {doc['pending_updates']}")
+    print(f"quarantined:     {doc['quarantined']}")
+    print(f"clients:         {len(doc['clients'])}")  # type: ignore[arg-type]
+    return 0
+
+
+def cmd_round(args: argparse.Namespace) -> int:
+    from fedlib.round_runner import run_round
+
+    run_id = args.run_id or time.strftime("manual__%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    report = run_round(
+        _deployment(args),
+        run_id,
+        min_clients=args.min_clients,
+        max_updates=args.max_updates,
+        dry_run=args.dry_run,
+    )
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    print(f"round {report.run_id}: {report.decision} ({report.message})")
+    print(
+        f"  accepted {report.accepted}, rejected {sum(report.rejected.values())} {report.rejected}"
+    )
+    if report.candidate_metrics:
+        print(
+            f"  holdout AUC: active {report.active_metrics['auc']:.4f}"
+            f" -> candidate {report.candidate_metrics['auc']:.4f}"
+        )
+    if report.published_version:
+        print(f"  published version {report.published_version}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fl-admin", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="fl-server.toml (default: $FL_SERVER_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="keys, buckets, holdout and model version 1")
+    init.add_argument("--holdout", required=True, help=".npz with holdout_X, holdout_y")
+    init.add_argument("--model-kind", default=None)
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=cmd_init)
+
+    enroll = sub.add_parser("enroll", help="register a device key, write its client config")
+    enroll.add_argument("client_id")
+    enroll.add_argument("--public-key", required=True)
+    enroll.add_argument("--out", required=True)
+    enroll.add_argument("--features-dir", default="features")
+    enroll.add_argument("--state-dir", default="state")
+    enroll.add_argument("--access-key", default=None)
+    enroll.add_argument("--secret-key", default=None)
+    enroll.set_defaults(func=cmd_enroll)
+
+    revoke = sub.add_parser("revoke", help="refuse every later update of a device")
+    revoke.add_argument("client_id")
+    revoke.set_defaults(func=cmd_revoke)
+
+    rnd = sub.add_parser("round", help="run one round in this process (no Airflow)")
+    rnd.add_argument("--run-id", default=None)
+    rnd.add_argument("--min-clients", type=int, default=None)
+    rnd.add_argument("--max-updates", type=int, default=None)
+    rnd.add_argument("--dry-run", action="store_true")
+    rnd.add_argument("--json", action="store_true")
+    rnd.set_defaults(func=cmd_round)
+
+    status = sub.add_parser("status", help="versions, pending and quarantined updates")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FedError, ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"fl-admin: {exc}", file=sys.stderr)
+        return 2

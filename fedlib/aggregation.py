@@ -1,0 +1,204 @@
+"""Streaming, staleness-weighted federated averaging in exact fixed point.
+
+Each accepted update contributes ``w * delta`` with ``w = min(n, n_cap) / (1 + s)**a``
+(FedAvg by sample count, discounted by staleness ``s`` in versions as in FedBuff).
+Contributions are rounded once, per update, onto a fixed grid of ``2**-G`` and summed
+as integers, so the sum is exact and associative: the same set of updates gives the
+same bits in any order and with any split into shards. Memory is two int64 vectors of
+the model's size, independent of the number of updates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedlib.compression import DecodedDelta
+from fedlib.errors import RejectedUpdate
+
+WEIGHT_FRACTION_BITS = 16  # weights are kept as integers in units of 2**-16
+_MAX_Q_BITS = 52  # each per-update integer contribution stays below 2**52
+_CARRY_BITS = 32
+_CARRY_EVERY = 1 << (62 - _MAX_Q_BITS - 1)  # adds before lo could overflow int64
+_PARTIAL_MAGIC = b"FLPS\x01"
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How updates are weighted and bounded. Part of a round's inputs (and its digest)."""
+
+    staleness_exponent: float = 0.5
+    max_staleness: int = 8
+    norm_bound: float = 10.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0  # FedAvgM (Hsu et al. 2019); 0 = plain FedAvg
+    max_sample_weight: int = 1 << 16
+
+    def __post_init__(self) -> None:
+        if not (self.staleness_exponent >= 0 and math.isfinite(self.staleness_exponent)):
+            raise ValueError("staleness_exponent must be a finite number >= 0")
+        if self.max_staleness < 0:
+            raise ValueError("max_staleness must be >= 0")
+        if not (0 < self.norm_bound < 2**30):
+            raise ValueError("norm_bound must be in (0, 2**30)")
+        if not (0 < self.server_lr <= 10):
+            raise ValueError("server_lr must be in (0, 10]")
+        if not (0 <= self.server_momentum < 1):
+            raise ValueError("server_momentum must be in [0, 1)")
+        if not (1 <= self.max_sample_weight <= 2**30):
+            raise ValueError("max_sample_weight must be in [1, 2**30]")
+
+    @property
+    def grid_bits(self) -> int:
+        """G such that |w * delta_i| * 2**G < 2**52 for any admissible update."""
+        bound = self.max_sample_weight * self.norm_bound
+        return _MAX_Q_BITS - math.ceil(math.log2(bound)) - 1
+
+
+def staleness_weight(num_samples: int, staleness: int, config: AggregationConfig) -> float:
+    """FedAvg weight of one update: its sample count (capped) discounted by staleness."""
+    if staleness < 0:
+        raise RejectedUpdate("unknown_base_version", f"base version is {-staleness} ahead")
+    if staleness > config.max_staleness:
+        raise RejectedUpdate(
+            "too_stale", f"staleness {staleness} exceeds the bound {config.max_staleness}"
+        )
+    n = min(num_samples, config.max_sample_weight)
+    return n / (1.0 + staleness) ** config.staleness_exponent
+
+
+def check_update(delta: DecodedDelta, config: AggregationConfig) -> float:
+    """Validate a decoded delta's values against the bounds; return its L2 norm."""
+    if not np.all(np.isfinite(delta.values)):
+        raise RejectedUpdate("non_finite", "delta has NaN or infinite values")
+    norm = float(np.sqrt(np.dot(delta.values, delta.values)))
+    if not math.isfinite(norm) or norm > config.norm_bound:
+        raise RejectedUpdate("norm_exceeded", f"L2 norm {norm:.4g} > bound {config.norm_bound}")
+    return norm
+
+
+class StreamingAggregator:
+    """Exact weighted sum of deltas; partial sums from shards merge by integer addition."""
+
+    def __init__(self, dim: int, config: AggregationConfig) -> None:
+        if dim <= 0:
+            raise ValueError("dim must be positive")
+        self.dim = dim
+        self.config = config
+        self._grid = config.grid_bits
+        self._lo = np.zeros(dim, dtype=np.int64)
+        self._hi = np.zeros(dim, dtype=np.int64)
+        self._pending = 0
+        self.count = 0
+        self.weight_units = 0  # sum of quantized weights, exact
+
+    def add(self, delta: DecodedDelta, weight: float) -> int:
+        """Add ``weight * delta``; returns the quantized weight actually used (units 2**-16)."""
+        if delta.dim != self.dim:
+            raise RejectedUpdate(
+                "shape_mismatch", f"delta has {delta.dim} params, model {self.dim}"
+            )
+        check_update(delta, self.config)
+        units = round(weight * (1 << WEIGHT_FRACTION_BITS))
+        if units < 1 or not math.isfinite(weight):
+            raise ValueError(f"weight {weight!r} is not positive")
+        scale = math.ldexp(float(units), self._grid - WEIGHT_FRACTION_BITS)
+        q = np.rint(delta.values * scale).astype(np.int64)
+        if delta.indices is None:
+            self._lo += q
+        else:
+            self._lo[delta.indices] += q
+        self.count += 1
+        self.weight_units += units
+        self._pending += 1
+        if self._pending >= _CARRY_EVERY:
+            self._carry()
+        return units
+
+    def _carry(self) -> None:
+        self._hi += self._lo >> _CARRY_BITS
+        self._lo &= (1 << _CARRY_BITS) - 1
+        self._pending = 0
+
+    def merge(self, other: StreamingAggregator) -> None:
+        if other.dim != self.dim or other._grid != self._grid:
+            raise ValueError("cannot merge partial sums of different shapes or grids")
+        self._carry()
+        other._carry()
+        self._lo += other._lo
+        self._hi += other._hi
+        self._carry()
+        self.count += other.count
+        self.weight_units += other.weight_units
+
+    def mean_delta(self) -> np.ndarray:
+        """The weighted mean delta (float64); zeros when nothing was added."""
+        if self.count == 0:
+            return np.zeros(self.dim)
+        self._carry()
+        total = self._hi.astype(np.float64) * float(1 << _CARRY_BITS) + self._lo.astype(np.float64)
+        weight = self.weight_units / float(1 << WEIGHT_FRACTION_BITS)
+        return np.ldexp(total, -self._grid) / weight
+
+    def apply(self, base_params: np.ndarray) -> np.ndarray:
+        """The new global parameters: base + server_lr * weighted mean delta."""
+        return self.step(base_params, None)[0]
+
+    def step(
+        self, base_params: np.ndarray, momentum: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Server optimizer step; returns (new params, new momentum buffer or None).
+
+        With ``server_momentum`` > 0 this is FedAvgM: ``m = beta * m + delta``,
+        ``w = w + lr * m``; the buffer is part of the round's inputs, so a round stays
+        a pure function of them.
+        """
+        base = np.asarray(base_params, dtype=np.float64)
+        if base.shape != (self.dim,):
+            raise ValueError(f"base has shape {base.shape}, expected ({self.dim},)")
+        delta = self.mean_delta()
+        beta = self.config.server_momentum
+        if beta == 0:
+            return base + self.config.server_lr * delta, None
+        if momentum is None or momentum.shape != base.shape:
+            momentum = np.zeros_like(base)
+        buffer = beta * momentum + delta
+        return base + self.config.server_lr * buffer, buffer
+
+    def to_bytes(self) -> bytes:
+        """Serialize a partial sum (shards write these to the state bucket)."""
+        self._carry()
+        head = struct.pack(">IiQQ", self.dim, self._grid, self.count, self.weight_units)
+        return (
+            _PARTIAL_MAGIC
+            + head
+            + self._lo.astype("<i8").tobytes()
+            + self._hi.astype("<i8").tobytes()
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, config: AggregationConfig) -> StreamingAggregator:
+        head = struct.Struct(">IiQQ")
+        start = len(_PARTIAL_MAGIC)
+        if not data.startswith(_PARTIAL_MAGIC) or len(data) < start + head.size:
+            raise ValueError("not a partial sum")
+        dim, grid, count, units = head.unpack_from(data, start)
+        body = start + head.size
+        if len(data) != body + 16 * dim:
+            raise ValueError("partial sum has the wrong length")
+        agg = cls(dim, config)
+        if grid != agg._grid:
+            raise ValueError("partial sum was made with another aggregation config")
+        agg._lo = np.frombuffer(data, dtype="<i8", count=dim, offset=body).astype(np.int64)
+        agg._hi = np.frombuffer(data, dtype="<i8", count=dim, offset=body + 8 * dim).astype(
+            np.int64
+        )
+        agg.count, agg.weight_units = count, units
+        return agg
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()

@@ -1,0 +1,776 @@
+"""Anomaly models over per-window event-template counts, and their ONNX export.
+
+Every model works on *scaled* features: raw counts -> ``schema.transform`` (``log1p``
+by default) -> ``(x - mean) / std``. The scaling constants live in a
+:class:`FeatureSchema` built from aggregated sufficient statistics
+(:func:`feature_moments` on each device, :meth:`FeatureSchema.from_moments` on the
+server), so no raw row ever has to leave a device.
+
+Model kinds sit behind a registry (:data:`KINDS`, :func:`register_kind`): protocol,
+aggregation and evaluation only see a flat float64 parameter vector (``params`` /
+``set_params``), a row count from ``fit_local`` (the FedAvg weight), ``score`` and the
+ONNX bytes from ``to_onnx``. Adding a kind touches nothing outside its class.
+
+The exported ONNX graph does the whole pipeline on **raw** counts, so devices and the
+server's holdout evaluation run exactly what ships:
+
+* input ``features``: float32 ``[N, d]`` raw counts (columns in ``schema.names`` order);
+* output ``score``: float32 ``[N]``, higher = more anomalous (same definition as
+  :meth:`AnomalyModel.score`);
+* output ``is_anomaly``: bool ``[N]`` = ``score > threshold``. An uncalibrated model
+  (``threshold is None``) is exported with ``+inf``: it scores but flags nothing.
+
+Heavy dependencies are imported lazily: scikit-learn for the autoencoder, ``onnx`` /
+``skl2onnx`` only for export (server side), ``onnxruntime`` only for
+:func:`onnx_score`. Importing this module needs numpy alone. No pickle anywhere:
+a model is fully described by ``(kind, schema.to_dict(), spec, params(), threshold)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import itertools
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sklearn.neural_network import MLPRegressor
+
+__all__ = [
+    "KINDS",
+    "ONNX_OPSET",
+    "STD_FLOOR",
+    "AnomalyModel",
+    "AutoencoderModel",
+    "FeatureSchema",
+    "GaussianModel",
+    "create_model",
+    "feature_moments",
+    "load_model",
+    "onnx_score",
+    "register_kind",
+]
+
+Transform = Literal["log1p", "identity"]
+TRANSFORMS: Final[tuple[str, ...]] = ("log1p", "identity")
+STD_FLOOR: Final[float] = 1e-6
+"""Lower bound on a feature's std: a template never seen in training must not divide by 0."""
+
+ONNX_OPSET: Final[int] = 18
+"""Default-domain opset of exported graphs (ReduceMean/ReduceSumSquare take axes as input)."""
+ONNX_IR_VERSION: Final[int] = 8
+"""IR version matching opset 18, readable by every onnxruntime >= 1.14."""
+ONNX_INPUT: Final[str] = "features"
+ONNX_SCORE: Final[str] = "score"
+ONNX_FLAG: Final[str] = "is_anomaly"
+
+_KIND_RE = re.compile(r"^[a-z0-9_]{1,32}$")  # same pattern as protocol.UpdateMeta.model_kind
+
+
+# --------------------------------------------------------------------------- features
+
+
+def _transform(x: np.ndarray, transform: str) -> np.ndarray:
+    """Apply the per-feature transform in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    if transform == "log1p":
+        return np.log1p(x)
+    if transform == "identity":
+        return x.copy()
+    raise ValueError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
+
+
+def _check_raw(x_raw: Any, transform: str, d: int | None = None) -> np.ndarray:
+    """Validate a raw feature matrix: 2-D, finite, and non-negative for ``log1p``."""
+    x = np.asarray(x_raw, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"features must be a 2-D matrix, got shape {x.shape}")
+    if d is not None and x.shape[1] != d:
+        raise ValueError(f"expected {d} feature columns, got {x.shape[1]}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("features contain NaN or infinity")
+    if transform == "log1p" and x.size and float(x.min()) < 0.0:
+        raise ValueError("log1p features are counts and must be non-negative")
+    return x
+
+
+def feature_moments(x_raw: Any, transform: str = "log1p") -> tuple[int, np.ndarray, np.ndarray]:
+    """Return ``(n, sum, sum of squares)`` of transformed features, float64.
+
+    These are what a device shares to build the scaling: sums are additive across
+    devices, so the server gets exact pooled mean/std without seeing a row.
+    """
+    x = _check_raw(x_raw, transform)
+    t = _transform(x, transform)
+    return int(t.shape[0]), t.sum(axis=0), np.square(t).sum(axis=0)
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """Column names plus the transform and standardization every model applies first."""
+
+    names: list[str]
+    transform: Transform
+    mean: list[float]
+    std: list[float]
+
+    def __post_init__(self) -> None:
+        d = len(self.names)
+        if d == 0:
+            raise ValueError("a feature schema needs at least one feature")
+        if len(set(self.names)) != d or not all(isinstance(n, str) for n in self.names):
+            raise ValueError("feature names must be distinct strings")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"unknown transform {self.transform!r}; expected one of {TRANSFORMS}")
+        if len(self.mean) != d or len(self.std) != d:
+            raise ValueError("mean and std need one entry per feature name")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError("mean and std must be finite")
+        if min(self.std) <= 0.0:
+            raise ValueError("std must be positive")
+
+    @property
+    def dim(self) -> int:
+        """Number of features ``d``."""
+        return len(self.names)
+
+    def apply(self, x_raw: Any) -> np.ndarray:
+        """Raw counts -> scaled float64 features ``(transform(x) - mean) / std``."""
+        x = _check_raw(x_raw, self.transform, self.dim)
+        t = _transform(x, self.transform)
+        return (t - self._mean_arr()) / self._std_arr()
+
+    def _mean_arr(self) -> np.ndarray:
+        return np.asarray(self.mean, dtype=np.float64)
+
+    def _std_arr(self) -> np.ndarray:
+        return np.maximum(np.asarray(self.std, dtype=np.float64), STD_FLOOR)
+
+    @classmethod
+    def from_moments(
+        cls,
+        names: Sequence[str],
+        transform: Transform,
+        n: int,
+        s: Any,
+        ss: Any,
+    ) -> FeatureSchema:
+        """Build the schema from (possibly summed) :func:`feature_moments` outputs."""
+        if n <= 0:
+            raise ValueError("moments need at least one row")
+        s_arr = np.asarray(s, dtype=np.float64)
+        ss_arr = np.asarray(ss, dtype=np.float64)
+        d = len(names)
+        if s_arr.shape != (d,) or ss_arr.shape != (d,):
+            raise ValueError(f"moment vectors must have shape ({d},)")
+        mean = s_arr / n
+        var = np.maximum(ss_arr / n - np.square(mean), 0.0)
+        std = np.maximum(np.sqrt(var), STD_FLOOR)
+        return cls(
+            names=list(names),
+            transform=transform,
+            mean=[float(v) for v in mean],
+            std=[float(v) for v in std],
+        )
+
+    @classmethod
+    def from_data(
+        cls, names: Sequence[str], x_raw: Any, transform: Transform = "log1p"
+    ) -> FeatureSchema:
+        """Centralized shortcut (tests, benchmarks): moments of one local matrix."""
+        n, s, ss = feature_moments(x_raw, transform)
+        return cls.from_moments(names, transform, n, s, ss)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form; floats round-trip exactly through ``json``."""
+        return {
+            "names": list(self.names),
+            "transform": self.transform,
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> FeatureSchema:
+        """Inverse of :meth:`to_dict`; refuses missing or unknown keys."""
+        keys = {"names", "transform", "mean", "std"}
+        if set(raw) != keys:
+            raise ValueError(f"feature schema keys must be exactly {sorted(keys)}")
+        return cls(
+            names=[str(n) for n in raw["names"]],
+            transform=raw["transform"],
+            mean=[float(v) for v in raw["mean"]],
+            std=[float(v) for v in raw["std"]],
+        )
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class AnomalyModel(abc.ABC):
+    """One anomaly model kind: flat parameters for FedAvg, a score, an ONNX export."""
+
+    kind: ClassVar[str]
+    preferred_compression: ClassVar[str]
+    #: True when params are sufficient statistics: the n-weighted mean of local fits is
+    #: the pooled fit, so updates travel exactly (dense64) and the server takes a plain
+    #: mean (no momentum, no staleness discount beyond what the config says).
+    sufficient_statistics: ClassVar[bool] = False
+    default_spec: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, schema: FeatureSchema, spec: Mapping[str, Any] | None = None) -> None:
+        self.schema = schema
+        self.spec: dict[str, Any] = self._resolve_spec(spec)
+        self.threshold: float | None = None
+
+    # -- spec -----------------------------------------------------------------
+    @classmethod
+    def _resolve_spec(cls, spec: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Fill defaults, refuse unknown keys, normalize through JSON (so it stays JSON-able)."""
+        given = dict(spec or {})
+        unknown = set(given) - set(cls.default_spec)
+        if unknown:
+            raise ValueError(f"unknown {cls.kind} spec keys: {sorted(unknown)}")
+        merged = json.loads(json.dumps({**cls.default_spec, **given}))
+        cls._check_spec(merged)
+        return merged
+
+    @classmethod
+    @abc.abstractmethod
+    def _check_spec(cls, spec: dict[str, Any]) -> None:
+        """Validate hyperparameter values; raise ValueError on nonsense."""
+
+    # -- parameters -----------------------------------------------------------
+    @abc.abstractmethod
+    def _init_params(self, seed: int) -> None:
+        """Set fresh parameters, a deterministic function of ``seed``."""
+
+    @property
+    @abc.abstractmethod
+    def num_params(self) -> int:
+        """Length of the flat parameter vector."""
+
+    @abc.abstractmethod
+    def params(self) -> np.ndarray:
+        """Float64 1-D copy of all trainable parameters."""
+
+    def set_params(self, vec: Any) -> None:
+        """Replace all parameters from a flat vector; ValueError on wrong length/non-finite."""
+        arr = np.asarray(vec, dtype=np.float64)
+        if arr.ndim != 1 or arr.shape[0] != self.num_params:
+            raise ValueError(
+                f"{self.kind} expects a 1-D vector of {self.num_params} params, "
+                f"got shape {arr.shape}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("params contain NaN or infinity")
+        self._set_params(arr.copy())
+
+    @abc.abstractmethod
+    def _set_params(self, vec: np.ndarray) -> None:
+        """Install a validated float64 vector (owned by the callee)."""
+
+    # -- training and scoring -------------------------------------------------
+    @abc.abstractmethod
+    def fit_local(self, x_raw: Any, *, epochs: int, seed: int) -> int:
+        """Train on local raw rows from the current params; return the rows used."""
+
+    @abc.abstractmethod
+    def score(self, x_raw: Any) -> np.ndarray:
+        """Float64 anomaly score per row, higher = more anomalous."""
+
+    def calibrate_threshold(self, x_benign_raw: Any, quantile: float = 0.99) -> float:
+        """Set ``threshold`` to the ``quantile`` of benign scores and return it."""
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError("quantile must be in (0, 1]")
+        scores = self.score(x_benign_raw)
+        if scores.size == 0:
+            raise ValueError("calibration needs at least one benign row")
+        self.threshold = float(np.quantile(scores, quantile))
+        return self.threshold
+
+    # -- export ---------------------------------------------------------------
+    @abc.abstractmethod
+    def _onnx_core(self) -> tuple[list[Any], list[Any], str]:
+        """Nodes and initializers mapping scaled ``_fl_z`` to a float32 [N] score.
+
+        Returns ``(nodes, initializers, score_tensor_name)``.
+        """
+
+    def to_onnx(self) -> bytes:
+        """Serialized ONNX model of the whole raw-counts -> score/flag pipeline.
+
+        Deterministic: the same model gives the same bytes (the server hashes them).
+        """
+        core_nodes, core_inits, score_name = self._onnx_core()
+        return _assemble_onnx(self, core_nodes, core_inits, score_name)
+
+    def _scaled(self, x_raw: Any) -> np.ndarray:
+        return self.schema.apply(x_raw)
+
+    def _check_rows(self, z: np.ndarray, epochs: int) -> int:
+        n = int(z.shape[0])
+        if n == 0:
+            raise ValueError("fit_local needs at least one row")
+        if epochs < 1:
+            raise ValueError("epochs must be >= 1")
+        return n
+
+
+KINDS: dict[str, type[AnomalyModel]] = {}
+"""Registered model kinds by name; populate with :func:`register_kind`."""
+
+_M = TypeVar("_M", bound=type[AnomalyModel])
+
+
+def register_kind(cls: _M) -> _M:
+    """Class decorator adding a model kind to :data:`KINDS` under ``cls.kind``."""
+    kind = getattr(cls, "kind", None)
+    if not isinstance(kind, str) or not _KIND_RE.match(kind):
+        raise ValueError(f"model kind must match {_KIND_RE.pattern}, got {kind!r}")
+    if not isinstance(getattr(cls, "preferred_compression", None), str):
+        raise ValueError(f"model kind {kind!r} must set preferred_compression")
+    existing = KINDS.get(kind)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"model kind {kind!r} is already registered")
+    KINDS[kind] = cls
+    return cls
+
+
+def _kind_class(kind: str) -> type[AnomalyModel]:
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown model kind {kind!r}; known: {sorted(KINDS)}") from None
+
+
+def create_model(
+    kind: str,
+    schema: FeatureSchema,
+    *,
+    spec: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> AnomalyModel:
+    """A fresh model of ``kind``; its params are a deterministic function of ``seed``."""
+    model = _kind_class(kind)(schema, spec)
+    model._init_params(seed)
+    return model
+
+
+def load_model(
+    kind: str,
+    schema: FeatureSchema,
+    spec: Mapping[str, Any] | None,
+    params: Any,
+    threshold: float | None,
+) -> AnomalyModel:
+    """Rebuild a model from its stored description (no pickle involved)."""
+    model = _kind_class(kind)(schema, spec)
+    model.set_params(params)
+    if threshold is not None:
+        threshold = float(threshold)
+        if math.isnan(threshold):
+            raise ValueError("threshold must not be NaN")
+    model.threshold = threshold
+    return model
+
+
+# --------------------------------------------------------------------------- autoencoder
+
+
+def _target(z: np.ndarray) -> np.ndarray:
+    """Autoencoder target; scikit-learn wants a 1-D ``y`` for a single output column."""
+    return z.ravel() if z.shape[1] == 1 else z
+
+
+@register_kind
+class AutoencoderModel(AnomalyModel):
+    """MLP autoencoder (scaled -> scaled); score = mean squared reconstruction error.
+
+    Parameter vector layout (the FedAvg/compression contract): all weight matrices
+    ``coefs_[0], coefs_[1], ...`` flattened row-major (shape ``(fan_in, fan_out)``),
+    then all biases ``intercepts_[0], intercepts_[1], ...`` — the layer order of
+    scikit-learn's own ``_pack``.
+    """
+
+    kind = "autoencoder"
+    preferred_compression = "topk16"
+    default_spec: ClassVar[Mapping[str, Any]] = {
+        "hidden": [32],
+        "activation": "tanh",
+        "learning_rate_init": 0.005,
+        "batch_size": 32,
+        "alpha": 1e-4,
+        "solver": "sgd",
+        "momentum": 0.9,
+    }
+
+    def __init__(self, schema: FeatureSchema, spec: Mapping[str, Any] | None = None) -> None:
+        super().__init__(schema, spec)
+        d = schema.dim
+        units = [d, *self.spec["hidden"], d]
+        self._shapes: list[tuple[int, int]] = list(itertools.pairwise(units))
+        self._est = self._build_estimator()
+
+    @classmethod
+    def _check_spec(cls, spec: dict[str, Any]) -> None:
+        hidden = spec["hidden"]
+        if (
+            not isinstance(hidden, list)
+            or not hidden
+            or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden)
+        ):
+            raise ValueError("hidden must be a non-empty list of positive ints")
+        if spec["activation"] not in ("tanh", "relu", "logistic", "identity"):
+            raise ValueError(f"unsupported activation {spec['activation']!r}")
+        if not float(spec["learning_rate_init"]) > 0.0:
+            raise ValueError("learning_rate_init must be positive")
+        bs = spec["batch_size"]
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
+            raise ValueError("batch_size must be a positive int")
+        if not float(spec["alpha"]) >= 0.0:
+            raise ValueError("alpha must be >= 0")
+        if spec["solver"] not in ("adam", "sgd"):
+            raise ValueError(f"unsupported solver {spec['solver']!r}")
+        if not 0.0 <= float(spec["momentum"]) < 1.0:
+            raise ValueError("momentum must be in [0, 1)")
+
+    def _build_estimator(self) -> MLPRegressor:
+        """An MLPRegressor with its internal structure built (weights overwritten later).
+
+        One ``partial_fit`` on a zero row allocates ``coefs_``/``intercepts_`` and the
+        bookkeeping; ``shuffle=False`` because :meth:`fit_local` shuffles with its own
+        seed, ``max_iter=1`` so each ``partial_fit`` is exactly one pass.
+        """
+        from sklearn.neural_network import MLPRegressor
+
+        est = MLPRegressor(
+            hidden_layer_sizes=tuple(self.spec["hidden"]),
+            activation=self.spec["activation"],
+            solver=self.spec["solver"],
+            momentum=float(self.spec["momentum"]),
+            alpha=float(self.spec["alpha"]),
+            batch_size=1,
+            learning_rate_init=float(self.spec["learning_rate_init"]),
+            max_iter=1,
+            shuffle=False,
+            random_state=0,
+        )
+        zero = np.zeros((1, self.schema.dim), dtype=np.float64)
+        est.partial_fit(zero, _target(zero))
+        return est
+
+    @property
+    def num_params(self) -> int:
+        return sum(fi * fo + fo for fi, fo in self._shapes)
+
+    def _init_params(self, seed: int) -> None:
+        """Glorot-uniform weights and biases, as scikit-learn draws them, from ``seed``."""
+        rng = np.random.default_rng(seed)
+        factor = 2.0 if self.spec["activation"] == "logistic" else 6.0
+        coefs, intercepts = [], []
+        for fi, fo in self._shapes:
+            bound = math.sqrt(factor / (fi + fo))
+            coefs.append(rng.uniform(-bound, bound, (fi, fo)))
+            intercepts.append(rng.uniform(-bound, bound, fo))
+        self._set_params(np.concatenate([c.ravel() for c in coefs] + intercepts))
+
+    def params(self) -> np.ndarray:
+        parts = [c.ravel() for c in self._est.coefs_] + [b.ravel() for b in self._est.intercepts_]
+        return np.concatenate(parts).astype(np.float64, copy=True)
+
+    def _set_params(self, vec: np.ndarray) -> None:
+        coefs: list[np.ndarray] = []
+        intercepts: list[np.ndarray] = []
+        off = 0
+        for fi, fo in self._shapes:
+            coefs.append(vec[off : off + fi * fo].reshape(fi, fo).copy())
+            off += fi * fo
+        for _fi, fo in self._shapes:
+            intercepts.append(vec[off : off + fo].copy())
+            off += fo
+        # partial_fit rebuilds its parameter list from these attributes on every call,
+        # so training continues from exactly these arrays.
+        self._est.coefs_ = coefs
+        self._est.intercepts_ = intercepts
+        self._reset_optimizer()
+
+    def _reset_optimizer(self) -> None:
+        """Drop optimizer state so training depends only on params, data, epochs, seed."""
+        if hasattr(self._est, "_optimizer"):
+            del self._est._optimizer
+
+    def fit_local(self, x_raw: Any, *, epochs: int, seed: int) -> int:
+        """``epochs`` shuffled passes (fresh optimizer state) from the current params.
+
+        The default solver is SGD with momentum: with non-IID clients, Adam's per-client
+        step normalization made FedAvg plateau far below centralized training
+        (measured on the synthetic fleet: ~0.80 vs ~0.93 AUC after 60 rounds).
+        """
+        z = self._scaled(x_raw)
+        n = self._check_rows(z, epochs)
+        self._reset_optimizer()
+        self._est.set_params(batch_size=min(int(self.spec["batch_size"]), n))
+        rng = np.random.default_rng(seed)
+        for _ in range(epochs):
+            zs = z[rng.permutation(n)]
+            self._est.partial_fit(zs, _target(zs))
+        self._reset_optimizer()
+        self._est.loss_curve_ = []  # bounded memory on long-lived device models
+        return n
+
+    def _reconstruct(self, z: np.ndarray) -> np.ndarray:
+        return np.asarray(self._est.predict(z), dtype=np.float64).reshape(z.shape)
+
+    def score(self, x_raw: Any) -> np.ndarray:
+        z = self._scaled(x_raw)
+        if z.shape[0] == 0:
+            return np.zeros(0, dtype=np.float64)
+        return np.mean(np.square(self._reconstruct(z) - z), axis=1)
+
+    def _onnx_core(self) -> tuple[list[Any], list[Any], str]:
+        """skl2onnx's MLPRegressor graph, with its output reshape fixed, plus the MSE score.
+
+        The converter ends with ``Reshape(out, [-1, 1])`` (sklearn-onnx issue 474), which
+        flattens a multi-output autoencoder to ``(N*d, 1)``; the shape initializer is
+        replaced by ``[-1, d]`` before ``Sub``/``Mul``/``ReduceMean(axis 1)``.
+        """
+        from onnx import helper, numpy_helper
+        from skl2onnx import to_onnx as skl_to_onnx
+        from skl2onnx.common.data_types import FloatTensorType
+
+        d = self.schema.dim
+        mlp = skl_to_onnx(
+            self._est,
+            initial_types=[("_fl_z", FloatTensorType([None, d]))],
+            target_opset={"": ONNX_OPSET},
+        )
+        g = mlp.graph
+        out_name = g.output[0].name
+        reshapes = [n for n in g.node if n.op_type == "Reshape" and n.output[0] == out_name]
+        if len(reshapes) != 1:
+            raise RuntimeError("unexpected skl2onnx MLPRegressor graph: no final Reshape")
+        shape_name = reshapes[0].input[1]
+        inits = []
+        for init in g.initializer:
+            if init.name == shape_name:
+                init = numpy_helper.from_array(np.array([-1, d], dtype=np.int64), shape_name)
+            inits.append(init)
+        nodes = list(g.node)
+        nodes += [
+            helper.make_node("Sub", [out_name, "_fl_z"], ["_fl_err"], name="_fl_err"),
+            helper.make_node("Mul", ["_fl_err", "_fl_err"], ["_fl_sq"], name="_fl_sq"),
+            helper.make_node(
+                "ReduceMean", ["_fl_sq", "_fl_axis1"], ["_fl_score"], name="_fl_mse", keepdims=0
+            ),
+        ]
+        inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "_fl_axis1"))
+        return nodes, inits, "_fl_score"
+
+
+# --------------------------------------------------------------------------- gaussian
+
+
+@register_kind
+class GaussianModel(AnomalyModel):
+    """Gaussian model of scaled features; score = squared Mahalanobis distance.
+
+    Params are ``[mu (d), upper triangle incl. diagonal of E[z z^T] (d(d+1)/2, row-major
+    np.triu_indices order)]``. Both are plain means, so the row-weighted FedAvg of
+    clients' local moments *is* the pooled moment: federated == centralized, exactly.
+    Covariance = ``M2 - mu mu^T + ridge * mean(diag) * I`` (the ridge is relative to
+    the average variance, so it means the same whatever the feature scale).
+    """
+
+    kind = "gaussian"
+    preferred_compression = "dense64"
+    sufficient_statistics = True
+    default_spec: ClassVar[Mapping[str, Any]] = {"ridge": 1e-3}
+
+    def __init__(self, schema: FeatureSchema, spec: Mapping[str, Any] | None = None) -> None:
+        super().__init__(schema, spec)
+        d = schema.dim
+        self._triu = np.triu_indices(d)
+        self._mu = np.zeros(d, dtype=np.float64)
+        self._m2 = np.eye(d, dtype=np.float64)
+        self._whitener: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def _check_spec(cls, spec: dict[str, Any]) -> None:
+        ridge = spec["ridge"]
+        if not isinstance(ridge, int | float) or not 0.0 < float(ridge) < 1e6:
+            raise ValueError("ridge must be a positive number")
+
+    @property
+    def num_params(self) -> int:
+        d = self.schema.dim
+        return d + d * (d + 1) // 2
+
+    def _init_params(self, seed: int) -> None:
+        """Standard normal in scaled space (what the schema promises); ``seed`` unused."""
+        d = self.schema.dim
+        self._install(np.zeros(d), np.eye(d))
+
+    def params(self) -> np.ndarray:
+        return np.concatenate([self._mu, self._m2[self._triu]]).astype(np.float64, copy=True)
+
+    def _set_params(self, vec: np.ndarray) -> None:
+        d = self.schema.dim
+        m2 = np.zeros((d, d), dtype=np.float64)
+        m2[self._triu] = vec[d:]
+        m2 = m2 + np.triu(m2, 1).T
+        self._install(vec[:d].copy(), m2)
+
+    def _install(self, mu: np.ndarray, m2: np.ndarray) -> None:
+        self._mu = np.asarray(mu, dtype=np.float64)
+        self._m2 = np.asarray(m2, dtype=np.float64)
+        self._whitener = None
+
+    def fit_local(self, x_raw: Any, *, epochs: int, seed: int) -> int:
+        """Replace params by the local moments (``epochs``/``seed`` have no effect)."""
+        z = self._scaled(x_raw)
+        n = self._check_rows(z, epochs)
+        self._install(z.sum(axis=0) / n, (z.T @ z) / n)
+        return n
+
+    def _whitening(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mu, W)`` with ``W W^T = cov^-1``, so ``score = ||(z - mu) W||^2``.
+
+        ``W = L^-T`` from the Cholesky factor ``cov = L L^T``. Averaged or tampered params
+        can make the covariance indefinite; then eigenvalues are clipped at the ridge.
+        """
+        if self._whitener is None:
+            d = self.schema.dim
+            cov = self._m2 - np.outer(self._mu, self._mu)
+            cov = 0.5 * (cov + cov.T)
+            scale = float(np.trace(cov)) / d
+            ridge = float(self.spec["ridge"]) * (scale if scale > 0.0 else 1.0)
+            cov[np.diag_indices(d)] += ridge
+            try:
+                chol = np.linalg.cholesky(cov)
+                w = np.linalg.solve(chol, np.eye(d)).T
+            except np.linalg.LinAlgError:
+                vals, vecs = np.linalg.eigh(cov)
+                w = vecs / np.sqrt(np.maximum(vals, ridge))
+            self._whitener = (self._mu.copy(), w)
+        return self._whitener
+
+    def score(self, x_raw: Any) -> np.ndarray:
+        z = self._scaled(x_raw)
+        mu, w = self._whitening()
+        return np.sum(np.square((z - mu) @ w), axis=1)
+
+    def _onnx_core(self) -> tuple[list[Any], list[Any], str]:
+        from onnx import helper, numpy_helper
+
+        mu, w = self._whitening()
+        nodes = [
+            helper.make_node("Sub", ["_fl_z", "_fl_mu"], ["_fl_dev"], name="_fl_center"),
+            helper.make_node("MatMul", ["_fl_dev", "_fl_w"], ["_fl_white"], name="_fl_whiten"),
+            helper.make_node(
+                "ReduceSumSquare",
+                ["_fl_white", "_fl_axis1"],
+                ["_fl_score"],
+                name="_fl_mahalanobis",
+                keepdims=0,
+            ),
+        ]
+        inits = [
+            numpy_helper.from_array(mu.astype(np.float32), "_fl_mu"),
+            numpy_helper.from_array(w.astype(np.float32), "_fl_w"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "_fl_axis1"),
+        ]
+        return nodes, inits, "_fl_score"
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def _assemble_onnx(
+    model: AnomalyModel, core_nodes: list[Any], core_inits: list[Any], score_name: str
+) -> bytes:
+    """Wrap a model core with raw-count preprocessing and score/flag outputs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    schema = model.schema
+    d = schema.dim
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    src = ONNX_INPUT
+    if schema.transform == "log1p":
+        inits.append(numpy_helper.from_array(np.array(1.0, dtype=np.float32), "_fl_one"))
+        nodes.append(helper.make_node("Add", [src, "_fl_one"], ["_fl_xp1"], name="_fl_add1"))
+        nodes.append(helper.make_node("Log", ["_fl_xp1"], ["_fl_t"], name="_fl_log"))
+        src = "_fl_t"
+    inits.append(numpy_helper.from_array(schema._mean_arr().astype(np.float32), "_fl_mean"))
+    inits.append(numpy_helper.from_array(schema._std_arr().astype(np.float32), "_fl_std"))
+    nodes.append(helper.make_node("Sub", [src, "_fl_mean"], ["_fl_c"], name="_fl_center_feat"))
+    nodes.append(helper.make_node("Div", ["_fl_c", "_fl_std"], ["_fl_z"], name="_fl_scale"))
+    nodes.extend(core_nodes)
+    inits.extend(core_inits)
+    nodes.append(helper.make_node("Identity", [score_name], [ONNX_SCORE], name="_fl_score_out"))
+    threshold = math.inf if model.threshold is None else float(model.threshold)
+    inits.append(numpy_helper.from_array(np.array(threshold, dtype=np.float32), "_fl_threshold"))
+    nodes.append(
+        helper.make_node("Greater", [ONNX_SCORE, "_fl_threshold"], [ONNX_FLAG], name="_fl_flag")
+    )
+    graph = helper.make_graph(
+        nodes,
+        f"fedlib_{model.kind}",
+        [helper.make_tensor_value_info(ONNX_INPUT, TensorProto.FLOAT, [None, d])],
+        [
+            helper.make_tensor_value_info(ONNX_SCORE, TensorProto.FLOAT, [None]),
+            helper.make_tensor_value_info(ONNX_FLAG, TensorProto.BOOL, [None]),
+        ],
+        initializer=inits,
+    )
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+        producer_name="fedlib",
+        producer_version="1",
+    )
+    proto.ir_version = ONNX_IR_VERSION
+    helper.set_model_props(
+        proto,
+        {
+            "fedlib.kind": model.kind,
+            "fedlib.feature_names": json.dumps(list(schema.names), separators=(",", ":")),
+        },
+    )
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString(deterministic=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _session(onnx_bytes: bytes) -> Any:
+    """A single-threaded onnxruntime session (cached: building one costs milliseconds)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(onnx_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_score(onnx_bytes: bytes, x_raw: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Run an exported model on raw counts: ``(scores float64 [N], flags bool [N])``."""
+    sess = _session(bytes(onnx_bytes))
+    x = np.asarray(x_raw, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"features must be a 2-D matrix, got shape {x.shape}")
+    d = sess.get_inputs()[0].shape[1]
+    if isinstance(d, int) and x.shape[1] != d:
+        raise ValueError(f"expected {d} feature columns, got {x.shape[1]}")
+    score, flag = sess.run([ONNX_SCORE, ONNX_FLAG], {ONNX_INPUT: np.ascontiguousarray(x)})
+    return np.asarray(score, dtype=np.float64).reshape(-1), np.asarray(flag, dtype=bool).reshape(-1)

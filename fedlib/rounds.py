@@ -1,0 +1,209 @@
+"""One round's server-side steps as plain functions: open, validate, aggregate, build.
+
+The Airflow DAG wires these together (mapped over shards); the benchmarks and the
+in-process simulation call them directly, so what is measured is what runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedlib import compression, crypto, protocol
+from fedlib.aggregation import AggregationConfig, StreamingAggregator, staleness_weight
+from fedlib.errors import RejectedUpdate
+from fedlib.model import AnomalyModel, FeatureSchema, load_model
+from fedlib.protocol import PackageMetadata, TrainingConfig
+from fedlib.registry import ModelPackage
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """What a round's validation depends on (besides the updates themselves)."""
+
+    fleet: crypto.ClientLookup
+    server_keys: crypto.ServerKeyring
+    base: ModelPackage
+    known_versions: frozenset[int]
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    max_envelope_bytes: int = protocol.MAX_ENVELOPE_BYTES
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What happened to one inbox object; the ledger stores one per update, once."""
+
+    key: str
+    sha256: str
+    size: int
+    accepted: bool
+    reason: str | None = None
+    detail: str | None = None
+    client_id: str | None = None
+    update_id: str | None = None
+    base_version: int | None = None
+    num_samples: int | None = None
+    weight_units: int | None = None
+    norm: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    header: protocol.UpdateHeader
+    meta: protocol.UpdateMeta
+    delta: compression.DecodedDelta
+    weight: float
+    staleness: int
+
+
+def open_and_validate(key: str, blob: bytes, inputs: RoundInputs) -> AcceptedUpdate:
+    """Everything short of aggregation; raises RejectedUpdate with a reason code."""
+    key_client, key_update = protocol.parse_inbox_key(key)
+    opened = crypto.open_update(
+        blob, inputs.fleet, inputs.server_keys, max_bytes=inputs.max_envelope_bytes
+    )
+    header = opened.header
+    if header.client_id != key_client or header.update_id != key_update:
+        raise RejectedUpdate(
+            "bad_signature",
+            f"object key {key} does not match the signed header "
+            f"({header.client_id}/{header.update_id})",
+        )
+    meta, delta_blob = protocol.decode_payload(opened.payload)
+    base = inputs.base.metadata
+    if header.base_version not in inputs.known_versions:
+        raise RejectedUpdate(
+            "unknown_base_version", f"base version {header.base_version} was never published"
+        )
+    staleness = base.version - header.base_version
+    if meta.model_kind != base.model_kind or meta.num_params != base.num_params:
+        raise RejectedUpdate(
+            "shape_mismatch",
+            f"update is {meta.model_kind}/{meta.num_params}, "
+            f"model is {base.model_kind}/{base.num_params}",
+        )
+    delta = compression.decode(delta_blob, expected_dim=base.num_params)
+    if delta.nnz and not np.all(np.isfinite(delta.values)):
+        raise RejectedUpdate("non_finite", "delta has non-finite values")
+    weight = staleness_weight(meta.num_samples, staleness, inputs.aggregation)
+    return AcceptedUpdate(header=header, meta=meta, delta=delta, weight=weight, staleness=staleness)
+
+
+def aggregate_objects(
+    objects: Iterable[tuple[str, bytes]],
+    inputs: RoundInputs,
+    *,
+    seen_update_ids: set[str] | None = None,
+) -> tuple[StreamingAggregator, list[Verdict]]:
+    """Open, validate and add a stream of (key, blob); one verdict per object, never raises.
+
+    ``seen_update_ids`` holds ids already aggregated or quarantined earlier (replays);
+    it is updated in place so duplicates within the stream are caught too.
+    """
+    seen = seen_update_ids if seen_update_ids is not None else set()
+    agg = StreamingAggregator(inputs.base.metadata.num_params, inputs.aggregation)
+    verdicts: list[Verdict] = []
+    for key, blob in objects:
+        digest = hashlib.sha256(blob).hexdigest()
+        common = {"key": key, "sha256": digest, "size": len(blob)}
+        try:
+            update = open_and_validate(key, blob, inputs)
+            uid = update.header.update_id
+            if uid in seen:
+                raise RejectedUpdate("replay", f"update {uid} was already processed")
+            units = agg.add(update.delta, update.weight)
+        except RejectedUpdate as exc:
+            verdicts.append(Verdict(**common, accepted=False, reason=exc.reason, detail=exc.detail))
+            continue
+        seen.add(uid)
+        verdicts.append(
+            Verdict(
+                **common,
+                accepted=True,
+                client_id=update.header.client_id,
+                update_id=uid,
+                base_version=update.header.base_version,
+                num_samples=update.meta.num_samples,
+                weight_units=units,
+                norm=update.delta.l2_norm(),
+            )
+        )
+    return agg, verdicts
+
+
+def model_from_package(package: ModelPackage) -> AnomalyModel:
+    meta = package.metadata
+    return load_model(
+        meta.model_kind,
+        FeatureSchema.from_dict(meta.feature_schema),
+        meta.model_spec,
+        package.weights,
+        meta.threshold,
+    )
+
+
+def build_candidate(
+    base: ModelPackage,
+    agg: StreamingAggregator,
+    *,
+    version: int,
+    calibration_rows: np.ndarray,
+    threshold_quantile: float = 0.99,
+    round_id: str | None = None,
+    training: TrainingConfig | None = None,
+    created_at_ms: int | None = None,
+    momentum: np.ndarray | None = None,
+) -> tuple[ModelPackage, np.ndarray | None]:
+    """Apply the aggregate to the base model, calibrate its threshold, export ONNX.
+
+    Returns the candidate and the server optimizer's new momentum buffer (or None).
+    """
+    model = model_from_package(base)
+    params, new_momentum = agg.step(base.weights, momentum)
+    model.set_params(params)
+    model.calibrate_threshold(calibration_rows, quantile=threshold_quantile)
+    candidate = package_model(
+        model,
+        version=version,
+        training=training or base.metadata.training,
+        parent_version=base.version,
+        round_id=round_id,
+        created_at_ms=created_at_ms,
+    )
+    return candidate, new_momentum
+
+
+def package_model(
+    model: AnomalyModel,
+    *,
+    version: int,
+    training: TrainingConfig,
+    parent_version: int | None = None,
+    rollback_of: int | None = None,
+    round_id: str | None = None,
+    metrics: dict[str, float] | None = None,
+    created_at_ms: int | None = None,
+) -> ModelPackage:
+    weights = model.params()
+    metadata = PackageMetadata(
+        version=version,
+        model_kind=model.kind,
+        model_spec=model.spec,
+        feature_schema=model.schema.to_dict(),
+        threshold=model.threshold,
+        num_params=int(weights.size),
+        training=training,
+        metrics=metrics or {},
+        parent_version=parent_version,
+        rollback_of=rollback_of,
+        round_id=round_id,
+        created_at_ms=created_at_ms if created_at_ms is not None else int(time.time() * 1000),
+    )
+    return ModelPackage(metadata=metadata, onnx_bytes=model.to_onnx(), weights=weights)

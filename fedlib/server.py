@@ -1,0 +1,160 @@
+"""One deployment's server-side handles: buckets, keys, fleet, holdout, registry.
+
+Used by ``fl-admin``, the Airflow DAGs and the benchmarks, so all of them agree on
+where things live. Private keys come from ``settings.keys_dir`` only.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+
+from fedlib import crypto
+from fedlib.fleet import Fleet
+from fedlib.registry import ModelRegistry
+from fedlib.settings import ServerSettings
+from fedlib.store import NoSuchKey, ObjectStore, S3Config, S3Store
+
+FLEET_KEY = "fleet/fleet.json"
+HOLDOUT_KEY = "holdout/current.npz"
+PACKAGE_KEY_FILE = "package-signing.pem"
+SERVER_KEY_GLOB = "server-hpke-*.pem"
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """The labeled evaluation set the server holds (never sent to devices)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    feature_names: list[str]
+
+    def benign(self) -> np.ndarray:
+        return self.features[self.labels == 0]
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            holdout_X=self.features.astype(np.float32),
+            holdout_y=self.labels.astype(np.int8),
+            feature_names=np.asarray(self.feature_names, dtype=str),
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Holdout:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            x = np.asarray(npz["holdout_X"], dtype=np.float32)
+            y = np.asarray(npz["holdout_y"]).astype(np.int8)
+            names = (
+                [str(n) for n in npz["feature_names"]]
+                if "feature_names" in npz.files
+                else [f"f{i}" for i in range(x.shape[1])]
+            )
+        if x.ndim != 2 or y.shape != (x.shape[0],) or not set(np.unique(y)) <= {0, 1}:
+            raise ValueError("holdout needs holdout_X (N, d) and holdout_y (N,) in {0, 1}")
+        return cls(x, y, names)
+
+
+class Deployment:
+    def __init__(self, settings: ServerSettings, s3: S3Config | None = None) -> None:
+        self.settings = settings
+        self.s3 = s3 or settings.s3()
+
+    def store(self, bucket: str) -> ObjectStore:
+        return S3Store(bucket, self.s3)
+
+    @cached_property
+    def inbox(self) -> ObjectStore:
+        return self.store(self.settings.inbox_bucket)
+
+    @cached_property
+    def models(self) -> ObjectStore:
+        return self.store(self.settings.models_bucket)
+
+    @cached_property
+    def state(self) -> ObjectStore:
+        return self.store(self.settings.state_bucket)
+
+    def ensure_buckets(self) -> None:
+        for bucket in (
+            self.settings.inbox_bucket,
+            self.settings.models_bucket,
+            self.settings.state_bucket,
+            self.settings.airgap_bucket,
+        ):
+            S3Store(bucket, self.s3).ensure_bucket()
+
+    # -- keys -------------------------------------------------------------------------
+
+    @property
+    def keys_dir(self) -> Path:
+        return Path(self.settings.keys_dir)
+
+    def ensure_keys(self) -> None:
+        """Create the package-signing key and a first HPKE key if none exist."""
+        self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not (self.keys_dir / PACKAGE_KEY_FILE).exists():
+            crypto.write_private_key(
+                self.keys_dir / PACKAGE_KEY_FILE, crypto.generate_signing_key()
+            )
+        if not list(self.keys_dir.glob(SERVER_KEY_GLOB)):
+            self.add_server_key()
+
+    def add_server_key(self) -> str:
+        key = crypto.generate_encryption_key()
+        kid = crypto.key_id(key)
+        crypto.write_private_key(self.keys_dir / f"server-hpke-{kid}.pem", key)
+        return kid
+
+    def package_signing_key(self) -> ed25519.Ed25519PrivateKey:
+        return crypto.load_signing_key(self.keys_dir / PACKAGE_KEY_FILE)
+
+    def server_keyring(self) -> crypto.ServerKeyring:
+        ring = crypto.ServerKeyring()
+        for path in sorted(self.keys_dir.glob(SERVER_KEY_GLOB)):
+            key = crypto.load_private_pem(path.read_bytes())
+            if isinstance(key, x25519.X25519PrivateKey):
+                ring.add(key)
+        if not ring:
+            raise FileNotFoundError(f"no server HPKE keys in {self.keys_dir}")
+        return ring
+
+    def current_server_public_key(self) -> x25519.X25519PublicKey:
+        """The key new clients seal to: the newest file in the keys folder."""
+        paths = sorted(self.keys_dir.glob(SERVER_KEY_GLOB), key=lambda p: p.stat().st_mtime)
+        if not paths:
+            raise FileNotFoundError(f"no server HPKE keys in {self.keys_dir}")
+        key = crypto.load_private_pem(paths[-1].read_bytes())
+        assert isinstance(key, x25519.X25519PrivateKey)
+        return key.public_key()
+
+    def registry(self, *, signing: bool = False) -> ModelRegistry:
+        key = self.package_signing_key()
+        if signing:
+            return ModelRegistry.for_key(self.models, key)
+        public = key.public_key()
+        return ModelRegistry(self.models, {crypto.key_id(public): public})
+
+    # -- fleet and holdout ---------------------------------------------------------------
+
+    def load_fleet(self) -> Fleet:
+        try:
+            return Fleet.from_json(self.state.get(FLEET_KEY))
+        except NoSuchKey:
+            return Fleet()
+
+    def save_fleet(self, fleet: Fleet) -> None:
+        self.state.put(FLEET_KEY, fleet.to_json())
+
+    def load_holdout(self) -> Holdout:
+        return Holdout.from_bytes(self.state.get(HOLDOUT_KEY))
+
+    def save_holdout(self, holdout: Holdout) -> None:
+        self.state.put(HOLDOUT_KEY, holdout.to_bytes())

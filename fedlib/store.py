@@ -1,0 +1,636 @@
+"""The object-store seam: one small interface over S3-compatible stores and a directory.
+
+Everything in fedlib that persists bytes (inbox, ledger, models, bundles) talks to an
+:class:`ObjectStore`, so the same code runs against MinIO in production, SeaweedFS in
+tests and the demo, and a plain directory on devices or air-gapped sites.
+
+Errors are normalised to :class:`~fedlib.errors.StoreError` and its subclasses so callers
+never need to know botocore's exception zoo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import itertools
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from urllib.parse import unquote, urlparse
+
+from fedlib.errors import ObjectExists, StoreError
+
+if TYPE_CHECKING:
+    from botocore.client import BaseClient
+
+__all__ = [
+    "LocalStore",
+    "NoSuchKey",
+    "ObjectExists",
+    "ObjectInfo",
+    "ObjectStore",
+    "ObjectTooLarge",
+    "S3Config",
+    "S3Store",
+    "StoreError",
+    "open_store",
+]
+
+# S3's own maximum page; also what the server returns when asked for more.
+DEFAULT_PAGE_SIZE = 1000
+
+
+class NoSuchKey(StoreError, KeyError):
+    """The key does not exist; also a ``KeyError`` so mapping-style callers can catch it."""
+
+    def __init__(self, key: str, detail: str = "") -> None:
+        super().__init__(f"no such key: {key!r}" + (f" ({detail})" if detail else ""))
+        self.key = key
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would repr() the message; keep it readable.
+        return str(self.args[0])
+
+
+class ObjectTooLarge(StoreError):
+    """The object is larger than the caller's ``max_bytes``; refused before reading it."""
+
+    def __init__(self, key: str, size: int, max_bytes: int) -> None:
+        super().__init__(f"oversized object {key!r}: {size} bytes > max_bytes={max_bytes}")
+        self.key = key
+        self.size = size
+        self.max_bytes = max_bytes
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listing entry; ``etag`` is opaque (compare it only with the same backend)."""
+
+    key: str
+    size: int
+    etag: str
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """What fedlib needs from a store: write-once puts, bounded gets, ordered listing."""
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Store ``data``; with ``if_absent`` refuse to overwrite (raises ObjectExists)."""
+        ...
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """Return the object's bytes (NoSuchKey, ObjectTooLarge)."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+        ...
+
+    def list(
+        self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None
+    ) -> Iterator[ObjectInfo]:
+        """Yield objects under ``prefix`` in the store's key order, after ``start_after``."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; deleting a missing key is not an error (as in S3)."""
+        ...
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """Copy ``src_key`` to ``dst_key`` without a round trip through the caller."""
+        ...
+
+
+# --------------------------------------------------------------------------- S3
+
+
+def _env(environ: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = environ.get(name)
+        if value:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """How to reach an S3-compatible endpoint; ``endpoint_url=None`` means AWS itself."""
+
+    endpoint_url: str | None
+    region: str = "us-east-1"
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    max_attempts: int = 5
+    connect_timeout: float = 3.0
+    read_timeout: float = 30.0
+
+    @classmethod
+    def from_env(cls, prefix: str = "FL_S3_", environ: Mapping[str, str] | None = None) -> S3Config:
+        """Read ``{prefix}ENDPOINT_URL`` etc., falling back to the standard ``AWS_*`` names."""
+        env = os.environ if environ is None else environ
+        kwargs: dict[str, Any] = {}
+        for name, conv in (
+            ("max_attempts", int),
+            ("connect_timeout", float),
+            ("read_timeout", float),
+        ):
+            raw = env.get(prefix + name.upper())
+            if raw:
+                kwargs[name] = conv(raw)
+        return cls(
+            endpoint_url=_env(
+                env, prefix + "ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"
+            ),
+            region=_env(env, prefix + "REGION", "AWS_REGION", "AWS_DEFAULT_REGION") or "us-east-1",
+            access_key=_env(env, prefix + "ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
+            secret_key=_env(env, prefix + "SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
+            **kwargs,
+        )
+
+    def client(self) -> BaseClient:
+        """A new boto3 S3 client; create it once and share it (it is thread-safe)."""
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            region_name=self.region,
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            # botocore's "max_attempts" counts retries (N+1 tries); "total_max_attempts"
+            # counts tries, which is what S3Config.max_attempts means.
+            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            tcp_keepalive=True,
+            max_pool_connections=32,
+            # botocore >= 1.36 adds CRC checksums to every request by default; several
+            # S3-compatible servers reject or mishandle them, and our payloads carry
+            # their own signatures, so only send them where the API requires it.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        # A private session keeps credential resolution off boto3's global default session.
+        session = boto3.session.Session()
+        return session.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=config,
+        )
+
+
+_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED = frozenset(
+    {
+        "AccessDenied",
+        "403",
+        "Forbidden",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AllAccessDisabled",
+    }
+)
+_CONFLICT = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+
+
+class S3Store:
+    """An :class:`ObjectStore` on one bucket of an S3-compatible server.
+
+    One boto3 client is created up front and reused: request setup in botocore is the
+    dominant per-call cost, so the hot path makes exactly one HTTP request per call.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        config: S3Config | None = None,
+        *,
+        client: BaseClient | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> None:
+        if not bucket:
+            raise ValueError("bucket name must not be empty")
+        self.bucket = bucket
+        self.config = config if config is not None else S3Config.from_env()
+        self.client = client if client is not None else self.config.client()
+        self.page_size = page_size
+        self.endpoint = self.client.meta.endpoint_url
+        import botocore.exceptions as bce
+
+        self._bce = bce
+
+    def __repr__(self) -> str:
+        return f"S3Store(bucket={self.bucket!r}, endpoint={self.endpoint!r})"
+
+    # ------------------------------------------------------------------ errors
+
+    def _error(self, exc: Exception, op: str, key: str | None = None) -> StoreError:
+        """Translate a botocore exception into fedlib's store errors."""
+        where = f"s3://{self.bucket}/{key}" if key is not None else f"s3://{self.bucket}"
+        bce = self._bce
+        if isinstance(exc, bce.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            message = err.get("Message", "") or code
+            if code in _NOT_FOUND and key is not None:
+                return NoSuchKey(key, f"{op} on {self.endpoint}")
+            if code == "NoSuchBucket" or (code in _NOT_FOUND and key is None):
+                return StoreError(f"{op} {where}: no such bucket on {self.endpoint}")
+            if code in _DENIED or status == 403:
+                return StoreError(f"{op} {where}: access denied by {self.endpoint} ({code})")
+            if status >= 500:
+                return StoreError(
+                    f"{op} {where}: {self.endpoint} failed with HTTP {status} {code} "
+                    f"after {self.config.max_attempts} attempts: {message}"
+                )
+            return StoreError(f"{op} {where}: {self.endpoint} refused: {code} {message}")
+        if isinstance(
+            exc,
+            bce.EndpointConnectionError
+            | bce.ConnectTimeoutError
+            | bce.ReadTimeoutError
+            | bce.ConnectionClosedError,
+        ):
+            return StoreError(f"{op} {where}: cannot reach S3 endpoint {self.endpoint}: {exc}")
+        if isinstance(exc, bce.NoCredentialsError):
+            return StoreError(f"{op} {where}: no S3 credentials configured for {self.endpoint}")
+        return StoreError(f"{op} {where} on {self.endpoint}: {exc}")
+
+    def _catchable(self) -> tuple[type[Exception], ...]:
+        return (self._bce.BotoCoreError, self._bce.ClientError)
+
+    # ------------------------------------------------------------------ bucket
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (idempotent)."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.config.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.config.region}
+        try:
+            self.client.create_bucket(**kwargs)
+        except self._bce.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                return
+            raise self._error(exc, "create bucket") from exc
+        except self._bce.BotoCoreError as exc:
+            raise self._error(exc, "create bucket") from exc
+
+    # ------------------------------------------------------------------ objects
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Upload ``data``; ``if_absent`` uses ``If-None-Match: *`` so the server decides."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data}
+        if if_absent:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(**kwargs)
+        except self._bce.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if if_absent and (code in _CONFLICT or status in (409, 412)):
+                raise ObjectExists(f"object already exists: s3://{self.bucket}/{key}") from exc
+            raise self._error(exc, "put", key) from exc
+        except self._bce.BotoCoreError as exc:
+            raise self._error(exc, "put", key) from exc
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """Download ``key`` in one GET; the size check uses the GET's own Content-Length."""
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+        except self._catchable() as exc:
+            raise self._error(exc, "get", key) from exc
+        body = resp["Body"]
+        try:
+            size = int(resp.get("ContentLength", -1))
+            if max_bytes is not None and size > max_bytes:
+                raise ObjectTooLarge(key, size, max_bytes)
+            # Read one byte past the limit so a lying Content-Length cannot sneak more in.
+            data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+            if max_bytes is not None and len(data) > max_bytes:
+                raise ObjectTooLarge(key, len(data), max_bytes)
+            return data
+        except self._catchable() as exc:
+            raise self._error(exc, "get", key) from exc
+        finally:
+            body.close()
+
+    def exists(self, key: str) -> bool:
+        """HEAD the key; a missing key is False, a denied one is an error."""
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except self._catchable() as exc:
+            err = self._error(exc, "head", key)
+            if isinstance(err, NoSuchKey):
+                return False
+            raise err from exc
+        return True
+
+    def list(
+        self,
+        prefix: str = "",
+        *,
+        start_after: str | None = None,
+        limit: int | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[ObjectInfo]:
+        """Yield objects page by page (lazily) in the server's listing order.
+
+        AWS and MinIO list in byte-lexicographic order. SeaweedFS walks its directory
+        tree instead, so ``a/b`` comes before ``a-c``; ``start_after`` stays consistent
+        with whatever order the server uses.
+        """
+        if limit is not None and limit <= 0:
+            return
+        size = page_size or self.page_size
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if start_after:
+            kwargs["StartAfter"] = start_after
+        yielded = 0
+        while True:
+            want = size if limit is None else min(size, limit - yielded)
+            try:
+                resp = self.client.list_objects_v2(MaxKeys=want, **kwargs)
+            except self._catchable() as exc:
+                raise self._error(exc, "list", None) from exc
+            for obj in resp.get("Contents", ()):
+                yield ObjectInfo(
+                    obj["Key"], int(obj.get("Size", 0)), obj.get("ETag", "").strip('"')
+                )
+                yielded += 1
+                if limit is not None and yielded >= limit:
+                    return
+            token = resp.get("NextContinuationToken")
+            if not resp.get("IsTruncated") or not token:
+                return
+            kwargs.pop("StartAfter", None)
+            kwargs["ContinuationToken"] = token
+
+    def delete(self, key: str) -> None:
+        """Delete ``key``; S3 reports success for a missing key and so do we."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except self._catchable() as exc:
+            err = self._error(exc, "delete", key)
+            if isinstance(err, NoSuchKey):
+                return
+            raise err from exc
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """Server-side copy within the bucket (bytes never pass through this process)."""
+        try:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=dst_key,
+                CopySource={"Bucket": self.bucket, "Key": src_key},
+            )
+        except self._catchable() as exc:
+            err = self._error(exc, "copy", src_key)
+            raise err from exc
+
+
+# --------------------------------------------------------------------------- local
+
+_TMP_PREFIX = ".fl-tmp-"
+
+
+def validate_key(key: str) -> str:
+    """Refuse keys that could escape the root or differ between backends; return ``key``."""
+    if not isinstance(key, str) or not key:
+        raise ValueError("object key must be a non-empty string")
+    if "\x00" in key or "\\" in key:
+        raise ValueError(f"object key {key!r} contains NUL or a backslash")
+    if key.startswith("/"):
+        raise ValueError(f"object key {key!r} is absolute")
+    for seg in key.split("/"):
+        if seg in ("", ".", ".."):
+            raise ValueError(f"object key {key!r} has an empty, '.' or '..' segment")
+        if seg.startswith(_TMP_PREFIX):
+            raise ValueError(f"object key {key!r} uses the reserved prefix {_TMP_PREFIX!r}")
+    return key
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename/link: without this a crash can forget the new directory entry."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class LocalStore:
+    """An :class:`ObjectStore` in a directory, for devices and sites without S3.
+
+    Keys are ``/``-separated paths under ``root``. Writes go to a temp file in the
+    target directory, are fsynced, then renamed (or hard-linked for ``if_absent``), so
+    readers see either the old object or the complete new one, never a torn write.
+    Listing is byte-lexicographic by key, like AWS S3.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.root = Path(root).resolve()
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise StoreError(f"local store root {self.root} is not a directory")
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*validate_key(key).split("/"))
+
+    def _write_temp(self, path: Path, data: bytes) -> str:
+        """Write ``data`` to a fsynced temp file beside ``path``; return its name."""
+        for _ in range(5):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+            except FileNotFoundError:
+                continue  # a concurrent delete pruned the empty directory; recreate it
+            break
+        else:
+            raise StoreError(f"cannot create a temp file in {path.parent}")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return tmp
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Atomically store ``data``; ``if_absent`` links the temp file, which fails if taken."""
+        path = self._path(key)
+        try:
+            tmp = self._write_temp(path, bytes(data))
+            try:
+                if if_absent:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        if path.is_dir():
+                            raise StoreError(
+                                f"put {key!r}: a key prefix of that name exists"
+                            ) from None
+                        raise ObjectExists(
+                            f"object already exists: {key!r} in {self.root}"
+                        ) from None
+                else:
+                    os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            _fsync_dir(path.parent)
+        except StoreError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"put {key!r} in {self.root}: {exc}") from exc
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """Read ``key``; the size is checked with fstat before any byte is read."""
+        path = self._path(key)
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if max_bytes is not None and size > max_bytes:
+                    raise ObjectTooLarge(key, size, max_bytes)
+                data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NoSuchKey(key, f"in {self.root}") from None
+        except OSError as exc:
+            raise StoreError(f"get {key!r} from {self.root}: {exc}") from exc
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLarge(key, len(data), max_bytes)
+        return data
+
+    def exists(self, key: str) -> bool:
+        """Whether a regular file backs ``key``."""
+        return self._path(key).is_file()
+
+    def list(
+        self,
+        prefix: str = "",
+        *,
+        start_after: str | None = None,
+        limit: int | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[ObjectInfo]:
+        """Walk the tree in byte-lexicographic key order, pruning what cannot match.
+
+        ``page_size`` is accepted for interface parity with :class:`S3Store` and ignored.
+        """
+        del page_size
+        if limit is not None and limit <= 0:
+            return
+        walk = self._walk(self.root, "", prefix, start_after)
+        yield from walk if limit is None else itertools.islice(walk, limit)
+
+    def _walk(
+        self, directory: Path, base: str, prefix: str, start_after: str | None
+    ) -> Iterator[ObjectInfo]:
+        try:
+            with os.scandir(directory) as it:
+                entries = [e for e in it if not e.name.startswith(_TMP_PREFIX)]
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"list {directory}: {exc}") from exc
+        # Sorting a directory as "name/" makes the depth-first walk globally
+        # lexicographic: every key inside it starts with exactly that string.
+        rows = []
+        for entry in entries:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if not is_dir and not entry.is_file(follow_symlinks=False):
+                continue
+            rows.append((base + entry.name + ("/" if is_dir else ""), is_dir, entry))
+        rows.sort(key=lambda r: r[0])  # code-point order == UTF-8 byte order
+        for name, is_dir, entry in rows:
+            if is_dir:
+                if not (name.startswith(prefix) or prefix.startswith(name)):
+                    continue
+                if (
+                    start_after is not None
+                    and name < start_after
+                    and not start_after.startswith(name)
+                ):
+                    continue  # every key in here sorts before start_after
+                yield from self._walk(Path(entry.path), name, prefix, start_after)
+                continue
+            if not name.startswith(prefix) or (start_after is not None and name <= start_after):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # deleted while listing
+            etag = hashlib.blake2b(
+                f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode(), digest_size=16
+            ).hexdigest()
+            yield ObjectInfo(name, st.st_size, etag)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` and prune directories it leaves empty; missing keys are fine."""
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except IsADirectoryError:
+            return
+        except OSError as exc:
+            raise StoreError(f"delete {key!r} from {self.root}: {exc}") from exc
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    break
+                raise StoreError(f"delete {key!r}: cannot prune {parent}: {exc}") from exc
+            parent = parent.parent
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """Copy through memory and an atomic write (local objects are small)."""
+        validate_key(dst_key)  # refuse a bad destination before touching the source
+        self.put(dst_key, self.get(src_key))
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def open_store(url: str, config: S3Config | None = None) -> ObjectStore:
+    """Pick the backend from a URL, so deployments choose storage by configuration.
+
+    ``s3://bucket`` -> :class:`S3Store`; ``file:///path`` or a plain path -> :class:`LocalStore`.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"store URL {url!r} has no bucket")
+        if parsed.path not in ("", "/"):
+            raise ValueError(f"store URL {url!r}: key prefixes are not supported, use s3://bucket")
+        return S3Store(parsed.netloc, config)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"store URL {url!r}: remote file hosts are not supported")
+        return LocalStore(unquote(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive
+        raise ValueError(f"unsupported store URL scheme {parsed.scheme!r} in {url!r}")
+    return LocalStore(url)

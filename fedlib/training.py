@@ -1,0 +1,78 @@
+"""The device-side step: train from a verified package on local rows, then seal the update.
+
+Shared by the device agent and the benchmarks, so both run the same path: local
+training from the global weights, delta, L2 clipping, compression with error
+feedback, payload framing (counts and metrics only, never rows), HPKE + signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+
+from fedlib import compression, crypto, protocol
+from fedlib.model import FeatureSchema, load_model
+from fedlib.registry import ModelPackage
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    update_id: str
+    envelope: bytes
+    residual: np.ndarray
+    num_samples: int
+    delta_norm: float
+
+
+def make_update(
+    package: ModelPackage,
+    rows: np.ndarray,
+    *,
+    client_id: str,
+    client_key: ed25519.Ed25519PrivateKey,
+    server_public_key: x25519.X25519PublicKey,
+    residual: np.ndarray | None,
+    seed: int,
+    created_at_ms: int | None = None,
+) -> LocalUpdate:
+    meta = package.metadata
+    training = meta.training
+    schema = FeatureSchema.from_dict(meta.feature_schema)
+    model = load_model(meta.model_kind, schema, meta.model_spec, package.weights, meta.threshold)
+    num_samples = model.fit_local(rows, epochs=training.epochs, seed=seed)
+    delta = model.params() - package.weights
+    if residual is not None and residual.shape == delta.shape:
+        delta = delta + residual
+    norm = float(np.linalg.norm(delta))
+    limit = training.clip_norm * (1 - 1e-3)  # headroom for 16-bit rounding
+    if norm > limit:
+        delta = delta * (limit / norm)
+    cfg = compression.CompressionConfig(
+        mode=training.compression, topk_fraction=training.topk_fraction
+    )
+    blob, new_residual = compression.compress_with_feedback(delta, None, cfg)
+    payload = protocol.encode_payload(
+        protocol.UpdateMeta.model_validate(
+            {
+                "schema": protocol.META_SCHEMA,
+                "model_kind": meta.model_kind,
+                "num_params": meta.num_params,
+                "num_samples": int(num_samples),
+                "epochs": training.epochs,
+                "compression": training.compression,
+                "metrics": {"delta_norm": round(norm, 6)},
+            }
+        ),
+        blob,
+    )
+    header, envelope = crypto.seal_update(
+        client_id=client_id,
+        client_key=client_key,
+        server_public_key=server_public_key,
+        base_version=meta.version,
+        payload=payload,
+        created_at_ms=created_at_ms,
+    )
+    return LocalUpdate(header.update_id, envelope, new_residual, int(num_samples), norm)

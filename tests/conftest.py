@@ -1,0 +1,128 @@
+"""Shared pytest fixtures.
+
+Sections (append new ones at the end, e.g. Airflow):
+
+* path setup - make ``fedlib``/``client`` importable when pytest runs from the venv;
+* S3 - one real SeaweedFS server per session (no mocks: conditional writes, grants and
+  listing quirks are exactly what a mock would get wrong), a fresh bucket per test, and
+  a factory for extra servers with their own identities.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+# ----------------------------------------------------------------------------- path setup
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:
+    from fedlib.seaweed import SeaweedServer
+    from fedlib.store import S3Config, S3Store
+
+# ----------------------------------------------------------------------------- S3
+
+S3_FIXTURES = frozenset({"seaweed_factory", "s3_server", "s3_config", "s3_bucket"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests that use the S3 fixtures ``s3`` so ``-m "not s3"`` can deselect them."""
+    for item in items:
+        if S3_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.s3)
+
+
+@pytest.fixture(scope="session")
+def seaweed_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., SeaweedServer]]:
+    """Start extra SeaweedFS servers (e.g. with client identities); all stop at session end."""
+    from fedlib.seaweed import SeaweedServer
+
+    started: list[SeaweedServer] = []
+
+    def make(identities: list[dict[str, Any]] | None = None, **kwargs: Any) -> SeaweedServer:
+        kwargs.setdefault("die_with_parent", True)  # a killed pytest must not leak servers
+        server = SeaweedServer(tmp_path_factory.mktemp("seaweed"), identities=identities, **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield make
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(seaweed_factory: Callable[..., SeaweedServer]) -> SeaweedServer:
+    """The session's SeaweedFS server; only the admin identity exists on it."""
+    return seaweed_factory()
+
+
+@pytest.fixture(scope="session")
+def s3_config(s3_server: SeaweedServer) -> S3Config:
+    """Endpoint and admin credentials of :func:`s3_server`."""
+    return s3_server.s3_config()
+
+
+@pytest.fixture
+def s3_bucket(s3_config: S3Config) -> S3Store:
+    """A new, empty, uniquely named bucket on the session server."""
+    from fedlib.store import S3Store
+
+    store = S3Store(f"test-{uuid.uuid4().hex[:16]}", s3_config)
+    store.ensure_bucket()
+    return store
+
+
+# ----------------------------------------------------------------------------- deployment
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic fleet (6 clients) written once per session."""
+    from bench.make_dataset import make_dataset, save_dataset
+
+    path = tmp_path_factory.mktemp("data") / "fleet.npz"
+    save_dataset(
+        make_dataset(
+            clients=6, windows_per_client=200, holdout_benign=400, holdout_anomalies=100, seed=7
+        ),
+        path,
+    )
+    return path
+
+
+@pytest.fixture
+def deployment(s3_config: S3Config, tmp_path: Path, small_dataset: Path) -> Any:
+    """A fresh deployment: its own buckets, keys in tmp, holdout and model version 1."""
+    from bench.make_dataset import load_dataset
+    from fedlib.admin import initial_package
+    from fedlib.server import Deployment, Holdout
+    from fedlib.settings import ServerSettings
+
+    tag = uuid.uuid4().hex[:10]
+    settings = ServerSettings(
+        inbox_bucket=f"inbox-{tag}",
+        models_bucket=f"models-{tag}",
+        state_bucket=f"state-{tag}",
+        airgap_bucket=f"airgap-{tag}",
+        keys_dir=tmp_path / "server-keys",
+        min_clients=2,
+    )
+    dep = Deployment(settings, s3_config)
+    dep.ensure_keys()
+    dep.ensure_buckets()
+    data = load_dataset(small_dataset)
+    holdout = Holdout(data.holdout_X, data.holdout_y, data.feature_names)
+    dep.save_holdout(holdout)
+    dep.registry(signing=True).publish(initial_package(dep, holdout))
+    dep.dataset = data  # type: ignore[attr-defined]
+    return dep

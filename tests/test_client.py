@@ -1,0 +1,222 @@
+"""The device agent against a real S3 server: cycle, spool, offline and resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.agent import InstalledModels, run_cycle, status
+from client.cli import main as client_main
+from client.config import ClientConfig
+from client.spool import Spool
+from fedlib import crypto, protocol
+from fedlib.admin import client_config_document, initial_package
+from fedlib.registry import ModelPackage, package_prefix
+from fedlib.round_runner import round_inputs
+from fedlib.rounds import open_and_validate
+from fedlib.server import Deployment, Holdout
+from fedlib.settings import ServerSettings
+
+
+def make_client(deployment, tmp_path: Path, client_id: str, rows: np.ndarray, **overrides):
+    """Key generation through the CLI, enrollment, feature files, client.json."""
+    home = tmp_path / client_id
+    (home / "features").mkdir(parents=True)
+    np.save(home / "features" / "part-000.npy", rows)
+    key_path = home / "state" / "client_key.pem"
+    assert client_main(["keygen", "--out", str(key_path)]) == 0
+    fleet = deployment.load_fleet()
+    fleet.enroll(client_id, key_path.with_name("client_key.pub.pem").read_bytes())
+    deployment.save_fleet(fleet)
+    doc = client_config_document(
+        deployment,
+        client_id,
+        features_dir="features",
+        state_dir="state",
+        access_key=deployment.s3.access_key,
+        secret_key=deployment.s3.secret_key,
+    )
+    doc["s3"].update({"max_attempts": 1, "connect_timeout": 1.0, "read_timeout": 5.0})
+    doc.update(overrides)
+    (home / "client.json").write_text(json.dumps(doc))
+    return ClientConfig.load(home / "client.json")
+
+
+def inbox_keys(deployment) -> list[str]:
+    return [i.key for i in deployment.inbox.list("updates/")]
+
+
+def test_cycle_uploads_one_sealed_update_the_server_accepts(deployment, tmp_path):
+    rows = deployment.dataset.clients[deployment.dataset.client_ids[0]]
+    config = make_client(deployment, tmp_path, "dev-1", rows)
+    report = run_cycle(config)
+    assert report.ok and report.trained and report.pulled_version == 1
+    assert report.uploaded == [report.update_id]
+    assert inbox_keys(deployment) == [protocol.inbox_key("dev-1", report.update_id)]
+
+    key = inbox_keys(deployment)[0]
+    blob = deployment.inbox.get(key)
+    inputs = round_inputs(deployment, deployment.registry().read_active())
+    accepted = open_and_validate(key, blob, inputs)
+    assert accepted.meta.num_samples == rows.shape[0]
+    assert accepted.header.base_version == 1
+
+    again = run_cycle(config)  # one update per model version
+    assert not again.trained and again.uploaded == []
+    assert any("already sent" in m for m in again.messages)
+    assert len(inbox_keys(deployment)) == 1
+    assert status(config)["sent_updates"] == 1
+
+
+def test_plaintext_holds_only_delta_and_small_metadata(deployment, tmp_path):
+    """Invariant 1: decrypt what the device sent and look for its feature rows in it."""
+    rows = deployment.dataset.clients[deployment.dataset.client_ids[1]]
+    config = make_client(deployment, tmp_path, "dev-2", rows)
+    run_cycle(config)
+    key = inbox_keys(deployment)[0]
+    opened = crypto.open_update(
+        deployment.inbox.get(key), deployment.load_fleet(), deployment.server_keyring()
+    )
+    meta, delta_blob = protocol.decode_payload(opened.payload)
+    assert set(meta.model_dump()) == {
+        "schema_",
+        "model_kind",
+        "num_params",
+        "num_samples",
+        "epochs",
+        "compression",
+        "metrics",
+    }
+    assert set(meta.metrics) <= {"delta_norm"}
+    package = deployment.registry().read_active()
+    k = max(1, int(np.ceil(package.metadata.training.topk_fraction * package.metadata.num_params)))
+    assert len(delta_blob) <= 20 + 4 * k  # header + index + 16-bit value per kept entry
+    plaintext = opened.payload
+    for row in rows[:50]:
+        for dtype in (np.float32, np.float64):
+            needle = np.asarray(row, dtype=dtype).tobytes()[:16]
+            if np.any(row[:4] != 0):
+                assert needle not in plaintext
+    assert b"tmpl_" not in plaintext  # no feature names / log text either
+
+
+def test_offline_cycles_spool_then_upload_exactly_once(seaweed_factory, tmp_path, small_dataset):
+    """Stop the S3 server to take the device offline; start it again to let it upload."""
+    from bench.make_dataset import load_dataset
+
+    server = seaweed_factory()
+    tag = uuid.uuid4().hex[:8]
+    settings = ServerSettings(
+        inbox_bucket=f"inbox-{tag}",
+        models_bucket=f"models-{tag}",
+        state_bucket=f"state-{tag}",
+        airgap_bucket=f"airgap-{tag}",
+        keys_dir=tmp_path / "keys",
+    )
+    dep = Deployment(settings, server.s3_config(max_attempts=2))
+    dep.ensure_keys()
+    dep.ensure_buckets()
+    data = load_dataset(small_dataset)
+    holdout = Holdout(data.holdout_X, data.holdout_y, data.feature_names)
+    dep.registry(signing=True).publish(initial_package(dep, holdout))
+    config = make_client(
+        dep, tmp_path, "dev-off", data.clients[data.client_ids[0]], one_update_per_version=False
+    )
+
+    first = run_cycle(config)
+    assert first.uploaded == [first.update_id] and not first.offline
+
+    server.stop()
+    offline = [run_cycle(config) for _ in range(2)]
+    for report in offline:
+        assert report.ok and report.offline and report.trained
+        assert any("wait in the spool" in m for m in report.messages)
+    waiting = Spool(config.state_dir / "spool").pending()
+    assert waiting == sorted(r.update_id for r in offline)
+    assert client_main(["run", "--config", str(tmp_path / "dev-off" / "client.json")]) == 0
+
+    server.restart()
+    back = run_cycle(config)
+    assert not back.offline
+    assert back.uploaded[: len(waiting)] == waiting  # oldest first
+    keys = [i.key for i in dep.inbox.list("updates/")]
+    ids = [k.split("/")[2] for k in keys]
+    assert len(ids) == len(set(ids)) == 1 + 3 + 1  # first, two offline + CLI run, last
+    assert Spool(config.state_dir / "spool").pending() == []
+
+
+def test_lost_acknowledgement_is_not_uploaded_twice(deployment, tmp_path):
+    rows = deployment.dataset.clients[deployment.dataset.client_ids[2]]
+    config = make_client(deployment, tmp_path, "dev-ack", rows)
+    spool = Spool(config.state_dir / "spool")
+    update_id = protocol.new_update_id()
+    spool.add(update_id, b"envelope-bytes")
+    # the PUT went through but the device died before it recorded that
+    deployment.inbox.put(protocol.inbox_key("dev-ack", update_id), b"envelope-bytes")
+    report = spool.upload(deployment.inbox, "dev-ack")
+    assert report.already_present == [update_id] and report.uploaded == []
+    assert spool.pending() == [] and spool.sent() == [update_id]
+    assert inbox_keys(deployment) == [protocol.inbox_key("dev-ack", update_id)]
+
+
+def test_crash_mid_spool_write_leaves_spool_consistent(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.add(protocol.new_update_id(), b"whole")
+    torn = spool.pending_dir / ".tmp-crashed"
+    torn.write_bytes(b"half an enve")
+    reopened = Spool(tmp_path / "spool")
+    assert not torn.exists()
+    assert len(reopened.pending()) == 1
+    name = reopened.pending()[0]
+    assert (reopened.pending_dir / f"{name}.env").read_bytes() == b"whole"
+
+
+def test_tampered_published_model_is_refused_and_old_one_kept(deployment, tmp_path):
+    rows = deployment.dataset.clients[deployment.dataset.client_ids[3]]
+    config = make_client(deployment, tmp_path, "dev-t", rows)
+    assert run_cycle(config).pulled_version == 1
+    registry = deployment.registry(signing=True)
+    v1 = registry.read_active()
+    v2 = ModelPackage(
+        metadata=v1.metadata.model_copy(update={"version": 2}),
+        onnx_bytes=v1.onnx_bytes,
+        weights=v1.weights,
+    )
+    registry.publish(v2)
+    key = package_prefix(2) + "weights.bin"
+    evil = deployment.models.get(key)
+    deployment.models.delete(key)
+    deployment.models.put(key, evil[:-8] + np.float64(1e6).tobytes())
+    report = run_cycle(config)
+    assert not report.ok and "refused" in report.model_message
+    assert InstalledModels(config.state_dir / "models").current_version() == 1
+
+
+def test_model_signed_by_unpinned_key_is_refused(deployment, tmp_path):
+    rows = deployment.dataset.clients[deployment.dataset.client_ids[4]]
+    other = crypto.public_pem(crypto.generate_signing_key()).decode()
+    config = make_client(deployment, tmp_path, "dev-p", rows, package_signing_keys_pem=[other])
+    report = run_cycle(config)
+    assert not report.ok and "not pinned" in report.model_message
+    assert InstalledModels(config.state_dir / "models").current_version() is None
+    assert not report.trained
+
+
+def test_csv_features_in_any_column_order(deployment, tmp_path):
+    from client.features import FeatureError, load_features
+
+    names = deployment.dataset.feature_names
+    rows = deployment.dataset.clients[deployment.dataset.client_ids[0]][:20]
+    order = list(reversed(range(len(names))))
+    lines = [",".join(names[i] for i in order) + ",extra"]
+    lines += [",".join(str(r[i]) for i in order) + ",9" for r in rows]
+    (tmp_path / "a.csv").write_text("\n".join(lines) + "\n")
+    loaded = load_features(tmp_path, names, max_rows=1000)
+    assert np.allclose(loaded, rows)
+    (tmp_path / "b.csv").write_text("foo,bar\n1,2\n")
+    with pytest.raises(FeatureError, match="missing columns"):
+        load_features(tmp_path, names, max_rows=1000)

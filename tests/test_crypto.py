@@ -1,0 +1,250 @@
+"""Sealing and opening update envelopes: round trips and every refusal, with real crypto."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fedlib import crypto, protocol
+from fedlib.errors import RejectedUpdate, VerificationError
+from fedlib.fleet import Fleet
+
+PAYLOAD = b"payload bytes " * 50
+
+
+@pytest.fixture()
+def world():
+    client_key = crypto.generate_signing_key()
+    other_key = crypto.generate_signing_key()
+    server_key = crypto.generate_encryption_key()
+    fleet = Fleet()
+    fleet.enroll("client-1", crypto.public_pem(client_key))
+    fleet.enroll("client-2", crypto.public_pem(other_key))
+    ring = crypto.ServerKeyring()
+    ring.add(server_key)
+    return {
+        "client_key": client_key,
+        "other_key": other_key,
+        "server_key": server_key,
+        "fleet": fleet,
+        "ring": ring,
+    }
+
+
+def seal(world, *, client_id="client-1", key=None, server_public=None, payload=PAYLOAD):
+    return crypto.seal_update(
+        client_id=client_id,
+        client_key=key or world["client_key"],
+        server_public_key=server_public or world["server_key"].public_key(),
+        base_version=3,
+        payload=payload,
+    )
+
+
+def reason_of(blob: bytes, world) -> str:
+    with pytest.raises(RejectedUpdate) as err:
+        crypto.open_update(blob, world["fleet"], world["ring"])
+    return err.value.reason
+
+
+def test_round_trip(world):
+    header, blob = seal(world)
+    opened = crypto.open_update(blob, world["fleet"], world["ring"])
+    assert opened.payload == PAYLOAD
+    assert opened.header == header
+    assert opened.client.client_id == "client-1"
+    assert header.client_key_id == crypto.key_id(world["client_key"])
+    assert header.server_key_id == crypto.key_id(world["server_key"])
+    assert header.payload_size == len(PAYLOAD)
+    assert len(blob) - len(PAYLOAD) < 700  # framing + header + HPKE + signature
+
+
+def test_ciphertext_hides_payload(world):
+    _, blob = seal(world, payload=b"SECRET-FEATURE-ROW" * 10)
+    assert b"SECRET-FEATURE-ROW" not in blob
+
+
+def test_update_ids_are_unique_and_time_ordered():
+    ids = [protocol.new_update_id(now_ms=1_700_000_000_000 + i) for i in range(200)]
+    assert len(set(ids)) == 200
+    assert ids == sorted(ids)
+
+
+@pytest.mark.parametrize("region", ["framing", "header", "ciphertext", "signature"])
+def test_any_flipped_bit_is_refused(world, region):
+    _header, blob = seal(world)
+    header_len = struct.unpack_from(">I", blob, 21)[0]
+    offsets = {
+        "framing": 2,
+        "header": 25 + header_len // 2,
+        "ciphertext": 25 + header_len + 10,
+        "signature": len(blob) - 5,
+    }
+    for bit in (0, 3, 7):
+        bad = bytearray(blob)
+        bad[offsets[region]] ^= 1 << bit
+        assert reason_of(bytes(bad), world) in {"malformed", "bad_signature", "unknown_client"}
+
+
+def test_key_id_in_framing_flipped_is_unknown_client(world):
+    _, blob = seal(world)
+    bad = bytearray(blob)
+    bad[6] ^= 0x01
+    assert reason_of(bytes(bad), world) == "unknown_client"
+
+
+def test_unknown_client(world):
+    stranger = crypto.generate_signing_key()
+    _, blob = seal(world, key=stranger)
+    assert reason_of(blob, world) == "unknown_client"
+
+
+def test_revoked_client(world):
+    _, blob = seal(world)
+    world["fleet"].revoke("client-1")
+    assert reason_of(blob, world) == "revoked_client"
+
+
+def test_envelope_resigned_by_another_client_is_refused(world):
+    """Client 2 takes client 1's ciphertext, rewrites the header to its own name, re-signs."""
+    _, blob = seal(world)
+    parts = protocol.split_envelope(blob)
+    header = protocol.parse_header(parts.header_bytes)
+    forged_header = header.model_copy(
+        update={"client_id": "client-2", "client_key_id": crypto.key_id(world["other_key"])}
+    )
+    header_bytes = protocol.encode_header(forged_header)
+    body = protocol.frame_envelope_body(forged_header.client_key_id, header_bytes, parts.ciphertext)
+    forged = body + world["other_key"].sign(protocol.SIGNATURE_DOMAIN + body)
+    # the signature is valid, but the HPKE info binds the original header
+    assert reason_of(forged, world) == "decrypt_failed"
+
+
+def test_header_naming_another_client_is_refused(world):
+    """A valid signature by client 2 over a header that claims to be client 1."""
+    _, blob = seal(world)
+    parts = protocol.split_envelope(blob)
+    body = protocol.frame_envelope_body(
+        crypto.key_id(world["other_key"]), parts.header_bytes, parts.ciphertext
+    )
+    forged = body + world["other_key"].sign(protocol.SIGNATURE_DOMAIN + body)
+    assert reason_of(forged, world) == "bad_signature"
+
+
+def test_signature_without_domain_tag_is_refused(world):
+    _, blob = seal(world)
+    body = blob[: -protocol.SIGNATURE_BYTES]
+    forged = body + world["client_key"].sign(body)
+    assert reason_of(forged, world) == "bad_signature"
+
+
+def test_wrong_server_key_id(world):
+    other_server = crypto.generate_encryption_key()
+    _, blob = seal(world, server_public=other_server.public_key())
+    assert reason_of(blob, world) == "unknown_server_key"
+
+
+def test_server_key_rotation_accepts_both(world):
+    new_key = crypto.generate_encryption_key()
+    world["ring"].add(new_key)
+    _, old_blob = seal(world)
+    _, new_blob = seal(world, server_public=new_key.public_key())
+    for blob in (old_blob, new_blob):
+        assert crypto.open_update(blob, world["fleet"], world["ring"]).payload == PAYLOAD
+
+
+def test_unsupported_framing_version(world):
+    _, blob = seal(world)
+    bad = bytearray(blob)
+    bad[4] = 2
+    assert reason_of(bytes(bad), world) == "unsupported_version"
+
+
+def test_truncated_and_empty(world):
+    _, blob = seal(world)
+    assert reason_of(b"", world) == "malformed"
+    assert reason_of(blob[:30], world) == "malformed"
+    assert reason_of(blob[:-1], world) in {"bad_signature", "malformed"}
+
+
+def test_oversized_envelope(world):
+    _, blob = seal(world)
+    with pytest.raises(RejectedUpdate) as err:
+        crypto.open_update(blob, world["fleet"], world["ring"], max_bytes=len(blob) - 1)
+    assert err.value.reason == "oversized"
+
+
+def test_declared_payload_size_mismatch_is_refused_before_decrypting(world):
+    """A signed header whose payload_size lies: refused as malformed, no decrypt attempt."""
+    header, blob = seal(world)
+    parts = protocol.split_envelope(blob)
+    lying = header.model_copy(update={"payload_size": header.payload_size + 1})
+    header_bytes = protocol.encode_header(lying)
+    body = protocol.frame_envelope_body(lying.client_key_id, header_bytes, parts.ciphertext)
+    forged = body + world["client_key"].sign(protocol.SIGNATURE_DOMAIN + body)
+    assert reason_of(forged, world) == "malformed"
+
+
+def test_header_with_unknown_field_or_schema(world):
+    header, blob = seal(world)
+    parts = protocol.split_envelope(blob)
+    for mutate, expected in (
+        (lambda d: d | {"extra": 1}, "malformed"),
+        (lambda d: d | {"schema": "dadm.update.v9"}, "unsupported_version"),
+        (lambda d: {k: v for k, v in d.items() if k != "base_version"}, "malformed"),
+    ):
+        raw = mutate(header.model_dump(by_alias=True))
+        header_bytes = protocol.canonical_json(raw)
+        body = protocol.frame_envelope_body(header.client_key_id, header_bytes, parts.ciphertext)
+        forged = body + world["client_key"].sign(protocol.SIGNATURE_DOMAIN + body)
+        assert reason_of(forged, world) == expected
+
+
+def test_json_nesting_bomb_in_header_is_refused(world):
+    header, _blob = seal(world)
+    bomb = b"[" * 2000 + b"]" * 2000
+    body = protocol.frame_envelope_body(header.client_key_id, bomb, b"")
+    forged = body + world["client_key"].sign(protocol.SIGNATURE_DOMAIN + body)
+    assert reason_of(forged, world) == "malformed"
+
+
+def test_key_ids_differ_by_algorithm_and_key():
+    a, b = crypto.generate_signing_key(), crypto.generate_signing_key()
+    assert crypto.key_id(a) == crypto.key_id(a.public_key())
+    assert crypto.key_id(a) != crypto.key_id(b)
+    assert len(crypto.key_id(a)) == 32
+
+
+def test_pem_round_trip_with_passphrase(tmp_path):
+    key = crypto.generate_signing_key()
+    path = tmp_path / "k.pem"
+    crypto.write_private_key(path, key, passphrase=b"pw")
+    assert path.stat().st_mode & 0o777 == 0o600
+    loaded = crypto.load_signing_key(path, passphrase=b"pw")
+    assert crypto.key_id(loaded) == crypto.key_id(key)
+    with pytest.raises((TypeError, ValueError)):
+        crypto.load_signing_key(path)
+
+
+def test_server_keyring_from_directory(tmp_path):
+    keys = [crypto.generate_encryption_key() for _ in range(2)]
+    for i, k in enumerate(keys):
+        crypto.write_private_key(tmp_path / f"s{i}.pem", k)
+    ring = crypto.ServerKeyring.from_directory(tmp_path)
+    assert ring.key_ids() == sorted(crypto.key_id(k) for k in keys)
+    assert "PRIVATE" not in repr(ring)
+
+
+def test_signed_artefacts():
+    key = crypto.generate_signing_key()
+    trusted: dict[str, ed25519.Ed25519PublicKey] = {crypto.key_id(key): key.public_key()}
+    blob = crypto.sign_artefact(b"domain-a", b"body", key)
+    assert crypto.verify_artefact(b"domain-a", blob, trusted) == b"body"
+    with pytest.raises(VerificationError):
+        crypto.verify_artefact(b"domain-b", blob, trusted)  # no cross-domain reuse
+    with pytest.raises(VerificationError):
+        crypto.verify_artefact(b"domain-a", blob[:-1] + b"x", trusted)
+    with pytest.raises(VerificationError, match="not pinned"):
+        crypto.verify_artefact(b"domain-a", blob, {})

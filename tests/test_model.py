@@ -1,0 +1,358 @@
+"""Tests for fedlib.model: scaling from moments, parameter contract, detection, ONNX."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from fedlib.model import (
+    KINDS,
+    AnomalyModel,
+    FeatureSchema,
+    create_model,
+    feature_moments,
+    load_model,
+    onnx_score,
+    register_kind,
+)
+
+D = 16
+NAMES = [f"tpl_{i:02d}" for i in range(D)]
+ALL_KINDS = ["autoencoder", "gaussian"]
+
+
+class World:
+    """Poisson event-template counts from a few device profiles, plus injected bursts."""
+
+    def __init__(self, seed: int, d: int = D, profiles: int = 3) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.d = d
+        # every template occurs in every profile, so no feature hits the std floor
+        self.rates = self.rng.gamma(0.8, 4.0, size=(profiles, d)) + 0.3
+
+    def benign(self, n: int, profile_p: np.ndarray | None = None) -> np.ndarray:
+        k = self.rates.shape[0]
+        p = self.rng.choice(k, size=n, p=profile_p)
+        scale = self.rng.lognormal(0.0, 0.25, size=(n, 1))
+        return self.rng.poisson(self.rates[p] * scale).astype(np.float32)
+
+    def anomalous(self, n: int) -> np.ndarray:
+        x = self.benign(n).astype(np.float64)
+        for row in x:
+            cols = self.rng.choice(self.d, size=3, replace=False)
+            row[cols] = self.rng.poisson(12.0, size=3)
+        return x.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World(seed=7)
+
+
+@pytest.fixture(scope="module")
+def train(world: World) -> np.ndarray:
+    return world.benign(1500)
+
+
+@pytest.fixture(scope="module")
+def schema(train: np.ndarray) -> FeatureSchema:
+    return FeatureSchema.from_data(NAMES, train)
+
+
+@pytest.fixture(scope="module")
+def holdout(world: World) -> tuple[np.ndarray, np.ndarray]:
+    benign = world.benign(600)
+    anomalous = world.anomalous(120)
+    x = np.concatenate([benign, anomalous])
+    y = np.concatenate([np.zeros(len(benign)), np.ones(len(anomalous))])
+    return x, y
+
+
+def _trained(kind: str, schema: FeatureSchema, train: np.ndarray) -> AnomalyModel:
+    model = create_model(kind, schema, seed=3)
+    model.fit_local(train, epochs=15, seed=11)
+    return model
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def test_schema_json_round_trip(schema: FeatureSchema) -> None:
+    wire = json.dumps(schema.to_dict())
+    back = FeatureSchema.from_dict(json.loads(wire))
+    assert back == schema
+    assert back.to_dict() == schema.to_dict()
+    with pytest.raises(ValueError):
+        FeatureSchema.from_dict({**schema.to_dict(), "extra": 1})
+    with pytest.raises(ValueError):
+        FeatureSchema.from_dict({**schema.to_dict(), "transform": "sqrt"})
+
+
+@pytest.mark.parametrize("transform", ["log1p", "identity"])
+def test_from_moments_equals_direct_mean_std(train: np.ndarray, transform: Any) -> None:
+    # three "devices" share only (n, sum, sum of squares)
+    parts = np.array_split(train, [200, 900])
+    moments = [feature_moments(p, transform) for p in parts]
+    n = sum(m[0] for m in moments)
+    s = np.sum([m[1] for m in moments], axis=0)
+    ss = np.sum([m[2] for m in moments], axis=0)
+    schema = FeatureSchema.from_moments(NAMES, transform, n, s, ss)
+
+    t = np.log1p(train.astype(np.float64)) if transform == "log1p" else train.astype(np.float64)
+    assert n == len(train)
+    np.testing.assert_allclose(schema.mean, t.mean(axis=0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(schema.std, t.std(axis=0), rtol=1e-9, atol=1e-12)
+    z = schema.apply(train)
+    assert z.dtype == np.float64
+    np.testing.assert_allclose(z, (t - t.mean(axis=0)) / t.std(axis=0), rtol=1e-8, atol=1e-9)
+
+
+def test_std_floor_and_input_validation() -> None:
+    x = np.zeros((10, 2), dtype=np.float32)
+    x[:, 1] = np.arange(10)
+    schema = FeatureSchema.from_data(["never", "ramp"], x)
+    assert schema.std[0] == pytest.approx(1e-6)
+    assert np.all(np.isfinite(schema.apply(x)))
+    with pytest.raises(ValueError):
+        schema.apply(np.ones((3, 3)))  # wrong width
+    with pytest.raises(ValueError):
+        schema.apply(-np.ones((3, 2)))  # negative counts under log1p
+    with pytest.raises(ValueError):
+        schema.apply(np.full((3, 2), np.nan))
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_and_spec_defaults(schema: FeatureSchema) -> None:
+    assert {"autoencoder", "gaussian"} <= set(KINDS)
+    assert KINDS["autoencoder"].preferred_compression == "topk16"
+    assert KINDS["gaussian"].preferred_compression == "dense64"
+    ae = create_model("autoencoder", schema, spec={"hidden": [8]})
+    assert ae.spec["hidden"] == [8]
+    assert set(ae.spec) == {"hidden", "activation", "learning_rate_init", "batch_size", "alpha"}
+    assert json.loads(json.dumps(ae.spec)) == ae.spec
+    assert ae.num_params == D * 8 + 8 * D + 8 + D
+    with pytest.raises(ValueError):
+        create_model("nope", schema)
+    with pytest.raises(ValueError):
+        create_model("autoencoder", schema, spec={"hiden": [8]})
+    with pytest.raises(ValueError):
+        create_model("gaussian", schema, spec={"ridge": -1.0})
+
+
+def test_new_kind_plugs_in_without_touching_anything(schema: FeatureSchema) -> None:
+    @register_kind
+    class MeanShift(AnomalyModel):
+        kind = "test_meanshift"
+        preferred_compression = "dense64"
+        default_spec: ClassVar[dict[str, Any]] = {}
+
+        @classmethod
+        def _check_spec(cls, spec: dict[str, Any]) -> None:
+            pass
+
+        @property
+        def num_params(self) -> int:
+            return self.schema.dim
+
+        def _init_params(self, seed: int) -> None:
+            self._mu = np.zeros(self.schema.dim)
+
+        def params(self) -> np.ndarray:
+            return self._mu.copy()
+
+        def _set_params(self, vec: np.ndarray) -> None:
+            self._mu = vec
+
+        def fit_local(self, x_raw: Any, *, epochs: int, seed: int) -> int:
+            z = self._scaled(x_raw)
+            self._mu = z.mean(axis=0)
+            return len(z)
+
+        def score(self, x_raw: Any) -> np.ndarray:
+            return np.sum(np.square(self._scaled(x_raw) - self._mu), axis=1)
+
+        def _onnx_core(self) -> tuple[list[Any], list[Any], str]:
+            raise NotImplementedError
+
+    try:
+        model = create_model("test_meanshift", schema)
+        assert model.num_params == D
+        with pytest.raises(ValueError):
+            register_kind(type("Clash", (MeanShift,), {}))  # same kind name, other class
+    finally:
+        del KINDS["test_meanshift"]
+
+
+# --------------------------------------------------------------------------- params
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_params_round_trip_and_wrong_length(
+    kind: str, schema: FeatureSchema, train: np.ndarray
+) -> None:
+    model = _trained(kind, schema, train)
+    vec = model.params()
+    assert vec.dtype == np.float64 and vec.ndim == 1 and vec.shape == (model.num_params,)
+    vec[0] += 123.0  # params() is a copy
+    assert model.params()[0] != vec[0]
+
+    other = create_model(kind, schema, seed=99)
+    other.set_params(model.params())
+    np.testing.assert_array_equal(other.params(), model.params())
+    np.testing.assert_array_equal(other.score(train[:50]), model.score(train[:50]))
+
+    for bad in (vec[:-1], np.append(vec, 0.0), vec.reshape(1, -1)):
+        with pytest.raises(ValueError):
+            other.set_params(bad)
+    nan_vec = model.params()
+    nan_vec[3] = np.nan
+    with pytest.raises(ValueError):
+        other.set_params(nan_vec)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_create_model_deterministic_per_seed(kind: str, schema: FeatureSchema) -> None:
+    a = create_model(kind, schema, seed=5).params()
+    b = create_model(kind, schema, seed=5).params()
+    np.testing.assert_array_equal(a, b)
+    if kind == "autoencoder":
+        assert not np.array_equal(a, create_model(kind, schema, seed=6).params())
+
+
+def test_autoencoder_trains_from_current_params(schema: FeatureSchema, train: np.ndarray) -> None:
+    a = create_model("autoencoder", schema, seed=0)
+    b = create_model("autoencoder", schema, seed=1)
+    b.fit_local(train[300:600], epochs=3, seed=9)  # leaves optimizer history behind
+    b.set_params(a.params())
+    assert a.fit_local(train[:300], epochs=2, seed=4) == 300
+    assert b.fit_local(train[:300], epochs=2, seed=4) == 300
+    # same start, data, epochs and seed -> same result (no hidden optimizer state)
+    np.testing.assert_array_equal(a.params(), b.params())
+    c = create_model("autoencoder", schema, seed=1)
+    c.fit_local(train[:300], epochs=2, seed=4)
+    assert not np.allclose(c.params(), a.params())
+    # a second round starts where the first ended, not from the init
+    before = a.params()
+    a.fit_local(train[:300], epochs=1, seed=5)
+    step = np.linalg.norm(a.params() - before)
+    assert 0.0 < step < np.linalg.norm(before - create_model("autoencoder", schema).params())
+
+
+def test_autoencoder_fit_lowers_reconstruction_error(
+    world: World, schema: FeatureSchema, train: np.ndarray
+) -> None:
+    model = create_model("autoencoder", schema, seed=0)
+    benign = world.benign(400)
+    before = model.score(benign).mean()
+    model.fit_local(train, epochs=10, seed=0)
+    after = model.score(benign).mean()
+    assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_separates_injected_anomalies(
+    kind: str, schema: FeatureSchema, train: np.ndarray, holdout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, y = holdout
+    model = _trained(kind, schema, train)
+    scores = model.score(x)
+    assert scores.shape == (len(x),) and scores.dtype == np.float64
+    assert roc_auc_score(y, scores) > 0.8
+
+
+def test_gaussian_federated_equals_pooled(world: World, schema: FeatureSchema) -> None:
+    mixes = [np.array(p) for p in ([0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [1, 0, 0])]
+    clients = [world.benign(n, p) for n, p in zip((37, 410, 123, 260), mixes, strict=True)]
+    global_model = create_model("gaussian", schema)
+    total = 0
+    acc = np.zeros(global_model.num_params)
+    for i, rows in enumerate(clients):
+        local = load_model("gaussian", schema, global_model.spec, global_model.params(), None)
+        n = local.fit_local(rows, epochs=1, seed=i)
+        assert n == len(rows)
+        acc += n * local.params()
+        total += n
+    federated = load_model("gaussian", schema, None, acc / total, None)
+
+    pooled = create_model("gaussian", schema)
+    pooled.fit_local(np.concatenate(clients), epochs=1, seed=0)
+    probe = np.concatenate([world.benign(200), world.anomalous(50)])
+    s_fed, s_pool = federated.score(probe), pooled.score(probe)
+    assert np.max(np.abs(s_fed - s_pool)) <= 1e-9
+    # and a single client alone is a different model, so the test can fail
+    solo = create_model("gaussian", schema)
+    solo.fit_local(clients[0], epochs=1, seed=0)
+    assert np.max(np.abs(solo.score(probe) - s_pool)) > 1e-3
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_onnx_parity_shapes_and_flags(
+    kind: str,
+    world: World,
+    schema: FeatureSchema,
+    train: np.ndarray,
+    holdout: tuple[np.ndarray, np.ndarray],
+) -> None:
+    model = _trained(kind, schema, train)
+    model.calibrate_threshold(world.benign(500), quantile=0.95)
+    blob = model.to_onnx()
+    assert len(blob) < 64_000
+
+    proto = onnx.load_from_string(blob)
+    assert [i.name for i in proto.graph.input] == ["features"]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[1].dim_value == D
+    assert [o.name for o in proto.graph.output] == ["score", "is_anomaly"]
+
+    x, _ = holdout
+    ref = model.score(x)
+    scores, flags = onnx_score(blob, x)
+    assert scores.shape == (len(x),) and scores.dtype == np.float64
+    assert flags.shape == (len(x),) and flags.dtype == np.bool_
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    assert np.max(np.abs(scores - ref)) <= 1e-4 * scale
+
+    for n in (1, 257):
+        rows = np.concatenate([x, x])[:n]
+        s, f = onnx_score(blob, rows)
+        assert s.shape == (n,) and f.shape == (n,)
+        np.testing.assert_allclose(s, model.score(rows), rtol=1e-4, atol=1e-4 * scale)
+
+    # flags agree with the Python threshold wherever float32 rounding cannot matter
+    assert model.threshold is not None
+    clear = np.abs(ref - model.threshold) > 1e-4 * scale
+    np.testing.assert_array_equal(flags[clear], (ref > model.threshold)[clear])
+    assert 0 < flags.sum() < len(flags)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_uncalibrated_model_flags_nothing(
+    kind: str, schema: FeatureSchema, holdout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    model = create_model(kind, schema, seed=0)
+    assert model.threshold is None
+    _, flags = onnx_score(model.to_onnx(), holdout[0])
+    assert not flags.any()
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_onnx_export_deterministic(kind: str, schema: FeatureSchema, train: np.ndarray) -> None:
+    model = _trained(kind, schema, train)
+    model.calibrate_threshold(train)
+    first = model.to_onnx()
+    assert model.to_onnx() == first
+    # a model rebuilt from its stored description exports the same bytes
+    clone = load_model(kind, schema, model.spec, model.params(), model.threshold)
+    assert clone.to_onnx() == first
+    model.threshold = model.threshold * 2
+    assert model.to_onnx() != first

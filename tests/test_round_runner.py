@@ -1,0 +1,124 @@
+"""A whole round over real S3: clients' updates in, a verdict per object, a new version out."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedlib import compression, crypto, protocol
+from fedlib.ledger import Ledger
+from fedlib.round_runner import run_round
+from fedlib.training import make_update
+
+
+def enroll(deployment, client_id):
+    key = crypto.generate_signing_key()
+    fleet = deployment.load_fleet()
+    fleet.enroll(client_id, crypto.public_pem(key))
+    deployment.save_fleet(fleet)
+    return key
+
+
+def upload_updates(deployment, count: int, *, seed: int = 0):
+    package = deployment.registry().read_active()
+    server_public = deployment.current_server_public_key()
+    data = deployment.dataset
+    sent = {}
+    for i, cid in enumerate(data.client_ids[:count]):
+        key = enroll(deployment, cid)
+        update = make_update(
+            package,
+            data.clients[cid],
+            client_id=cid,
+            client_key=key,
+            server_public_key=server_public,
+            residual=None,
+            seed=seed + i,
+        )
+        object_key = protocol.inbox_key(cid, update.update_id)
+        deployment.inbox.put(object_key, update.envelope, if_absent=True)
+        sent[object_key] = update.envelope
+    return sent
+
+
+def forged_payload_update(deployment, client_id, key, delta, *, base_version=1, nan=False):
+    package = deployment.registry().read_active()
+    blob = compression.encode(delta, compression.CompressionConfig("dense32"))
+    if nan:  # a sender that does not use our encoder: NaN in the values
+        blob = blob[:-4] + np.float32("nan").tobytes()
+    meta = protocol.UpdateMeta.model_validate(
+        {
+            "schema": protocol.META_SCHEMA,
+            "model_kind": package.metadata.model_kind,
+            "num_params": package.metadata.num_params,
+            "num_samples": 100,
+            "epochs": 1,
+            "compression": "dense32",
+        }
+    )
+    header, envelope = crypto.seal_update(
+        client_id=client_id,
+        client_key=key,
+        server_public_key=deployment.current_server_public_key(),
+        base_version=base_version,
+        payload=protocol.encode_payload(meta, blob),
+    )
+    object_key = protocol.inbox_key(client_id, header.update_id)
+    deployment.inbox.put(object_key, envelope)
+    return object_key
+
+
+def test_round_publishes_then_waits(deployment):
+    upload_updates(deployment, 4)
+    report = run_round(deployment, "run-1")
+    assert report.decision == "published", report.message
+    assert report.published_version == 2 and report.accepted == 4 and not report.rejected
+    assert deployment.registry().active_version() == 2
+    assert list(deployment.inbox.list("updates/")) == []  # verdicts first, then deleted
+    assert len(list(Ledger(deployment.state).verdicts())) == 4
+
+    again = run_round(deployment, "run-2")
+    assert again.decision == "waiting" and again.message.startswith("waiting: 0 of 2")
+    assert deployment.registry().active_version() == 2
+
+
+def test_bad_updates_are_quarantined_good_ones_aggregated(deployment):
+    good = upload_updates(deployment, 3)
+    package = deployment.registry().read_active()
+    dim = package.metadata.num_params
+    key = enroll(deployment, "mallory")
+    stranger = crypto.generate_signing_key()  # never enrolled
+
+    bad = {}
+    # forged signature: flip a bit of a valid envelope's signature
+    k0, env0 = next(iter(good.items()))
+    victim = protocol.inbox_key("mallory", protocol.new_update_id())
+    bad[victim] = "bad_signature"
+    deployment.inbox.put(victim, env0[:-1] + bytes([env0[-1] ^ 1]))
+    # unknown client
+    bad[forged_payload_update(deployment, "mallory", stranger, np.zeros(dim))] = "unknown_client"
+    bad[forged_payload_update(deployment, "mallory", key, np.zeros(dim), nan=True)] = "non_finite"
+    bad[forged_payload_update(deployment, "mallory", key, np.full(dim, 1e3))] = "norm_exceeded"
+    # a base version that was never published
+    bad[forged_payload_update(deployment, "mallory", key, np.zeros(dim), base_version=7)] = (
+        "unknown_base_version"
+    )
+
+    report = run_round(deployment, "run-bad")
+    assert report.decision == "published", report.message
+    assert report.accepted == 3
+    ledger = Ledger(deployment.state)
+    for object_key, reason in bad.items():
+        verdict = ledger.read(object_key)
+        assert verdict is not None and verdict["accepted"] is False
+        assert verdict["reason"] == reason, (object_key, verdict)
+        quarantined = [i.key for i in deployment.state.list("quarantine/" + object_key[8:])]
+        assert any(k.endswith(".bin") for k in quarantined)
+    for object_key in good:
+        assert ledger.read(object_key)["accepted"] is True
+
+    # replay: the same accepted envelope uploaded again after its round
+    deployment.inbox.put(k0, env0)
+    upload_updates(deployment, 2, seed=50)  # two fresh clients' worth of updates
+    replay_round = run_round(deployment, "run-replay")
+    assert replay_round.rejected.get("replay") == 1
+    assert ledger.read(k0)["accepted"] is True  # the first verdict stands
