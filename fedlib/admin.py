@@ -191,18 +191,8 @@ def cmd_round(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
-        return 0
-    print(f"round {report.run_id}: {report.decision} ({report.message})")
-    print(
-        f"  accepted {report.accepted}, rejected {sum(report.rejected.values())} {report.rejected}"
-    )
-    if report.candidate_metrics:
-        print(
-            f"  holdout AUC: active {report.active_metrics['auc']:.4f}"
-            f" -> candidate {report.candidate_metrics['auc']:.4f}"
-        )
-    if report.published_version:
-        print(f"  published version {report.published_version}")
+    else:
+        print(report.summary())
     return 0
 
 

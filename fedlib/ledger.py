@@ -40,10 +40,11 @@ class Ledger:
     def has_verdict(self, inbox_key: str) -> bool:
         return self.state.exists(self.verdict_key(inbox_key))
 
-    def processed_keys(self) -> set[str]:
-        """Inbox keys that already have a verdict (what a plan must skip)."""
+    def processed_keys(self, client_id: str | None = None) -> set[str]:
+        """Inbox keys that already have a verdict (of one client, or of everyone)."""
         keys = set()
-        for info in self.state.list(LEDGER_PREFIX):
+        prefix = LEDGER_PREFIX + (f"{client_id}/" if client_id else "")
+        for info in self.state.list(prefix):
             name = info.key[len(LEDGER_PREFIX) : -len(".json")]
             if not name.startswith("_other/") and info.key.endswith(".json"):
                 keys.add("updates/" + name)

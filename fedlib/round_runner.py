@@ -1,8 +1,15 @@
-"""A whole round's steps over the real stores: plan, process, build, evaluate, gate, publish.
+"""A round's server-side steps over the real stores, each a function of explicit inputs.
 
-Each step is a function of explicit inputs so the ``fl_round`` DAG can run them as
-separate (mapped, retried) tasks; :func:`run_round` chains them in one process for
-``fl-admin round`` and the benchmarks.
+The ``fl_round`` DAG runs every step as its own (mapped, retried) task; ``run_round``
+chains them in one process for ``fl-admin round``. Each step reads what it needs from
+the state bucket and writes its result there under ``rounds/<run>/``, deterministically,
+so a retried task rewrites the same bytes and XCom only carries keys and digests.
+
+Exactly-once: a shard's verdicts are per-run files (rewritten on retry); only
+:func:`finalize_round` writes the write-once ledger entries (and quarantine copies), and
+only then are inbox objects deleted. An inbox object whose key already has a ledger
+entry is a replay. Objects of a run that never finalized stay in the inbox and are
+picked up by the next run.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,42 +28,56 @@ from fedlib.aggregation import StreamingAggregator
 from fedlib.evaluation import Metrics, evaluate_onnx
 from fedlib.ledger import Ledger
 from fedlib.model import KINDS
-from fedlib.registry import ModelPackage
+from fedlib.protocol import PackageMetadata
+from fedlib.registry import PACKAGE_FILES, ModelPackage, weights_from_bytes
 from fedlib.rounds import RoundInputs, Verdict, aggregate_objects, build_candidate
 from fedlib.server import Deployment
-from fedlib.store import NoSuchKey
+from fedlib.store import NoSuchKey, ObjectTooLarge
 
+ROUNDS_PREFIX = "rounds/"
 REPORTS_PREFIX = "reports/"
 OPTIMIZER_PREFIX = "optimizer/"
+
+
+def run_prefix(run_id: str) -> str:
+    return f"{ROUNDS_PREFIX}{safe_run_id(run_id)}/"
+
+
+def safe_run_id(run_id: str) -> str:
+    """Run ids (``scheduled__2026-01-01T00:00:00+00:00``) made safe as one key segment."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    if cleaned == run_id:
+        return cleaned
+    return f"{cleaned}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
+
+
+def _put_json(deployment: Deployment, key: str, doc: Any) -> str:
+    data = protocol.canonical_json(doc)
+    deployment.state.put(key, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _get_json(deployment: Deployment, key: str) -> Any:
+    return protocol.parse_json_limited(deployment.state.get(key), 256 << 20, key)
+
+
+# -- plan ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RoundPlan:
     run_id: str
     base_version: int
-    keys: list[str]
+    shards: list[list[str]]
+    replays: list[str]
     clients: list[str]
     waiting: bool
     message: str
+    created_at_ms: int
 
-
-@dataclass
-class RoundReport:
-    run_id: str
-    base_version: int
-    decision: str = "waiting"
-    message: str = ""
-    published_version: int | None = None
-    accepted: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    candidate_metrics: dict[str, float] = field(default_factory=dict)
-    active_metrics: dict[str, float] = field(default_factory=dict)
-    candidate_digest: str | None = None
-    aggregate_digest: str | None = None
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, object]:
-        return dict(self.__dict__)
+    @property
+    def keys(self) -> list[str]:
+        return [k for shard in self.shards for k in shard]
 
 
 def plan_round(
@@ -63,30 +86,61 @@ def plan_round(
     *,
     min_clients: int | None = None,
     max_updates: int | None = None,
+    shard_size: int | None = None,
+    created_at_ms: int | None = None,
 ) -> RoundPlan:
-    """Pick the batch: inbox objects in key order, at most ``max_updates``."""
+    """Pick the batch (inbox order, bounded) and split it into shards; save the plan."""
     settings = deployment.settings
     limit = max_updates or settings.max_batch
-    base_version = deployment.registry().active_version() or 0
+    size = shard_size or settings.shard_size
+    base_version = deployment.registry().active_version()
+    if base_version is None:
+        raise NoSuchKey("channel/active.json", "no model published: run fl-admin init")
     keys = [info.key for info in deployment.inbox.list("updates/", limit=limit)]
     clients = sorted({k.split("/")[1] for k in keys if k.count("/") == 2})
+    ledger = Ledger(deployment.state)
+    done: set[str] = set()
+    for client_id in clients:
+        done |= ledger.processed_keys(client_id)
+    replays = sorted(k for k in keys if k in done)
+    fresh_clients = sorted({k.split("/")[1] for k in keys if k not in done and k.count("/") == 2})
     need = min_clients if min_clients is not None else settings.min_clients
-    if len(clients) < need:
-        return RoundPlan(
-            run_id, base_version, [], clients, True, f"waiting: {len(clients)} of {need} clients"
+    stamp = created_at_ms if created_at_ms is not None else int(time.time() * 1000)
+    if len(fresh_clients) < need:
+        plan = RoundPlan(
+            run_id,
+            base_version,
+            [],
+            [],
+            fresh_clients,
+            True,
+            f"waiting: {len(fresh_clients)} of {need} clients",
+            stamp,
         )
-    return RoundPlan(
-        run_id,
-        base_version,
-        keys,
-        clients,
-        False,
-        f"{len(keys)} updates from {len(clients)} clients",
-    )
+    else:
+        shards = [keys[i : i + size] for i in range(0, len(keys), size)]
+        plan = RoundPlan(
+            run_id,
+            base_version,
+            shards,
+            replays,
+            fresh_clients,
+            False,
+            f"{len(keys)} updates from {len(fresh_clients)} clients in {len(shards)} shards",
+            stamp,
+        )
+    _put_json(deployment, run_prefix(run_id) + "plan.json", dataclasses.asdict(plan))
+    return plan
+
+
+def load_plan(deployment: Deployment, run_id: str) -> RoundPlan:
+    return RoundPlan(**_get_json(deployment, run_prefix(run_id) + "plan.json"))
+
+
+# -- shards -------------------------------------------------------------------------------
 
 
 def round_inputs(deployment: Deployment, base: ModelPackage) -> RoundInputs:
-    registry = deployment.registry()
     aggregation = deployment.settings.aggregation()
     if KINDS[base.metadata.model_kind].sufficient_statistics:
         aggregation = dataclasses.replace(aggregation, server_momentum=0.0)
@@ -94,128 +148,88 @@ def round_inputs(deployment: Deployment, base: ModelPackage) -> RoundInputs:
         fleet=deployment.load_fleet(),
         server_keys=deployment.server_keyring(),
         base=base,
-        known_versions=frozenset(registry.versions()),
+        known_versions=frozenset(deployment.registry().versions()),
         aggregation=aggregation,
     )
 
 
-def process_keys(
-    deployment: Deployment,
-    inputs: RoundInputs,
-    keys: list[str],
-    run_id: str,
-    *,
-    record: bool = True,
-) -> tuple[StreamingAggregator, list[Verdict]]:
-    """Open/verify/validate/aggregate one shard and record every verdict in the ledger."""
-    ledger = Ledger(deployment.state)
-    processed = ledger.processed_keys()
-    seen = {k.split("/")[2] for k in processed}
-    blobs: dict[str, bytes] = {}
+@dataclass(frozen=True)
+class ShardResult:
+    index: int
+    partial_key: str
+    partial_digest: str
+    accepted: int
+    rejected: dict[str, int]
+
+
+def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResult:
+    """Open, verify, validate and sum one shard; write its partial sum, then its verdicts."""
+    plan = load_plan(deployment, run_id)
+    keys = plan.shards[index]
+    replays = set(plan.replays)
+    base = deployment.registry().read_version(plan.base_version)
+    inputs = round_inputs(deployment, base)
+
+    refused: list[Verdict] = []
+
+    def refuse(key: str, blob: bytes, reason: str, detail: str) -> None:
+        digest = hashlib.sha256(blob).hexdigest()
+        refused.append(Verdict(key, digest, len(blob), False, reason=reason, detail=detail))
 
     def objects():
         for key in keys:
-            blob = deployment.inbox.get(key, max_bytes=inputs.max_envelope_bytes + 1)
-            blobs[key] = blob
+            try:
+                blob = deployment.inbox.get(key, max_bytes=inputs.max_envelope_bytes)
+            except NoSuchKey:
+                continue  # deleted by an operator since the plan
+            except ObjectTooLarge as exc:
+                refuse(key, b"", "oversized", str(exc))
+                continue
+            if key in replays:
+                refuse(key, blob, "replay", "this key already has a verdict in the ledger")
+                continue
             yield key, blob
 
-    agg, verdicts = aggregate_objects(objects(), inputs, seen_update_ids=seen)
-    if record:
-        for verdict in verdicts:
-            ledger.record(verdict, blobs.get(verdict.key), run_id=run_id)
-    return agg, verdicts
-
-
-def evaluate(deployment: Deployment, package: ModelPackage) -> Metrics:
-    holdout = deployment.load_holdout()
-    return evaluate_onnx(package.onnx_bytes, holdout.features, holdout.labels)
-
-
-def gate(
-    candidate: Metrics, active: Metrics, *, tolerance: float, floor: float
-) -> tuple[bool, str]:
-    """Publish when the candidate is no worse than active (within tolerance) and above the floor."""
-    if candidate.auc < floor:
-        return False, f"candidate AUC {candidate.auc:.4f} is below the floor {floor}"
-    if candidate.auc < active.auc - tolerance:
-        return False, (
-            f"candidate AUC {candidate.auc:.4f} < active {active.auc:.4f} - tolerance {tolerance}"
-        )
-    return True, f"candidate AUC {candidate.auc:.4f} vs active {active.auc:.4f}"
-
-
-def run_round(
-    deployment: Deployment,
-    run_id: str,
-    *,
-    min_clients: int | None = None,
-    max_updates: int | None = None,
-    dry_run: bool = False,
-    created_at_ms: int | None = None,
-) -> RoundReport:
-    started = time.monotonic()
-    settings = deployment.settings
-    registry = deployment.registry(signing=True)
-    plan = plan_round(deployment, run_id, min_clients=min_clients, max_updates=max_updates)
-    report = RoundReport(run_id=run_id, base_version=plan.base_version, message=plan.message)
-    if plan.waiting:
-        return report
-    base = registry.read_active()
-    inputs = round_inputs(deployment, base)
-    agg, verdicts = process_keys(deployment, inputs, plan.keys, run_id, record=not dry_run)
-    report.accepted = sum(v.accepted for v in verdicts)
-    for v in verdicts:
-        if not v.accepted:
-            report.rejected[v.reason or "unknown"] = (
-                report.rejected.get(v.reason or "unknown", 0) + 1
-            )
-    report.aggregate_digest = agg.digest()
-    active_metrics = evaluate(deployment, base)
-    report.active_metrics = active_metrics.as_dict()
-    if agg.count == 0:
-        report.decision, report.message = "nothing_accepted", "no update passed validation"
-    else:
-        version = max(registry.versions()) + 1
-        momentum = load_momentum(deployment, base.version)
-        candidate, new_momentum = build_candidate(
-            base,
-            agg,
-            version=version,
-            calibration_rows=deployment.load_holdout().benign(),
-            threshold_quantile=settings.threshold_quantile,
-            round_id=run_id,
-            created_at_ms=created_at_ms if created_at_ms is not None else int(time.time() * 1000),
-            momentum=momentum,
-        )
-        metrics = evaluate(deployment, candidate)
-        report.candidate_metrics = metrics.as_dict()
-        report.candidate_digest = candidate.digest()
-        ok, why = gate(
-            metrics, active_metrics, tolerance=settings.auc_tolerance, floor=settings.auc_floor
-        )
-        report.message = why
-        if not ok:
-            report.decision = "rejected"
-        elif dry_run:
-            report.decision = "dry_run"
-        else:
-            final = ModelPackage(
-                metadata=candidate.metadata.model_copy(update={"metrics": metrics.as_dict()}),
-                onnx_bytes=candidate.onnx_bytes,
-                weights=candidate.weights,
-            )
-            if new_momentum is not None:
-                save_momentum(deployment, version, new_momentum)
-            registry.publish(final)
-            report.decision, report.published_version = "published", version
-    if not dry_run:
-        for key in plan.keys:  # verdicts are recorded: the inbox copies can go
-            deployment.inbox.delete(key)
-    report.seconds = round(time.monotonic() - started, 3)
-    deployment.state.put(
-        f"{REPORTS_PREFIX}{_safe_run_id(run_id)}.json", protocol.canonical_json(report.as_dict())
+    agg, verdicts = aggregate_objects(objects(), inputs)
+    verdicts = sorted(verdicts + refused, key=lambda v: v.key)
+    prefix = f"{run_prefix(run_id)}shards/{index:05d}"
+    partial = agg.to_bytes()
+    deployment.state.put(prefix + ".partial", partial)
+    _put_json(deployment, prefix + ".verdicts.json", [v.as_dict() for v in verdicts])
+    rejected = Counter(v.reason for v in verdicts if not v.accepted)
+    return ShardResult(
+        index,
+        prefix + ".partial",
+        hashlib.sha256(partial).hexdigest(),
+        sum(v.accepted for v in verdicts),
+        dict(sorted(rejected.items())),
     )
-    return report
+
+
+def load_verdicts(deployment: Deployment, run_id: str) -> list[Verdict]:
+    plan = load_plan(deployment, run_id)
+    out: list[Verdict] = []
+    for index in range(len(plan.shards)):
+        key = f"{run_prefix(run_id)}shards/{index:05d}.verdicts.json"
+        out.extend(Verdict(**doc) for doc in _get_json(deployment, key))
+    return out
+
+
+# -- reduce, candidate, evaluation ----------------------------------------------------------
+
+
+def reduce_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
+    """Merge the shards' partial sums (exact integer addition: order does not matter)."""
+    plan = load_plan(deployment, run_id)
+    base = deployment.registry().read_version(plan.base_version)
+    inputs = round_inputs(deployment, base)
+    total = StreamingAggregator(base.metadata.num_params, inputs.aggregation)
+    for index in range(len(plan.shards)):
+        data = deployment.state.get(f"{run_prefix(run_id)}shards/{index:05d}.partial")
+        total.merge(StreamingAggregator.from_bytes(data, inputs.aggregation))
+    blob = total.to_bytes()
+    deployment.state.put(run_prefix(run_id) + "aggregate.bin", blob)
+    return {"count": total.count, "digest": hashlib.sha256(blob).hexdigest()}
 
 
 def load_momentum(deployment: Deployment, version: int) -> np.ndarray | None:
@@ -227,16 +241,231 @@ def load_momentum(deployment: Deployment, version: int) -> np.ndarray | None:
     return np.frombuffer(data, dtype="<f8").astype(np.float64)
 
 
-def save_momentum(deployment: Deployment, version: int, buffer: np.ndarray) -> None:
-    deployment.state.put(
-        f"{OPTIMIZER_PREFIX}v{version:08d}.bin", np.ascontiguousarray(buffer, "<f8").tobytes()
+def build_round_candidate(deployment: Deployment, run_id: str) -> dict[str, Any] | None:
+    """Apply the aggregate to the base model; save the candidate files (not published)."""
+    plan = load_plan(deployment, run_id)
+    registry = deployment.registry()
+    base = registry.read_version(plan.base_version)
+    inputs = round_inputs(deployment, base)
+    agg = StreamingAggregator.from_bytes(
+        deployment.state.get(run_prefix(run_id) + "aggregate.bin"), inputs.aggregation
+    )
+    if agg.count == 0:
+        return None
+    version = max(registry.versions()) + 1
+    candidate, momentum = build_candidate(
+        base,
+        agg,
+        version=version,
+        calibration_rows=deployment.load_holdout().benign(),
+        threshold_quantile=deployment.settings.threshold_quantile,
+        round_id=run_id,
+        created_at_ms=plan.created_at_ms,
+        momentum=load_momentum(deployment, base.version),
+    )
+    prefix = run_prefix(run_id) + "candidate/"
+    for name, data in candidate.files().items():
+        deployment.state.put(prefix + name, data)
+    if momentum is not None:
+        deployment.state.put(
+            prefix + "momentum.bin", np.ascontiguousarray(momentum, "<f8").tobytes()
+        )
+    return {"version": version, "digest": candidate.digest()}
+
+
+def load_candidate(deployment: Deployment, run_id: str) -> ModelPackage:
+    prefix = run_prefix(run_id) + "candidate/"
+    files = {name: deployment.state.get(prefix + name) for name in PACKAGE_FILES}
+    metadata = PackageMetadata.from_json(files["metadata.json"])
+    return ModelPackage(
+        metadata=metadata,
+        onnx_bytes=files["model.onnx"],
+        weights=weights_from_bytes(files["weights.bin"], metadata.num_params),
     )
 
 
-def _safe_run_id(run_id: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in run_id)
-    return (
-        cleaned
-        if cleaned == run_id
-        else f"{cleaned}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
+def evaluate(deployment: Deployment, package: ModelPackage) -> Metrics:
+    holdout = deployment.load_holdout()
+    return evaluate_onnx(package.onnx_bytes, holdout.features, holdout.labels)
+
+
+def gate(
+    candidate: Metrics, active: Metrics, *, tolerance: float, floor: float
+) -> tuple[bool, str]:
+    """Publish when the candidate is no worse than active (within tolerance), above a floor."""
+    if candidate.auc < floor:
+        return False, f"candidate AUC {candidate.auc:.4f} is below the floor {floor}"
+    if candidate.auc < active.auc - tolerance:
+        return False, (
+            f"candidate AUC {candidate.auc:.4f} < active {active.auc:.4f} - tolerance {tolerance}"
+        )
+    return True, f"candidate AUC {candidate.auc:.4f} vs active {active.auc:.4f}"
+
+
+def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
+    """Score candidate and active model on the current holdout via ONNX; decide the gate."""
+    plan = load_plan(deployment, run_id)
+    active = evaluate(deployment, deployment.registry().read_version(plan.base_version))
+    result: dict[str, Any] = {"active": active.as_dict(), "candidate": None}
+    try:
+        candidate_pkg = load_candidate(deployment, run_id)
+    except NoSuchKey:
+        result.update(publish=False, reason="no update passed validation")
+    else:
+        candidate = evaluate(deployment, candidate_pkg)
+        ok, why = gate(
+            candidate,
+            active,
+            tolerance=deployment.settings.auc_tolerance,
+            floor=deployment.settings.auc_floor,
+        )
+        result.update(candidate=candidate.as_dict(), publish=ok, reason=why)
+    _put_json(deployment, run_prefix(run_id) + "evaluation.json", result)
+    return result
+
+
+# -- publish, finalize -----------------------------------------------------------------------
+
+
+def publish_round(deployment: Deployment, run_id: str) -> int:
+    """Publish the evaluated candidate (idempotent: a retry republishes identical bytes)."""
+    evaluation = _get_json(deployment, run_prefix(run_id) + "evaluation.json")
+    candidate = load_candidate(deployment, run_id)
+    final = ModelPackage(
+        metadata=candidate.metadata.model_copy(update={"metrics": evaluation["candidate"]}),
+        onnx_bytes=candidate.onnx_bytes,
+        weights=candidate.weights,
+    )
+    try:
+        momentum = deployment.state.get(run_prefix(run_id) + "candidate/momentum.bin")
+    except NoSuchKey:
+        momentum = None
+    if momentum is not None:
+        deployment.state.put(f"{OPTIMIZER_PREFIX}v{final.version:08d}.bin", momentum)
+    deployment.registry(signing=True).publish(final)
+    return final.version
+
+
+@dataclass
+class RoundReport:
+    run_id: str
+    base_version: int
+    decision: str = "waiting"
+    message: str = ""
+    published_version: int | None = None
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    candidate_metrics: dict[str, float] | None = None
+    active_metrics: dict[str, float] | None = None
+    candidate_digest: str | None = None
+    aggregate_digest: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+    def summary(self) -> str:
+        """A short readable block for task logs and the CLI."""
+        lines = [
+            f"round {self.run_id}: {self.decision} — {self.message}",
+            f"  updates: {self.accepted} accepted, {sum(self.rejected.values())} rejected"
+            + (f" {self.rejected}" if self.rejected else ""),
+        ]
+        if self.active_metrics:
+            line = f"  holdout AUC: active v{self.base_version} {self.active_metrics['auc']:.4f}"
+            if self.candidate_metrics:
+                line += f", candidate {self.candidate_metrics['auc']:.4f}"
+            lines.append(line)
+        if self.published_version:
+            lines.append(f"  published version {self.published_version}")
+        return "\n".join(lines)
+
+
+def finalize_round(
+    deployment: Deployment,
+    run_id: str,
+    *,
+    decision: str,
+    published_version: int | None = None,
+    dry_run: bool = False,
+) -> RoundReport:
+    """Write the ledger (once per object) and quarantine, delete the inbox copies, report."""
+    plan = load_plan(deployment, run_id)
+    report = RoundReport(run_id=run_id, base_version=plan.base_version, message=plan.message)
+    report.decision = decision
+    report.published_version = published_version
+    if plan.waiting:
+        report.decision = "waiting"
+    else:
+        verdicts = load_verdicts(deployment, run_id)
+        report.accepted = sum(v.accepted for v in verdicts)
+        report.rejected = dict(
+            sorted(Counter(v.reason for v in verdicts if not v.accepted).items())
+        )
+        try:
+            evaluation = _get_json(deployment, run_prefix(run_id) + "evaluation.json")
+            report.candidate_metrics = evaluation.get("candidate")
+            report.active_metrics = evaluation.get("active")
+            report.message = evaluation.get("reason", report.message)
+        except NoSuchKey:
+            pass
+        try:
+            report.aggregate_digest = hashlib.sha256(
+                deployment.state.get(run_prefix(run_id) + "aggregate.bin")
+            ).hexdigest()
+            report.candidate_digest = load_candidate(deployment, run_id).digest()
+        except NoSuchKey:
+            pass
+        if not dry_run:
+            ledger = Ledger(deployment.state)
+            for verdict in verdicts:
+                blob = None
+                if not verdict.accepted:
+                    try:
+                        blob = deployment.inbox.get(verdict.key)
+                    except NoSuchKey:
+                        blob = None
+                ledger.record(verdict, blob, run_id=run_id)
+            for key in plan.keys:
+                deployment.inbox.delete(key)
+    _put_json(deployment, f"{REPORTS_PREFIX}{safe_run_id(run_id)}.json", report.as_dict())
+    return report
+
+
+# -- all in one process ---------------------------------------------------------------------
+
+
+def run_round(
+    deployment: Deployment,
+    run_id: str,
+    *,
+    min_clients: int | None = None,
+    max_updates: int | None = None,
+    dry_run: bool = False,
+    created_at_ms: int | None = None,
+) -> RoundReport:
+    """Every step in order, in this process (``fl-admin round``)."""
+    plan = plan_round(
+        deployment,
+        run_id,
+        min_clients=min_clients,
+        max_updates=max_updates,
+        created_at_ms=created_at_ms,
+    )
+    if plan.waiting:
+        return finalize_round(deployment, run_id, decision="waiting", dry_run=True)
+    for index in range(len(plan.shards)):
+        process_shard(deployment, run_id, index)
+    reduce_round(deployment, run_id)
+    build_round_candidate(deployment, run_id)
+    evaluation = evaluate_round(deployment, run_id)
+    if evaluation["candidate"] is None:
+        decision, version = "nothing_accepted", None
+    elif not evaluation["publish"]:
+        decision, version = "rejected", None
+    elif dry_run:
+        decision, version = "dry_run", None
+    else:
+        decision, version = "published", publish_round(deployment, run_id)
+    return finalize_round(
+        deployment, run_id, decision=decision, published_version=version, dry_run=dry_run
     )

@@ -126,3 +126,69 @@ def deployment(s3_config: S3Config, tmp_path: Path, small_dataset: Path) -> Any:
     dep.registry(signing=True).publish(initial_package(dep, holdout))
     dep.dataset = data  # type: ignore[attr-defined]
     return dep
+
+
+# ----------------------------------------------------------------------------- Airflow
+
+
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One temp AIRFLOW_HOME (SQLite) per session, migrated once, DAGs from ``dags/``."""
+    import os
+    import subprocess
+
+    home = tmp_path_factory.mktemp("airflow-home")
+    os.environ.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__UNIT_TEST_MODE="True",
+        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(ROOT / "plugins"),
+        AIRFLOW__LOGGING__LOGGING_LEVEL="WARNING",
+    )
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True
+    )
+    dags = str(ROOT / "dags")
+    if dags not in sys.path:
+        sys.path.insert(0, dags)
+    return home
+
+
+@pytest.fixture(scope="session")
+def dagbag(airflow_home: Path) -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(ROOT / "dags"))
+
+
+@pytest.fixture
+def airflow_deployment(deployment: Any, airflow_home: Path, tmp_path: Path, monkeypatch) -> Any:
+    """The test deployment as the DAGs see it: fl-server.toml plus the fl_s3 connection."""
+    import json as _json
+
+    settings = deployment.settings
+    toml = tmp_path / "fl-server.toml"
+    toml.write_text(
+        "\n".join(
+            f'{name} = "{getattr(settings, name)}"'
+            for name in (
+                "inbox_bucket",
+                "models_bucket",
+                "state_bucket",
+                "airgap_bucket",
+                "keys_dir",
+            )
+        )
+        + f"\nmin_clients = {settings.min_clients}\n"
+    )
+    s3 = deployment.s3
+    conn = {
+        "conn_type": "aws",
+        "login": s3.access_key,
+        "password": s3.secret_key,
+        "extra": {"endpoint_url": s3.endpoint_url, "region_name": s3.region},
+    }
+    monkeypatch.setenv("FL_SERVER_CONFIG", str(toml))
+    monkeypatch.setenv("AIRFLOW_CONN_FL_S3", _json.dumps(conn))
+    return deployment

@@ -1,0 +1,52 @@
+"""Glue between Airflow and fedlib shared by the DAG files: settings and the S3 connection.
+
+Not a DAG file (listed in .airflowignore). The S3 endpoint and credentials come from the
+Airflow connection ``fl_s3`` (``AIRFLOW_CONN_FL_S3``: conn_type aws, login/password,
+``extra.endpoint_url``, ``extra.region_name``); everything else from fedlib's settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from fedlib.server import Deployment
+from fedlib.settings import ServerSettings
+from fedlib.store import S3Config
+
+S3_CONN_ID = "fl_s3"
+START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
+log = logging.getLogger("dadm_fl")
+
+
+def settings() -> ServerSettings:
+    return ServerSettings.load()
+
+
+def s3_config() -> S3Config:
+    """S3 settings from the ``fl_s3`` connection, falling back to fedlib's environment."""
+    from airflow.sdk import Connection
+
+    try:
+        conn = Connection.get(S3_CONN_ID)
+    except Exception:  # no such connection: FL_S3_* / AWS_* variables
+        return settings().s3()
+    extra: dict[str, Any] = conn.extra_dejson or {}
+    return S3Config(
+        endpoint_url=extra.get("endpoint_url") or extra.get("host"),
+        region=extra.get("region_name", "us-east-1"),
+        access_key=conn.login or None,
+        secret_key=conn.password or None,
+    )
+
+
+def deployment() -> Deployment:
+    return Deployment(settings(), s3_config())
+
+
+def run_timestamp_ms(context: Any) -> int:
+    """A round's fixed time: its logical date, or when it was due (manual/asset runs)."""
+    dag_run = context["dag_run"]
+    moment = context.get("logical_date") or getattr(dag_run, "run_after", None)
+    return int(moment.timestamp() * 1000) if moment else 0

@@ -1,0 +1,170 @@
+"""
+### fl_round: one federated round over the S3 inbox
+
+Periodically (default every 15 minutes, `schedule` in `fl-server.toml`) takes the
+pending updates from the inbox bucket and:
+
+1. **plan**: lists the inbox (bounded batch, inbox order) and splits it into shards;
+   with fewer than `min_clients` devices pending the run ends early ("waiting").
+2. **process_shard** (mapped): verifies each envelope's signature, decrypts (only here),
+   validates, and writes the shard's exact partial sum and per-update verdicts to the
+   state bucket. XCom carries only keys and digests.
+3. **reduce** → **build_candidate** → **evaluate** (the exported ONNX graph on the
+   labeled holdout, next to the active model) → **gate**.
+4. **publish** a signed package (emits the `fl_model` asset event with version and
+   metrics), or keep the active model.
+5. **finalize**: one write-once ledger verdict per update, rejected ones quarantined
+   with their bytes and reason, inbox copies deleted, round report written; the task
+   log ends with a readable summary.
+
+Manual runs take **Params**: `min_clients` (override for this run), `dry_run`
+(evaluate and report, publish and consume nothing), `max_updates`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import fl_common
+from airflow.sdk import Asset, Param, TriggerRule, dag, get_current_context, task
+
+from fedlib import round_runner
+
+SETTINGS = fl_common.settings()
+MODEL_ASSET = Asset(name="fl_model", uri=f"s3://{SETTINGS.models_bucket}/channel/active.json")
+
+
+@dag(
+    dag_id="fl_round",
+    schedule=SETTINGS.schedule,
+    start_date=fl_common.START_DATE,
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["federated-learning", "round"],
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=20)},
+    params={
+        "min_clients": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Minimum clients",
+            description="Override min_clients for this run (empty: the configured value).",
+        ),
+        "dry_run": Param(
+            False,
+            type="boolean",
+            title="Dry run",
+            description="Evaluate and report, but publish nothing and consume no update.",
+        ),
+        "max_updates": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            maximum=1_000_000,
+            title="Maximum updates",
+            description="Cap on updates taken from the inbox.",
+        ),
+    },
+)
+def fl_round() -> None:
+    @task
+    def plan() -> list[int]:
+        ctx = get_current_context()
+        params = ctx["params"]
+        result = round_runner.plan_round(
+            fl_common.deployment(),
+            ctx["run_id"],
+            min_clients=params.get("min_clients"),
+            max_updates=params.get("max_updates"),
+            created_at_ms=fl_common.run_timestamp_ms(ctx),
+        )
+        fl_common.log.info("plan: %s", result.message)
+        return list(range(len(result.shards)))
+
+    @task(max_active_tis_per_dagrun=8)
+    def process_shard(index: int) -> dict:
+        result = round_runner.process_shard(
+            fl_common.deployment(), get_current_context()["run_id"], index
+        )
+        fl_common.log.info(
+            "shard %d: %d accepted, rejected %s", index, result.accepted, result.rejected
+        )
+        return {"index": index, "digest": result.partial_digest, "accepted": result.accepted}
+
+    @task
+    def reduce(shards: list[dict]) -> dict:
+        return round_runner.reduce_round(fl_common.deployment(), get_current_context()["run_id"])
+
+    @task
+    def build_candidate(aggregate: dict) -> dict | None:
+        return round_runner.build_round_candidate(
+            fl_common.deployment(), get_current_context()["run_id"]
+        )
+
+    @task
+    def evaluate(candidate: dict | None) -> dict:
+        return round_runner.evaluate_round(fl_common.deployment(), get_current_context()["run_id"])
+
+    @task.branch
+    def gate(evaluation: dict) -> str:
+        dry_run = get_current_context()["params"].get("dry_run")
+        fl_common.log.info("gate: %s", evaluation.get("reason"))
+        return "publish" if evaluation.get("publish") and not dry_run else "finalize"
+
+    @task(outlets=[MODEL_ASSET])
+    def publish() -> int:
+        ctx = get_current_context()
+        deployment = fl_common.deployment()
+        version = round_runner.publish_round(deployment, ctx["run_id"])
+        metrics = deployment.registry().read_version(version).metadata.metrics
+        ctx["outlet_events"][MODEL_ASSET].extra = {
+            "version": version,
+            "run_id": ctx["run_id"],
+            "auc": metrics.get("auc"),
+            "ap": metrics.get("ap"),
+        }
+        fl_common.log.info("published version %d (%s)", version, metrics)
+        return version
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED)
+    def finalize(published: int | None = None) -> dict:
+        ctx = get_current_context()
+        deployment = fl_common.deployment()
+        run_id = ctx["run_id"]
+        plan_doc = round_runner.load_plan(deployment, run_id)
+        dry_run = bool(ctx["params"].get("dry_run"))
+        if plan_doc.waiting:
+            decision = "waiting"
+        elif published:
+            decision = "published"
+        else:
+            evaluation = ctx["ti"].xcom_pull(task_ids="evaluate") or {}
+            if evaluation.get("candidate") is None:
+                decision = "nothing_accepted"
+            elif not evaluation.get("publish"):
+                decision = "rejected"
+            else:
+                decision = "dry_run" if dry_run else "not_published"
+        report = round_runner.finalize_round(
+            deployment,
+            run_id,
+            decision=decision,
+            published_version=published,
+            dry_run=dry_run or plan_doc.waiting,
+        )
+        fl_common.log.info("round summary\n%s", report.summary())
+        return report.as_dict()
+
+    shards = plan()
+    results = process_shard.expand(index=shards)
+    evaluation = evaluate(build_candidate(reduce(results)))
+    branch = gate(evaluation)
+    published = publish()
+    branch >> published
+    done = finalize(published)
+    branch >> done
+    shards >> done
+
+
+fl_round()
