@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedlib.server import Deployment
 from fedlib.settings import ServerSettings
-from fedlib.store import S3Config
+
+if TYPE_CHECKING:
+    from fedlib.server import Deployment
+    from fedlib.store import S3Config
 
 S3_CONN_ID = "fl_s3"
 START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
@@ -27,6 +29,8 @@ def settings() -> ServerSettings:
 def s3_config() -> S3Config:
     """S3 settings from the ``fl_s3`` connection, falling back to fedlib's environment."""
     from airflow.sdk import Connection
+
+    from fedlib.store import S3Config
 
     try:
         conn = Connection.get(S3_CONN_ID)
@@ -42,7 +46,16 @@ def s3_config() -> S3Config:
 
 
 def deployment() -> Deployment:
+    from fedlib.server import Deployment
+
     return Deployment(settings(), s3_config())
+
+
+def round_runner():
+    """fedlib's round steps; imported inside tasks to keep DAG parsing fast."""
+    from fedlib import round_runner as module
+
+    return module
 
 
 def run_timestamp_ms(context: Any) -> int:

@@ -28,15 +28,13 @@ from datetime import timedelta
 import fl_common
 from airflow.sdk import Asset, Param, TriggerRule, dag, get_current_context, task
 
-from fedlib import round_runner
-
 SETTINGS = fl_common.settings()
 MODEL_ASSET = Asset(name="fl_model", uri=f"s3://{SETTINGS.models_bucket}/channel/active.json")
 
 
 @dag(
     dag_id="fl_round",
-    schedule=SETTINGS.schedule,
+    schedule=SETTINGS.dag_schedule,
     start_date=fl_common.START_DATE,
     catchup=False,
     max_active_runs=1,
@@ -72,7 +70,7 @@ def fl_round() -> None:
     def plan() -> list[int]:
         ctx = get_current_context()
         params = ctx["params"]
-        result = round_runner.plan_round(
+        result = fl_common.round_runner().plan_round(
             fl_common.deployment(),
             ctx["run_id"],
             min_clients=params.get("min_clients"),
@@ -84,7 +82,7 @@ def fl_round() -> None:
 
     @task(max_active_tis_per_dagrun=8)
     def process_shard(index: int) -> dict:
-        result = round_runner.process_shard(
+        result = fl_common.round_runner().process_shard(
             fl_common.deployment(), get_current_context()["run_id"], index
         )
         fl_common.log.info(
@@ -94,17 +92,21 @@ def fl_round() -> None:
 
     @task
     def reduce(shards: list[dict]) -> dict:
-        return round_runner.reduce_round(fl_common.deployment(), get_current_context()["run_id"])
+        return fl_common.round_runner().reduce_round(
+            fl_common.deployment(), get_current_context()["run_id"]
+        )
 
     @task
     def build_candidate(aggregate: dict) -> dict | None:
-        return round_runner.build_round_candidate(
+        return fl_common.round_runner().build_round_candidate(
             fl_common.deployment(), get_current_context()["run_id"]
         )
 
     @task
     def evaluate(candidate: dict | None) -> dict:
-        return round_runner.evaluate_round(fl_common.deployment(), get_current_context()["run_id"])
+        return fl_common.round_runner().evaluate_round(
+            fl_common.deployment(), get_current_context()["run_id"]
+        )
 
     @task.branch
     def gate(evaluation: dict) -> str:
@@ -116,7 +118,7 @@ def fl_round() -> None:
     def publish() -> int:
         ctx = get_current_context()
         deployment = fl_common.deployment()
-        version = round_runner.publish_round(deployment, ctx["run_id"])
+        version = fl_common.round_runner().publish_round(deployment, ctx["run_id"])
         metrics = deployment.registry().read_version(version).metadata.metrics
         ctx["outlet_events"][MODEL_ASSET].extra = {
             "version": version,
@@ -132,7 +134,7 @@ def fl_round() -> None:
         ctx = get_current_context()
         deployment = fl_common.deployment()
         run_id = ctx["run_id"]
-        plan_doc = round_runner.load_plan(deployment, run_id)
+        plan_doc = fl_common.round_runner().load_plan(deployment, run_id)
         dry_run = bool(ctx["params"].get("dry_run"))
         if plan_doc.waiting:
             decision = "waiting"
@@ -146,7 +148,7 @@ def fl_round() -> None:
                 decision = "rejected"
             else:
                 decision = "dry_run" if dry_run else "not_published"
-        report = round_runner.finalize_round(
+        report = fl_common.round_runner().finalize_round(
             deployment,
             run_id,
             decision=decision,

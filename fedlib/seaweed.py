@@ -9,6 +9,10 @@ component ``c`` uses ``p`` for HTTP and ``p + 10000`` for gRPC: that is SeaweedF
 own convention, and ``weed mini``'s embedded worker dials the admin gRPC port at
 admin HTTP + 10000 whatever ``-admin.port.grpc`` says, so we keep the pair aligned.
 
+The AWS-IAM-compatible API that ``weed mini`` serves on the S3 port is made writable
+(``-s3.iam.readOnly=false``; pass ``iam_writable=False`` to keep it read-only) so that
+:mod:`fedlib.credentials` can issue per-device keys; only ``Admin`` identities may call it.
+
 CLI (used by the demo)::
 
     python -m fedlib.seaweed start --dir D [--port P] [--config s3.json]
@@ -127,8 +131,13 @@ class SeaweedServer:
         admin_credentials: Credentials | None = None,
         ports: dict[str, int] | None = None,
         die_with_parent: bool = False,
+        iam_writable: bool = True,
     ) -> None:
         self.die_with_parent = die_with_parent
+        # The embedded IAM API (same port as S3) is read-only unless told otherwise;
+        # fedlib.credentials needs CreateUser/CreateAccessKey/PutUserPolicy on it.
+        # Only identities with the Admin action may call it.
+        self.iam_writable = iam_writable
         self.data_dir = Path(data_dir).resolve()
         self.identities = list(identities or [])
         self.weed_binary = weed_binary or find_weed()
@@ -201,6 +210,7 @@ class SeaweedServer:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",  # no phoning home; these machines have no route out
+            f"-s3.iam.readOnly={str(not self.iam_writable).lower()}",
             # Not -volume.preStopSeconds=0: it saves 1 s per stop, but after a restart
             # the volumes then stay unknown to the master for ~5 s (reads fail with 500).
         ]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedlib.aggregation import AggregationConfig
-from fedlib.protocol import TrainingConfig
-from fedlib.store import S3Config
+if TYPE_CHECKING:  # imported where used: DAG files parse this module, keep it light
+    from fedlib.aggregation import AggregationConfig
+    from fedlib.protocol import TrainingConfig
+    from fedlib.store import S3Config
 
 
 class ServerSettings(BaseModel):
@@ -49,7 +50,14 @@ class ServerSettings(BaseModel):
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
 
+    @property
+    def dag_schedule(self) -> str | None:
+        """``schedule`` for Airflow: a cron/preset string, or None for "none" (manual only)."""
+        return None if self.schedule.strip().lower() in ("", "none", "manual") else self.schedule
+
     def aggregation(self) -> AggregationConfig:
+        from fedlib.aggregation import AggregationConfig
+
         return AggregationConfig(
             staleness_exponent=self.staleness_exponent,
             max_staleness=self.max_staleness,
@@ -59,6 +67,8 @@ class ServerSettings(BaseModel):
         )
 
     def training(self, compression: str | None = None) -> TrainingConfig:
+        from fedlib.protocol import TrainingConfig
+
         return TrainingConfig(
             epochs=self.local_epochs,
             compression=compression or self.compression,  # type: ignore[arg-type]
@@ -67,6 +77,8 @@ class ServerSettings(BaseModel):
         )
 
     def s3(self) -> S3Config:
+        from fedlib.store import S3Config
+
         env = S3Config.from_env()
         return S3Config(
             endpoint_url=self.s3_endpoint_url or env.endpoint_url,

@@ -6,8 +6,11 @@ device's real ``fl-client run`` cycle, runs a round, lets the devices pull the r
 and prints the outcome. Everything lives under ``.state/demo``; ``make demo-stop``
 (``python -m scripts.demo stop``) ends exactly what this started.
 
-The round here runs in-process through ``fl-admin round`` (the same fedlib steps the
-Airflow ``fl_round`` DAG wires together).
+The round runs in Airflow: ``airflow standalone`` (SQLite, LocalExecutor) starts in the
+background with this repository's ``dags/`` and ``plugins/``, and the demo triggers
+``fl_round`` through Airflow's REST API and waits for it. The demo's DAG has no
+schedule (``schedule = "none"``) so the run you see is the one it triggered; a real
+deployment keeps the default 15-minute schedule.
 """
 
 from __future__ import annotations
@@ -45,14 +48,12 @@ def start(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     home = Path(args.dir).resolve()
-    if (home / "s3" / "server.json").exists():
-        stop(args)
-    for sub in ("keys", "devices"):
-        if (home / sub).exists():
-            import shutil
+    stop(args)  # a demo always starts from scratch
+    if home.exists():
+        import shutil
 
-            shutil.rmtree(home / sub)
-    home.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(home)
+    home.mkdir(parents=True)
 
     say(f"synthetic fleet: {args.clients} devices, 40 log templates")
     dataset_path = home / "fleet.npz"
@@ -82,6 +83,7 @@ def start(args: argparse.Namespace) -> int:
                 f'keys_dir = "{home / "keys"}"',
                 f's3_endpoint_url = "{server["endpoint_url"]}"',
                 "min_clients = 2",
+                'schedule = "none"',
                 "",
             ]
         )
@@ -126,8 +128,20 @@ def start(args: argparse.Namespace) -> int:
     for device in devices:
         run([*client, "run", "--config", str(device / "client.json")], env)
 
-    say("round: open, verify, validate, aggregate, evaluate on the holdout, gate, publish")
-    report = json.loads(run([*admin, "round", "--json"], env, quiet=True))
+    say("starting Airflow (airflow standalone) in the background")
+    airflow = start_airflow(home, env, server)
+    say("triggering fl_round through the REST API: verify, decrypt, aggregate, evaluate, publish")
+    run_id = airflow.trigger("fl_round")
+    state = airflow.wait("fl_round", run_id, timeout=600)
+    if state != "success":
+        raise SystemExit(f"demo: fl_round run {run_id} ended {state}; see {airflow.url}")
+    report = json.loads(
+        run(
+            [str(BIN / "python"), "-m", "scripts.demo", "report", "--run-id", run_id],
+            env,
+            quiet=True,
+        )
+    )
 
     say("devices pull the new model")
     for device in devices:
@@ -152,30 +166,182 @@ def start(args: argparse.Namespace) -> int:
         f"active {status['active_version']}"
     )
     print(f"    S3 endpoint:       {server['endpoint_url']} (state in {home})")
+    print(f"    Airflow UI:        {airflow.url}  (login admin / {airflow.password})")
     print(f"    took {time.monotonic() - started:.1f}s; stop with: make demo-stop")
     return 0 if report["decision"] in ("published", "rejected") else 1
 
 
-def stop(args: argparse.Namespace) -> int:
-    home = Path(args.dir).resolve()
-    if not (home / "s3" / "server.json").exists():
-        print("demo: nothing to stop")
-        return 0
-    subprocess.run(
-        [str(BIN / "python"), "-m", "fedlib.seaweed", "stop", "--dir", str(home / "s3")],
-        check=False,
+class Airflow:
+    """A running ``airflow standalone`` and a REST client for it (JWT from /auth/token)."""
+
+    def __init__(self, url: str, password: str) -> None:
+        self.url = url
+        self.password = password
+        self._token: str | None = None
+
+    def _headers(self) -> dict[str, str]:
+        import requests
+
+        if self._token is None:
+            resp = requests.post(
+                f"{self.url}/auth/token",
+                json={"username": "admin", "password": self.password},
+                timeout=10,
+            )
+            resp.raise_for_status()
+            self._token = resp.json()["access_token"]
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def api(self, method: str, path: str, **kwargs):
+        import requests
+
+        resp = requests.request(
+            method, f"{self.url}/api/v2{path}", headers=self._headers(), timeout=30, **kwargs
+        )
+        resp.raise_for_status()
+        return resp.json()
+
+    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
+        deadline = time.monotonic() + 120
+        while True:  # the DAG processor needs a moment to parse the file
+            try:
+                self.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+        run = self.api(
+            "POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}}
+        )
+        return run["dag_run_id"]
+
+    def wait(self, dag_id: str, run_id: str, *, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            state = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}")["state"]
+            if state != last:
+                print(f"    {dag_id} {run_id}: {state}", flush=True)
+                last = state
+            if state in ("success", "failed"):
+                return state
+            time.sleep(2)
+        return "timeout"
+
+
+def free_port(preferred: int) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def start_airflow(home: Path, env: dict[str, str], server: dict) -> Airflow:
+    import requests
+
+    airflow_home = home / "airflow"
+    airflow_home.mkdir(parents=True, exist_ok=True)
+    port = free_port(8080)
+    conn = {
+        "conn_type": "aws",
+        "login": server["access_key"],
+        "password": server["secret_key"],
+        "extra": {"endpoint_url": server["endpoint_url"], "region_name": "us-east-1"},
+    }
+    af_env = dict(env)
+    af_env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        AIRFLOW_HOME=str(airflow_home),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(ROOT / "plugins"),
+        AIRFLOW__API__PORT=str(port),
+        AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}",
+        AIRFLOW_CONN_FL_S3=json.dumps(conn),
     )
+    log = (airflow_home / "standalone.log").open("ab")
+    proc = subprocess.Popen(
+        [str(BIN / "airflow"), "standalone"],
+        env=af_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=airflow_home,
+    )
+    (home / "airflow.pid").write_text(str(proc.pid))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"demo: airflow standalone exited; see {airflow_home}/standalone.log")
+        try:
+            health = requests.get(f"{url}/api/v2/monitor/health", timeout=2).json()
+            if all(v.get("status") == "healthy" for k, v in health.items() if k != "triggerer"):
+                break
+        except (requests.RequestException, ValueError):
+            pass
+        time.sleep(2)
+    else:
+        raise SystemExit(f"demo: Airflow did not become healthy; see {airflow_home}")
+    secret = airflow_home / "simple_auth_manager_passwords.json.generated"
+    password = json.loads(secret.read_text())["admin"]
+    print(f"    Airflow API server at {url} (pid {proc.pid})")
+    return Airflow(url, password)
+
+
+def report(args: argparse.Namespace) -> int:
+    """Print a round's report from the state bucket (runs with the demo's environment)."""
+    from fedlib.round_runner import REPORTS_PREFIX, safe_run_id
+    from fedlib.server import Deployment
+    from fedlib.settings import ServerSettings
+
+    deployment = Deployment(ServerSettings.load())
+    print(deployment.state.get(f"{REPORTS_PREFIX}{safe_run_id(args.run_id)}.json").decode())
+    return 0
+
+
+def stop(args: argparse.Namespace) -> int:
+    """End exactly what start began: the Airflow process group and the S3 server."""
+    import signal
+
+    home = Path(args.dir).resolve()
+    pid_file = home / "airflow.pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(50):
+                time.sleep(0.2)
+                os.killpg(pid, 0)
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        pid_file.unlink()
+        print(f"demo: stopped Airflow (process group {pid})")
+    if (home / "s3" / "server.json").exists():
+        subprocess.run(
+            [str(BIN / "python"), "-m", "fedlib.seaweed", "stop", "--dir", str(home / "s3")],
+            check=False,
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["start", "stop"])
+    parser.add_argument("command", choices=["start", "stop", "report"])
+    parser.add_argument("--run-id", default=None)
     parser.add_argument("--dir", default=str(ROOT / ".state" / "demo"))
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    return start(args) if args.command == "start" else stop(args)
+    return {"start": start, "stop": stop, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ def report_of(deployment, dag_run) -> dict:
 def test_five_devices_then_a_round_publishes_a_better_model(airflow_deployment, dagbag, tmp_path):
     dep = airflow_deployment
     data = dep.dataset
-    configs = [
-        make_client(dep, tmp_path, cid, data.clients[cid]) for cid in data.client_ids[:5]
-    ]
+    configs = [make_client(dep, tmp_path, cid, data.clients[cid]) for cid in data.client_ids[:5]]
     for config in configs:
         assert run_cycle(config).uploaded
     dag_run = run_dag(dagbag, T0)
