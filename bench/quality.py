@@ -1,7 +1,9 @@
 """Model quality of federated training against its baselines, on one dataset file.
 
-    python -m bench.quality --dataset data.npz --json [--kind autoencoder] [--rounds 20]
-        [--clients 0] [--topk 0.1] [--compression topk16] [--no-error-feedback] [--seeds 5]
+    python -m bench.quality --dataset data.npz --json [--kind autoencoder] [--rounds 100]
+        [--clients 0] [--topk 0.075] [--compression topk16] [--no-error-feedback] [--seeds 5]
+        [--norm-bound B] [--server-momentum 0.9] [--heavy-ball] [--sample-weighting]
+        [--paired dense32]
 
 Runs the real protocol path in-process: each client trains from the verified global
 package (``fedlib.training.make_update``: local epochs, clipping, top-k + 16-bit with
@@ -11,6 +13,19 @@ final model is scored by onnxruntime on the labeled holdout. Baselines on the sa
 rows: the same kind trained centrally on the pooled client rows, each client alone
 (``local_only_auc``, mean over clients), a centralized IsolationForest, and the
 no-training floor (distance from the mean of the scaled features).
+
+``--paired MODE`` trains a second federation per seed that differs only in the
+compression mode (same init, client seeds and server optimizer), and reports it as
+``paired_auc`` with the per-seed difference ``auc_minus_paired``: the fair test of
+what compression costs. Other differences are per seed as well: ``auc_minus_centralized``,
+``auc_minus_no_training``; ``bytes_ratio`` is the whole sealed envelope over the dense
+float32 size of the delta.
+
+Defaults are per kind: exact kinds (``sufficient_statistics``) run one dense64 round
+with plain sample-count weights and a norm bound of 1e4 (their deltas are whole moment
+matrices, far above the 10 that bounds an iterative model's step); iterative kinds run
+FedAvgM with Nesterov momentum and rows-per-local-step weights (see
+:func:`fedlib.aggregation.staleness_weight`).
 
 Prints one JSON object: the mean over seeds of every figure, its standard deviation
 (``*_std``) and the per-seed values (``per_seed``).
@@ -23,7 +38,9 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from sklearn.ensemble import IsolationForest
@@ -40,18 +57,34 @@ from fedlib.registry import ModelPackage
 from fedlib.rounds import RoundInputs, aggregate_objects, build_candidate, package_model
 from fedlib.training import make_update
 
+EXACT_NORM_BOUND = 1e4
+"""Norm bound for sufficient-statistics kinds: a Gaussian's first delta is E[z z^T] - I."""
+ITERATIVE_NORM_BOUND = 10.0
+"""Norm bound (and clip norm) for kinds trained by local steps."""
+
+
+def default_norm_bound(kind: str) -> float:
+    """Kind-appropriate L2 bound: exact kinds must not be clipped, or they stop being exact."""
+    return EXACT_NORM_BOUND if KINDS[kind].sufficient_statistics else ITERATIVE_NORM_BOUND
+
 
 @dataclass(frozen=True)
 class QualityConfig:
     kind: str = "autoencoder"
-    rounds: int = 60
+    rounds: int = 100
     epochs: int = 1
     clients: int = 0  # 0 = every client in the file
     compression: str = "topk16"
-    topk_fraction: float = 0.1
+    topk_fraction: float = 0.075  # 8,360-param AE: ~3.2 KB sealed, <= 10% of dense float32
     error_feedback: bool = True
-    norm_bound: float = 10.0
+    norm_bound: float | None = None  # None = default_norm_bound(kind)
     server_momentum: float = 0.9
+    server_nesterov: bool = True
+    step_weighting: bool = True  # rows per local step (FedNova-style); off = rows
+    paired: str | None = None  # a second compression mode to train side by side
+
+    def bound(self) -> float:
+        return default_norm_bound(self.kind) if self.norm_bound is None else self.norm_bound
 
 
 def pooled_schema(data: Dataset, ids: list[str]) -> FeatureSchema:
@@ -65,6 +98,19 @@ def pooled_schema(data: Dataset, ids: list[str]) -> FeatureSchema:
 
 def auc_of(scores: np.ndarray, y: np.ndarray) -> float:
     return float(roc_auc_score(y, np.nan_to_num(scores, nan=1e300, posinf=1e300)))
+
+
+def aggregation_config(cfg: QualityConfig, spec: Mapping[str, Any]) -> AggregationConfig:
+    """Server config for the kind: exact kinds get a plain, unweighted-by-steps mean."""
+    exact = KINDS[cfg.kind].sufficient_statistics
+    batch = int(spec.get("batch_size", 0)) if cfg.step_weighting and not exact else 0
+    return AggregationConfig(
+        norm_bound=cfg.bound(),
+        max_staleness=cfg.rounds,
+        server_momentum=0.0 if exact else cfg.server_momentum,
+        server_nesterov=cfg.server_nesterov,
+        local_batch_size=batch,
+    )
 
 
 def run_federated(
@@ -84,14 +130,10 @@ def run_federated(
         epochs=cfg.epochs,
         compression="dense64" if exact else cfg.compression,  # type: ignore[arg-type]
         topk_fraction=cfg.topk_fraction,
-        clip_norm=cfg.norm_bound,
-    )
-    aggregation = AggregationConfig(
-        norm_bound=cfg.norm_bound,
-        max_staleness=cfg.rounds,
-        server_momentum=0.0 if exact else cfg.server_momentum,
+        clip_norm=cfg.bound(),
     )
     model = create_model(cfg.kind, schema, seed=seed)
+    aggregation = aggregation_config(cfg, model.spec)
     calibration = data.holdout_X[data.holdout_y == 0]
     model.calibrate_threshold(calibration)
     package = package_model(model, version=1, training=training, created_at_ms=0)
@@ -158,6 +200,13 @@ def run_seed(data: Dataset, cfg: QualityConfig, seed: int) -> dict[str, float]:
     out = run_federated(data, ids, schema, cfg, seed)
     final: ModelPackage = out.pop("_final")  # type: ignore[assignment]
     del final
+    out["bytes_ratio"] = out["bytes_per_update"] / out["dense_bytes_per_update"]
+    if cfg.paired is not None:
+        twin = run_federated(data, ids, schema, replace(cfg, compression=cfg.paired), seed)
+        twin.pop("_final")
+        out["paired_auc"] = twin["federated_auc"]
+        out["paired_bytes_per_update"] = twin["bytes_per_update"]
+        out["auc_minus_paired"] = out["federated_auc"] - twin["federated_auc"]
 
     pooled = np.concatenate([data.clients[c] for c in ids])
     total_epochs = cfg.epochs * (1 if KINDS[cfg.kind].sufficient_statistics else cfg.rounds)
@@ -176,6 +225,8 @@ def run_seed(data: Dataset, cfg: QualityConfig, seed: int) -> dict[str, float]:
     forest = IsolationForest(n_estimators=200, random_state=seed).fit(np.log1p(pooled))
     out["isolation_forest_auc"] = auc_of(-forest.score_samples(np.log1p(x_h)), y_h)
     out["no_training_auc"] = auc_of(np.square(schema.apply(x_h)).mean(axis=1), y_h)
+    out["auc_minus_centralized"] = out["federated_auc"] - out["centralized_auc"]
+    out["auc_minus_no_training"] = out["federated_auc"] - out["no_training_auc"]
     return out
 
 
@@ -193,7 +244,7 @@ def summarize(per_seed: list[dict[str, float]]) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True)
-    parser.add_argument("--kind", default="autoencoder")
+    parser.add_argument("--kind", default="autoencoder", choices=sorted(KINDS))
     parser.add_argument("--rounds", type=int, default=QualityConfig.rounds)
     parser.add_argument("--epochs", type=int, default=QualityConfig.epochs)
     parser.add_argument("--clients", type=int, default=0, help="first N clients (0 = all)")
@@ -202,8 +253,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--topk", type=float, default=QualityConfig.topk_fraction)
     parser.add_argument("--no-error-feedback", action="store_true")
-    parser.add_argument("--norm-bound", type=float, default=QualityConfig.norm_bound)
+    parser.add_argument(
+        "--norm-bound", type=float, default=None, help="default: 1e4 exact kinds, 10 others"
+    )
     parser.add_argument("--server-momentum", type=float, default=QualityConfig.server_momentum)
+    parser.add_argument(
+        "--heavy-ball", action="store_true", help="heavy-ball server momentum, not Nesterov"
+    )
+    parser.add_argument(
+        "--sample-weighting", action="store_true", help="weight by rows, not rows per step"
+    )
+    parser.add_argument(
+        "--paired",
+        choices=["topk16", "dense16", "dense32", "dense64"],
+        help="also train with this compression on the same seeds; report the difference",
+    )
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     args = parser.parse_args(argv)
@@ -217,13 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         error_feedback=not args.no_error_feedback,
         norm_bound=args.norm_bound,
         server_momentum=args.server_momentum,
+        server_nesterov=not args.heavy_ball,
+        step_weighting=not args.sample_weighting,
+        paired=args.paired,
     )
     data = load_dataset(args.dataset)
     started = time.perf_counter()
     per_seed = [run_seed(data, cfg, seed) for seed in range(args.seeds)]
     result = {
         "dataset": args.dataset,
-        "config": cfg.__dict__,
+        "config": {**cfg.__dict__, "norm_bound": cfg.bound()},
         "seeds": args.seeds,
         **summarize(per_seed),
         "seconds": round(time.perf_counter() - started, 2),

@@ -29,7 +29,8 @@ import fl_common
 from airflow.sdk import Asset, Param, TriggerRule, dag, get_current_context, task
 
 SETTINGS = fl_common.settings()
-MODEL_ASSET = Asset(name="fl_model", uri=f"s3://{SETTINGS.models_bucket}/channel/active.json")
+# One logical asset per deployment ("the published model"), whatever the bucket is called.
+MODEL_ASSET = Asset(name="fl_model", uri="dadm-fl://model/active")
 
 
 @dag(

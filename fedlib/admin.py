@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from fedlib import crypto
+from fedlib.credentials import IamCredentialIssuer
 from fedlib.errors import FedError
 from fedlib.evaluation import evaluate_onnx
 from fedlib.model import FeatureSchema, create_model
@@ -57,7 +58,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     deployment.ensure_keys()
     deployment.ensure_buckets()
     holdout = Holdout.from_bytes(Path(args.holdout).read_bytes())
-    deployment.save_holdout(holdout)
+    if deployment.holdout_version() is None:
+        deployment.save_holdout(holdout)
+    else:
+        print("a holdout exists already; `fl-admin holdout FILE` stores a new version")
+        holdout = deployment.load_holdout()
     deployment.save_fleet(deployment.load_fleet())
     registry = deployment.registry(signing=True)
     if registry.active_version() is None:
@@ -102,18 +107,32 @@ def client_config_document(
     }
 
 
+def issuer(deployment: Deployment) -> IamCredentialIssuer:
+    """Per-device S3 keys through the AWS IAM API (AWS, SeaweedFS; MinIO: by hand)."""
+    return IamCredentialIssuer(deployment.s3)
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
     deployment = _deployment(args)
     fleet = deployment.load_fleet()
     kid = fleet.enroll(args.client_id, Path(args.public_key).read_bytes())
+    access_key, secret_key = args.access_key, args.secret_key
+    if access_key is None and deployment.settings.credential_issuer == "iam":
+        creds = issuer(deployment).issue(
+            args.client_id,
+            inbox_bucket=deployment.settings.inbox_bucket,
+            models_bucket=deployment.settings.models_bucket,
+        )
+        access_key, secret_key = creds.access_key, creds.secret_key
+        print(f"issued least-privilege S3 keys for {args.client_id} ({creds.user_name})")
     deployment.save_fleet(fleet)
     doc = client_config_document(
         deployment,
         args.client_id,
         features_dir=args.features_dir,
         state_dir=args.state_dir,
-        access_key=args.access_key,
-        secret_key=args.secret_key,
+        access_key=access_key,
+        secret_key=secret_key,
     )
     out = Path(args.out)
     out.write_text(json.dumps(doc, indent=2) + "\n")
@@ -122,11 +141,20 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_holdout(args: argparse.Namespace) -> int:
+    deployment = _deployment(args)
+    version = deployment.save_holdout(Holdout.from_bytes(Path(args.file).read_bytes()))
+    print(f"holdout version {version} is now current (rounds evaluate on it from now on)")
+    return 0
+
+
 def cmd_revoke(args: argparse.Namespace) -> int:
     deployment = _deployment(args)
     fleet = deployment.load_fleet()
     revoked = fleet.revoke(args.client_id)
     deployment.save_fleet(fleet)
+    if deployment.settings.credential_issuer == "iam":
+        issuer(deployment).revoke(args.client_id)
     print(f"revoked {args.client_id}: keys {', '.join(revoked)}")
     return 0
 
@@ -152,6 +180,7 @@ def status_document(deployment: Deployment) -> dict[str, object]:
     fleet = deployment.load_fleet()
     return {
         "active_version": registry.active_version(),
+        "holdout_version": deployment.holdout_version(),
         "versions": versions,
         "pending_updates": pending,
         "quarantined": quarantined,
@@ -213,9 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--out", required=True)
     enroll.add_argument("--features-dir", default="features")
     enroll.add_argument("--state-dir", default="state")
-    enroll.add_argument("--access-key", default=None)
+    enroll.add_argument(
+        "--access-key", default=None, help="device S3 key (default: issue one via IAM)"
+    )
     enroll.add_argument("--secret-key", default=None)
     enroll.set_defaults(func=cmd_enroll)
+
+    holdout = sub.add_parser("holdout", help="upload a new labeled holdout version")
+    holdout.add_argument("file", help=".npz with holdout_X, holdout_y[, feature_names]")
+    holdout.set_defaults(func=cmd_holdout)
 
     revoke = sub.add_parser("revoke", help="refuse every later update of a device")
     revoke.add_argument("client_id")

@@ -1,11 +1,16 @@
 """Streaming, staleness-weighted federated averaging in exact fixed point.
 
 Each accepted update contributes ``w * delta`` with ``w = min(n, n_cap) / (1 + s)**a``
-(FedAvg by sample count, discounted by staleness ``s`` in versions as in FedBuff).
-Contributions are rounded once, per update, onto a fixed grid of ``2**-G`` and summed
-as integers, so the sum is exact and associative: the same set of updates gives the
-same bits in any order and with any split into shards. Memory is two int64 vectors of
-the model's size, independent of the number of updates.
+(FedAvg by sample count, discounted by staleness ``s`` in versions as in FedBuff), or,
+with ``local_batch_size``, by rows per local step (FedNova-style, see
+:func:`staleness_weight`). Contributions are rounded once, per update, onto a fixed
+grid of ``2**-G`` and summed as integers, so the sum is exact and associative: the same
+set of updates gives the same bits in any order and with any split into shards. Memory
+is two int64 vectors of the model's size, independent of the number of updates.
+
+The server optimizer (:meth:`StreamingAggregator.step`) is FedAvg, or FedAvgM with
+Nesterov momentum (the default once ``server_momentum`` > 0): heavy-ball momentum
+diverged with top-k + error feedback on the synthetic fleet, Nesterov did not.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ class AggregationConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.0  # FedAvgM (Hsu et al. 2019); 0 = plain FedAvg
     max_sample_weight: int = 1 << 16
+    #: Nesterov instead of heavy-ball momentum (only matters when server_momentum > 0).
+    server_nesterov: bool = True
+    #: > 0: weight an update by its rows per local step, not its rows (FedNova-style);
+    #: set it to the model's minibatch size for iterative kinds, 0 for exact ones.
+    local_batch_size: int = 0
 
     def __post_init__(self) -> None:
         if not (self.staleness_exponent >= 0 and math.isfinite(self.staleness_exponent)):
@@ -51,16 +61,38 @@ class AggregationConfig:
             raise ValueError("server_momentum must be in [0, 1)")
         if not (1 <= self.max_sample_weight <= 2**30):
             raise ValueError("max_sample_weight must be in [1, 2**30]")
+        if not isinstance(self.server_nesterov, bool):
+            raise ValueError("server_nesterov must be a bool")
+        if not (0 <= self.local_batch_size <= 2**30):
+            raise ValueError("local_batch_size must be in [0, 2**30]")
+
+    @property
+    def max_weight(self) -> int:
+        """Largest weight :func:`staleness_weight` can return."""
+        if self.local_batch_size:
+            return min(self.max_sample_weight, self.local_batch_size)
+        return self.max_sample_weight
 
     @property
     def grid_bits(self) -> int:
         """G such that |w * delta_i| * 2**G < 2**52 for any admissible update."""
-        bound = self.max_sample_weight * self.norm_bound
+        bound = self.max_weight * self.norm_bound
         return _MAX_Q_BITS - math.ceil(math.log2(bound)) - 1
 
 
 def staleness_weight(num_samples: int, staleness: int, config: AggregationConfig) -> float:
-    """FedAvg weight of one update: its sample count (capped) discounted by staleness."""
+    """FedAvg weight of one update: its sample count (capped) discounted by staleness.
+
+    With ``local_batch_size`` B the count becomes rows per local step,
+    ``n / ceil(n / B)``. Why: a device's delta is the sum of its ``ceil(n / B)`` local
+    steps, so it already grows with ``n``; weighting it by ``n`` again counts big devices
+    ~``n**2`` and optimizes a skewed objective (Wang et al. 2020, "Tackling the Objective
+    Inconsistency Problem in Heterogeneous Federated Optimization", FedNova). Dividing by
+    the step count restores the pooled objective; on the synthetic non-IID fleet it
+    raised the autoencoder's AUC by ~0.015. Exact kinds (sufficient statistics) must keep
+    ``local_batch_size = 0``: their params are means, so plain ``n`` weights are the
+    pooled fit.
+    """
     if staleness < 0:
         raise RejectedUpdate("unknown_base_version", f"base version is {-staleness} ahead")
     if staleness > config.max_staleness:
@@ -68,6 +100,8 @@ def staleness_weight(num_samples: int, staleness: int, config: AggregationConfig
             "too_stale", f"staleness {staleness} exceeds the bound {config.max_staleness}"
         )
     n = min(num_samples, config.max_sample_weight)
+    if config.local_batch_size:
+        n = n / math.ceil(n / config.local_batch_size)
     return n / (1.0 + staleness) ** config.staleness_exponent
 
 
@@ -153,9 +187,19 @@ class StreamingAggregator:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Server optimizer step; returns (new params, new momentum buffer or None).
 
-        With ``server_momentum`` > 0 this is FedAvgM: ``m = beta * m + delta``,
-        ``w = w + lr * m``; the buffer is part of the round's inputs, so a round stays
-        a pure function of them.
+        With ``server_momentum`` > 0 this is FedAvgM: ``m = beta * m + delta`` and
+        ``w = w + lr * (beta * m + delta)`` (Nesterov, default) or ``w = w + lr * m``
+        (heavy ball, ``server_nesterov=False``). The buffer (one float64 vector, same
+        length as the params) is part of the round's inputs, so a round stays a pure
+        function of them; a missing or mis-shaped buffer counts as zeros.
+
+        Why Nesterov: top-k with error feedback delivers each device's delta late and in
+        bursts. Heavy ball keeps pushing a released burst for ~1/(1-beta) rounds while
+        the correction is still stuck in the devices' residuals, and the loop oscillates
+        (measured: AUC 0.94 dense, 0.60 with top-7.5% on the synthetic fleet). Nesterov
+        applies the fresh aggregate with weight ``1 + beta`` and only ``beta**2`` of the
+        old buffer, so corrections take effect a round earlier: top-7.5% then matched
+        dense (0.97 vs 0.97 over 5 seeds).
         """
         base = np.asarray(base_params, dtype=np.float64)
         if base.shape != (self.dim,):
@@ -164,10 +208,14 @@ class StreamingAggregator:
         beta = self.config.server_momentum
         if beta == 0:
             return base + self.config.server_lr * delta, None
+        momentum = None if momentum is None else np.asarray(momentum, dtype=np.float64)
         if momentum is None or momentum.shape != base.shape:
             momentum = np.zeros_like(base)
+        elif not np.all(np.isfinite(momentum)):
+            raise ValueError("server momentum buffer contains NaN or infinity")
         buffer = beta * momentum + delta
-        return base + self.config.server_lr * buffer, buffer
+        direction = beta * buffer + delta if self.config.server_nesterov else buffer
+        return base + self.config.server_lr * direction, buffer
 
     def to_bytes(self) -> bytes:
         """Serialize a partial sum (shards write these to the state bucket)."""

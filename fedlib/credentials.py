@@ -19,9 +19,10 @@ Where it works (measured against SeaweedFS 4.48 ``weed mini``; see tests):
   with the ``Admin`` action may call it. The gateway enforces the policy JSON as
   written, the ``-s3.config`` identities keep working, and users, keys and policies
   are stored in the filer (``/etc/iam``) so they survive a restart. New keys work on
-  the first request and deleted keys fail on the next one (one process, no cache);
-  :meth:`IamCredentialIssuer.issue` still waits, bounded, for the new key to work, as
-  AWS IAM and multi-gateway clusters are only eventually consistent.
+  the first request and deleted or deactivated keys fail on the next one (IAM and S3
+  share the ``weed mini`` process); :meth:`IamCredentialIssuer.issue` still waits,
+  bounded, for the new key to work, as AWS IAM and multi-gateway clusters are only
+  eventually consistent.
 * **AWS**: the same calls, ``S3Config(endpoint_url=None)``.
 * **MinIO** has no AWS IAM API. Its policies use the same JSON, so an operator runs
   ``python -m fedlib.credentials policy CLIENT_ID --inbox-bucket I --models-bucket M

@@ -398,14 +398,23 @@ class AutoencoderModel(AnomalyModel):
     ``coefs_[0], coefs_[1], ...`` flattened row-major (shape ``(fan_in, fan_out)``),
     then all biases ``intercepts_[0], intercepts_[1], ...`` — the layer order of
     scikit-learn's own ``_pack``.
+
+    Default shape ``d -> 96 -> 32 -> d`` (8,360 params for d = 40). Why: the code layer
+    must stay narrower than the input (one hidden layer of 48+ units learns the identity
+    and drops to ~0.90 AUC on the synthetic fleet, 32 gives ~0.975), and a wider encoder
+    in front of it makes the vector large enough that top-7.5% + fp16 fits in 10% of the
+    dense float32 bytes *including* the ~660-byte sealed-envelope overhead; with the
+    2,632-param ``[32]`` net only ~3.5% fits, and that learned too slowly (0.89 vs 0.96
+    dense after 60 rounds). Learning rate 0.002: with Nesterov server momentum the
+    effective step is the product of both; larger local steps mostly add client drift.
     """
 
     kind = "autoencoder"
     preferred_compression = "topk16"
     default_spec: ClassVar[Mapping[str, Any]] = {
-        "hidden": [32],
+        "hidden": [96, 32],
         "activation": "tanh",
-        "learning_rate_init": 0.005,
+        "learning_rate_init": 0.002,
         "batch_size": 32,
         "alpha": 1e-4,
         "solver": "sgd",

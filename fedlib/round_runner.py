@@ -31,7 +31,7 @@ from fedlib.model import KINDS
 from fedlib.protocol import PackageMetadata
 from fedlib.registry import PACKAGE_FILES, ModelPackage, weights_from_bytes
 from fedlib.rounds import RoundInputs, Verdict, aggregate_objects, build_candidate
-from fedlib.server import Deployment
+from fedlib.server import Deployment, Holdout
 from fedlib.store import NoSuchKey, ObjectTooLarge
 
 ROUNDS_PREFIX = "rounds/"
@@ -171,6 +171,7 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
     inputs = round_inputs(deployment, base)
 
     refused: list[Verdict] = []
+    ledger = Ledger(deployment.state)
 
     def refuse(key: str, blob: bytes, reason: str, detail: str) -> None:
         digest = hashlib.sha256(blob).hexdigest()
@@ -186,7 +187,16 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
                 refuse(key, b"", "oversized", str(exc))
                 continue
             if key in replays:
-                refuse(key, blob, "replay", "this key already has a verdict in the ledger")
+                first = ledger.read(key) or {}
+                if first.get("sha256") == hashlib.sha256(blob).hexdigest():
+                    refuse(key, blob, "replay", f"already processed in {first.get('run_id')}")
+                else:
+                    refuse(
+                        key,
+                        blob,
+                        "duplicate_update_id",
+                        f"other bytes under an update id processed in {first.get('run_id')}",
+                    )
                 continue
             yield key, blob
 
@@ -284,8 +294,10 @@ def load_candidate(deployment: Deployment, run_id: str) -> ModelPackage:
     )
 
 
-def evaluate(deployment: Deployment, package: ModelPackage) -> Metrics:
-    holdout = deployment.load_holdout()
+def evaluate(
+    deployment: Deployment, package: ModelPackage, holdout: Holdout | None = None
+) -> Metrics:
+    holdout = holdout or deployment.load_holdout()
     return evaluate_onnx(package.onnx_bytes, holdout.features, holdout.labels)
 
 
@@ -305,14 +317,19 @@ def gate(
 def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
     """Score candidate and active model on the current holdout via ONNX; decide the gate."""
     plan = load_plan(deployment, run_id)
-    active = evaluate(deployment, deployment.registry().read_version(plan.base_version))
-    result: dict[str, Any] = {"active": active.as_dict(), "candidate": None}
+    holdout = deployment.load_holdout()
+    active = evaluate(deployment, deployment.registry().read_version(plan.base_version), holdout)
+    result: dict[str, Any] = {
+        "active": active.as_dict(),
+        "candidate": None,
+        "holdout_version": holdout.version,
+    }
     try:
         candidate_pkg = load_candidate(deployment, run_id)
     except NoSuchKey:
         result.update(publish=False, reason="no update passed validation")
     else:
-        candidate = evaluate(deployment, candidate_pkg)
+        candidate = evaluate(deployment, candidate_pkg, holdout)
         ok, why = gate(
             candidate,
             active,
@@ -359,6 +376,7 @@ class RoundReport:
     active_metrics: dict[str, float] | None = None
     candidate_digest: str | None = None
     aggregate_digest: str | None = None
+    holdout_version: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -406,6 +424,7 @@ def finalize_round(
             report.candidate_metrics = evaluation.get("candidate")
             report.active_metrics = evaluation.get("active")
             report.message = evaluation.get("reason", report.message)
+            report.holdout_version = evaluation.get("holdout_version")
         except NoSuchKey:
             pass
         try:

@@ -6,7 +6,10 @@ where things live. Private keys come from ``settings.keys_dir`` only.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +24,7 @@ from fedlib.settings import ServerSettings
 from fedlib.store import NoSuchKey, ObjectStore, S3Config, S3Store
 
 FLEET_KEY = "fleet/fleet.json"
-HOLDOUT_KEY = "holdout/current.npz"
+HOLDOUT_POINTER = "holdout/current.json"
 PACKAGE_KEY_FILE = "package-signing.pem"
 SERVER_KEY_GLOB = "server-hpke-*.pem"
 
@@ -33,6 +36,7 @@ class Holdout:
     features: np.ndarray
     labels: np.ndarray
     feature_names: list[str]
+    version: int | None = None
 
     def benign(self) -> np.ndarray:
         return self.features[self.labels == 0]
@@ -153,8 +157,28 @@ class Deployment:
     def save_fleet(self, fleet: Fleet) -> None:
         self.state.put(FLEET_KEY, fleet.to_json())
 
-    def load_holdout(self) -> Holdout:
-        return Holdout.from_bytes(self.state.get(HOLDOUT_KEY))
+    def holdout_version(self) -> int | None:
+        try:
+            pointer = json.loads(self.state.get(HOLDOUT_POINTER, max_bytes=4096))
+        except NoSuchKey:
+            return None
+        return int(pointer["version"])
 
-    def save_holdout(self, holdout: Holdout) -> None:
-        self.state.put(HOLDOUT_KEY, holdout.to_bytes())
+    def load_holdout(self) -> Holdout:
+        """The current holdout version, checked against the digest its pointer records."""
+        pointer = json.loads(self.state.get(HOLDOUT_POINTER, max_bytes=4096))
+        data = self.state.get(pointer["key"])
+        if hashlib.sha256(data).hexdigest() != pointer["sha256"]:
+            raise ValueError(f"holdout {pointer['key']} does not match its recorded digest")
+        holdout = Holdout.from_bytes(data)
+        return dataclasses.replace(holdout, version=int(pointer["version"]))
+
+    def save_holdout(self, holdout: Holdout) -> int:
+        """Store a new holdout version (write-once) and make it current; returns its number."""
+        version = (self.holdout_version() or 0) + 1
+        data = holdout.to_bytes()
+        key = f"holdout/v{version:06d}.npz"
+        self.state.put(key, data, if_absent=True)
+        pointer = {"version": version, "key": key, "sha256": hashlib.sha256(data).hexdigest()}
+        self.state.put(HOLDOUT_POINTER, json.dumps(pointer).encode())
+        return version

@@ -47,6 +47,7 @@ class ServerSettings(BaseModel):
     compression: Literal["topk16", "dense16", "dense32", "dense64"] = "topk16"
     topk_fraction: float = Field(default=0.1, gt=0, le=1)
     local_epochs: int = Field(default=1, ge=1)
+    credential_issuer: Literal["iam", "none"] = "iam"  # "none": pass device keys by hand
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
 

@@ -115,10 +115,6 @@ def start(args: argparse.Namespace) -> int:
                 str(device / "state" / "client_key.pub.pem"),
                 "--out",
                 str(device / "client.json"),
-                "--access-key",
-                server["access_key"],
-                "--secret-key",
-                server["secret_key"],
             ],
             env,
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import struct
-import time
 import tracemalloc
 
 import numpy as np
@@ -317,16 +316,14 @@ def test_dense_float32_bytes() -> None:
         dense_float32_bytes(-1)
 
 
-def test_encode_decode_is_vectorized_fast() -> None:
+def test_topk_of_a_large_vector_round_trips() -> None:
+    # Speed is measured in bench/, not asserted here; this keeps the large-vector path.
     x = np.random.default_rng(7).standard_normal(100_000)
-    cfg = CompressionConfig("topk16", 0.01)
-    best = math.inf
-    for _ in range(5):
-        t0 = time.perf_counter()
-        decode(encode(x, cfg), expected_dim=x.size)
-        best = min(best, time.perf_counter() - t0)
-    # Measured ~1 ms; a per-coordinate Python loop over 100k entries takes far longer.
-    assert best < 0.025
+    d = decode(encode(x, CompressionConfig("topk16", 0.01)), expected_dim=x.size)
+    expected = np.sort(np.argsort(np.abs(x))[-1000:])
+    assert d.indices is not None
+    np.testing.assert_array_equal(d.indices, expected)
+    np.testing.assert_allclose(d.values, x[expected], rtol=FP16_REL, atol=0)
 
 
 # --------------------------------------------------------------------------- error feedback

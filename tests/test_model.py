@@ -135,9 +135,24 @@ def test_registry_and_spec_defaults(schema: FeatureSchema) -> None:
     assert KINDS["gaussian"].preferred_compression == "dense64"
     ae = create_model("autoencoder", schema, spec={"hidden": [8]})
     assert ae.spec["hidden"] == [8]
-    assert set(ae.spec) == {"hidden", "activation", "learning_rate_init", "batch_size", "alpha"}
+    assert set(ae.spec) == {
+        "hidden",
+        "activation",
+        "learning_rate_init",
+        "batch_size",
+        "alpha",
+        "solver",
+        "momentum",
+    }
     assert json.loads(json.dumps(ae.spec)) == ae.spec
     assert ae.num_params == D * 8 + 8 * D + 8 + D
+    default = create_model("autoencoder", schema)
+    assert default.spec["solver"] == "sgd" and default.spec["momentum"] == 0.9
+    assert default.spec["hidden"] == [96, 32]  # tuned on the 40-template synthetic fleet
+    assert default.num_params == D * 96 + 96 * 32 + 32 * D + 96 + 32 + D
+    for bad in ({"solver": "lbfgs"}, {"momentum": 1.0}, {"momentum": -0.1}, {"hidden": []}):
+        with pytest.raises(ValueError):
+            create_model("autoencoder", schema, spec=bad)
     with pytest.raises(ValueError):
         create_model("nope", schema)
     with pytest.raises(ValueError):

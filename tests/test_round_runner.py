@@ -18,12 +18,12 @@ def enroll(deployment, client_id):
     return key
 
 
-def upload_updates(deployment, count: int, *, seed: int = 0):
+def upload_updates(deployment, count: int, *, seed: int = 0, start: int = 0):
     package = deployment.registry().read_active()
     server_public = deployment.current_server_public_key()
     data = deployment.dataset
     sent = {}
-    for i, cid in enumerate(data.client_ids[:count]):
+    for i, cid in enumerate(data.client_ids[start : start + count]):
         key = enroll(deployment, cid)
         update = make_update(
             package,

@@ -1,0 +1,119 @@
+"""fl-admin end to end through its CLI: init, enroll (least-privilege keys), status, revoke."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+
+from client.agent import run_cycle
+from client.cli import main as client_main
+from client.config import ClientConfig
+from fedlib.admin import main as admin_main
+from fedlib.errors import StoreError
+from fedlib.store import S3Store
+
+
+@pytest.fixture
+def admin_env(s3_server, tmp_path, small_dataset, monkeypatch):
+    from bench.make_dataset import load_dataset
+
+    tag = uuid.uuid4().hex[:8]
+    config = tmp_path / "fl-server.toml"
+    config.write_text(
+        "\n".join(
+            [
+                f'inbox_bucket = "inbox-{tag}"',
+                f'models_bucket = "models-{tag}"',
+                f'state_bucket = "state-{tag}"',
+                f'airgap_bucket = "airgap-{tag}"',
+                f'keys_dir = "{tmp_path / "keys"}"',
+                f's3_endpoint_url = "{s3_server.endpoint_url}"',
+            ]
+        )
+        + "\n"
+    )
+    monkeypatch.setenv("FL_SERVER_CONFIG", str(config))
+    monkeypatch.setenv("FL_S3_ACCESS_KEY", s3_server.admin_credentials.access_key)
+    monkeypatch.setenv("FL_S3_SECRET_KEY", s3_server.admin_credentials.secret_key)
+    data = load_dataset(small_dataset)
+    holdout = tmp_path / "holdout.npz"
+    np.savez(holdout, holdout_X=data.holdout_X, holdout_y=data.holdout_y)
+    return {"tag": tag, "holdout": holdout, "data": data, "server": s3_server}
+
+
+def test_init_enroll_status_revoke(admin_env, tmp_path, capsys):
+    env = admin_env
+    assert admin_main(["init", "--holdout", str(env["holdout"])]) == 0
+    assert admin_main(["init", "--holdout", str(env["holdout"])]) == 0  # idempotent
+    capsys.readouterr()
+
+    device = tmp_path / "dev-1"
+    (device / "features").mkdir(parents=True)
+    np.save(device / "features" / "w.npy", env["data"].clients[env["data"].client_ids[0]])
+    assert client_main(["keygen", "--out", str(device / "state" / "client_key.pem")]) == 0
+    out = device / "client.json"
+    assert (
+        admin_main(
+            [
+                "enroll",
+                "dev-1",
+                "--public-key",
+                str(device / "state" / "client_key.pub.pem"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    doc = json.loads(out.read_text())
+    admin_key = env["server"].admin_credentials.access_key
+    assert doc["s3"]["access_key"] and doc["s3"]["access_key"] != admin_key
+    assert "PRIVATE KEY" not in out.read_text()  # no secret of the server's
+    assert out.stat().st_mode & 0o777 == 0o600
+
+    config = ClientConfig.load(out)
+    report = run_cycle(config)  # pulls and uploads with its least-privilege keys
+    assert report.ok and report.uploaded == [report.update_id], report
+    device_inbox = S3Store(f"inbox-{env['tag']}", config.s3.to_store_config())
+    with pytest.raises(StoreError, match=r"(?i)access denied"):
+        list(device_inbox.list("updates/"))
+    with pytest.raises(StoreError, match=r"(?i)access denied"):
+        S3Store(f"models-{env['tag']}", config.s3.to_store_config()).put("x", b"y")
+
+    capsys.readouterr()
+    assert admin_main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["active_version"] == 1 and status["pending_updates"] == 1
+    assert status["versions"][0]["version"] == 1 and status["versions"][0]["auc"] > 0.5
+    assert {"rollback_of", "published_at", "ap"} <= set(status["versions"][0])
+    assert status["quarantined"] == 0 and status["clients"] == ["dev-1"]
+
+    assert admin_main(["revoke", "dev-1"]) == 0
+    with pytest.raises(StoreError):
+        device_inbox.put("updates/dev-1/x", b"late")
+    capsys.readouterr()
+    assert admin_main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["revoked_clients"] == ["dev-1"]
+
+
+def test_round_through_cli(admin_env, tmp_path, capsys):
+    from tests.test_client import make_client
+
+    env = admin_env
+    assert admin_main(["init", "--holdout", str(env["holdout"])]) == 0
+    assert admin_main(["round", "--run-id", "r0"]) == 0
+    assert "waiting: 0 of 2" in capsys.readouterr().out
+    from fedlib.server import Deployment
+    from fedlib.settings import ServerSettings
+
+    dep = Deployment(ServerSettings.load())
+    data = env["data"]
+    for cid in data.client_ids[:2]:
+        assert run_cycle(make_client(dep, tmp_path, cid, data.clients[cid])).uploaded
+    capsys.readouterr()
+    assert admin_main(["round", "--run-id", "r1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accepted"] == 2 and report["decision"] in {"published", "rejected"}
