@@ -2,7 +2,8 @@
 
 Not a DAG file (listed in .airflowignore). The S3 endpoint and credentials come from the
 Airflow connection ``fl_s3`` (``AIRFLOW_CONN_FL_S3``: conn_type aws, login/password,
-``extra.endpoint_url``, ``extra.region_name``); everything else from fedlib's settings.
+``extra.endpoint_url``, ``extra.region_name``); everything else from fedlib's settings
+(``fl-server.toml``), overridden at task run time by the Airflow Variable ``fl_settings``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,20 @@ START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
 log = logging.getLogger("dadm_fl")
 
 
+SETTINGS_VARIABLE = "fl_settings"
+
+
 def settings() -> ServerSettings:
+    """File + environment settings: what DAG parsing may read (no metadata-DB access)."""
     return ServerSettings.load()
+
+
+def task_settings() -> ServerSettings:
+    """At task run time the Airflow Variable ``fl_settings`` (JSON) overrides the file."""
+    from airflow.sdk import Variable
+
+    overrides = Variable.get(SETTINGS_VARIABLE, default=None, deserialize_json=True)
+    return ServerSettings.load(overrides=overrides or None)
 
 
 def s3_config() -> S3Config:
@@ -35,7 +48,7 @@ def s3_config() -> S3Config:
     try:
         conn = Connection.get(S3_CONN_ID)
     except Exception:  # no such connection: FL_S3_* / AWS_* variables
-        return settings().s3()
+        return task_settings().s3()
     extra: dict[str, Any] = conn.extra_dejson or {}
     return S3Config(
         endpoint_url=extra.get("endpoint_url") or extra.get("host"),
@@ -48,7 +61,7 @@ def s3_config() -> S3Config:
 def deployment() -> Deployment:
     from fedlib.server import Deployment
 
-    return Deployment(settings(), s3_config())
+    return Deployment(task_settings(), s3_config())
 
 
 def round_runner():

@@ -225,6 +225,14 @@ def cmd_round(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.example:
+        print(ServerSettings.example_toml(), end="")
+    else:
+        print(ServerSettings.load(args.config).model_dump_json(indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-admin", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="fl-server.toml (default: $FL_SERVER_CONFIG)")
@@ -263,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--dry-run", action="store_true")
     rnd.add_argument("--json", action="store_true")
     rnd.set_defaults(func=cmd_round)
+
+    config = sub.add_parser("config", help="print the effective settings (or --example)")
+    config.add_argument("--example", action="store_true", help="a commented fl-server.toml")
+    config.set_defaults(func=cmd_config)
 
     status = sub.add_parser("status", help="versions, pending and quarantined updates")
     status.add_argument("--json", action="store_true")

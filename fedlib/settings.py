@@ -1,9 +1,11 @@
 """Server configuration in one place: a TOML file, overridable by ``FL_*`` environment variables.
 
 Looked up in order: the ``path`` argument, ``$FL_SERVER_CONFIG``, ``./fl-server.toml``;
-missing file = defaults. Every key is documented on :class:`ServerSettings`. Secrets
-never live here: server private keys are read from ``keys_dir`` (a secrets mount),
-S3 credentials from the environment or the Airflow connection.
+missing file = defaults; then ``FL_<KEY>`` variables, then explicit overrides (the DAGs
+pass the Airflow Variable ``fl_settings``, a JSON object, at task run time). Every key
+is documented on :class:`ServerSettings`. Secrets never live here: server private keys
+are read from ``keys_dir`` (a secrets mount), S3 credentials from the environment or the
+Airflow connection.
 """
 
 from __future__ import annotations
@@ -26,30 +28,51 @@ class ServerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    inbox_bucket: str = "fl-inbox"
-    models_bucket: str = "fl-models"
-    state_bucket: str = "fl-state"
-    airgap_bucket: str = "fl-airgap"
-    keys_dir: Path = Path("/run/secrets/dadm-fl")
-    schedule: str = "*/15 * * * *"
-    min_clients: int = Field(default=2, ge=1)
-    max_batch: int = Field(default=10_000, ge=1)
-    shard_size: int = Field(default=500, ge=1)
-    model_kind: str = "autoencoder"
-    auc_tolerance: float = Field(default=0.01, ge=0)
-    auc_floor: float = Field(default=0.6, ge=0, le=1)
-    threshold_quantile: float = Field(default=0.99, gt=0, lt=1)
-    staleness_exponent: float = Field(default=0.5, ge=0)
-    max_staleness: int = Field(default=8, ge=0)
-    norm_bound: float = Field(default=10.0, gt=0)
-    server_lr: float = Field(default=1.0, gt=0)
-    server_momentum: float = Field(default=0.9, ge=0, lt=1)
-    compression: Literal["topk16", "dense16", "dense32", "dense64"] = "topk16"
-    topk_fraction: float = Field(default=0.1, gt=0, le=1)
-    local_epochs: int = Field(default=1, ge=1)
-    credential_issuer: Literal["iam", "none"] = "iam"  # "none": pass device keys by hand
-    s3_endpoint_url: str | None = None
-    s3_region: str = "us-east-1"
+    inbox_bucket: str = Field("fl-inbox", description="Bucket devices upload updates into.")
+    models_bucket: str = Field("fl-models", description="Bucket of signed model packages.")
+    state_bucket: str = Field(
+        "fl-state", description="Ledger, quarantine, holdout, round files and reports."
+    )
+    airgap_bucket: str = Field("fl-airgap", description="Exported air-gap bundles.")
+    keys_dir: Path = Field(
+        Path("/run/secrets/dadm-fl"),
+        description="Folder of the server's private keys (HPKE, package signing).",
+    )
+    schedule: str = Field(
+        "*/15 * * * *", description='fl_round schedule (cron or preset; "none" = manual only).'
+    )
+    min_clients: int = Field(2, ge=1, description="Distinct devices needed to run a round.")
+    max_batch: int = Field(10_000, ge=1, description="Most updates one round takes.")
+    shard_size: int = Field(500, ge=1, description="Updates per mapped process_shard task.")
+    model_kind: str = Field("autoencoder", description="Model kind of version 1.")
+    auc_tolerance: float = Field(
+        0.01, ge=0, description="Gate: candidate AUC may trail the active model by this much."
+    )
+    auc_floor: float = Field(0.6, ge=0, le=1, description="Gate: never publish below this AUC.")
+    threshold_quantile: float = Field(
+        0.99, gt=0, lt=1, description="Benign-score quantile that becomes the flag threshold."
+    )
+    staleness_exponent: float = Field(
+        0.5, ge=0, description="Weight of an update s versions stale: 1/(1+s)**exponent."
+    )
+    max_staleness: int = Field(8, ge=0, description="Updates staler than this are refused.")
+    norm_bound: float = Field(
+        10.0, gt=0, description="Max L2 norm of an update (devices clip to it)."
+    )
+    server_lr: float = Field(1.0, gt=0, description="Server learning rate on the mean delta.")
+    server_momentum: float = Field(
+        0.9, ge=0, lt=1, description="FedAvgM momentum (0 = plain FedAvg)."
+    )
+    compression: Literal["topk16", "dense16", "dense32", "dense64"] = Field(
+        "topk16", description="How devices compress updates."
+    )
+    topk_fraction: float = Field(0.1, gt=0, le=1, description="Share of coordinates top-k keeps.")
+    local_epochs: int = Field(1, ge=1, description="Local passes over a device's rows per update.")
+    credential_issuer: Literal["iam", "none"] = Field(
+        "iam", description='Issue device S3 keys via the IAM API, or "none" (pass them by hand).'
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (None: AWS).")
+    s3_region: str = Field("us-east-1", description="S3 region.")
 
     @property
     def dag_schedule(self) -> str | None:
@@ -89,7 +112,24 @@ class ServerSettings(BaseModel):
         )
 
     @classmethod
-    def load(cls, path: Path | str | None = None) -> ServerSettings:
+    def example_toml(cls) -> str:
+        """A commented fl-server.toml with every key at its default."""
+        lines = ["# fl-server.toml: every key with its default (see fedlib/settings.py)", ""]
+        for name, field in cls.model_fields.items():
+            value = field.default
+            lines.append(f"# {field.description}")
+            if value is None:
+                lines.append(f"# {name} = ")
+            elif isinstance(value, str | Path):
+                lines.append(f'{name} = "{value}"')
+            else:
+                lines.append(f"{name} = {str(value).lower() if isinstance(value, bool) else value}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def load(
+        cls, path: Path | str | None = None, overrides: dict[str, object] | None = None
+    ) -> ServerSettings:
         candidate = path or os.environ.get("FL_SERVER_CONFIG") or "fl-server.toml"
         data: dict[str, object] = {}
         if Path(candidate).is_file():
@@ -100,4 +140,5 @@ class ServerSettings(BaseModel):
             env = os.environ.get(f"FL_{name.upper()}")
             if env is not None:
                 data[name] = env
+        data.update(overrides or {})
         return cls.model_validate(data)

@@ -181,3 +181,16 @@ def test_params_are_validated(dagbag):
 
     with pytest.raises(ParamValidationError):
         dagbag.dags["fl_round"].test(logical_date=T0, run_conf={"max_updates": 0})
+
+
+def test_airflow_variable_overrides_settings(airflow_deployment, dagbag, monkeypatch):
+    """``fl_settings`` (an Airflow Variable, JSON) changes min_clients for the tasks."""
+    import json
+
+    dep = airflow_deployment
+    upload_updates(dep, 2)
+    monkeypatch.setenv("AIRFLOW_VAR_FL_SETTINGS", json.dumps({"min_clients": 3}))
+    dag_run = run_dag(dagbag, T0)
+    assert report_of(dep, dag_run)["message"] == "waiting: 2 of 3 clients"
+    monkeypatch.setenv("AIRFLOW_VAR_FL_SETTINGS", json.dumps({"min_clients": 2}))
+    assert report_of(dep, run_dag(dagbag, T0 + timedelta(minutes=15)))["decision"] == "published"
