@@ -194,3 +194,23 @@ def test_airflow_variable_overrides_settings(airflow_deployment, dagbag, monkeyp
     assert report_of(dep, dag_run)["message"] == "waiting: 2 of 3 clients"
     monkeypatch.setenv("AIRFLOW_VAR_FL_SETTINGS", json.dumps({"min_clients": 2}))
     assert report_of(dep, run_dag(dagbag, T0 + timedelta(minutes=15)))["decision"] == "published"
+
+
+def test_stale_update_is_quarantined_as_too_stale(airflow_deployment, dagbag, monkeypatch):
+    import json
+
+    from tests.test_registry import bump
+
+    dep = airflow_deployment
+    registry = dep.registry(signing=True)
+    v1 = registry.read_active()
+    stale_key = upload_updates(dep, 1, start=5)  # trained against version 1
+    registry.publish(bump(v1, 2))
+    registry.publish(bump(v1, 3))
+    upload_updates(dep, 2)  # trained against version 3
+    monkeypatch.setenv("AIRFLOW_VAR_FL_SETTINGS", json.dumps({"max_staleness": 1}))
+    dag_run = run_dag(dagbag, T0)
+    report = report_of(dep, dag_run)
+    assert report["accepted"] == 2 and report["rejected"] == {"too_stale": 1}, report
+    (key,) = stale_key
+    assert Ledger(dep.state).read(key)["reason"] == "too_stale"
