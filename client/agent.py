@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from fedlib import crypto
 from fedlib.errors import StoreError, VerificationError
 from fedlib.model import FeatureSchema
 from fedlib.registry import ModelPackage, ModelRegistry, verify_package_files
-from fedlib.store import open_store
+from fedlib.store import atomic_write, open_store
 from fedlib.training import LocalUpdate, make_update
 
 log = logging.getLogger("fl-client")
@@ -77,9 +78,7 @@ class InstalledModels:
             for name, data in {**package.files(), SIGNATURE_FILE: signature}.items():
                 (staging / name).write_bytes(data)
             os.replace(staging, final)
-        tmp = self.pointer.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": package.version}))
-        os.replace(tmp, self.pointer)
+        atomic_write(self.pointer, json.dumps({"version": package.version}).encode())
         for old in self.root.glob(".staging-*"):
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -184,13 +183,11 @@ class ResidualStore:
         return arr if arr.shape == (num_params,) and np.all(np.isfinite(arr)) else None
 
     def save(self, kind: str, residual: np.ndarray) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp.npy")
-        np.save(tmp, residual.astype(np.float64))
-        os.replace(tmp, self.path.with_suffix(".npy"))
-        meta_tmp = self.path.with_suffix(".tmp.json")
-        meta_tmp.write_text(json.dumps({"kind": kind, "num_params": int(residual.size)}))
-        os.replace(meta_tmp, self.path.with_suffix(".json"))
+        buf = io.BytesIO()
+        np.save(buf, residual.astype(np.float64), allow_pickle=False)
+        atomic_write(self.path.with_suffix(".npy"), buf.getvalue())
+        meta = {"kind": kind, "num_params": int(residual.size)}
+        atomic_write(self.path.with_suffix(".json"), json.dumps(meta).encode())
 
 
 def run_cycle(config: ClientConfig) -> CycleReport:
@@ -259,6 +256,4 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, default=str).encode())

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedlib import protocol
 from fedlib.errors import ObjectExists, StoreError
-from fedlib.store import ObjectStore
+from fedlib.store import TMP_PREFIX, ObjectStore, atomic_write
 
 SUFFIX = ".env"
 
@@ -40,23 +39,13 @@ class Spool:
         self._sweep_temporaries()
 
     def _sweep_temporaries(self) -> None:
-        for tmp in self.pending_dir.glob(".tmp-*"):
+        for tmp in self.pending_dir.glob(f"{TMP_PREFIX}*"):
             tmp.unlink(missing_ok=True)
 
     def add(self, update_id: str, envelope: bytes) -> Path:
         """Store an envelope durably under its update id."""
         target = self.pending_dir / f"{update_id}{SUFFIX}"
-        fd, tmp = tempfile.mkstemp(dir=self.pending_dir, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(envelope)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.pending_dir)
+        atomic_write(target, envelope)
         return target
 
     def pending(self) -> list[str]:
@@ -104,11 +93,3 @@ class Spool:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

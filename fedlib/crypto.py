@@ -11,8 +11,6 @@ and only then decryption and payload parsing.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,19 +103,9 @@ def load_encryption_public_key(data: bytes) -> x25519.X25519PublicKey:
 
 def write_private_key(path: Path, key: PrivateKey, passphrase: bytes | None = None) -> None:
     """Write a private key readable by its owner only, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".key-")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(private_pem(key, passphrase))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from fedlib.store import atomic_write
+
+    atomic_write(path, private_pem(key, passphrase), mode=0o600)
 
 
 class ClientLookup(Protocol):

@@ -37,6 +37,7 @@ __all__ = [
     "S3Config",
     "S3Store",
     "StoreError",
+    "atomic_write",
     "open_store",
 ]
 
@@ -399,7 +400,8 @@ class S3Store:
 
 # --------------------------------------------------------------------------- local
 
-_TMP_PREFIX = ".fl-tmp-"
+TMP_PREFIX = ".fl-tmp-"  # temp files of atomic writes; swept, never valid keys
+_TMP_PREFIX = TMP_PREFIX
 
 
 def validate_key(key: str) -> str:
@@ -416,6 +418,29 @@ def validate_key(key: str) -> str:
         if seg.startswith(_TMP_PREFIX):
             raise ValueError(f"object key {key!r} uses the reserved prefix {_TMP_PREFIX!r}")
     return key
+
+
+def atomic_write(path: Path | str, data: bytes, *, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` all at once: a crash leaves the old file or the new.
+
+    Temp file beside the target, fsync, optional chmod (before any byte is written, so a
+    private key is never readable by others), rename, fsync of the directory.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

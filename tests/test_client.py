@@ -20,6 +20,7 @@ from fedlib.round_runner import round_inputs
 from fedlib.rounds import open_and_validate
 from fedlib.server import Deployment, Holdout
 from fedlib.settings import ServerSettings
+from fedlib.store import TMP_PREFIX
 
 
 def make_client(deployment, tmp_path: Path, client_id: str, rows: np.ndarray, **overrides):
@@ -172,7 +173,7 @@ def test_lost_acknowledgement_is_not_uploaded_twice(deployment, tmp_path):
 def test_crash_mid_spool_write_leaves_spool_consistent(tmp_path):
     spool = Spool(tmp_path / "spool")
     spool.add(protocol.new_update_id(), b"whole")
-    torn = spool.pending_dir / ".tmp-crashed"
+    torn = spool.pending_dir / f"{TMP_PREFIX}crashed"
     torn.write_bytes(b"half an enve")
     reopened = Spool(tmp_path / "spool")
     assert not torn.exists()
