@@ -34,6 +34,7 @@ Prints one JSON object: the mean over seeds of every figure, its standard deviat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -52,20 +53,18 @@ from fedlib.aggregation import AggregationConfig
 from fedlib.evaluation import evaluate_onnx
 from fedlib.fleet import Fleet
 from fedlib.model import KINDS, FeatureSchema, create_model, feature_moments
-from fedlib.protocol import TrainingConfig
 from fedlib.registry import ModelPackage
 from fedlib.rounds import RoundInputs, aggregate_objects, build_candidate, package_model
+from fedlib.settings import ServerSettings
 from fedlib.training import make_update
 
-EXACT_NORM_BOUND = 1e4
-"""Norm bound for sufficient-statistics kinds: a Gaussian's first delta is E[z z^T] - I."""
-ITERATIVE_NORM_BOUND = 10.0
-"""Norm bound (and clip norm) for kinds trained by local steps."""
+DEFAULTS = ServerSettings()
+"""The deployment defaults: the bench measures what a default deployment would run."""
 
 
 def default_norm_bound(kind: str) -> float:
     """Kind-appropriate L2 bound: exact kinds must not be clipped, or they stop being exact."""
-    return EXACT_NORM_BOUND if KINDS[kind].sufficient_statistics else ITERATIVE_NORM_BOUND
+    return DEFAULTS.aggregation(kind).norm_bound
 
 
 @dataclass(frozen=True)
@@ -101,15 +100,17 @@ def auc_of(scores: np.ndarray, y: np.ndarray) -> float:
 
 
 def aggregation_config(cfg: QualityConfig, spec: Mapping[str, Any]) -> AggregationConfig:
-    """Server config for the kind: exact kinds get a plain, unweighted-by-steps mean."""
-    exact = KINDS[cfg.kind].sufficient_statistics
-    batch = int(spec.get("batch_size", 0)) if cfg.step_weighting and not exact else 0
-    return AggregationConfig(
+    """The deployment's config for the kind, with this run's experiment switches applied."""
+    base = DEFAULTS.aggregation(cfg.kind, dict(spec))
+    if KINDS[cfg.kind].sufficient_statistics:
+        return dataclasses.replace(base, norm_bound=cfg.bound(), max_staleness=cfg.rounds)
+    return dataclasses.replace(
+        base,
         norm_bound=cfg.bound(),
         max_staleness=cfg.rounds,
-        server_momentum=0.0 if exact else cfg.server_momentum,
+        server_momentum=cfg.server_momentum,
         server_nesterov=cfg.server_nesterov,
-        local_batch_size=batch,
+        local_batch_size=base.local_batch_size if cfg.step_weighting else 0,
     )
 
 
@@ -126,11 +127,13 @@ def run_federated(
         keys[cid] = crypto.generate_signing_key()
         fleet.enroll(cid, crypto.public_pem(keys[cid]))
     exact = KINDS[cfg.kind].sufficient_statistics
-    training = TrainingConfig(
-        epochs=cfg.epochs,
-        compression="dense64" if exact else cfg.compression,  # type: ignore[arg-type]
-        topk_fraction=cfg.topk_fraction,
-        clip_norm=cfg.bound(),
+    training = DEFAULTS.training(cfg.kind).model_copy(
+        update={
+            "epochs": cfg.epochs,
+            "topk_fraction": cfg.topk_fraction,
+            "clip_norm": cfg.bound(),
+            **({} if exact else {"compression": cfg.compression}),
+        }
     )
     model = create_model(cfg.kind, schema, seed=seed)
     aggregation = aggregation_config(cfg, model.spec)

@@ -45,9 +45,7 @@ def initial_package(
     schema = FeatureSchema.from_data(holdout.feature_names, benign, "log1p")
     model = create_model(kind, schema, seed=seed)
     model.calibrate_threshold(benign, quantile=settings.threshold_quantile)
-    training = settings.training(
-        compression=model.preferred_compression if model.sufficient_statistics else None
-    )
+    training = settings.training(kind)
     draft = package_model(model, version=1, training=training)
     metrics = evaluate_onnx(draft.onnx_bytes, holdout.features, holdout.labels).as_dict()
     return package_model(model, version=1, training=training, metrics=metrics)

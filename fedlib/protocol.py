@@ -259,7 +259,7 @@ class TrainingConfig(BaseModel):
 
     epochs: Annotated[int, Field(ge=1, le=1000)] = 1
     compression: Literal["topk16", "dense16", "dense32", "dense64"] = "topk16"
-    topk_fraction: Annotated[float, Field(gt=0, le=1)] = 0.1
+    topk_fraction: Annotated[float, Field(gt=0, le=1)] = 0.075
     clip_norm: Annotated[float, Field(gt=0)] = 10.0
     max_rows: Annotated[int, Field(ge=1, le=10_000_000)] = 50_000
     min_rows: Annotated[int, Field(ge=1)] = 10

@@ -27,7 +27,6 @@ from fedlib import protocol
 from fedlib.aggregation import StreamingAggregator
 from fedlib.evaluation import Metrics, evaluate_onnx
 from fedlib.ledger import Ledger
-from fedlib.model import KINDS
 from fedlib.protocol import PackageMetadata
 from fedlib.registry import PACKAGE_FILES, ModelPackage, weights_from_bytes
 from fedlib.rounds import RoundInputs, Verdict, aggregate_objects, build_candidate
@@ -141,9 +140,8 @@ def load_plan(deployment: Deployment, run_id: str) -> RoundPlan:
 
 
 def round_inputs(deployment: Deployment, base: ModelPackage) -> RoundInputs:
-    aggregation = deployment.settings.aggregation()
-    if KINDS[base.metadata.model_kind].sufficient_statistics:
-        aggregation = dataclasses.replace(aggregation, server_momentum=0.0)
+    meta = base.metadata
+    aggregation = deployment.settings.aggregation(meta.model_kind, meta.model_spec)
     return RoundInputs(
         fleet=deployment.load_fleet(),
         server_keys=deployment.server_keyring(),

@@ -211,6 +211,11 @@ class SeaweedServer:
             "-s3.port.lance=0",
             "-master.telemetry=false",  # no phoning home; these machines have no route out
             f"-s3.iam.readOnly={str(not self.iam_writable).lower()}",
+            # Every bucket is a collection with volumes of its own; the automatic limit
+            # (free disk / 128 MB) ran out after ~77 buckets here. Volumes are not
+            # preallocated, so a high count costs nothing until data arrives.
+            "-volume.max=5000",
+            "-master.volumeSizeLimitMB=64",
             # Not -volume.preStopSeconds=0: it saves 1 s per stop, but after a restart
             # the volumes then stay unknown to the master for ~5 s (reads fail with 500).
         ]

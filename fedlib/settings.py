@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,6 +59,9 @@ class ServerSettings(BaseModel):
     norm_bound: float = Field(
         10.0, gt=0, description="Max L2 norm of an update (devices clip to it)."
     )
+    exact_norm_bound: float = Field(
+        1e4, gt=0, description="The same for sufficient-statistics kinds (e.g. gaussian)."
+    )
     server_lr: float = Field(1.0, gt=0, description="Server learning rate on the mean delta.")
     server_momentum: float = Field(
         0.9, ge=0, lt=1, description="FedAvgM momentum (0 = plain FedAvg)."
@@ -66,7 +69,7 @@ class ServerSettings(BaseModel):
     compression: Literal["topk16", "dense16", "dense32", "dense64"] = Field(
         "topk16", description="How devices compress updates."
     )
-    topk_fraction: float = Field(0.1, gt=0, le=1, description="Share of coordinates top-k keeps.")
+    topk_fraction: float = Field(0.075, gt=0, le=1, description="Share of coordinates top-k keeps.")
     local_epochs: int = Field(1, ge=1, description="Local passes over a device's rows per update.")
     credential_issuer: Literal["iam", "none"] = Field(
         "iam", description='Issue device S3 keys via the IAM API, or "none" (pass them by hand).'
@@ -79,25 +82,37 @@ class ServerSettings(BaseModel):
         """``schedule`` for Airflow: a cron/preset string, or None for "none" (manual only)."""
         return None if self.schedule.strip().lower() in ("", "none", "manual") else self.schedule
 
-    def aggregation(self) -> AggregationConfig:
+    def aggregation(
+        self, model_kind: str | None = None, model_spec: dict[str, Any] | None = None
+    ) -> AggregationConfig:
+        """Aggregation for a model kind: iterative kinds get FedAvgM with per-step weights
+        (FedNova-style, measured to matter on non-IID fleets), sufficient-statistics kinds
+        a plain exact mean with their own wide norm bound."""
         from fedlib.aggregation import AggregationConfig
+        from fedlib.model import KINDS
 
+        exact = KINDS[model_kind or self.model_kind].sufficient_statistics
         return AggregationConfig(
             staleness_exponent=self.staleness_exponent,
             max_staleness=self.max_staleness,
-            norm_bound=self.norm_bound,
-            server_lr=self.server_lr,
-            server_momentum=self.server_momentum,
+            norm_bound=self.exact_norm_bound if exact else self.norm_bound,
+            server_lr=1.0 if exact else self.server_lr,
+            server_momentum=0.0 if exact else self.server_momentum,
+            local_batch_size=0 if exact else int((model_spec or {}).get("batch_size", 0)),
         )
 
-    def training(self, compression: str | None = None) -> TrainingConfig:
+    def training(self, model_kind: str | None = None) -> TrainingConfig:
+        """What devices are told to do for a model kind (travels in the signed package)."""
+        from fedlib.model import KINDS
         from fedlib.protocol import TrainingConfig
 
+        kind = KINDS[model_kind or self.model_kind]
+        exact = kind.sufficient_statistics
         return TrainingConfig(
             epochs=self.local_epochs,
-            compression=compression or self.compression,  # type: ignore[arg-type]
+            compression=kind.preferred_compression if exact else self.compression,  # type: ignore[arg-type]
             topk_fraction=self.topk_fraction,
-            clip_norm=self.norm_bound,
+            clip_norm=self.exact_norm_bound if exact else self.norm_bound,
         )
 
     def s3(self) -> S3Config:

@@ -19,8 +19,9 @@ T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 def run_dag(dagbag, when: datetime, **conf):
     dag = dagbag.dags["fl_round"]
-    dag_run = dag.test(logical_date=when, run_conf=conf or None)
-    return dag_run
+    # every Param explicitly: dag.test() keeps a previous run's conf on the shared DAG object
+    full = {"min_clients": None, "dry_run": False, "max_updates": None, **conf}
+    return dag.test(logical_date=when, run_conf=full)
 
 
 def report_of(deployment, dag_run) -> dict:
