@@ -4,6 +4,10 @@
 Periodically (default every 15 minutes, `schedule` in `fl-server.toml`) takes the
 pending updates from the inbox bucket and:
 
+0. **check_active**: re-scores the active model on the current holdout next to recent
+   known-good versions and **rolls back automatically** (a new version carrying the
+   best known-good model, `rollback_of` set) when it fell below the floor or behind
+   the best by more than the tolerance.
 1. **plan**: lists the inbox (bounded batch, inbox order) and splits it into shards;
    with fewer than `min_clients` devices pending the run ends early ("waiting").
 2. **process_shard** (mapped): verifies each envelope's signature, decrypts (only here),
@@ -67,6 +71,23 @@ MODEL_ASSET = Asset(name="fl_model", uri="dadm-fl://model/active")
     },
 )
 def fl_round() -> None:
+    @task(outlets=[MODEL_ASSET])
+    def check_active() -> dict:
+        """Automatic rollback: re-score the active model on the current holdout first."""
+        ctx = get_current_context()
+        decision = fl_common.round_runner().check_active_model(
+            fl_common.deployment(), ctx["run_id"], created_at_ms=fl_common.run_timestamp_ms(ctx)
+        )
+        fl_common.log.info("active model check: %s", decision["reason"])
+        if decision.get("published_version"):
+            ctx["outlet_events"][MODEL_ASSET].extra = {
+                "version": decision["published_version"],
+                "run_id": ctx["run_id"],
+                "rollback_of": decision["best_version"],
+                "auc": decision["best_auc"],
+            }
+        return decision
+
     @task
     def plan() -> list[int]:
         ctx = get_current_context()
@@ -159,7 +180,9 @@ def fl_round() -> None:
         fl_common.log.info("round summary\n%s", report.summary())
         return report.as_dict()
 
+    guard = check_active()
     shards = plan()
+    guard >> shards
     results = process_shard.expand(index=shards)
     evaluation = evaluate(build_candidate(reduce(results)))
     branch = gate(evaluation)

@@ -281,6 +281,7 @@ class PackageMetadata(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     parent_version: int | None = None
     rollback_of: int | None = None
+    rollback_reason: str | None = None
     round_id: str | None = None
     candidate_digest: str | None = None
     created_at_ms: int

@@ -14,6 +14,7 @@ picked up by the next run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -58,6 +59,20 @@ def _put_json(deployment: Deployment, key: str, doc: Any) -> str:
 
 def _get_json(deployment: Deployment, key: str) -> Any:
     return protocol.parse_json_limited(deployment.state.get(key), 256 << 20, key)
+
+
+# -- guard the active model ----------------------------------------------------------------
+
+
+def check_active_model(
+    deployment: Deployment, run_id: str, *, created_at_ms: int | None = None
+) -> dict[str, Any]:
+    """Automatic rollback before anything else: see :mod:`fedlib.rollback`."""
+    from fedlib.rollback import check_active
+
+    decision = check_active(deployment, created_at_ms=created_at_ms).as_dict()
+    _put_json(deployment, run_prefix(run_id) + "rollback.json", decision)
+    return decision
 
 
 # -- plan ---------------------------------------------------------------------------------
@@ -375,6 +390,7 @@ class RoundReport:
     candidate_digest: str | None = None
     aggregate_digest: str | None = None
     holdout_version: int | None = None
+    rollback: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -393,6 +409,11 @@ class RoundReport:
             lines.append(line)
         if self.published_version:
             lines.append(f"  published version {self.published_version}")
+        if self.rollback and self.rollback.get("rollback"):
+            lines.append(
+                f"  ROLLBACK: {self.rollback['reason']} -> published "
+                f"v{self.rollback.get('published_version')} (= v{self.rollback['best_version']})"
+            )
         return "\n".join(lines)
 
 
@@ -409,6 +430,8 @@ def finalize_round(
     report = RoundReport(run_id=run_id, base_version=plan.base_version, message=plan.message)
     report.decision = decision
     report.published_version = published_version
+    with contextlib.suppress(NoSuchKey):
+        report.rollback = _get_json(deployment, run_prefix(run_id) + "rollback.json")
     if plan.waiting:
         report.decision = "waiting"
     else:
@@ -461,6 +484,8 @@ def run_round(
     created_at_ms: int | None = None,
 ) -> RoundReport:
     """Every step in order, in this process (``fl-admin round``)."""
+    if not dry_run:
+        check_active_model(deployment, run_id, created_at_ms=created_at_ms)
     plan = plan_round(
         deployment,
         run_id,

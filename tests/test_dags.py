@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def test_no_import_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert "fl_round" in dagbag.dags
+    assert {"fl_round", "fl_rollback"} <= set(dagbag.dags)
 
 
 def test_every_dag_sets_retries_tags_and_docs(dagbag):
@@ -22,6 +22,7 @@ def test_fl_round_shape(dagbag):
     assert dag.catchup is False
     assert set(dag.params) == {"min_clients", "dry_run", "max_updates"}
     assert {t.task_id for t in dag.tasks} == {
+        "check_active",
         "plan",
         "process_shard",
         "reduce",

@@ -1,0 +1,80 @@
+"""
+### fl_rollback: roll the model channel back to a known-good version, by hand
+
+Publishes a **new** version (versions only go up, devices never accept an older one)
+that carries the model of `to_version`, with `rollback_of` and your `reason` recorded
+in its signed metadata. Devices pick it up on their next cycle.
+
+Refused, with the reason in the UI and the task log: a version that does not exist, the
+version that is already active, and a version the channel was already rolled back away
+from (not known-good). `fl_round` also rolls back automatically when the active model
+degrades on the holdout; this DAG is the operator's override.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import fl_common
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+
+MODEL_ASSET = Asset(name="fl_model", uri="dadm-fl://model/active")
+
+
+@dag(
+    dag_id="fl_rollback",
+    schedule=None,
+    start_date=fl_common.START_DATE,
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["federated-learning", "rollback"],
+    default_args={"retries": 1, "retry_delay": timedelta(seconds=20)},
+    params={
+        "to_version": Param(
+            type="integer",
+            minimum=1,
+            title="Roll back to version",
+            description="A published, known-good version (see the rounds page or fl-admin status).",
+        ),
+        "reason": Param(
+            type="string",
+            minLength=3,
+            maxLength=500,
+            title="Reason",
+            description="Why; recorded in the new version's signed metadata.",
+        ),
+    },
+)
+def fl_rollback() -> None:
+    @task(outlets=[MODEL_ASSET])
+    def rollback() -> int:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from fedlib.rollback import RollbackRefused, manual_rollback
+
+        ctx = get_current_context()
+        params = ctx["params"]
+        try:
+            version = manual_rollback(
+                fl_common.deployment(), int(params["to_version"]), str(params["reason"])
+            )
+        except RollbackRefused as exc:  # nonsense is refused at once, without retries
+            raise AirflowFailException(f"rollback refused: {exc}") from None
+        ctx["outlet_events"][MODEL_ASSET].extra = {
+            "version": version,
+            "rollback_of": int(params["to_version"]),
+            "run_id": ctx["run_id"],
+        }
+        fl_common.log.info(
+            "published version %d = version %s (%s)",
+            version,
+            params["to_version"],
+            params["reason"],
+        )
+        return version
+
+    rollback()
+
+
+fl_rollback()
