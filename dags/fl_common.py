@@ -71,6 +71,15 @@ def round_runner():
     return module
 
 
+def run_interval(context: Any) -> tuple[str | None, int | None]:
+    """(interval key, end in ms) for runs with a logical date (scheduled, backfill, manual
+    with a date); (None, None) for runs without one, which take everything pending."""
+    if context.get("logical_date") is None:
+        return None, None
+    end = context.get("data_interval_end") or context["logical_date"]
+    return end.isoformat(), int(end.timestamp() * 1000)
+
+
 def run_timestamp_ms(context: Any) -> int:
     """A round's fixed time: its logical date, or when it was due (manual/asset runs)."""
     dag_run = context["dag_run"]

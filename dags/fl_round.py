@@ -21,6 +21,13 @@ pending updates from the inbox bucket and:
    with their bytes and reason, inbox copies deleted, round report written; the task
    log ends with a readable summary.
 
+**Backfills are safe.** A run with a logical date takes the updates that arrived by its
+data interval's end and records what it produced for that interval. Running the same
+interval again (a backfill with `--reprocess-behavior completed`, or clearing the run)
+recomputes the round from its archived inputs, reports whether the candidate's digest
+matches the original byte for byte, and publishes nothing. Intervals missed while the
+scheduler was down are processed in order by a backfill with `--max-active-runs 1`.
+
 Manual runs take **Params**: `min_clients` (override for this run), `dry_run`
 (evaluate and report, publish and consume nothing), `max_updates`.
 """
@@ -92,12 +99,15 @@ def fl_round() -> None:
     def plan() -> list[int]:
         ctx = get_current_context()
         params = ctx["params"]
+        interval_key, interval_end_ms = fl_common.run_interval(ctx)
         result = fl_common.round_runner().plan_round(
             fl_common.deployment(),
             ctx["run_id"],
             min_clients=params.get("min_clients"),
             max_updates=params.get("max_updates"),
             created_at_ms=fl_common.run_timestamp_ms(ctx),
+            interval_key=interval_key,
+            interval_end_ms=interval_end_ms,
         )
         fl_common.log.info("plan: %s", result.message)
         return list(range(len(result.shards)))

@@ -26,17 +26,20 @@ import numpy as np
 
 from fedlib import protocol
 from fedlib.aggregation import StreamingAggregator
+from fedlib.errors import ObjectExists, RejectedUpdate
 from fedlib.evaluation import Metrics, evaluate_onnx
 from fedlib.ledger import Ledger
 from fedlib.protocol import PackageMetadata
 from fedlib.registry import PACKAGE_FILES, ModelPackage, weights_from_bytes
 from fedlib.rounds import RoundInputs, Verdict, aggregate_objects, build_candidate
 from fedlib.server import Deployment, Holdout
-from fedlib.store import NoSuchKey, ObjectTooLarge
+from fedlib.store import NoSuchKey, ObjectInfo, ObjectTooLarge
 
 ROUNDS_PREFIX = "rounds/"
 REPORTS_PREFIX = "reports/"
 OPTIMIZER_PREFIX = "optimizer/"
+INTERVALS_PREFIX = "intervals/"
+ARCHIVE_PREFIX = "archive/"
 
 
 def run_prefix(run_id: str) -> str:
@@ -88,10 +91,27 @@ class RoundPlan:
     waiting: bool
     message: str
     created_at_ms: int
+    interval_key: str | None = None
+    interval_end_ms: int | None = None
+    holdout_version: int | None = None
+    replay_of: str | None = None
+    candidate_version: int | None = None
 
     @property
     def keys(self) -> list[str]:
         return [k for shard in self.shards for k in shard]
+
+
+def arrival_ms(info: ObjectInfo) -> int:
+    """When an update belongs to a round: its creation time (UUIDv7), capped by the
+    store's receipt time, so a device clock in the future cannot delay it forever."""
+    received = info.last_modified_ms or 2**62
+    try:
+        _, update_id = protocol.parse_inbox_key(info.key)
+        created = int(update_id.replace("-", "")[:12], 16)
+    except (RejectedUpdate, ValueError):
+        return received
+    return min(created, received)
 
 
 def plan_round(
@@ -102,15 +122,39 @@ def plan_round(
     max_updates: int | None = None,
     shard_size: int | None = None,
     created_at_ms: int | None = None,
+    interval_key: str | None = None,
+    interval_end_ms: int | None = None,
 ) -> RoundPlan:
-    """Pick the batch (inbox order, bounded) and split it into shards; save the plan."""
+    """Pick the batch (inbox order, bounded) and split it into shards; save the plan.
+
+    A run for a data interval takes the updates that arrived by the interval's end. If
+    that interval was already processed, the plan is the original one (a *replay*): the
+    round is recomputed from the archived inputs and compared, and nothing is published.
+    """
+    if interval_key is not None:
+        record = interval_record(deployment, interval_key)
+        if record is not None:
+            original = load_plan(deployment, record["run_id"])
+            plan = dataclasses.replace(
+                original,
+                run_id=run_id,
+                replay_of=record["run_id"],
+                candidate_version=record.get("candidate_version"),
+                message=f"replay of {record['run_id']} (interval {interval_key})",
+            )
+            _put_json(deployment, run_prefix(run_id) + "plan.json", dataclasses.asdict(plan))
+            return plan
     settings = deployment.settings
     limit = max_updates or settings.max_batch
     size = shard_size or settings.shard_size
     base_version = deployment.registry().active_version()
     if base_version is None:
         raise NoSuchKey("channel/active.json", "no model published: run fl-admin init")
-    keys = [info.key for info in deployment.inbox.list("updates/", limit=limit)]
+    keys = [
+        info.key
+        for info in deployment.inbox.list("updates/", limit=limit)
+        if interval_end_ms is None or arrival_ms(info) <= interval_end_ms
+    ]
     clients = sorted({k.split("/")[1] for k in keys if k.count("/") == 2})
     ledger = Ledger(deployment.state)
     done: set[str] = set()
@@ -119,32 +163,35 @@ def plan_round(
     replays = sorted(k for k in keys if k in done)
     fresh_clients = sorted({k.split("/")[1] for k in keys if k not in done and k.count("/") == 2})
     need = min_clients if min_clients is not None else settings.min_clients
-    stamp = created_at_ms if created_at_ms is not None else int(time.time() * 1000)
-    if len(fresh_clients) < need:
-        plan = RoundPlan(
-            run_id,
-            base_version,
-            [],
-            [],
-            fresh_clients,
-            True,
-            f"waiting: {len(fresh_clients)} of {need} clients",
-            stamp,
-        )
-    else:
-        shards = [keys[i : i + size] for i in range(0, len(keys), size)]
-        plan = RoundPlan(
-            run_id,
-            base_version,
-            shards,
-            replays,
-            fresh_clients,
-            False,
-            f"{len(keys)} updates from {len(fresh_clients)} clients in {len(shards)} shards",
-            stamp,
-        )
+    waiting = len(fresh_clients) < need
+    shards = [] if waiting else [keys[i : i + size] for i in range(0, len(keys), size)]
+    plan = RoundPlan(
+        run_id=run_id,
+        base_version=base_version,
+        shards=shards,
+        replays=[] if waiting else replays,
+        clients=fresh_clients,
+        waiting=waiting,
+        message=(
+            f"waiting: {len(fresh_clients)} of {need} clients"
+            if waiting
+            else f"{len(keys)} updates from {len(fresh_clients)} clients in {len(shards)} shards"
+        ),
+        created_at_ms=created_at_ms if created_at_ms is not None else int(time.time() * 1000),
+        interval_key=interval_key,
+        interval_end_ms=interval_end_ms,
+        holdout_version=deployment.holdout_version(),
+    )
     _put_json(deployment, run_prefix(run_id) + "plan.json", dataclasses.asdict(plan))
     return plan
+
+
+def interval_record(deployment: Deployment, interval_key: str) -> dict[str, Any] | None:
+    """What the round of a data interval produced, once it finished (None: not yet)."""
+    try:
+        return _get_json(deployment, f"{INTERVALS_PREFIX}{safe_run_id(interval_key)}.json")
+    except NoSuchKey:
+        return None
 
 
 def load_plan(deployment: Deployment, run_id: str) -> RoundPlan:
@@ -190,10 +237,14 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
         digest = hashlib.sha256(blob).hexdigest()
         refused.append(Verdict(key, digest, len(blob), False, reason=reason, detail=detail))
 
+    source, prefix = (
+        (deployment.state, ARCHIVE_PREFIX) if plan.replay_of else (deployment.inbox, "")
+    )
+
     def objects():
         for key in keys:
             try:
-                blob = deployment.inbox.get(key, max_bytes=inputs.max_envelope_bytes)
+                blob = source.get(prefix + key, max_bytes=inputs.max_envelope_bytes)
             except NoSuchKey:
                 continue  # deleted by an operator since the plan
             except ObjectTooLarge as exc:
@@ -275,14 +326,14 @@ def build_round_candidate(deployment: Deployment, run_id: str) -> dict[str, Any]
     )
     if agg.count == 0:
         return None
-    version = max(registry.versions()) + 1
+    version = plan.candidate_version or max(registry.versions()) + 1
     candidate, momentum = build_candidate(
         base,
         agg,
         version=version,
-        calibration_rows=deployment.load_holdout().benign(),
+        calibration_rows=deployment.load_holdout(plan.holdout_version).benign(),
         threshold_quantile=deployment.settings.threshold_quantile,
-        round_id=run_id,
+        round_id=plan.replay_of or run_id,
         created_at_ms=plan.created_at_ms,
         momentum=load_momentum(deployment, base.version),
     )
@@ -330,7 +381,7 @@ def gate(
 def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
     """Score candidate and active model on the current holdout via ONNX; decide the gate."""
     plan = load_plan(deployment, run_id)
-    holdout = deployment.load_holdout()
+    holdout = deployment.load_holdout(plan.holdout_version)
     active = evaluate(deployment, deployment.registry().read_version(plan.base_version), holdout)
     result: dict[str, Any] = {
         "active": active.as_dict(),
@@ -350,6 +401,25 @@ def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
             floor=deployment.settings.auc_floor,
         )
         result.update(candidate=candidate.as_dict(), publish=ok, reason=why)
+        if plan.replay_of:
+            record = interval_record(deployment, plan.interval_key or "") or {}
+            digest = candidate_pkg.digest()
+            matches = digest == record.get("candidate_digest")
+            result.update(
+                publish=False,
+                replay={
+                    "of": plan.replay_of,
+                    "matches": matches,
+                    "candidate_digest": digest,
+                    "original_digest": record.get("candidate_digest"),
+                    "published_version": record.get("published_version"),
+                },
+                reason=(
+                    f"replay of {plan.replay_of}: recomputed candidate "
+                    + ("matches the original byte for byte" if matches else "DIFFERS")
+                    + "; nothing published"
+                ),
+            )
     _put_json(deployment, run_prefix(run_id) + "evaluation.json", result)
     return result
 
@@ -391,6 +461,7 @@ class RoundReport:
     aggregate_digest: str | None = None
     holdout_version: int | None = None
     rollback: dict[str, Any] | None = None
+    replay: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -434,6 +505,13 @@ def finalize_round(
         report.rollback = _get_json(deployment, run_prefix(run_id) + "rollback.json")
     if plan.waiting:
         report.decision = "waiting"
+    elif plan.replay_of:
+        evaluation = _get_json(deployment, run_prefix(run_id) + "evaluation.json")
+        replay = evaluation.get("replay") or {}
+        report.decision = "replay_match" if replay.get("matches") else "replay_mismatch"
+        report.message = evaluation.get("reason", report.message)
+        report.replay = replay
+        report.candidate_digest = replay.get("candidate_digest")
     else:
         verdicts = load_verdicts(deployment, run_id)
         report.accepted = sum(v.accepted for v in verdicts)
@@ -465,10 +543,40 @@ def finalize_round(
                     except NoSuchKey:
                         blob = None
                 ledger.record(verdict, blob, run_id=run_id)
+            for key in plan.keys:  # kept so the round can be recomputed (backfill replay)
+                archive_inbox_object(deployment, key)
+            if plan.interval_key:
+                _put_json(
+                    deployment,
+                    f"{INTERVALS_PREFIX}{safe_run_id(plan.interval_key)}.json",
+                    {
+                        "run_id": run_id,
+                        "decision": decision,
+                        "candidate_digest": report.candidate_digest,
+                        "candidate_version": _candidate_version(deployment, run_id),
+                        "published_version": published_version,
+                    },
+                )
             for key in plan.keys:
                 deployment.inbox.delete(key)
     _put_json(deployment, f"{REPORTS_PREFIX}{safe_run_id(run_id)}.json", report.as_dict())
     return report
+
+
+def archive_inbox_object(deployment: Deployment, key: str) -> None:
+    try:
+        blob = deployment.inbox.get(key)
+    except NoSuchKey:
+        return  # already archived and deleted by an earlier attempt
+    with contextlib.suppress(ObjectExists):
+        deployment.state.put(ARCHIVE_PREFIX + key, blob, if_absent=True)
+
+
+def _candidate_version(deployment: Deployment, run_id: str) -> int | None:
+    try:
+        return load_candidate(deployment, run_id).version
+    except NoSuchKey:
+        return None
 
 
 # -- all in one process ---------------------------------------------------------------------

@@ -164,9 +164,11 @@ class Deployment:
             return None
         return int(pointer["version"])
 
-    def load_holdout(self) -> Holdout:
-        """The current holdout version, checked against the digest its pointer records."""
+    def load_holdout(self, version: int | None = None) -> Holdout:
+        """A holdout version (default: current), checked against the digest recorded for it."""
         pointer = json.loads(self.state.get(HOLDOUT_POINTER, max_bytes=4096))
+        if version is not None and version != pointer["version"]:
+            pointer = json.loads(self.state.get(f"holdout/v{version:06d}.json", max_bytes=4096))
         data = self.state.get(pointer["key"])
         if hashlib.sha256(data).hexdigest() != pointer["sha256"]:
             raise ValueError(f"holdout {pointer['key']} does not match its recorded digest")
@@ -180,5 +182,6 @@ class Deployment:
         key = f"holdout/v{version:06d}.npz"
         self.state.put(key, data, if_absent=True)
         pointer = {"version": version, "key": key, "sha256": hashlib.sha256(data).hexdigest()}
+        self.state.put(f"holdout/v{version:06d}.json", json.dumps(pointer).encode(), if_absent=True)
         self.state.put(HOLDOUT_POINTER, json.dumps(pointer).encode())
         return version

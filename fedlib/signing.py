@@ -39,7 +39,7 @@ import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -452,6 +452,19 @@ def verify_files(
 # ------------------------------------------------------------------------------- folders
 
 
+def _open_regular(path: Path, name: str, error: type[Exception]) -> BinaryIO:
+    """Open a regular file without following a symlink or blocking on a FIFO."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise error(f"cannot open {name}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise error(f"{name} is a symlink or special file")
+    return os.fdopen(fd, "rb")
+
+
 def _hash_directory(root: Path, error: type[Exception]) -> dict[str, str]:
     """SHA-256 of every regular file below ``root`` except the signature; no symlinks."""
     digests: dict[str, str] = {}
@@ -469,8 +482,7 @@ def _hash_directory(root: Path, error: type[Exception]) -> dict[str, str]:
                 raise error(f"{name} is a symlink or special file")
             if len(digests) >= MAX_FILES:
                 raise error(f"more than {MAX_FILES} files in {root}")
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            with os.fdopen(fd, "rb") as fh:
+            with _open_regular(path, name, error) as fh:
                 digests[name] = hashlib.file_digest(fh, "sha256").hexdigest()
     return digests
 
@@ -501,7 +513,7 @@ def verify_directory(
     """
     root = Path(path)
     try:
-        with open(root / SIGNATURE_FILE, "rb") as fh:
+        with _open_regular(root / SIGNATURE_FILE, SIGNATURE_FILE, VerificationError) as fh:
             signature = fh.read(MAX_BUNDLE_BYTES + 1)
         digests = _hash_directory(root, VerificationError)
     except OSError as exc:

@@ -74,6 +74,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    last_modified_ms: int = 0  # when the store received it (server clock)
 
 
 @runtime_checkable
@@ -363,8 +364,12 @@ class S3Store:
             except self._catchable() as exc:
                 raise self._error(exc, "list", None) from exc
             for obj in resp.get("Contents", ()):
+                modified = obj.get("LastModified")
                 yield ObjectInfo(
-                    obj["Key"], int(obj.get("Size", 0)), obj.get("ETag", "").strip('"')
+                    obj["Key"],
+                    int(obj.get("Size", 0)),
+                    obj.get("ETag", "").strip('"'),
+                    int(modified.timestamp() * 1000) if modified else 0,
                 )
                 yielded += 1
                 if limit is not None and yielded >= limit:
@@ -608,7 +613,7 @@ class LocalStore:
             etag = hashlib.blake2b(
                 f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode(), digest_size=16
             ).hexdigest()
-            yield ObjectInfo(name, st.st_size, etag)
+            yield ObjectInfo(name, st.st_size, etag, st.st_mtime_ns // 1_000_000)
 
     def delete(self, key: str) -> None:
         """Remove ``key`` and prune directories it leaves empty; missing keys are fine."""

@@ -14,7 +14,7 @@ from fedlib.round_runner import REPORTS_PREFIX, safe_run_id
 from tests.test_client import make_client
 from tests.test_round_runner import enroll, forged_payload_update, upload_updates
 
-T0 = datetime(2026, 3, 1, tzinfo=UTC)
+T0 = datetime(2027, 3, 1, tzinfo=UTC)  # after every upload: runs take what arrived by then
 
 
 def run_dag(dagbag, when: datetime, **conf):

@@ -14,7 +14,7 @@ from fedlib.rounds import model_from_package, package_model
 from tests.test_client import make_client
 from tests.test_fl_round_dag import report_of, run_dag
 
-T0 = datetime(2026, 4, 1, tzinfo=UTC)
+T0 = datetime(2027, 4, 1, tzinfo=UTC)
 
 
 def publish_degraded(deployment) -> ModelPackage:

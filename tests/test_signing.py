@@ -375,11 +375,18 @@ def test_symlinks_in_a_package_folder_are_refused(pkg: Path, tmp_path: Path):
 
 def test_a_folder_without_signature_fails_cleanly(tmp_path: Path):
     root = write_package(tmp_path / "unsigned")
-    with pytest.raises(VerificationError, match="cannot read"):
+    with pytest.raises(VerificationError, match="cannot open"):
         signing.verify_directory(root, TRUSTED)
     shutil.rmtree(root)
-    with pytest.raises(VerificationError, match="cannot read"):
+    with pytest.raises(VerificationError, match="cannot open"):
         signing.verify_directory(root, TRUSTED)
+
+
+def test_a_fifo_signature_is_refused_without_blocking(pkg: Path):
+    (pkg / "signature.bin").unlink()
+    os.mkfifo(pkg / "signature.bin")
+    with pytest.raises(VerificationError, match="special file"):
+        signing.verify_directory(pkg, TRUSTED)
 
 
 # ----------------------------------------------------------------------------- fuzzing
