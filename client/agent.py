@@ -9,8 +9,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,15 +20,14 @@ from client.config import ClientConfig
 from client.features import load_features
 from client.spool import Spool, UploadReport
 from fedlib import crypto
+from fedlib.channel import ChannelClient
 from fedlib.errors import StoreError, VerificationError
 from fedlib.model import FeatureSchema
-from fedlib.registry import ModelPackage, ModelRegistry, verify_package_files
+from fedlib.registry import ModelPackage, verify_package_files
 from fedlib.store import atomic_write, open_store
 from fedlib.training import LocalUpdate, make_update
 
 log = logging.getLogger("fl-client")
-
-SIGNATURE_FILE = "signature.bin"
 
 
 @dataclass
@@ -65,8 +66,13 @@ class InstalledModels:
         except (OSError, ValueError, KeyError):
             return None
 
-    def install(self, package: ModelPackage, signature: bytes) -> Path:
-        """Write the files into their own folder, then swap the pointer (atomic)."""
+    def install(self, files: dict[str, bytes], trusted: Mapping[str, Any]) -> ModelPackage:
+        """Verify the files, write them into their own folder, then swap the pointer.
+
+        Used for channel downloads and air-gap bundles alike: nothing is installed that
+        does not verify, and a failure leaves the previous model in place.
+        """
+        package = verify_package_files(files, trusted)
         current = self.current_version()
         if current is not None and package.version < current:
             raise VerificationError(
@@ -75,29 +81,31 @@ class InstalledModels:
         final = self.root / f"v{package.version:08d}"
         if not final.exists():
             staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
-            for name, data in {**package.files(), SIGNATURE_FILE: signature}.items():
+            for name, data in files.items():
                 (staging / name).write_bytes(data)
             os.replace(staging, final)
         atomic_write(self.pointer, json.dumps({"version": package.version}).encode())
         for old in self.root.glob(".staging-*"):
             shutil.rmtree(old, ignore_errors=True)
-        return final
+        return package
 
-    def load_current(self, trusted: dict[str, crypto.ed25519.Ed25519PublicKey]) -> ModelPackage:
+    def load_current(self, trusted: Mapping[str, Any]) -> ModelPackage:
         """Re-verify the installed files before use: the disk is not trusted either."""
         version = self.current_version()
         if version is None:
             raise FileNotFoundError("no model installed")
         folder = self.root / f"v{version:08d}"
         files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-        signature = files.pop(SIGNATURE_FILE, b"")
-        return verify_package_files(signature, files, trusted, expected_version=version)
+        return verify_package_files(files, trusted, expected_version=version)
 
 
-def _registry(config: ClientConfig) -> ModelRegistry:
-    return ModelRegistry(
+def channel_client(config: ClientConfig) -> ChannelClient:
+    """The TUF client: pinned root from the config, verified metadata kept in state."""
+    return ChannelClient(
         open_store(config.models_url, config.s3.to_store_config()),
-        config.trusted_package_keys(),
+        config.state_dir / "channel" / "metadata",
+        config.state_dir / "channel" / "targets",
+        config.channel_root_json.encode(),
     )
 
 
@@ -105,8 +113,9 @@ def pull_model(config: ClientConfig, installed: InstalledModels, report: CycleRe
     """Install the active model if it is newer and verifies; otherwise keep what we have."""
     current = installed.current_version()
     try:
-        registry = _registry(config)
-        active = registry.active_version()
+        channel = channel_client(config)
+        channel.refresh()
+        active = channel.active_version()
         if active is None:
             report.model_message = "no model published yet"
             return
@@ -114,16 +123,12 @@ def pull_model(config: ClientConfig, installed: InstalledModels, report: CycleRe
             if active < current:
                 report.ok = False
                 report.model_message = (
-                    f"refused: server points at version {active}, older than installed {current}"
+                    f"refused: the channel names version {active}, older than installed {current}"
                 )
             else:
                 report.model_message = f"version {current} is current"
             return
-        package = registry.read_version(active)
-        signature = registry.store.get(
-            f"packages/v{active:08d}/{SIGNATURE_FILE}", max_bytes=64 * 1024
-        )
-        installed.install(package, signature)
+        installed.install(channel.download(active), config.trusted_package_keys())
         report.pulled_version = active
         report.model_message = f"installed version {active}"
     except StoreError as exc:

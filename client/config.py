@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedlib import crypto
+from fedlib import crypto, signing
 from fedlib.protocol import ClientId
 from fedlib.store import S3Config
 
@@ -45,7 +46,8 @@ class ClientConfig(BaseModel):
     models_url: str = "s3://fl-models"
     s3: S3Settings = Field(default_factory=S3Settings)
     server_public_key_pem: str
-    package_signing_keys_pem: list[str] = Field(min_length=1)
+    package_signing_keys_pem: list[str] = Field(min_length=1)  # OpenSSF signing, P-256
+    channel_root_json: str  # the pinned TUF root of the model channel
     features_dir: Path
     state_dir: Path
     key_path: Path | None = None
@@ -55,9 +57,9 @@ class ClientConfig(BaseModel):
     def signing_key_path(self) -> Path:
         return self.key_path or self.state_dir / "client_key.pem"
 
-    def trusted_package_keys(self) -> dict[str, crypto.ed25519.Ed25519PublicKey]:
-        keys = [crypto.load_verify_key(pem.encode()) for pem in self.package_signing_keys_pem]
-        return {crypto.key_id(k): k for k in keys}
+    def trusted_package_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
+        keys = [signing.load_public_key(pem.encode()) for pem in self.package_signing_keys_pem]
+        return {signing.key_id(k): k for k in keys}
 
     def server_public_key(self) -> crypto.x25519.X25519PublicKey:
         return crypto.load_encryption_public_key(self.server_public_key_pem.encode())

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedlib import crypto
+from fedlib import crypto, signing
 from fedlib.credentials import IamCredentialIssuer
 from fedlib.errors import FedError
 from fedlib.evaluation import evaluate_onnx
@@ -55,6 +55,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     deployment = _deployment(args)
     deployment.ensure_keys()
     deployment.ensure_buckets()
+    deployment.init_channel()
     holdout = Holdout.from_bytes(Path(args.holdout).read_bytes())
     if deployment.holdout_version() is None:
         deployment.save_holdout(holdout)
@@ -87,7 +88,7 @@ def client_config_document(
 ) -> dict[str, object]:
     """What a device needs, as written by ``enroll``: no secret of the server's."""
     settings = deployment.settings
-    signing = deployment.package_signing_key().public_key()
+    package_key = deployment.package_signing_key().public_key()
     return {
         "client_id": client_id,
         "inbox_url": f"s3://{settings.inbox_bucket}",
@@ -99,7 +100,8 @@ def client_config_document(
             "secret_key": secret_key,
         },
         "server_public_key_pem": crypto.public_pem(deployment.current_server_public_key()).decode(),
-        "package_signing_keys_pem": [crypto.public_pem(signing).decode()],
+        "package_signing_keys_pem": [signing.public_key_pem(package_key).decode()],
+        "channel_root_json": deployment.channel_root().decode(),
         "features_dir": features_dir,
         "state_dir": state_dir,
     }

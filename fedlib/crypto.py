@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from fedlib import protocol
-from fedlib.errors import RejectedUpdate, VerificationError
+from fedlib.errors import RejectedUpdate
 
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 
@@ -260,36 +260,3 @@ def open_update(
     except (InvalidTag, ValueError) as exc:
         raise RejectedUpdate("decrypt_failed", f"HPKE open failed: {type(exc).__name__}") from None
     return OpenedUpdate(header=header, payload=payload, client=client)
-
-
-# -- detached signatures over artefacts (model packages, pointers, client configs) --------
-
-ARTEFACT_MAGIC = b"DFLS\x01"
-
-
-def sign_artefact(domain: bytes, body: bytes, key: ed25519.Ed25519PrivateKey) -> bytes:
-    """``magic | key id (16) | Ed25519 signature (64) | body``, signed under a domain tag."""
-    kid = bytes.fromhex(key_id(key))
-    return ARTEFACT_MAGIC + kid + key.sign(domain + b"\x00" + body) + body
-
-
-def verify_artefact(
-    domain: bytes, blob: bytes, trusted: Mapping[str, ed25519.Ed25519PublicKey]
-) -> bytes:
-    """Return the body of a signed artefact if a trusted key signed it; raise otherwise.
-
-    The body is not parsed here, and callers parse it only after this returns.
-    """
-    head = len(ARTEFACT_MAGIC) + 16 + 64
-    if len(blob) < head or not blob.startswith(ARTEFACT_MAGIC):
-        raise VerificationError("not a signed artefact (bad magic or too short)")
-    kid = blob[len(ARTEFACT_MAGIC) : len(ARTEFACT_MAGIC) + 16].hex()
-    public = trusted.get(kid)
-    if public is None:
-        raise VerificationError(f"signed by key {kid}, which is not pinned here")
-    body = blob[head:]
-    try:
-        public.verify(blob[len(ARTEFACT_MAGIC) + 16 : head], domain + b"\x00" + body)
-    except InvalidSignature:
-        raise VerificationError(f"signature by key {kid} does not verify") from None
-    return body

@@ -1,40 +1,33 @@
-"""The model registry: signed, write-once packages per version and a signed active pointer.
+"""The model registry: signed, write-once packages, served to devices through a TUF channel.
 
-Layout in the models bucket::
-
-    packages/v00000002/model.onnx       what devices run (score + flag in-graph)
-    packages/v00000002/weights.bin      flat float64 parameters, for local training
-    packages/v00000002/metadata.json    PackageMetadata (kind, schema, threshold, training)
-    packages/v00000002/signature.bin    signed manifest: version + SHA-256 and size per file
-    channel/active.json                 signed pointer to the active version
-
-Every file of a version is written once. Readers verify the pointer and the manifest
-with the pinned package-signing key before they download or parse anything else, and
-refuse a version older than the one they already have. (The channel is hardened into
-TUF roles by a later issue; this module is the seam.)
+A package is ``model.onnx`` (what devices run: score and flag in-graph), ``weights.bin``
+(flat float64 parameters, for local training), ``metadata.json`` (PackageMetadata) and
+``signature.bin``: an OpenSSF model-signing bundle (DSSE over an in-toto statement with
+every file's SHA-256, ECDSA P-256), so ``model_signing verify key`` checks a package
+offline. Publishing writes the files once under ``packages/v00000002/`` (the server's
+archive) and publishes them as TUF targets (:mod:`fedlib.channel`): the channel's signed
+metadata names the active version, defeats replays of old versions, freezes and mixed
+files, and is what devices follow. Versions only go up.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedlib import crypto, protocol
+from fedlib import signing
+from fedlib.channel import ChannelKeys, ChannelRepository
 from fedlib.errors import FedError, ObjectExists, VerificationError
 from fedlib.protocol import PackageMetadata
 from fedlib.store import NoSuchKey, ObjectStore
 
-PACKAGE_DOMAIN = b"dadm-fl/package-manifest/v1"
-POINTER_DOMAIN = b"dadm-fl/active-pointer/v1"
 PACKAGE_FILES = ("model.onnx", "weights.bin", "metadata.json")
-POINTER_KEY = "channel/active.json"
+SIGNATURE_FILE = signing.SIGNATURE_FILE
 MAX_FILE_BYTES = 256 * 1024 * 1024
-MAX_SIGNATURE_BYTES = 64 * 1024
 
 
 def package_prefix(version: int) -> str:
@@ -81,159 +74,89 @@ class ModelPackage:
         return h.hexdigest()
 
 
-def make_manifest(version: int, files: Mapping[str, bytes]) -> bytes:
-    return protocol.canonical_json(
-        {
-            "version": version,
-            "files": {
-                name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-                for name, data in sorted(files.items())
-            },
-        }
-    )
-
-
-def sign_package(package: ModelPackage, key: ed25519.Ed25519PrivateKey) -> bytes:
-    """``signature.bin``: a signed manifest naming every file's digest and size."""
-    return crypto.sign_artefact(
-        PACKAGE_DOMAIN, make_manifest(package.version, package.files()), key
-    )
-
-
-def verify_manifest(
-    signature: bytes, trusted: Mapping[str, ed25519.Ed25519PublicKey]
-) -> tuple[int, dict[str, dict[str, object]]]:
-    """Check the manifest's signature, then parse it; returns (version, files)."""
-    body = crypto.verify_artefact(PACKAGE_DOMAIN, signature, trusted)
-    try:
-        manifest = protocol.parse_json_limited(body, MAX_SIGNATURE_BYTES, "manifest")
-    except FedError as exc:
-        raise VerificationError(str(exc)) from None
-    if not isinstance(manifest, dict) or set(manifest) != {"version", "files"}:
-        raise VerificationError("manifest must hold exactly 'version' and 'files'")
-    version, files = manifest["version"], manifest["files"]
-    if not isinstance(version, int) or version < 1 or not isinstance(files, dict):
-        raise VerificationError("manifest has a bad version or file list")
-    if set(files) != set(PACKAGE_FILES):
-        raise VerificationError(f"manifest lists {sorted(files)}, expected {sorted(PACKAGE_FILES)}")
-    for name, entry in files.items():
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("sha256"), str)
-            or not isinstance(entry.get("size"), int)
-            or not 0 <= entry["size"] <= MAX_FILE_BYTES
-        ):
-            raise VerificationError(f"manifest entry for {name} is malformed")
-    return version, files
+def sign_package(package: ModelPackage, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """``signature.bin``: an OpenSSF model-signing bundle over every package file."""
+    return signing.sign_files(package.files(), key, model_name=f"v{package.version:08d}")
 
 
 def verify_package_files(
-    signature: bytes,
     files: Mapping[str, bytes],
-    trusted: Mapping[str, ed25519.Ed25519PublicKey],
+    trusted: Mapping[str, ec.EllipticCurvePublicKey],
     *,
     expected_version: int | None = None,
 ) -> ModelPackage:
-    """Verify a package held in memory (from a bucket, a directory or a bundle)."""
-    version, listed = verify_manifest(signature, trusted)
-    if expected_version is not None and version != expected_version:
-        raise VerificationError(f"manifest is for version {version}, expected {expected_version}")
-    for name, entry in listed.items():
-        data = files.get(name)
-        if data is None:
-            raise VerificationError(f"{name} is missing")
-        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise VerificationError(f"{name} does not match the signed manifest")
+    """Verify a package held in memory (bucket, channel, directory or air-gap bundle).
+
+    The signature is checked over exactly the package files before any is parsed.
+    """
+    signature = files.get(SIGNATURE_FILE)
+    if signature is None:
+        raise VerificationError("signature.bin is missing")
+    content = {name: data for name, data in files.items() if name != SIGNATURE_FILE}
+    if set(content) != set(PACKAGE_FILES):
+        raise VerificationError(f"package holds {sorted(content)}, expected {PACKAGE_FILES}")
+    signing.verify_files(signature, content, trusted)
     try:
-        metadata = PackageMetadata.from_json(files["metadata.json"])
+        metadata = PackageMetadata.from_json(content["metadata.json"])
     except (ValueError, FedError) as exc:
         raise VerificationError(str(exc)) from None
-    if metadata.version != version:
-        raise VerificationError(f"metadata says version {metadata.version}, manifest {version}")
-    weights = weights_from_bytes(files["weights.bin"], metadata.num_params)
-    return ModelPackage(metadata=metadata, onnx_bytes=files["model.onnx"], weights=weights)
+    if expected_version is not None and metadata.version != expected_version:
+        raise VerificationError(
+            f"metadata says version {metadata.version}, expected {expected_version}"
+        )
+    weights = weights_from_bytes(content["weights.bin"], metadata.num_params)
+    return ModelPackage(metadata=metadata, onnx_bytes=content["model.onnx"], weights=weights)
 
 
 class ModelRegistry:
-    """Publishing (server side, holds the signing key) and verified reading (anyone)."""
+    """Server-side view of the models bucket: publish (with keys) and verified reads."""
 
     def __init__(
         self,
         store: ObjectStore,
-        trusted: Mapping[str, ed25519.Ed25519PublicKey],
-        signing_key: ed25519.Ed25519PrivateKey | None = None,
+        trusted: Mapping[str, ec.EllipticCurvePublicKey],
+        channel_keys: ChannelKeys,
+        signing_key: ec.EllipticCurvePrivateKey | None = None,
     ) -> None:
         self.store = store
         self.trusted = dict(trusted)
         self.signing_key = signing_key
+        self.channel = ChannelRepository(store, channel_keys)
 
-    @classmethod
-    def for_key(cls, store: ObjectStore, key: ed25519.Ed25519PrivateKey) -> ModelRegistry:
-        public = key.public_key()
-        return cls(store, {crypto.key_id(public): public}, key)
+    def publish(self, package: ModelPackage) -> bool:
+        """Write a version once and make it active; False when it was already published.
 
-    # -- publishing -------------------------------------------------------------------
-
-    def publish(self, package: ModelPackage, *, activate: bool = True) -> bool:
-        """Write a version once; returns False when the identical version already exists.
-
-        A different package under an existing version number is refused.
+        A different package under an existing version number is refused, and so is a
+        version at or below the active one (the channel's versions only go up).
         """
         if self.signing_key is None:
-            raise VerificationError("this registry has no signing key")
+            raise VerificationError("this registry has no package-signing key")
         prefix = package_prefix(package.version)
-        files = dict(package.files())
-        files["signature.bin"] = sign_package(package, self.signing_key)
-        created = True
+        files = {**package.files(), SIGNATURE_FILE: sign_package(package, self.signing_key)}
         try:
             existing = self.read_version(package.version)
         except NoSuchKey:
             existing = None
-        if existing is not None:
-            if existing.digest() != package.digest():
-                raise ObjectExists(f"version {package.version} exists with different content")
-            created = False
-        else:
-            # signature last: a version without its signature is invisible to readers
-            for name in (*PACKAGE_FILES, "signature.bin"):
+        if existing is not None and existing.digest() != package.digest():
+            raise ObjectExists(f"version {package.version} exists with different content")
+        if existing is None:
+            # signature last: a folder without its signature is never read as a package
+            for name in (*PACKAGE_FILES, SIGNATURE_FILE):
                 try:
                     self.store.put(prefix + name, files[name], if_absent=True)
                 except ObjectExists:  # a crashed earlier publish of the same version
                     if self.store.get(prefix + name) != files[name]:
                         raise
-        if activate:
-            self.set_active(package.version)
-        return created
-
-    def set_active(self, version: int) -> None:
-        """Point devices at ``version``. The pointer never moves backwards."""
-        if self.signing_key is None:
-            raise VerificationError("this registry has no signing key")
-        current = self.active_version()
-        if current is not None and version < current:
-            raise ValueError(f"active is {current}; versions only go up (asked {version})")
-        self.read_version(version)  # must exist and verify
-        body = protocol.canonical_json(
-            {"version": version, "published_at_ms": int(time.time() * 1000)}
-        )
-        self.store.put(POINTER_KEY, crypto.sign_artefact(POINTER_DOMAIN, body, self.signing_key))
-
-    # -- reading ----------------------------------------------------------------------
+        custom = {
+            "rollback_of": package.metadata.rollback_of,
+            "parent_version": package.metadata.parent_version,
+        }
+        published = self.channel.publish(package.version, files, custom)
+        return existing is None or published
 
     def active_version(self) -> int | None:
-        try:
-            blob = self.store.get(POINTER_KEY, max_bytes=4096)
-        except NoSuchKey:
-            return None
-        body = crypto.verify_artefact(POINTER_DOMAIN, blob, self.trusted)
-        try:
-            pointer = protocol.parse_json_limited(body, 4096, "active pointer")
-        except FedError as exc:
-            raise VerificationError(str(exc)) from None
-        version = pointer.get("version") if isinstance(pointer, dict) else None
-        if not isinstance(version, int) or version < 1:
-            raise VerificationError("active pointer has no valid version")
-        return version
+        """The version the signed channel points devices at."""
+        return self.channel.status().active_version
 
     def versions(self) -> list[int]:
         found = set()
@@ -243,21 +166,24 @@ class ModelRegistry:
                 found.add(int(part[1:]))
         return sorted(found)
 
-    def read_version(self, version: int) -> ModelPackage:
+    def read_files(self, version: int) -> dict[str, bytes]:
         prefix = package_prefix(version)
-        signature = self.store.get(prefix + "signature.bin", max_bytes=MAX_SIGNATURE_BYTES)
-        _, listed = verify_manifest(signature, self.trusted)
+        signature = self.store.get(prefix + SIGNATURE_FILE, max_bytes=signing.MAX_BUNDLE_BYTES)
         files = {
-            name: self.store.get(prefix + name, max_bytes=int(entry["size"]))  # type: ignore[arg-type]
-            for name, entry in listed.items()
+            name: self.store.get(prefix + name, max_bytes=MAX_FILE_BYTES) for name in PACKAGE_FILES
         }
-        return verify_package_files(signature, files, self.trusted, expected_version=version)
+        return {**files, SIGNATURE_FILE: signature}
+
+    def read_version(self, version: int) -> ModelPackage:
+        return verify_package_files(
+            self.read_files(version), self.trusted, expected_version=version
+        )
 
     def read_active(self, *, min_version: int = 0) -> ModelPackage:
         """The active package, verified; refuses one older than ``min_version``."""
         version = self.active_version()
         if version is None:
-            raise NoSuchKey("no active model has been published")
+            raise NoSuchKey("tuf/metadata/timestamp.json", "no model has been published")
         if version < min_version:
             raise VerificationError(
                 f"active version {version} is older than installed {min_version}: refused"

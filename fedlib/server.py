@@ -15,17 +15,30 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
-from fedlib import crypto
+from fedlib import crypto, signing
+from fedlib.channel import ChannelKeys, ChannelRepository
 from fedlib.fleet import Fleet
 from fedlib.registry import ModelRegistry
 from fedlib.settings import ServerSettings
-from fedlib.store import NoSuchKey, ObjectStore, S3Config, S3Store
+from fedlib.signing import key_id as signing_key_id
+from fedlib.store import NoSuchKey, ObjectStore, S3Config, S3Store, atomic_write
+
+
+def signing_private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
 
 FLEET_KEY = "fleet/fleet.json"
 HOLDOUT_POINTER = "holdout/current.json"
-PACKAGE_KEY_FILE = "package-signing.pem"
+PACKAGE_KEY_FILE = "package-signing-p256.pem"  # OpenSSF model-signing (ECDSA P-256)
+CHANNEL_KEYS_DIR = "channel"  # TUF roles; root keys belong offline in production
 SERVER_KEY_GLOB = "server-hpke-*.pem"
 
 
@@ -102,12 +115,15 @@ class Deployment:
         return Path(self.settings.keys_dir)
 
     def ensure_keys(self) -> None:
-        """Create the package-signing key and a first HPKE key if none exist."""
+        """Create the package-signing key, the channel keys and a first HPKE key if absent."""
         self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not (self.keys_dir / PACKAGE_KEY_FILE).exists():
-            crypto.write_private_key(
-                self.keys_dir / PACKAGE_KEY_FILE, crypto.generate_signing_key()
+            atomic_write(
+                self.keys_dir / PACKAGE_KEY_FILE,
+                signing_private_pem(signing.generate_signing_key()),
+                mode=0o600,
             )
+        ChannelKeys.load_or_generate(self.keys_dir / CHANNEL_KEYS_DIR)
         if not list(self.keys_dir.glob(SERVER_KEY_GLOB)):
             self.add_server_key()
 
@@ -117,8 +133,16 @@ class Deployment:
         crypto.write_private_key(self.keys_dir / f"server-hpke-{kid}.pem", key)
         return kid
 
-    def package_signing_key(self) -> ed25519.Ed25519PrivateKey:
-        return crypto.load_signing_key(self.keys_dir / PACKAGE_KEY_FILE)
+    def package_signing_key(self) -> ec.EllipticCurvePrivateKey:
+        key = serialization.load_pem_private_key(
+            (self.keys_dir / PACKAGE_KEY_FILE).read_bytes(), password=None
+        )
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{PACKAGE_KEY_FILE} is not an ECDSA key")
+        return key
+
+    def channel_keys(self) -> ChannelKeys:
+        return ChannelKeys.load(self.keys_dir / CHANNEL_KEYS_DIR)
 
     def server_keyring(self) -> crypto.ServerKeyring:
         ring = crypto.ServerKeyring()
@@ -140,11 +164,22 @@ class Deployment:
         return key.public_key()
 
     def registry(self, *, signing: bool = False) -> ModelRegistry:
+        """Verified reads always; publishing only with ``signing=True``."""
         key = self.package_signing_key()
-        if signing:
-            return ModelRegistry.for_key(self.models, key)
         public = key.public_key()
-        return ModelRegistry(self.models, {crypto.key_id(public): public})
+        return ModelRegistry(
+            self.models,
+            {signing_key_id(public): public},
+            self.channel_keys(),
+            signing_key=key if signing else None,
+        )
+
+    def init_channel(self) -> bool:
+        return ChannelRepository(self.models, self.channel_keys()).init()
+
+    def channel_root(self) -> bytes:
+        """The current root.json: what an enrolled device pins."""
+        return ChannelRepository(self.models, self.channel_keys()).root_bytes()
 
     # -- fleet and holdout ---------------------------------------------------------------
 

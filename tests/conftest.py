@@ -120,6 +120,7 @@ def deployment(s3_config: S3Config, tmp_path: Path, small_dataset: Path) -> Any:
     dep = Deployment(settings, s3_config)
     dep.ensure_keys()
     dep.ensure_buckets()
+    dep.init_channel()
     data = load_dataset(small_dataset)
     holdout = Holdout(data.holdout_X, data.holdout_y, data.feature_names)
     dep.save_holdout(holdout)

@@ -13,9 +13,9 @@ from client.agent import InstalledModels, run_cycle, status
 from client.cli import main as client_main
 from client.config import ClientConfig
 from client.spool import Spool
-from fedlib import crypto, protocol
+from fedlib import crypto, protocol, signing
 from fedlib.admin import client_config_document, initial_package
-from fedlib.registry import ModelPackage, package_prefix
+from fedlib.registry import ModelPackage
 from fedlib.round_runner import round_inputs
 from fedlib.rounds import open_and_validate
 from fedlib.server import Deployment, Holdout
@@ -121,6 +121,7 @@ def test_offline_cycles_spool_then_upload_exactly_once(seaweed_factory, tmp_path
     dep = Deployment(settings, server.s3_config(max_attempts=2))
     dep.ensure_keys()
     dep.ensure_buckets()
+    dep.init_channel()
     data = load_dataset(small_dataset)
     holdout = Holdout(data.holdout_X, data.holdout_y, data.feature_names)
     dep.registry(signing=True).publish(initial_package(dep, holdout))
@@ -194,7 +195,9 @@ def test_tampered_published_model_is_refused_and_old_one_kept(deployment, tmp_pa
         weights=v1.weights,
     )
     registry.publish(v2)
-    key = package_prefix(2) + "weights.bin"
+    (key,) = [  # what devices download: the TUF target, not the server's archive copy
+        i.key for i in deployment.models.list("tuf/targets/v00000002/") if "weights.bin" in i.key
+    ]
     evil = deployment.models.get(key)
     deployment.models.delete(key)
     deployment.models.put(key, evil[:-8] + np.float64(1e6).tobytes())
@@ -205,12 +208,30 @@ def test_tampered_published_model_is_refused_and_old_one_kept(deployment, tmp_pa
 
 def test_model_signed_by_unpinned_key_is_refused(deployment, tmp_path):
     rows = deployment.dataset.clients[deployment.dataset.client_ids[4]]
-    other = crypto.public_pem(crypto.generate_signing_key()).decode()
+    other = signing.public_key_pem(signing.generate_signing_key()).decode()
     config = make_client(deployment, tmp_path, "dev-p", rows, package_signing_keys_pem=[other])
     report = run_cycle(config)
-    assert not report.ok and "not pinned" in report.model_message
+    assert not report.ok and "unknown key" in report.model_message
     assert InstalledModels(config.state_dir / "models").current_version() is None
     assert not report.trained
+
+
+def test_channel_root_from_another_repository_is_refused(deployment, tmp_path):
+    """A device pinned to another channel root trusts nothing this bucket serves."""
+    from fedlib.channel import ChannelKeys, ChannelRepository
+    from fedlib.store import LocalStore
+
+    other = ChannelRepository(
+        LocalStore(tmp_path / "other-channel"), ChannelKeys.generate(tmp_path / "other-keys")
+    )
+    other.init()
+    rows = deployment.dataset.clients[deployment.dataset.client_ids[5]]
+    config = make_client(
+        deployment, tmp_path, "dev-root", rows, channel_root_json=other.root_bytes().decode()
+    )
+    report = run_cycle(config)
+    assert not report.ok and "refused" in report.model_message
+    assert InstalledModels(config.state_dir / "models").current_version() is None
 
 
 def test_csv_features_in_any_column_order(deployment, tmp_path):

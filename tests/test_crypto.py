@@ -5,10 +5,9 @@ from __future__ import annotations
 import struct
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedlib import crypto, protocol
-from fedlib.errors import RejectedUpdate, VerificationError
+from fedlib.errors import RejectedUpdate
 from fedlib.fleet import Fleet
 
 PAYLOAD = b"payload bytes " * 50
@@ -235,16 +234,3 @@ def test_server_keyring_from_directory(tmp_path):
     ring = crypto.ServerKeyring.from_directory(tmp_path)
     assert ring.key_ids() == sorted(crypto.key_id(k) for k in keys)
     assert "PRIVATE" not in repr(ring)
-
-
-def test_signed_artefacts():
-    key = crypto.generate_signing_key()
-    trusted: dict[str, ed25519.Ed25519PublicKey] = {crypto.key_id(key): key.public_key()}
-    blob = crypto.sign_artefact(b"domain-a", b"body", key)
-    assert crypto.verify_artefact(b"domain-a", blob, trusted) == b"body"
-    with pytest.raises(VerificationError):
-        crypto.verify_artefact(b"domain-b", blob, trusted)  # no cross-domain reuse
-    with pytest.raises(VerificationError):
-        crypto.verify_artefact(b"domain-a", blob[:-1] + b"x", trusted)
-    with pytest.raises(VerificationError, match="not pinned"):
-        crypto.verify_artefact(b"domain-a", blob, {})

@@ -1,13 +1,24 @@
-"""Model registry on a real S3 server: write-once versions, signed pointer, refusals."""
+"""Model registry on a real S3 server: signed write-once versions behind the TUF channel."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from fedlib import crypto
+from fedlib import signing
+from fedlib.channel import ChannelError
 from fedlib.errors import ObjectExists, VerificationError
-from fedlib.registry import ModelPackage, ModelRegistry, package_prefix
-from fedlib.store import NoSuchKey
+from fedlib.registry import (
+    PACKAGE_FILES,
+    SIGNATURE_FILE,
+    ModelPackage,
+    ModelRegistry,
+    package_prefix,
+    verify_package_files,
+)
 
 
 def bump(package: ModelPackage, version: int, **changes) -> ModelPackage:
@@ -23,67 +34,80 @@ def test_publish_and_read_active(deployment):
     assert registry.active_version() == 2
     assert registry.read_active(min_version=2).version == 2
     assert not registry.publish(bump(v1, 2))  # identical republish is a no-op
-
-
-def test_a_version_is_written_once(deployment):
-    registry = deployment.registry(signing=True)
-    v1 = registry.read_active()
-    registry.publish(bump(v1, 2))
-    with pytest.raises(ObjectExists):
-        registry.publish(bump(v1, 2, threshold=123.0))
-    assert registry.read_version(2).metadata.threshold == v1.metadata.threshold
-
-
-def test_pointer_never_moves_backwards(deployment):
-    registry = deployment.registry(signing=True)
-    v1 = registry.read_active()
-    registry.publish(bump(v1, 2))
-    with pytest.raises(ValueError, match="only go up"):
-        registry.set_active(1)
     with pytest.raises(VerificationError, match="older than installed"):
         registry.read_active(min_version=3)
 
 
-@pytest.mark.parametrize("victim", ["model.onnx", "weights.bin", "metadata.json"])
+def test_a_version_is_written_once_and_versions_only_go_up(deployment):
+    registry = deployment.registry(signing=True)
+    v1 = registry.read_active()
+    registry.publish(bump(v1, 3))
+    with pytest.raises(ObjectExists):
+        registry.publish(bump(v1, 3, threshold=123.0))
+    assert registry.read_version(3).metadata.threshold == v1.metadata.threshold
+    with pytest.raises(ChannelError):
+        registry.publish(bump(v1, 2))  # below the active version: refused by the channel
+    assert registry.active_version() == 3
+
+
+@pytest.mark.parametrize("victim", [*PACKAGE_FILES, SIGNATURE_FILE])
 def test_tampered_file_is_refused(deployment, victim):
     registry = deployment.registry(signing=True)
     key = package_prefix(1) + victim
     data = bytearray(deployment.models.get(key))
     data[len(data) // 2] ^= 0x01
-    # an attacker with write access to the bucket replaces the object
-    deployment.models.delete(key)
+    deployment.models.delete(key)  # an attacker with write access to the bucket
     deployment.models.put(key, bytes(data))
-    with pytest.raises(VerificationError, match="does not match"):
+    with pytest.raises(VerificationError):
         registry.read_version(1)
 
 
 def test_package_signed_by_another_key_is_refused(deployment):
-    rogue = ModelRegistry.for_key(deployment.models, crypto.generate_signing_key())
     v1 = deployment.registry().read_active()
+    rogue_key = signing.generate_signing_key()
+    rogue = ModelRegistry(
+        deployment.models,
+        {signing.key_id(rogue_key): rogue_key.public_key()},
+        deployment.channel_keys(),
+        signing_key=rogue_key,
+    )
+    files = {**v1.files(), SIGNATURE_FILE: signing.sign_files(v1.files(), rogue_key)}
     with pytest.raises(VerificationError):
-        rogue.read_version(1)  # rogue trusts only itself; the real signature fails
-    # and a package the rogue key signs is refused by readers pinned to the real key
-    rogue_pkg = bump(v1, 5)
-    rogue.store.put(package_prefix(5) + "model.onnx", rogue_pkg.onnx_bytes)
-    with pytest.raises((VerificationError, NoSuchKey)):
-        deployment.registry().read_version(5)
-
-
-def test_pointer_signed_by_unknown_key_is_refused(deployment):
-    from fedlib.registry import POINTER_DOMAIN, POINTER_KEY
-
-    forged = crypto.sign_artefact(POINTER_DOMAIN, b'{"version":1}', crypto.generate_signing_key())
-    deployment.models.put(POINTER_KEY, forged)
-    with pytest.raises(VerificationError, match="not pinned"):
-        deployment.registry().active_version()
-
-
-def test_files_mixed_from_two_versions_are_refused(deployment):
-    registry = deployment.registry(signing=True)
-    v1 = registry.read_active()
-    registry.publish(bump(v1, 2, threshold=(v1.metadata.threshold or 0) + 1.0))
-    meta_v1 = deployment.models.get(package_prefix(1) + "metadata.json")
-    deployment.models.delete(package_prefix(2) + "metadata.json")
-    deployment.models.put(package_prefix(2) + "metadata.json", meta_v1)
+        verify_package_files(files, deployment.registry().trusted)
+    assert verify_package_files(files, rogue.trusted).version == 1  # only rogue pinners accept
     with pytest.raises(VerificationError):
-        registry.read_version(2)
+        verify_package_files(deployment.registry().read_files(1), rogue.trusted)
+
+
+def test_published_package_verifies_with_openssf_model_signing(deployment, tmp_path):
+    """Interop: `model_signing verify key` accepts what we publish, and refuses tampering."""
+    files = deployment.registry().read_files(1)
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(signing.public_key_pem(deployment.package_signing_key()))
+    cli = Path(sys.executable).with_name("model_signing")
+
+    def verify() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                str(cli),
+                "verify",
+                "key",
+                str(folder),
+                "--signature",
+                str(folder / SIGNATURE_FILE),
+                "--public_key",
+                str(pub),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    ok = verify()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    (folder / "metadata.json").write_bytes(files["metadata.json"].replace(b"1", b"2", 1))
+    assert verify().returncode != 0
