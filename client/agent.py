@@ -241,6 +241,29 @@ def run_cycle(config: ClientConfig) -> CycleReport:
     return report
 
 
+def verify_bundle_file(config: ClientConfig, path: Path):  # -> fedlib.airgap.VerifiedBundle
+    """Check an air-gap bundle offline against this device's pinned root and key."""
+    from fedlib.airgap import verify_bundle
+
+    installed = InstalledModels(config.state_dir / "models").current_version()
+    work = config.state_dir / "bundle-work"
+    work.mkdir(parents=True, exist_ok=True)
+    return verify_bundle(
+        Path(path),
+        trusted_root=config.channel_root_json.encode(),
+        trusted_package_keys=config.trusted_package_keys(),
+        installed_version=installed,
+        workdir=work,
+    )
+
+
+def install_bundle_file(config: ClientConfig, path: Path) -> ModelPackage:
+    """Verify, then install atomically; the previous model stays if anything fails."""
+    bundle = verify_bundle_file(config, path)
+    installed = InstalledModels(config.state_dir / "models")
+    return installed.install(bundle.files, config.trusted_package_keys())
+
+
 def status(config: ClientConfig) -> dict[str, object]:
     state = config.state_dir
     spool = Spool(state / "spool")

@@ -14,10 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from client.agent import run_cycle, status
+from client.agent import install_bundle_file, run_cycle, status, verify_bundle_file
 from client.config import ClientConfig
 from client.features import FeatureError
 from fedlib import crypto
+from fedlib.errors import VerificationError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -77,6 +78,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_verify_bundle(args: argparse.Namespace) -> int:
+    try:
+        bundle = verify_bundle_file(_config(args), Path(args.bundle))
+    except VerificationError as exc:
+        print(f"fl-client: bundle REFUSED: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"bundle OK: model version {bundle.version}, valid until {bundle.expires:%Y-%m-%d %H:%M} "
+        f"UTC, signed package ({len(bundle.files)} files)"
+    )
+    return EXIT_OK
+
+
+def cmd_install_bundle(args: argparse.Namespace) -> int:
+    try:
+        package = install_bundle_file(_config(args), Path(args.bundle))
+    except VerificationError as exc:
+        print(f"fl-client: bundle REFUSED, installed model unchanged: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"installed model version {package.version} from {args.bundle}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-client", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -94,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="client.json (default: $FL_CLIENT_CONFIG)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)
+    for name, func, help_text in (
+        ("verify-bundle", cmd_verify_bundle, "check an air-gap bundle (offline)"),
+        ("install-bundle", cmd_install_bundle, "verify and install an air-gap bundle"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("bundle")
+        p.add_argument("--config", help="client.json (default: $FL_CLIENT_CONFIG)")
         p.set_defaults(func=func)
     return parser
 

@@ -8,6 +8,7 @@ pending updates from the inbox bucket and:
    known-good versions and **rolls back automatically** (a new version carrying the
    best known-good model, `rollback_of` set) when it fell below the floor or behind
    the best by more than the tolerance.
+   **refresh_channel** re-signs the TUF timestamp/snapshot before they expire.
 1. **plan**: lists the inbox (bounded batch, inbox order) and splits it into shards;
    with fewer than `min_clients` devices pending the run ends early ("waiting").
 2. **process_shard** (mapped): verifies each envelope's signature, decrypts (only here),
@@ -94,6 +95,19 @@ def fl_round() -> None:
                 "auc": decision["best_auc"],
             }
         return decision
+
+    @task
+    def refresh_channel() -> list[str]:
+        """Re-sign the channel's timestamp/snapshot before they expire (devices refuse
+        expired metadata: without this, a quiet week would look like a freeze attack)."""
+        from fedlib.channel import ChannelRepository
+
+        deployment = fl_common.deployment()
+        renewed = ChannelRepository(
+            deployment.models, deployment.channel_keys()
+        ).refresh_timestamp()
+        fl_common.log.info("channel metadata re-signed: %s", renewed or "none due")
+        return renewed
 
     @task
     def plan() -> list[int]:
@@ -192,7 +206,7 @@ def fl_round() -> None:
 
     guard = check_active()
     shards = plan()
-    guard >> shards
+    guard >> refresh_channel() >> shards
     results = process_shard.expand(index=shards)
     evaluation = evaluate(build_candidate(reduce(results)))
     branch = gate(evaluation)

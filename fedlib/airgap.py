@@ -70,7 +70,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from securesystemslib.signer import CryptoSigner
@@ -90,6 +90,9 @@ from fedlib.channel import (
 )
 from fedlib.errors import StoreError, VerificationError
 from fedlib.store import LocalStore, NoSuchKey, ObjectStore
+
+if TYPE_CHECKING:
+    from fedlib.server import Deployment
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -988,3 +991,34 @@ def _strict_json(data: bytes) -> Any:
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BundleVerificationError("malformed", f"{MANIFEST} is not valid JSON: {exc}") from None
+
+
+def export_to_airgap_bucket(
+    deployment: Deployment, *, version: int | None, expires_in_days: int
+) -> dict[str, Any]:
+    """Export a bundle into the deployment's air-gap bucket and record it (write-once)."""
+    repository = ChannelRepository(deployment.models, deployment.channel_keys())
+    package_key = deployment.package_signing_key().public_key()
+    bundle, info = export_bundle(
+        deployment.models,
+        version=version,
+        expires_in_days=expires_in_days,
+        repository=repository,
+        trusted_root=repository.root_bytes(1),
+        package_keys={signing.key_id(package_key): package_key},
+    )
+    store = deployment.store(deployment.settings.airgap_bucket)
+    key = f"bundles/{info.filename}"
+    store.put(key, bundle, if_absent=True)
+    record = {
+        "key": key,
+        "version": info.version,
+        "active": info.active,
+        "sha256": info.sha256,
+        "size": info.size,
+        "created": info.created.isoformat(),
+        "expires": info.expires.isoformat(),
+        "root_version": info.root_version,
+    }
+    store.put(f"{key}.json", json.dumps(record, indent=2).encode(), if_absent=True)
+    return record

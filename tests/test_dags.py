@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def test_no_import_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert {"fl_round", "fl_rollback"} <= set(dagbag.dags)
+    assert {"fl_round", "fl_rollback", "fl_airgap_export"} <= set(dagbag.dags)
 
 
 def test_every_dag_sets_retries_tags_and_docs(dagbag):
@@ -23,6 +23,7 @@ def test_fl_round_shape(dagbag):
     assert set(dag.params) == {"min_clients", "dry_run", "max_updates"}
     assert {t.task_id for t in dag.tasks} == {
         "check_active",
+        "refresh_channel",
         "plan",
         "process_shard",
         "reduce",
