@@ -80,6 +80,7 @@ from tuf.ngclient import UpdaterConfig
 from fedlib import signing
 from fedlib.channel import (
     ACTIVE_TARGET,
+    AIRGAP_TIMESTAMP_FIELD,
     ChannelClient,
     ChannelError,
     ChannelLayout,
@@ -109,7 +110,7 @@ BUNDLE_FORMAT: Final = "fedlib-airgap-bundle/1"
 BUNDLE_LAYOUT: Final = ChannelLayout(metadata_prefix="metadata/", targets_prefix="targets/")
 MANIFEST: Final = "manifest.json"
 README: Final = "README.txt"
-MARKER_FIELD: Final = "x-fedlib-airgap"
+MARKER_FIELD: Final = AIRGAP_TIMESTAMP_FIELD
 DEFAULT_MAX_BUNDLE_BYTES: Final = 512 * 1024 * 1024
 MAX_MEMBERS: Final = 1024
 MAX_MANIFEST_BYTES: Final = 1024 * 1024
@@ -567,6 +568,7 @@ def _verify(
             staging / "tuf" / "targets",
             trusted_root,
             layout=BUNDLE_LAYOUT,
+            allow_airgap_timestamp=True,
         )
         with _refusals():
             client.refresh()

@@ -102,6 +102,9 @@ _KEY_SCHEMES: Final = ("ed25519", "ecdsa")
 S = TypeVar("S", bound=Signed)
 
 
+AIRGAP_TIMESTAMP_FIELD = "x-fedlib-airgap"  # set by fedlib.airgap on bundle timestamps
+
+
 class ChannelError(FedError):
     """The repository refused an operation (e.g. a version that does not go up)."""
 
@@ -985,7 +988,9 @@ class ChannelClient:
         *,
         layout: ChannelLayout | None = None,
         config: UpdaterConfig | None = None,
+        allow_airgap_timestamp: bool = False,
     ) -> None:
+        self.allow_airgap_timestamp = allow_airgap_timestamp
         if isinstance(store_or_dir, str | os.PathLike):
             self.store: ObjectStore = LocalStore(store_or_dir, create=False)
         else:
@@ -1024,6 +1029,14 @@ class ChannelClient:
         updater = self._new_updater()
         with _refusals("refresh channel"):
             updater.refresh()
+        if not self.allow_airgap_timestamp:
+            # a bundle's long-lived timestamp copied into a live bucket must not hold
+            # online devices on an old state for weeks
+            timestamp = Metadata[Timestamp].from_file(str(self.metadata_dir / "timestamp.json"))
+            if AIRGAP_TIMESTAMP_FIELD in timestamp.signed.unrecognized_fields:
+                raise ChannelVerificationError(
+                    "refused", "the live channel serves an air-gap bundle's timestamp"
+                )
         self._updater = updater
 
     def _refreshed(self) -> Updater:

@@ -57,3 +57,28 @@ def test_export_verify_install_offline(airflow_deployment, dagbag, tmp_path, cap
     assert client_main(["install-bundle", str(files[1]), "--config", str(cfg_path)]) == 1
     assert "older" in capsys.readouterr().err
     assert models.current_version() == 2
+
+
+def test_bundle_timestamp_copied_into_the_live_bucket_is_refused_online(
+    airflow_deployment, dagbag, tmp_path
+):
+    """A long-lived air-gap timestamp must not hold online devices on an old state.
+
+    (A device that already trusts that timestamp version ignores an equal one; a device
+    that has not seen it yet, like this fresh one, must refuse it.)"""
+    import io
+    import tarfile
+
+    from client.agent import run_cycle
+
+    dep = airflow_deployment
+    rows = dep.dataset.clients[dep.dataset.client_ids[1]]
+    _, bundle = export(dagbag, dep)[1]
+    with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:  # an attacker copies them over
+        for member in tar.getmembers():
+            name = member.name.rsplit("/", 1)[-1]
+            if name == "timestamp.json" or name.endswith(".snapshot.json"):
+                dep.models.put(f"tuf/metadata/{name}", tar.extractfile(member).read())
+    config = make_client(dep, tmp_path, "online-1", rows)
+    report = run_cycle(config)
+    assert not report.ok and "air-gap" in report.model_message
