@@ -90,6 +90,7 @@ from fedlib.channel import (
     target_path,
 )
 from fedlib.errors import StoreError, VerificationError
+from fedlib.protocol import strict_json
 from fedlib.store import LocalStore, NoSuchKey, ObjectStore
 
 if TYPE_CHECKING:
@@ -122,7 +123,6 @@ _ROLES: Final = ("root", "timestamp", "snapshot", "targets")
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _ROOT_NAME = re.compile(r"metadata/([1-9][0-9]{0,18})\.root\.json")
 _TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
-_JSON_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)  # strings skipped
 _MANIFEST_FIELDS: Final = frozenset(
     {"format", "version", "active", "created", "expires", "root_version", "package", "files"}
 )
@@ -968,31 +968,11 @@ def _entry(data: bytes) -> dict[str, Any]:
     return {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key[:40]!r}")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
 def _strict_json(data: bytes) -> Any:
-    depth = 0
-    for match in _JSON_TOKENS.finditer(data):
-        depth += 1 if match.group() in (b"[", b"{") else -1 if match.group() in (b"]", b"}") else 0
-        if depth > MAX_MANIFEST_DEPTH:
-            raise BundleVerificationError("malformed", f"{MANIFEST} nests too deep")
     try:
-        return json.loads(
-            data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
-        )
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise BundleVerificationError("malformed", f"{MANIFEST} is not valid JSON: {exc}") from None
+        return strict_json(data, max_bytes=len(data), max_depth=MAX_MANIFEST_DEPTH, what=MANIFEST)
+    except ValueError as exc:
+        raise BundleVerificationError("malformed", str(exc)) from None
 
 
 def export_to_airgap_bucket(

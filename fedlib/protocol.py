@@ -105,23 +105,54 @@ def canonical_json(obj: Any) -> bytes:
     ).encode("utf-8")
 
 
+_JSON_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)  # skips strings
+
+
+def strict_json(data: bytes, *, max_bytes: int, max_depth: int = 8, what: str = "JSON") -> Any:
+    """Parse JSON from outside: size and nesting limits, no duplicate keys, no NaN.
+
+    The one strict parser of the project; raises ValueError, which each trust boundary
+    turns into its own refusal (RejectedUpdate, VerificationError, ...).
+    """
+    if len(data) > max_bytes:
+        raise ValueError(f"{what} is {len(data)} bytes, limit {max_bytes}")
+    if data.count(b"[") + data.count(b"{") > max_depth:
+        depth = 0
+        for match in _JSON_TOKENS.finditer(data):
+            token = match.group()
+            if token in (b"[", b"{"):
+                depth += 1
+                if depth > max_depth:
+                    raise ValueError(f"{what} nests deeper than {max_depth} levels")
+            elif token in (b"]", b"}"):
+                depth -= 1
+    try:
+        return json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_refuse_duplicates,
+            parse_constant=_refuse_constant,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc}") from None
+
+
 def parse_json_limited(data: bytes, limit: int, what: str) -> Any:
-    """Parse JSON that came from outside, refusing oversize input and deep nesting."""
+    """:func:`strict_json` for update envelopes: refusals carry reason codes."""
     if len(data) > limit:
         raise RejectedUpdate("oversized", f"{what} is {len(data)} bytes, limit {limit}")
-    depth = 0
-    data_to_scan = b"" if data.count(b"[") + data.count(b"{") <= 8 else data
-    for byte in data_to_scan:
-        if byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > 8:
-                raise RejectedUpdate("malformed", f"{what} nests deeper than 8 levels")
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise RejectedUpdate("malformed", f"{what} is not valid JSON: {exc}") from None
+        return strict_json(data, max_bytes=limit, what=what)
+    except ValueError as exc:
+        raise RejectedUpdate("malformed", str(exc)) from None
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key[:40]!r}")
+        result[key] = value
+    return result
 
 
 def _refuse_constant(name: str) -> None:

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedlib import protocol
 from fedlib.errors import VerificationError
+from fedlib.protocol import strict_json
 
 SIGNATURE_FILE: Final = "signature.bin"
 BUNDLE_MEDIA_TYPE: Final = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -74,7 +75,6 @@ _HASH_FOR_CURVE: Final[Mapping[str, type[hashes.HashAlgorithm]]] = {
 }
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
-_JSON_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)  # strings skipped
 
 
 # ------------------------------------------------------------------------------- keys
@@ -237,39 +237,12 @@ def _make_bundle(payload: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
 # ------------------------------------------------------------------------------- verifying
 
 
-def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in result:
-            raise ValueError(f"duplicate key {k[:40]!r}")
-        result[k] = v
-    return result
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
 def _parse_json(data: bytes, what: str) -> Any:
-    """Strict JSON: size and nesting limits, no duplicate keys, no NaN/Infinity."""
-    if len(data) > MAX_BUNDLE_BYTES:
-        raise VerificationError(f"{what} is {len(data)} bytes, limit {MAX_BUNDLE_BYTES}")
-    depth = 0
-    for match in _JSON_TOKENS.finditer(data):
-        if match.group() in (b"[", b"{"):
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise VerificationError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
-        elif match.group() in (b"]", b"}"):
-            depth -= 1
+    """Strict JSON (:func:`fedlib.protocol.strict_json`) refused as a VerificationError."""
     try:
-        return json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=_refuse_duplicates,
-            parse_constant=_refuse_constant,
-        )
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise VerificationError(f"{what} is not valid JSON: {exc}") from None
+        return strict_json(data, max_bytes=MAX_BUNDLE_BYTES, max_depth=MAX_JSON_DEPTH, what=what)
+    except ValueError as exc:
+        raise VerificationError(str(exc)) from None
 
 
 def _obj(value: Any, what: str, required: set[str], optional: frozenset[str] = frozenset()) -> dict:
