@@ -31,7 +31,8 @@ demo-stop: $(STAMP)
 bench: $(STAMP)
 	mkdir -p bench/results
 	$(BIN)/python -m bench.make_dataset --out bench/results/dataset.npz
-	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --json > bench/results/quality.json
+	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --paired dense32 --json > bench/results/quality-autoencoder.json
+	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --kind gaussian --json > bench/results/quality-gaussian.json
 
 clean:
 	rm -rf $(VENV) .state
