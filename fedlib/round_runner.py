@@ -392,6 +392,10 @@ def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
         candidate_pkg = load_candidate(deployment, run_id)
     except NoSuchKey:
         result.update(publish=False, reason="no update passed validation")
+        if plan.replay_of:
+            record = interval_record(deployment, plan.interval_key or "") or {}
+            matches = record.get("candidate_digest") is None
+            result["replay"] = {"of": plan.replay_of, "matches": matches, "candidate_digest": None}
     else:
         candidate = evaluate(deployment, candidate_pkg, holdout)
         ok, why = gate(
