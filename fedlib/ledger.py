@@ -50,18 +50,24 @@ class Ledger:
                 keys.add("updates/" + name)
         return keys
 
-    def record(self, verdict: Verdict, blob: bytes | None = None, *, run_id: str) -> bool:
-        """Write the verdict once; quarantine the bytes of a rejected object first.
+    def quarantine_key(self, verdict: Verdict) -> str:
+        """Where a rejected object's judged bytes live (content-addressed, write-once)."""
+        return f"{QUARANTINE_PREFIX}{_safe(verdict.key)}/{(verdict.sha256 or 'unread')[:16]}"
+
+    def keep_rejected_bytes(self, verdict: Verdict, blob: bytes) -> None:
+        """Store the bytes that were judged, at judgment time (retries rewrite the same)."""
+        self._put_once(self.quarantine_key(verdict) + ".bin", blob)
+
+    def record(self, verdict: Verdict, *, run_id: str) -> bool:
+        """Write the verdict once (and a rejected one's reason beside its bytes).
 
         Returns False when a verdict already existed (a retried task): the first one
         stands, so nothing is counted twice.
         """
-        doc = {**verdict.as_dict(), "run_id": run_id}
-        if not verdict.accepted and blob is not None:
-            base = f"{QUARANTINE_PREFIX}{_safe(verdict.key)}/{verdict.sha256[:16]}"
-            self._put_once(base + ".bin", blob)
-            self._put_once(base + ".reason.json", protocol.canonical_json(doc))
-        return self._put_once(self.verdict_key(verdict.key), protocol.canonical_json(doc))
+        doc = protocol.canonical_json({**verdict.as_dict(), "run_id": run_id})
+        if not verdict.accepted:
+            self._put_once(self.quarantine_key(verdict) + ".reason.json", doc)
+        return self._put_once(self.verdict_key(verdict.key), doc)
 
     def read(self, inbox_key: str) -> dict[str, object] | None:
         try:

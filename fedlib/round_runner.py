@@ -33,7 +33,7 @@ from fedlib.protocol import PackageMetadata
 from fedlib.registry import PACKAGE_FILES, ModelPackage, weights_from_bytes
 from fedlib.rounds import RoundInputs, Verdict, aggregate_objects, build_candidate
 from fedlib.server import Deployment, Holdout
-from fedlib.store import NoSuchKey, ObjectInfo, ObjectTooLarge
+from fedlib.store import NoSuchKey, ObjectInfo, ObjectTooLarge, StoreError
 
 ROUNDS_PREFIX = "rounds/"
 REPORTS_PREFIX = "reports/"
@@ -232,24 +232,40 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
 
     refused: list[Verdict] = []
     ledger = Ledger(deployment.state)
+    judged: dict[str, tuple[bytes, str]] = {}  # this shard's bytes and ETags (bounded)
 
     def refuse(key: str, blob: bytes, reason: str, detail: str) -> None:
         digest = hashlib.sha256(blob).hexdigest()
         refused.append(Verdict(key, digest, len(blob), False, reason=reason, detail=detail))
 
-    source, prefix = (
-        (deployment.state, ARCHIVE_PREFIX) if plan.replay_of else (deployment.inbox, "")
-    )
+    if plan.replay_of:  # recompute from the archived bytes the original run accepted
+        accepted = {v.key: v.sha256 for v in load_verdicts(deployment, plan.replay_of)}
+
+        def fetch(key: str) -> tuple[bytes, str]:
+            if key not in accepted or key in replays:
+                raise NoSuchKey(key, "not accepted in the original run")
+            return deployment.state.get_with_etag(
+                f"{ARCHIVE_PREFIX}{key}/{accepted[key][:16]}", max_bytes=inputs.max_envelope_bytes
+            )
+    else:
+
+        def fetch(key: str) -> tuple[bytes, str]:
+            return deployment.inbox.get_with_etag(key, max_bytes=inputs.max_envelope_bytes)
 
     def objects():
         for key in keys:
             try:
-                blob = source.get(prefix + key, max_bytes=inputs.max_envelope_bytes)
+                blob, etag = fetch(key)
             except NoSuchKey:
                 continue  # deleted by an operator since the plan
             except ObjectTooLarge as exc:
-                refuse(key, b"", "oversized", str(exc))
+                refused.append(
+                    Verdict(
+                        key, "", exc.size, False, reason="oversized", detail=str(exc), etag=exc.etag
+                    )
+                )
                 continue
+            judged[key] = (blob, etag)
             if key in replays:
                 first = ledger.read(key) or {}
                 if first.get("sha256") == hashlib.sha256(blob).hexdigest():
@@ -265,7 +281,15 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
             yield key, blob
 
     agg, verdicts = aggregate_objects(objects(), inputs)
-    verdicts = sorted(verdicts + refused, key=lambda v: v.key)
+    verdicts = sorted(
+        (
+            dataclasses.replace(v, etag=v.etag or judged.get(v.key, (b"", None))[1])
+            for v in [*verdicts, *refused]
+        ),
+        key=lambda v: v.key,
+    )
+    if not plan.replay_of:
+        keep_judged_bytes(deployment, ledger, verdicts, judged)
     prefix = f"{run_prefix(run_id)}shards/{index:05d}"
     partial = agg.to_bytes()
     deployment.state.put(prefix + ".partial", partial)
@@ -540,15 +564,7 @@ def finalize_round(
         if not dry_run:
             ledger = Ledger(deployment.state)
             for verdict in verdicts:
-                blob = None
-                if not verdict.accepted:
-                    try:
-                        blob = deployment.inbox.get(verdict.key)
-                    except NoSuchKey:
-                        blob = None
-                ledger.record(verdict, blob, run_id=run_id)
-            for key in plan.keys:  # kept so the round can be recomputed (backfill replay)
-                archive_inbox_object(deployment, key)
+                ledger.record(verdict, run_id=run_id)
             if plan.interval_key:
                 _put_json(
                     deployment,
@@ -561,19 +577,54 @@ def finalize_round(
                         "published_version": published_version,
                     },
                 )
-            for key in plan.keys:
-                deployment.inbox.delete(key)
+            delete_judged(deployment, verdicts)
     _put_json(deployment, f"{REPORTS_PREFIX}{safe_run_id(run_id)}.json", report.as_dict())
     return report
 
 
-def archive_inbox_object(deployment: Deployment, key: str) -> None:
-    try:
-        blob = deployment.inbox.get(key)
-    except NoSuchKey:
-        return  # already archived and deleted by an earlier attempt
-    with contextlib.suppress(ObjectExists):
-        deployment.state.put(ARCHIVE_PREFIX + key, blob, if_absent=True)
+def keep_judged_bytes(
+    deployment: Deployment,
+    ledger: Ledger,
+    verdicts: list[Verdict],
+    judged: dict[str, tuple[bytes, str]],
+) -> None:
+    """Keep exactly the bytes that were judged: accepted ones in the archive (for
+    backfill replays), rejected ones in quarantine. Content-addressed and write-once,
+    so a retry rewrites nothing and a client overwriting its object changes nothing."""
+    for verdict in verdicts:
+        if verdict.key in judged:
+            blob = judged[verdict.key][0]
+            if verdict.accepted:
+                with contextlib.suppress(ObjectExists):
+                    deployment.state.put(
+                        f"{ARCHIVE_PREFIX}{verdict.key}/{verdict.sha256[:16]}", blob, if_absent=True
+                    )
+            else:
+                ledger.keep_rejected_bytes(verdict, blob)
+        elif verdict.reason == "oversized":  # never read: copied server-side, not downloaded
+            copy = getattr(deployment.state, "copy", None)
+            with contextlib.suppress(StoreError, TypeError):
+                if copy is not None:
+                    copy(
+                        verdict.key,
+                        ledger.quarantine_key(verdict) + ".bin",
+                        src_bucket=deployment.settings.inbox_bucket,
+                    )
+
+
+def delete_judged(deployment: Deployment, verdicts: list[Verdict]) -> None:
+    """Delete an inbox object only if it is still the version that was judged; one that
+    changed since stays for the next round (where it meets its ledger entry)."""
+    judged = {v.key: v.etag for v in verdicts}
+    for client in sorted({k.split("/")[1] for k in judged if k.count("/") == 2}):
+        for info in deployment.inbox.list(f"updates/{client}/"):
+            if info.key in judged and judged[info.key] == info.etag:
+                deployment.inbox.delete(info.key)
+    for key in judged:
+        if key.count("/") != 2:  # keys outside the layout were listed under updates/ too
+            for info in deployment.inbox.list(key, limit=1):
+                if info.key == key and judged[key] == info.etag:
+                    deployment.inbox.delete(key)
 
 
 def _candidate_version(deployment: Deployment, run_id: str) -> int | None:

@@ -49,6 +49,7 @@ class Verdict:
     num_samples: int | None = None
     weight_units: int | None = None
     norm: float | None = None
+    etag: str | None = None  # of the object version that was judged
 
     def as_dict(self) -> dict[str, object]:
         return {k: v for k, v in self.__dict__.items() if v is not None}

@@ -60,8 +60,9 @@ class NoSuchKey(StoreError, KeyError):
 class ObjectTooLarge(StoreError):
     """The object is larger than the caller's ``max_bytes``; refused before reading it."""
 
-    def __init__(self, key: str, size: int, max_bytes: int) -> None:
+    def __init__(self, key: str, size: int, max_bytes: int, etag: str = "") -> None:
         super().__init__(f"oversized object {key!r}: {size} bytes > max_bytes={max_bytes}")
+        self.etag = etag
         self.key = key
         self.size = size
         self.max_bytes = max_bytes
@@ -87,6 +88,10 @@ class ObjectStore(Protocol):
 
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         """Return the object's bytes (NoSuchKey, ObjectTooLarge)."""
+        ...
+
+    def get_with_etag(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+        """Bytes plus the ETag of that version (the one :meth:`list` reports)."""
         ...
 
     def exists(self, key: str) -> bool:
@@ -306,20 +311,25 @@ class S3Store:
 
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         """Download ``key`` in one GET; the size check uses the GET's own Content-Length."""
+        return self.get_with_etag(key, max_bytes=max_bytes)[0]
+
+    def get_with_etag(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+        """The bytes and the ETag of that very GET (to delete only what was judged)."""
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=key)
         except self._catchable() as exc:
             raise self._error(exc, "get", key) from exc
         body = resp["Body"]
+        etag = str(resp.get("ETag", "")).strip('"')
         try:
             size = int(resp.get("ContentLength", -1))
             if max_bytes is not None and size > max_bytes:
-                raise ObjectTooLarge(key, size, max_bytes)
+                raise ObjectTooLarge(key, size, max_bytes, etag)
             # Read one byte past the limit so a lying Content-Length cannot sneak more in.
             data = body.read() if max_bytes is None else body.read(max_bytes + 1)
             if max_bytes is not None and len(data) > max_bytes:
-                raise ObjectTooLarge(key, len(data), max_bytes)
-            return data
+                raise ObjectTooLarge(key, len(data), max_bytes, etag)
+            return data, etag
         except self._catchable() as exc:
             raise self._error(exc, "get", key) from exc
         finally:
@@ -390,13 +400,14 @@ class S3Store:
                 return
             raise err from exc
 
-    def copy(self, src_key: str, dst_key: str) -> None:
-        """Server-side copy within the bucket (bytes never pass through this process)."""
+    def copy(self, src_key: str, dst_key: str, *, src_bucket: str | None = None) -> None:
+        """Server-side copy, within the bucket or from ``src_bucket`` on the same server
+        (bytes never pass through this process: how oversized objects are quarantined)."""
         try:
             self.client.copy_object(
                 Bucket=self.bucket,
                 Key=dst_key,
-                CopySource={"Bucket": self.bucket, "Key": src_key},
+                CopySource={"Bucket": src_bucket or self.bucket, "Key": src_key},
             )
         except self._catchable() as exc:
             err = self._error(exc, "copy", src_key)
@@ -423,6 +434,12 @@ def validate_key(key: str) -> str:
         if seg.startswith(_TMP_PREFIX):
             raise ValueError(f"object key {key!r} uses the reserved prefix {_TMP_PREFIX!r}")
     return key
+
+
+def _local_etag(st: os.stat_result) -> str:
+    return hashlib.blake2b(
+        f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode(), digest_size=16
+    ).hexdigest()
 
 
 def atomic_write(path: Path | str, data: bytes, *, mode: int | None = None) -> None:
@@ -536,20 +553,25 @@ class LocalStore:
 
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         """Read ``key``; the size is checked with fstat before any byte is read."""
+        return self.get_with_etag(key, max_bytes=max_bytes)[0]
+
+    def get_with_etag(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+        """The bytes and the same ETag :meth:`list` reports for this file version."""
         path = self._path(key)
         try:
             with open(path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if max_bytes is not None and size > max_bytes:
-                    raise ObjectTooLarge(key, size, max_bytes)
+                st = os.fstat(fh.fileno())
+                etag = _local_etag(st)
+                if max_bytes is not None and st.st_size > max_bytes:
+                    raise ObjectTooLarge(key, st.st_size, max_bytes, etag)
                 data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NoSuchKey(key, f"in {self.root}") from None
         except OSError as exc:
             raise StoreError(f"get {key!r} from {self.root}: {exc}") from exc
         if max_bytes is not None and len(data) > max_bytes:
-            raise ObjectTooLarge(key, len(data), max_bytes)
-        return data
+            raise ObjectTooLarge(key, len(data), max_bytes, etag)
+        return data, etag
 
     def exists(self, key: str) -> bool:
         """Whether a regular file backs ``key``."""
@@ -610,10 +632,7 @@ class LocalStore:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # deleted while listing
-            etag = hashlib.blake2b(
-                f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode(), digest_size=16
-            ).hexdigest()
-            yield ObjectInfo(name, st.st_size, etag, st.st_mtime_ns // 1_000_000)
+            yield ObjectInfo(name, st.st_size, _local_etag(st), st.st_mtime_ns // 1_000_000)
 
     def delete(self, key: str) -> None:
         """Remove ``key`` and prune directories it leaves empty; missing keys are fine."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from fedlib import compression, crypto, protocol
@@ -122,3 +124,31 @@ def test_bad_updates_are_quarantined_good_ones_aggregated(deployment):
     replay_round = run_round(deployment, "run-replay")
     assert replay_round.rejected.get("replay") == 1
     assert ledger.read(k0)["accepted"] is True  # the first verdict stands
+
+
+def test_an_object_overwritten_after_judgment_is_neither_lost_nor_miscounted(deployment):
+    """The bytes that were judged are what the archive keeps; the new bytes stay in the
+    inbox and meet their ledger entry in the next round (duplicate_update_id)."""
+    from fedlib import round_runner as rr
+
+    sent = upload_updates(deployment, 3)
+    plan = rr.plan_round(deployment, "r-a")
+    for index in range(len(plan.shards)):
+        rr.process_shard(deployment, "r-a", index)
+    key, original = next(iter(sent.items()))
+    deployment.inbox.put(key, original + b"swapped")  # the client overwrites its object
+    rr.reduce_round(deployment, "r-a")
+    rr.build_round_candidate(deployment, "r-a")
+    rr.evaluate_round(deployment, "r-a")
+    rr.finalize_round(deployment, "r-a", decision="rejected")
+
+    verdict = Ledger(deployment.state).read(key)
+    assert verdict["accepted"] and verdict["sha256"] == hashlib.sha256(original).hexdigest()
+    archived = deployment.state.get(f"archive/{key}/{verdict['sha256'][:16]}")
+    assert archived == original
+    assert [i.key for i in deployment.inbox.list("updates/")] == [key]  # not deleted
+
+    upload_updates(deployment, 2, start=3)
+    nxt = run_round(deployment, "r-b")
+    assert nxt.rejected == {"duplicate_update_id": 1}
+    assert list(deployment.inbox.list("updates/")) == []
