@@ -869,6 +869,10 @@ def _custom_version(info: TargetFile) -> int:
 STORE_URL_PREFIX: Final = "store:///"
 
 
+class _BadChannelKey(tuf_exc.DownloadError):
+    """A URL that maps to no valid channel object: a refusal, not an outage."""
+
+
 class StoreFetcher(FetcherInterface):
     """ngclient's transport over an :class:`ObjectStore`, reading at most what TUF allows.
 
@@ -897,9 +901,9 @@ class StoreFetcher(FetcherInterface):
         try:
             _validate_key(key)
         except ValueError as exc:
-            raise tuf_exc.DownloadError(f"bad channel key in {url!r}: {exc}") from exc
+            raise _BadChannelKey(f"bad channel key in {url!r}: {exc}") from exc
         if not key.startswith(self.allowed_prefixes):
-            raise tuf_exc.DownloadError(f"{key!r} is outside the channel prefixes")
+            raise _BadChannelKey(f"{key!r} is outside the channel prefixes")
         return key
 
     def _get(self, url: str, max_length: int) -> bytes:
@@ -946,6 +950,8 @@ def _refusals(action: str) -> Iterator[None]:
         if isinstance(cause, NoSuchKey):
             raise NoSuchKey(cause.key, f"{action}: missing from the channel") from exc
         raise StoreError(f"{action}: {exc}") from exc
+    except _BadChannelKey as exc:  # signed metadata naming an impossible object: refuse it
+        raise ChannelVerificationError("malformed", f"{action}: {exc}") from exc
     except tuf_exc.DownloadError as exc:
         raise StoreError(f"{action}: channel store unreachable: {exc.__cause__ or exc}") from exc
     except tuf_exc.BadVersionNumberError as exc:

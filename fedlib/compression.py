@@ -280,7 +280,8 @@ def decode(blob: bytes, *, expected_dim: int, max_dim: int = 50_000_000) -> Deco
 
     values = np.frombuffer(buf, dtype=val_dtype, count=k, offset=offset).astype(np.float64)
     if scale != 1.0:
-        values *= scale
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are refused just below
+            values *= scale
     if not np.isfinite(values).all():
         raise RejectedUpdate("non_finite", "values contain NaN or infinity")
     values.flags.writeable = False

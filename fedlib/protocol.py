@@ -25,6 +25,7 @@ Payload (the plaintext, only ever seen by the server)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -131,9 +132,17 @@ def strict_json(data: bytes, *, max_bytes: int, max_depth: int = 8, what: str = 
             data.decode("utf-8"),
             object_pairs_hook=_refuse_duplicates,
             parse_constant=_refuse_constant,
+            parse_float=_finite_float,
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ValueError(f"{what} is not valid JSON: {exc}") from None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 overflows to inf: as bad as a NaN literal
+        raise ValueError(f"number {text[:20]!r} is out of range")
+    return value
 
 
 def parse_json_limited(data: bytes, limit: int, what: str) -> Any:
@@ -322,7 +331,7 @@ class PackageMetadata(BaseModel):
 
     @classmethod
     def from_json(cls, data: bytes) -> PackageMetadata:
-        raw = parse_json_limited(data, MAX_METADATA_BYTES, "metadata.json")
+        raw = strict_json(data, max_bytes=MAX_METADATA_BYTES, what="metadata.json")
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
