@@ -103,30 +103,9 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def deployment(s3_config: S3Config, tmp_path: Path, small_dataset: Path) -> Any:
     """A fresh deployment: its own buckets, keys in tmp, holdout and model version 1."""
-    from bench.make_dataset import load_dataset
-    from fedlib.admin import initial_package
-    from fedlib.server import Deployment, Holdout
-    from fedlib.settings import ServerSettings
+    from tests.helpers import build_deployment
 
-    tag = uuid.uuid4().hex[:10]
-    settings = ServerSettings(
-        inbox_bucket=f"inbox-{tag}",
-        models_bucket=f"models-{tag}",
-        state_bucket=f"state-{tag}",
-        airgap_bucket=f"airgap-{tag}",
-        keys_dir=tmp_path / "server-keys",
-        min_clients=2,
-    )
-    dep = Deployment(settings, s3_config)
-    dep.ensure_keys()
-    dep.ensure_buckets()
-    dep.init_channel()
-    data = load_dataset(small_dataset)
-    holdout = Holdout(data.holdout_X, data.holdout_y, data.feature_names)
-    dep.save_holdout(holdout)
-    dep.registry(signing=True).publish(initial_package(dep, holdout))
-    dep.dataset = data  # type: ignore[attr-defined]
-    return dep
+    return build_deployment(s3_config, tmp_path / "server-keys", small_dataset)
 
 
 # ----------------------------------------------------------------------------- Airflow
@@ -166,30 +145,7 @@ def dagbag(airflow_home: Path) -> Any:
 @pytest.fixture
 def airflow_deployment(deployment: Any, airflow_home: Path, tmp_path: Path, monkeypatch) -> Any:
     """The test deployment as the DAGs see it: fl-server.toml plus the fl_s3 connection."""
-    import json as _json
+    from tests.helpers import expose_to_airflow
 
-    settings = deployment.settings
-    toml = tmp_path / "fl-server.toml"
-    toml.write_text(
-        "\n".join(
-            f'{name} = "{getattr(settings, name)}"'
-            for name in (
-                "inbox_bucket",
-                "models_bucket",
-                "state_bucket",
-                "airgap_bucket",
-                "keys_dir",
-            )
-        )
-        + f"\nmin_clients = {settings.min_clients}\n"
-    )
-    s3 = deployment.s3
-    conn = {
-        "conn_type": "aws",
-        "login": s3.access_key,
-        "password": s3.secret_key,
-        "extra": {"endpoint_url": s3.endpoint_url, "region_name": s3.region},
-    }
-    monkeypatch.setenv("FL_SERVER_CONFIG", str(toml))
-    monkeypatch.setenv("AIRFLOW_CONN_FL_S3", _json.dumps(conn))
+    expose_to_airflow(deployment, tmp_path, monkeypatch)
     return deployment

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,10 @@ from client.cli import main as client_main
 from client.config import ClientConfig
 from client.spool import Spool
 from fedlib import crypto, protocol, signing
-from fedlib.admin import client_config_document, initial_package
+from fedlib.admin import client_config_document
 from fedlib.registry import ModelPackage
 from fedlib.round_runner import round_inputs
 from fedlib.rounds import open_and_validate
-from fedlib.server import Deployment, Holdout
-from fedlib.settings import ServerSettings
 from fedlib.store import TMP_PREFIX
 
 
@@ -107,24 +104,12 @@ def test_plaintext_holds_only_delta_and_small_metadata(deployment, tmp_path):
 
 def test_offline_cycles_spool_then_upload_exactly_once(seaweed_factory, tmp_path, small_dataset):
     """Stop the S3 server to take the device offline; start it again to let it upload."""
-    from bench.make_dataset import load_dataset
+
+    from tests.helpers import build_deployment
 
     server = seaweed_factory()
-    tag = uuid.uuid4().hex[:8]
-    settings = ServerSettings(
-        inbox_bucket=f"inbox-{tag}",
-        models_bucket=f"models-{tag}",
-        state_bucket=f"state-{tag}",
-        airgap_bucket=f"airgap-{tag}",
-        keys_dir=tmp_path / "keys",
-    )
-    dep = Deployment(settings, server.s3_config(max_attempts=2))
-    dep.ensure_keys()
-    dep.ensure_buckets()
-    dep.init_channel()
-    data = load_dataset(small_dataset)
-    holdout = Holdout(data.holdout_X, data.holdout_y, data.feature_names)
-    dep.registry(signing=True).publish(initial_package(dep, holdout))
+    dep = build_deployment(server.s3_config(max_attempts=2), tmp_path / "keys", small_dataset)
+    data = dep.dataset
     config = make_client(
         dep, tmp_path, "dev-off", data.clients[data.client_ids[0]], one_update_per_version=False
     )

@@ -1,0 +1,58 @@
+"""Builders shared by fixtures and tests that need a deployment of their own."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def build_deployment(s3_config: Any, keys_dir: Path, dataset_path: Path, **settings: Any) -> Any:
+    """A fresh deployment on ``s3_config``: its own buckets, keys, holdout and version 1."""
+    from bench.make_dataset import load_dataset
+    from fedlib.admin import initial_package
+    from fedlib.server import Deployment, Holdout
+    from fedlib.settings import ServerSettings
+
+    tag = uuid.uuid4().hex[:10]
+    dep = Deployment(
+        ServerSettings(
+            inbox_bucket=f"inbox-{tag}",
+            models_bucket=f"models-{tag}",
+            state_bucket=f"state-{tag}",
+            airgap_bucket=f"airgap-{tag}",
+            keys_dir=keys_dir,
+            **{"min_clients": 2, **settings},
+        ),
+        s3_config,
+    )
+    dep.ensure_keys()
+    dep.ensure_buckets()
+    dep.init_channel()
+    data = load_dataset(dataset_path)
+    holdout = Holdout(data.holdout_X, data.holdout_y, data.feature_names)
+    dep.save_holdout(holdout)
+    dep.registry(signing=True).publish(initial_package(dep, holdout))
+    dep.dataset = data
+    return dep
+
+
+def expose_to_airflow(deployment: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """Make the DAGs see ``deployment``: an fl-server.toml and the fl_s3 connection."""
+    settings = deployment.settings
+    names = ("inbox_bucket", "models_bucket", "state_bucket", "airgap_bucket", "keys_dir")
+    toml = tmp_path / "fl-server.toml"
+    toml.write_text(
+        "\n".join(f'{n} = "{getattr(settings, n)}"' for n in names)
+        + f"\nmin_clients = {settings.min_clients}\n"
+    )
+    s3 = deployment.s3
+    conn = {
+        "conn_type": "aws",
+        "login": s3.access_key,
+        "password": s3.secret_key,
+        "extra": {"endpoint_url": s3.endpoint_url, "region_name": s3.region},
+    }
+    monkeypatch.setenv("FL_SERVER_CONFIG", str(toml))
+    monkeypatch.setenv("AIRFLOW_CONN_FL_S3", json.dumps(conn))
