@@ -412,12 +412,12 @@ def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
         "candidate": None,
         "holdout_version": holdout.version,
     }
+    record = (interval_record(deployment, plan.interval_key or "") or {}) if plan.replay_of else {}
     try:
         candidate_pkg = load_candidate(deployment, run_id)
     except NoSuchKey:
         result.update(publish=False, reason="no update passed validation")
         if plan.replay_of:
-            record = interval_record(deployment, plan.interval_key or "") or {}
             matches = record.get("candidate_digest") is None
             result["replay"] = {"of": plan.replay_of, "matches": matches, "candidate_digest": None}
     else:
@@ -430,7 +430,6 @@ def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
         )
         result.update(candidate=candidate.as_dict(), publish=ok, reason=why)
         if plan.replay_of:
-            record = interval_record(deployment, plan.interval_key or "") or {}
             digest = candidate_pkg.digest()
             matches = digest == record.get("candidate_digest")
             result.update(
@@ -554,11 +553,13 @@ def finalize_round(
             report.holdout_version = evaluation.get("holdout_version")
         except NoSuchKey:
             pass
+        candidate_version = None
         try:
             report.aggregate_digest = hashlib.sha256(
                 deployment.state.get(run_prefix(run_id) + "aggregate.bin")
             ).hexdigest()
-            report.candidate_digest = load_candidate(deployment, run_id).digest()
+            candidate = load_candidate(deployment, run_id)
+            report.candidate_digest, candidate_version = candidate.digest(), candidate.version
         except NoSuchKey:
             pass
         if not dry_run:
@@ -573,7 +574,7 @@ def finalize_round(
                         "run_id": run_id,
                         "decision": decision,
                         "candidate_digest": report.candidate_digest,
-                        "candidate_version": _candidate_version(deployment, run_id),
+                        "candidate_version": candidate_version,
                         "published_version": published_version,
                     },
                 )
@@ -625,13 +626,6 @@ def delete_judged(deployment: Deployment, verdicts: list[Verdict]) -> None:
             for info in deployment.inbox.list(key, limit=1):
                 if info.key == key and judged[key] == info.etag:
                     deployment.inbox.delete(key)
-
-
-def _candidate_version(deployment: Deployment, run_id: str) -> int | None:
-    try:
-        return load_candidate(deployment, run_id).version
-    except NoSuchKey:
-        return None
 
 
 # -- all in one process ---------------------------------------------------------------------
