@@ -50,13 +50,14 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from bench.make_dataset import Dataset, load_dataset
 from fedlib import compression, crypto, protocol
 from fedlib.aggregation import AggregationConfig
-from fedlib.evaluation import evaluate_onnx
+from fedlib.evaluation import evaluate_onnx, gate
 from fedlib.fleet import Fleet
 from fedlib.model import KINDS, FeatureSchema, create_model, feature_moments
 from fedlib.registry import ModelPackage
+from fedlib.robust import reference_delta
 from fedlib.rounds import RoundInputs, aggregate_objects, build_candidate, package_model
 from fedlib.settings import ServerSettings
-from fedlib.training import make_update
+from fedlib.training import local_delta, make_update, seal_delta
 
 DEFAULTS = ServerSettings()
 """The deployment defaults: the bench measures what a default deployment would run."""
@@ -81,6 +82,11 @@ class QualityConfig:
     server_nesterov: bool = True
     step_weighting: bool = True  # rows per local step (FedNova-style); off = rows
     paired: str | None = None  # a second compression mode to train side by side
+    robust: str = "none"  # fedlib.robust statistic instead of the mean
+    trim_fraction: float = 0.2
+    attack: str = "none"  # what malicious clients send: see ATTACKS
+    malicious_fraction: float = 0.0
+    gate: bool = False  # publish a round only if the server's holdout gate passes
 
     def bound(self) -> float:
         return default_norm_bound(self.kind) if self.norm_bound is None else self.norm_bound
@@ -111,7 +117,26 @@ def aggregation_config(cfg: QualityConfig, spec: Mapping[str, Any]) -> Aggregati
         server_momentum=cfg.server_momentum,
         server_nesterov=cfg.server_nesterov,
         local_batch_size=base.local_batch_size if cfg.step_weighting else 0,
+        robust=cfg.robust,
+        trim_fraction=cfg.trim_fraction,
     )
+
+
+ATTACKS = ("none", "scaled", "sign_flip", "random", "absent")
+"""What malicious clients send; ``absent``: they send nothing (what a perfect defense
+leaves: the honest clients alone, without the attackers' own normal data)."""
+
+
+def poisoned_delta(
+    attack: str, delta: np.ndarray, target_norm: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A malicious client's delta: its honest one scaled up to the server's norm bound
+    (the largest step the bound admits), the same flipped, or random noise of that norm."""
+    if attack == "random":
+        delta = rng.standard_normal(delta.shape)
+    norm = float(np.linalg.norm(delta)) or 1.0
+    sign = -1.0 if attack == "sign_flip" else 1.0
+    return sign * delta * (target_norm / norm)
 
 
 def run_federated(
@@ -144,21 +169,42 @@ def run_federated(
     residuals: dict[str, np.ndarray | None] = dict.fromkeys(ids)
     sizes: list[int] = []
     rejected = 0
+    refused_rounds = 0
     rounds = 1 if exact else cfg.rounds
     momentum = None
+    n_bad = round(cfg.malicious_fraction * len(ids)) if cfg.attack != "none" else 0
+    attack_rng = np.random.default_rng([seed, 1])  # the honest clients' draws stay paired
+    malicious = {str(c) for c in attack_rng.choice(ids, size=n_bad, replace=False)}
+    active = evaluate_onnx(package.onnx_bytes, data.holdout_X, data.holdout_y)
     for r in range(rounds):
         objects = []
         for cid in ids:
-            update = make_update(
-                package,
-                data.clients[cid],
-                client_id=cid,
-                client_key=keys[cid],
-                server_public_key=server_key.public_key(),
-                residual=residuals[cid] if cfg.error_feedback else None,
-                seed=int(rng.integers(2**31)),
-            )
-            residuals[cid] = update.residual
+            seed_i = int(rng.integers(2**31))
+            if cid in malicious and cfg.attack == "absent":
+                continue
+            if cid in malicious:
+                delta, n = local_delta(package, data.clients[cid], seed=seed_i)
+                update = seal_delta(
+                    package,
+                    poisoned_delta(cfg.attack, delta, 0.99 * aggregation.norm_bound, attack_rng),
+                    n,
+                    client_id=cid,
+                    client_key=keys[cid],
+                    server_public_key=server_key.public_key(),
+                    residual=None,
+                    clip=False,
+                )
+            else:
+                update = make_update(
+                    package,
+                    data.clients[cid],
+                    client_id=cid,
+                    client_key=keys[cid],
+                    server_public_key=server_key.public_key(),
+                    residual=residuals[cid] if cfg.error_feedback else None,
+                    seed=seed_i,
+                )
+                residuals[cid] = update.residual
             sizes.append(len(update.envelope))
             objects.append((protocol.inbox_key(cid, update.update_id), update.envelope))
         inputs = RoundInputs(
@@ -167,10 +213,11 @@ def run_federated(
             base=package,
             known_versions=frozenset(versions),
             aggregation=aggregation,
+            reference=(reference_delta(package, calibration) if cfg.robust == "fltrust" else None),
         )
         agg, verdicts = aggregate_objects(objects, inputs)
         rejected += sum(not v.accepted for v in verdicts)
-        package, momentum = build_candidate(
+        candidate, new_momentum = build_candidate(
             package,
             agg,
             momentum=momentum,
@@ -179,6 +226,14 @@ def run_federated(
             round_id=f"sim-{r}",
             created_at_ms=0,
         )
+        if cfg.gate:  # the server's gate (fedlib.round_runner.gate) on the same holdout
+            scored = evaluate_onnx(candidate.onnx_bytes, data.holdout_X, data.holdout_y)
+            ok, _ = gate(scored, active, tolerance=DEFAULTS.auc_tolerance, floor=DEFAULTS.auc_floor)
+            if not ok:
+                refused_rounds += 1
+                continue
+            active = scored
+        package, momentum = candidate, new_momentum
         versions.add(package.version)
     metrics = evaluate_onnx(package.onnx_bytes, data.holdout_X, data.holdout_y)
     dim = package.metadata.num_params
@@ -192,6 +247,7 @@ def run_federated(
         "num_params": float(dim),
         "rounds": float(rounds),
         "rejected_updates": float(rejected),
+        "gate_refused_rounds": float(refused_rounds),
         "_final": package,  # type: ignore[dict-item]
     }
 

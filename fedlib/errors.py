@@ -26,6 +26,7 @@ REASONS: Final[frozenset[str]] = frozenset(
         "shape_mismatch",
         "norm_exceeded",
         "oversized",
+        "distrusted",
     }
 )
 

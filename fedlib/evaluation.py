@@ -45,3 +45,16 @@ def evaluate_onnx(onnx_bytes: bytes, features: np.ndarray, labels: np.ndarray) -
 
     scores, flags = onnx_score(onnx_bytes, features)
     return score_metrics(scores, flags, labels)
+
+
+def gate(
+    candidate: Metrics, active: Metrics, *, tolerance: float, floor: float
+) -> tuple[bool, str]:
+    """Publish when the candidate is no worse than active (within tolerance), above a floor."""
+    if candidate.auc < floor:
+        return False, f"candidate AUC {candidate.auc:.4f} is below the floor {floor}"
+    if candidate.auc < active.auc - tolerance:
+        return False, (
+            f"candidate AUC {candidate.auc:.4f} < active {active.auc:.4f} - tolerance {tolerance}"
+        )
+    return True, f"candidate AUC {candidate.auc:.4f} vs active {active.auc:.4f}"

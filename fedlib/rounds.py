@@ -13,12 +13,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedlib import compression, crypto, protocol
-from fedlib.aggregation import AggregationConfig, StreamingAggregator, staleness_weight
+from fedlib import compression, crypto, protocol, robust
+from fedlib.aggregation import (
+    WEIGHT_FRACTION_BITS,
+    AggregationConfig,
+    Aggregator,
+    new_aggregator,
+    staleness_weight,
+)
 from fedlib.errors import RejectedUpdate
 from fedlib.model import AnomalyModel, FeatureSchema, load_model
 from fedlib.protocol import PackageMetadata, TrainingConfig
 from fedlib.registry import ModelPackage
+
+MIN_WEIGHT = 2.0**-WEIGHT_FRACTION_BITS  # the smallest weight the exact sum can represent
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,8 @@ class RoundInputs:
     known_versions: frozenset[int]
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     max_envelope_bytes: int = protocol.MAX_ENVELOPE_BYTES
+    #: FLTrust's reference delta (``aggregation.robust == "fltrust"``), else None.
+    reference: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -102,14 +112,14 @@ def aggregate_objects(
     inputs: RoundInputs,
     *,
     seen_update_ids: set[str] | None = None,
-) -> tuple[StreamingAggregator, list[Verdict]]:
+) -> tuple[Aggregator, list[Verdict]]:
     """Open, validate and add a stream of (key, blob); one verdict per object, never raises.
 
     ``seen_update_ids`` holds ids already aggregated or quarantined earlier (replays);
     it is updated in place so duplicates within the stream are caught too.
     """
     seen = seen_update_ids if seen_update_ids is not None else set()
-    agg = StreamingAggregator(inputs.base.metadata.num_params, inputs.aggregation)
+    agg = new_aggregator(inputs.base.metadata.num_params, inputs.aggregation)
     verdicts: list[Verdict] = []
     for key, blob in objects:
         digest = hashlib.sha256(blob).hexdigest()
@@ -119,7 +129,15 @@ def aggregate_objects(
             uid = update.header.update_id
             if uid in seen:
                 raise RejectedUpdate("replay", f"update {uid} was already processed")
-            units = agg.add(update.delta, update.weight)
+            delta, weight = update.delta, update.weight
+            if inputs.aggregation.robust == "fltrust":
+                if inputs.reference is None:
+                    raise ValueError("fltrust aggregation needs RoundInputs.reference")
+                delta, trust = robust.trusted(delta, inputs.reference)
+                weight *= trust
+                if weight < MIN_WEIGHT:
+                    raise RejectedUpdate("distrusted", f"trust {trust:.2g} leaves no weight")
+            units = agg.add(delta, weight)
         except RejectedUpdate as exc:
             verdicts.append(Verdict(**common, accepted=False, reason=exc.reason, detail=exc.detail))
             continue
@@ -152,7 +170,7 @@ def model_from_package(package: ModelPackage) -> AnomalyModel:
 
 def build_candidate(
     base: ModelPackage,
-    agg: StreamingAggregator,
+    agg: Aggregator,
     *,
     version: int,
     calibration_rows: np.ndarray,

@@ -66,8 +66,18 @@ class ServerSettings(BaseModel):
     server_momentum: float = Field(
         0.9, ge=0, lt=1, description="FedAvgM momentum (0 = plain FedAvg)."
     )
+    robust_aggregation: Literal["none", "fltrust", "trimmed_mean", "median"] = Field(
+        "none",
+        description="Poisoning defense (fedlib/robust.py): fltrust weights each update by "
+        "its agreement with a delta trained on the holdout's benign rows (streaming); "
+        "trimmed_mean/median replace the mean (devices send dense16; reduce holds "
+        "4 bytes x updates x params).",
+    )
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="Update weight the trimmed mean drops at each end."
+    )
     compression: Literal["topk16", "dense16", "dense32", "dense64"] = Field(
-        "topk16", description="How devices compress updates."
+        "topk16", description="How devices compress updates (dense16 under robust_aggregation)."
     )
     topk_fraction: float = Field(0.075, gt=0, le=1, description="Share of coordinates top-k keeps.")
     local_epochs: int = Field(1, ge=1, description="Local passes over a device's rows per update.")
@@ -87,7 +97,8 @@ class ServerSettings(BaseModel):
     ) -> AggregationConfig:
         """Aggregation for a model kind: iterative kinds get FedAvgM with per-step weights
         (FedNova-style, measured to matter on non-IID fleets), sufficient-statistics kinds
-        a plain exact mean with their own wide norm bound."""
+        a plain exact mean with their own wide norm bound (never a robust statistic: it
+        would no longer be the pooled fit)."""
         from fedlib.aggregation import AggregationConfig
         from fedlib.model import KINDS
 
@@ -99,6 +110,8 @@ class ServerSettings(BaseModel):
             server_lr=1.0 if exact else self.server_lr,
             server_momentum=0.0 if exact else self.server_momentum,
             local_batch_size=0 if exact else int((model_spec or {}).get("batch_size", 0)),
+            robust="none" if exact else self.robust_aggregation,
+            trim_fraction=self.trim_fraction,
         )
 
     def training(self, model_kind: str | None = None) -> TrainingConfig:
@@ -108,9 +121,14 @@ class ServerSettings(BaseModel):
 
         kind = KINDS[model_kind or self.model_kind]
         exact = kind.sufficient_statistics
+        compression = self.compression
+        if exact:
+            compression = kind.preferred_compression  # type: ignore[assignment]
+        elif self.robust_aggregation in ("trimmed_mean", "median") and compression == "topk16":
+            compression = "dense16"  # a per-coordinate statistic of sparse rows is ~0
         return TrainingConfig(
             epochs=self.local_epochs,
-            compression=kind.preferred_compression if exact else self.compression,  # type: ignore[arg-type]
+            compression=compression,
             topk_fraction=self.topk_fraction,
             clip_norm=self.exact_norm_bound if exact else self.norm_bound,
         )

@@ -26,28 +26,39 @@ class LocalUpdate:
     delta_norm: float
 
 
-def make_update(
+def local_delta(package: ModelPackage, rows: np.ndarray, *, seed: int) -> tuple[np.ndarray, int]:
+    """Train from the package's weights on local rows; return (delta, rows used)."""
+    meta = package.metadata
+    schema = FeatureSchema.from_dict(meta.feature_schema)
+    model = load_model(meta.model_kind, schema, meta.model_spec, package.weights, meta.threshold)
+    num_samples = model.fit_local(rows, epochs=meta.training.epochs, seed=seed)
+    return model.params() - package.weights, int(num_samples)
+
+
+def seal_delta(
     package: ModelPackage,
-    rows: np.ndarray,
+    delta: np.ndarray,
+    num_samples: int,
     *,
     client_id: str,
     client_key: ed25519.Ed25519PrivateKey,
     server_public_key: x25519.X25519PublicKey,
     residual: np.ndarray | None,
-    seed: int,
     created_at_ms: int | None = None,
+    clip: bool = True,
 ) -> LocalUpdate:
+    """Add the error-feedback residual, clip, compress, frame, seal and sign one delta.
+
+    ``clip=False`` exists for the poisoning benchmark (an attacker skips it); honest
+    devices always clip to the package's ``clip_norm``.
+    """
     meta = package.metadata
     training = meta.training
-    schema = FeatureSchema.from_dict(meta.feature_schema)
-    model = load_model(meta.model_kind, schema, meta.model_spec, package.weights, meta.threshold)
-    num_samples = model.fit_local(rows, epochs=training.epochs, seed=seed)
-    delta = model.params() - package.weights
     if residual is not None and residual.shape == delta.shape:
         delta = delta + residual
     norm = float(np.linalg.norm(delta))
     limit = training.clip_norm * (1 - 1e-3)  # headroom for 16-bit rounding
-    if norm > limit:
+    if clip and norm > limit:
         delta = delta * (limit / norm)
     cfg = compression.CompressionConfig(
         mode=training.compression, topk_fraction=training.topk_fraction
@@ -76,3 +87,28 @@ def make_update(
         created_at_ms=created_at_ms,
     )
     return LocalUpdate(header.update_id, envelope, new_residual, int(num_samples), norm)
+
+
+def make_update(
+    package: ModelPackage,
+    rows: np.ndarray,
+    *,
+    client_id: str,
+    client_key: ed25519.Ed25519PrivateKey,
+    server_public_key: x25519.X25519PublicKey,
+    residual: np.ndarray | None,
+    seed: int,
+    created_at_ms: int | None = None,
+) -> LocalUpdate:
+    """The honest device step: :func:`local_delta` then :func:`seal_delta`."""
+    delta, num_samples = local_delta(package, rows, seed=seed)
+    return seal_delta(
+        package,
+        delta,
+        num_samples,
+        client_id=client_id,
+        client_key=client_key,
+        server_public_key=server_public_key,
+        residual=residual,
+        created_at_ms=created_at_ms,
+    )
