@@ -19,15 +19,16 @@ import dataclasses
 import hashlib
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from fedlib import protocol
-from fedlib.aggregation import StreamingAggregator
+from fedlib import protocol, robust
+from fedlib.aggregation import aggregator_from_bytes, new_aggregator
 from fedlib.errors import ObjectExists, RejectedUpdate
-from fedlib.evaluation import Metrics, evaluate_onnx
+from fedlib.evaluation import Metrics, evaluate_onnx, gate
 from fedlib.ledger import Ledger
 from fedlib.protocol import PackageMetadata
 from fedlib.registry import PACKAGE_FILES, ModelPackage, weights_from_bytes
@@ -201,10 +202,19 @@ def load_plan(deployment: Deployment, run_id: str) -> RoundPlan:
 # -- shards -------------------------------------------------------------------------------
 
 
-def round_inputs(deployment: Deployment, base: ModelPackage) -> RoundInputs:
+def round_inputs(
+    deployment: Deployment, base: ModelPackage, holdout_version: int | None = None
+) -> RoundInputs:
+    """Validation inputs of a round; with FLTrust, the reference delta trained on the
+    benign rows of the round's holdout (the clean data the server already holds)."""
     meta = base.metadata
     aggregation = deployment.settings.aggregation(meta.model_kind, meta.model_spec)
+    reference = None
+    if aggregation.robust == "fltrust":
+        benign = deployment.load_holdout(holdout_version).benign()
+        reference = robust.reference_delta(base, benign)
     return RoundInputs(
+        reference=reference,
         fleet=deployment.load_fleet(),
         server_keys=deployment.server_keyring(),
         base=base,
@@ -228,7 +238,7 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
     keys = plan.shards[index]
     replays = set(plan.replays)
     base = deployment.registry().read_version(plan.base_version)
-    inputs = round_inputs(deployment, base)
+    inputs = round_inputs(deployment, base, plan.holdout_version)
 
     refused: list[Verdict] = []
     ledger = Ledger(deployment.state)
@@ -239,7 +249,10 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
         refused.append(Verdict(key, digest, len(blob), False, reason=reason, detail=detail))
 
     if plan.replay_of:  # recompute from the archived bytes the original run accepted
-        accepted = {v.key: v.sha256 for v in load_verdicts(deployment, plan.replay_of)}
+        original = _get_json(  # the replayed plan is the original's: same shard, same keys
+            deployment, f"{run_prefix(plan.replay_of)}shards/{index:05d}.verdicts.json"
+        )
+        accepted = {doc["key"]: doc["sha256"] for doc in original if doc.get("accepted")}
 
         def fetch(key: str) -> tuple[bytes, str]:
             if key not in accepted or key in replays:
@@ -304,13 +317,19 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
     )
 
 
-def load_verdicts(deployment: Deployment, run_id: str) -> list[Verdict]:
-    plan = load_plan(deployment, run_id)
-    out: list[Verdict] = []
+def shard_verdicts(
+    deployment: Deployment, run_id: str, plan: RoundPlan | None = None
+) -> Iterator[list[Verdict]]:
+    """A run's verdicts one shard at a time (memory bounded by the shard size)."""
+    plan = plan or load_plan(deployment, run_id)
     for index in range(len(plan.shards)):
         key = f"{run_prefix(run_id)}shards/{index:05d}.verdicts.json"
-        out.extend(Verdict(**doc) for doc in _get_json(deployment, key))
-    return out
+        yield [Verdict(**doc) for doc in _get_json(deployment, key)]
+
+
+def load_verdicts(deployment: Deployment, run_id: str) -> list[Verdict]:
+    """Every verdict of a run (tests, reports); rounds stream :func:`shard_verdicts`."""
+    return [v for shard in shard_verdicts(deployment, run_id) for v in shard]
 
 
 # -- reduce, candidate, evaluation ----------------------------------------------------------
@@ -321,10 +340,10 @@ def reduce_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
     plan = load_plan(deployment, run_id)
     base = deployment.registry().read_version(plan.base_version)
     inputs = round_inputs(deployment, base)
-    total = StreamingAggregator(base.metadata.num_params, inputs.aggregation)
+    total = new_aggregator(base.metadata.num_params, inputs.aggregation)
     for index in range(len(plan.shards)):
         data = deployment.state.get(f"{run_prefix(run_id)}shards/{index:05d}.partial")
-        total.merge(StreamingAggregator.from_bytes(data, inputs.aggregation))
+        total.merge(aggregator_from_bytes(data, inputs.aggregation))  # type: ignore[arg-type]
     blob = total.to_bytes()
     deployment.state.put(run_prefix(run_id) + "aggregate.bin", blob)
     return {"count": total.count, "digest": hashlib.sha256(blob).hexdigest()}
@@ -345,7 +364,7 @@ def build_round_candidate(deployment: Deployment, run_id: str) -> dict[str, Any]
     registry = deployment.registry()
     base = registry.read_version(plan.base_version)
     inputs = round_inputs(deployment, base)
-    agg = StreamingAggregator.from_bytes(
+    agg = aggregator_from_bytes(
         deployment.state.get(run_prefix(run_id) + "aggregate.bin"), inputs.aggregation
     )
     if agg.count == 0:
@@ -387,19 +406,6 @@ def evaluate(
 ) -> Metrics:
     holdout = holdout or deployment.load_holdout()
     return evaluate_onnx(package.onnx_bytes, holdout.features, holdout.labels)
-
-
-def gate(
-    candidate: Metrics, active: Metrics, *, tolerance: float, floor: float
-) -> tuple[bool, str]:
-    """Publish when the candidate is no worse than active (within tolerance), above a floor."""
-    if candidate.auc < floor:
-        return False, f"candidate AUC {candidate.auc:.4f} is below the floor {floor}"
-    if candidate.auc < active.auc - tolerance:
-        return False, (
-            f"candidate AUC {candidate.auc:.4f} < active {active.auc:.4f} - tolerance {tolerance}"
-        )
-    return True, f"candidate AUC {candidate.auc:.4f} vs active {active.auc:.4f}"
 
 
 def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
@@ -540,11 +546,11 @@ def finalize_round(
         report.replay = replay
         report.candidate_digest = replay.get("candidate_digest")
     else:
-        verdicts = load_verdicts(deployment, run_id)
-        report.accepted = sum(v.accepted for v in verdicts)
-        report.rejected = dict(
-            sorted(Counter(v.reason for v in verdicts if not v.accepted).items())
-        )
+        rejected: Counter[str] = Counter()
+        for verdicts in shard_verdicts(deployment, run_id, plan):
+            report.accepted += sum(v.accepted for v in verdicts)
+            rejected.update(v.reason for v in verdicts if not v.accepted and v.reason)
+        report.rejected = dict(sorted(rejected.items()))
         try:
             evaluation = _get_json(deployment, run_prefix(run_id) + "evaluation.json")
             report.candidate_metrics = evaluation.get("candidate")
@@ -564,8 +570,10 @@ def finalize_round(
             pass
         if not dry_run:
             ledger = Ledger(deployment.state)
-            for verdict in verdicts:
-                ledger.record(verdict, run_id=run_id)
+            for verdicts in shard_verdicts(deployment, run_id, plan):  # one shard in memory
+                for verdict in verdicts:
+                    ledger.record(verdict, run_id=run_id)
+                delete_judged(deployment, verdicts)
             if plan.interval_key:
                 _put_json(
                     deployment,
@@ -578,7 +586,6 @@ def finalize_round(
                         "published_version": published_version,
                     },
                 )
-            delete_judged(deployment, verdicts)
     _put_json(deployment, f"{REPORTS_PREFIX}{safe_run_id(run_id)}.json", report.as_dict())
     return report
 
