@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# Flower, the baseline of bench.aggregate/bench.wire, pins fastapi/protobuf against
+	# Airflow 3.3 (see pyproject.toml): only its numpy code is used, so no deps.
+	$(BIN)/pip install --quiet --no-deps "flwr==1.42.0" "pycryptodome>=3.18,<4" "iterators==0.0.2"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +36,9 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.make_dataset --out bench/results/dataset.npz
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --paired dense32 --json > bench/results/quality-autoencoder.json
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --kind gaussian --json > bench/results/quality-gaussian.json
+	$(BIN)/python -m bench.aggregate --json > bench/results/aggregate.json
+	$(BIN)/python -m bench.wire --json > bench/results/wire.json
+	$(BIN)/python -m bench.client --dataset bench/results/dataset.npz --json > bench/results/client.json
 
 clean:
 	rm -rf $(VENV) .state

@@ -1,0 +1,188 @@
+"""Bytes on the wire per update: our sealed envelope against dense float32 and Flower.
+
+    python -m bench.wire --json [--params 100000] [--seed 0]
+
+Why: devices sit on slow, metered links (issue 6), so what one update costs on the wire
+is a product figure. Our side is the real device path: :func:`fedlib.training.seal_delta`
+(what ``make_update`` runs after local training: clip, compress with error feedback,
+frame the payload, HPKE-seal to the server, Ed25519-sign) on one delta of ``--params``
+float64 values, at top-k 1% and 10% (16-bit values), the deployment's own top-k, and
+dense 16- and 32-bit. Each envelope is then opened and decoded as the server would
+(``roundtrip_ok``), so no mode is counted that the server could not read.
+
+Baselines for the same delta: ``dense_float32_bytes`` (4 bytes a param, no framing) and
+Flower's serialized ndarray (``flwr.common.ndarray_to_bytes``: the npy bytes inside its
+``Parameters``, ``flower_bytes``) and its legacy ``FitRes`` protobuf message
+(``flower_fitres_proto_bytes``). Neither side counts transport framing (HTTP/2 + gRPC
+for Flower, the S3 PUT request for us) nor TLS.
+
+``SUITES`` lists the HPKE suites the envelope can be sealed with; each is measured for
+every mode (``suites`` in the output), and the top-level ``ours_*`` figures are those of
+the first (the current default). Add a post-quantum suite there once ``fedlib.crypto``
+seals with it.
+
+Prints one JSON object (``--json``: on one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedlib import compression, crypto, protocol
+from fedlib.fleet import Fleet
+from fedlib.protocol import PackageMetadata, TrainingConfig
+from fedlib.registry import ModelPackage
+from fedlib.training import seal_delta
+
+GOALS = {"ratio_topk1_vs_dense32": 0.03}  # at most
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One HPKE suite: how the server's key pair is made; sealing follows the key type."""
+
+    name: str
+    hpke: str
+    generate_server_key: Callable[[], Any]
+
+
+SUITES: list[Suite] = [
+    Suite("x25519", protocol.SUITE_X25519, crypto.generate_encryption_key),
+    # Post-quantum suite goes here, e.g. X-Wing (ML-KEM-768 + X25519) or ML-KEM-768
+    # HPKE, once fedlib.crypto can seal to it:
+    # Suite("xwing", protocol.SUITE_XWING, crypto.generate_xwing_key),
+]
+
+#: (output name, compression mode, top-k fraction); ``None``: the deployment's default.
+MODES: list[tuple[str, str, float | None]] = [
+    ("topk1", "topk16", 0.01),
+    ("topk10", "topk16", 0.10),
+    ("topk_default", "topk16", None),
+    ("dense16", "dense16", 1.0),
+    ("dense32", "dense32", 1.0),
+]
+
+
+def make_delta(dim: int, seed: int) -> np.ndarray:
+    """A device's float64 delta; its values only matter for clipping, not for sizes."""
+    rng = np.random.default_rng(seed)
+    return 0.01 * rng.standard_normal(dim)
+
+
+def package_for(dim: int, mode: str, topk: float) -> ModelPackage:
+    """The parts of a package sealing reads: version, kind, size and training config."""
+    metadata = PackageMetadata(
+        version=1,
+        model_kind="autoencoder",
+        model_spec={},
+        feature_schema={},
+        threshold=None,
+        num_params=dim,
+        training=TrainingConfig(compression=mode, topk_fraction=topk),
+        created_at_ms=0,
+    )
+    return ModelPackage(metadata=metadata, onnx_bytes=b"", weights=np.zeros(dim))
+
+
+def measure_suite(suite: Suite, delta: np.ndarray, default_topk: float) -> dict[str, Any]:
+    """Seal the delta in every mode to a fresh server key of this suite; open each back."""
+    dim = int(delta.shape[0])
+    server_key = suite.generate_server_key()
+    ring = crypto.ServerKeyring()
+    ring.add(server_key)
+    client_key = crypto.generate_signing_key()
+    fleet = Fleet()
+    fleet.enroll("bench-device", crypto.public_pem(client_key))
+    out: dict[str, Any] = {"hpke": suite.hpke}
+    roundtrip_ok = True
+    for name, mode, fraction in MODES:
+        topk = default_topk if fraction is None else fraction
+        update = seal_delta(
+            package_for(dim, mode, topk),
+            delta,
+            num_samples=5000,
+            client_id="bench-device",
+            client_key=client_key,
+            server_public_key=server_key.public_key(),
+            residual=None,
+        )
+        opened = crypto.open_update(update.envelope, fleet, ring)
+        meta, blob = protocol.decode_payload(opened.payload)
+        decoded = compression.decode(blob, expected_dim=dim)
+        roundtrip_ok &= meta.compression == mode and decoded.dim == dim
+        out[f"{name}_bytes"] = len(update.envelope)
+        out[f"{name}_delta_blob_bytes"] = len(blob)
+        out[f"{name}_overhead_bytes"] = len(update.envelope) - len(blob)
+        out[f"{name}_nnz"] = decoded.nnz
+    out["roundtrip_ok"] = bool(roundtrip_ok)
+    return out
+
+
+def flower_sizes(delta: np.ndarray) -> dict[str, int]:
+    """Flower's bytes for the same delta sent as float32 (its usual parameter dtype)."""
+    from flwr.common import Code, FitRes, Status, ndarray_to_bytes, ndarrays_to_parameters
+    from flwr.common.serde import fit_res_to_proto
+
+    arr = delta.astype(np.float32)
+    fit_res = FitRes(
+        status=Status(code=Code.OK, message="Success"),
+        parameters=ndarrays_to_parameters([arr]),
+        num_examples=5000,
+        metrics={},
+    )
+    return {
+        "flower_bytes": len(ndarray_to_bytes(arr)),
+        "flower_fitres_proto_bytes": len(fit_res_to_proto(fit_res).SerializeToString()),
+    }
+
+
+def run(dim: int, seed: int) -> dict[str, Any]:
+    delta = make_delta(dim, seed)
+    default_topk = TrainingConfig().topk_fraction
+    suites = {s.name: measure_suite(s, delta, default_topk) for s in SUITES}
+    main_suite = suites[SUITES[0].name]
+    dense32 = compression.dense_float32_bytes(dim)
+    result: dict[str, Any] = {
+        "params": dim,
+        "seed": seed,
+        "suite": SUITES[0].name,
+        "dense_float32_bytes": dense32,
+        **flower_sizes(delta),
+        "ours_topk_default_fraction": default_topk,
+    }
+    for name, _, _ in MODES:
+        result[f"ours_{name}_bytes"] = main_suite[f"{name}_bytes"]
+    result["ours_overhead_bytes"] = main_suite["topk1_overhead_bytes"]
+    for name, _, _ in MODES:
+        ours = result[f"ours_{name}_bytes"]
+        result[f"ratio_{name}_vs_dense32"] = ours / dense32
+        result[f"ratio_{name}_vs_flower"] = ours / result["flower_bytes"]
+    result["roundtrip_ok"] = all(s["roundtrip_ok"] for s in suites.values())
+    result["suites"] = suites
+    result["goals"] = {k: f"<= {v}" for k, v in GOALS.items()}
+    result["goals_met"] = {k: result[k] <= v for k, v in GOALS.items()}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=int, default=100_000, help="D params in the delta")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the JSON object on one line")
+    args = parser.parse_args(argv)
+    if args.params < 1:
+        parser.error("--params must be >= 1")
+    result = run(args.params, args.seed)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

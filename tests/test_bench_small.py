@@ -1,0 +1,109 @@
+"""The performance benchmarks run once at a tiny size: they work and their JSON adds up.
+
+No timing assertions (machines are noisy); only presence and self-consistency of the
+figures, and the properties that do not depend on speed (exact sums, byte ordering).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.aggregate import main as aggregate_main
+from bench.client import PHASES
+from bench.client import main as client_main
+from bench.wire import main as wire_main
+
+
+def _run(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1  # exactly one JSON object
+    return json.loads(out)
+
+
+def test_aggregate_small(capsys):
+    r = _run(aggregate_main, ["--updates", "20", "--params", "1000"], capsys)
+    assert (r["updates"], r["params"]) == (20, 1000)
+    for key in (
+        "ours_updates_per_s",
+        "ours_topk_updates_per_s",
+        "flower_inplace_updates_per_s",
+        "flower_aggregate_updates_per_s",
+        "speed_ratio",
+        "speed_ratio_topk",
+        "ours_peak_rss_mb",
+        "flower_peak_rss_mb",
+        "flower_aggregate_peak_rss_mb",
+        "memory_ratio",
+    ):
+        assert r[key] > 0, key
+    rate = r["ours_updates_per_s"] / r["flower_inplace_updates_per_s"]
+    assert r["speed_ratio"] == pytest.approx(rate)
+    mem = r["flower_peak_rss_mb"] / r["ours_peak_rss_mb"]
+    assert r["memory_ratio"] == pytest.approx(mem)
+    assert r["ours_baseline_rss_mb"] <= r["ours_peak_rss_mb"]
+    assert r["flower_baseline_rss_mb"] <= r["flower_peak_rss_mb"]
+    # Both computed the same weighted mean; ours exactly (fixed point), Flower in float32.
+    assert r["max_abs_diff"] < 1e-6 and r["max_abs_diff_aggregate"] < 1e-6
+    assert r["ours_max_abs_err_vs_f64"] < 1e-12
+    assert r["ours_max_abs_err_vs_f64"] <= r["flower_max_abs_err_vs_f64"]
+    assert set(r["goals_met"]) == {"speed_ratio", "memory_ratio"}
+
+
+def test_wire_small(capsys):
+    r = _run(wire_main, ["--params", "1000"], capsys)
+    assert r["roundtrip_ok"] is True
+    assert r["dense_float32_bytes"] == 4000
+    assert r["flower_bytes"] > r["dense_float32_bytes"]  # npy header on top of the floats
+    assert r["flower_fitres_proto_bytes"] >= r["flower_bytes"]
+    assert (
+        r["ours_topk1_bytes"]
+        < r["ours_topk_default_bytes"]
+        < r["ours_topk10_bytes"]
+        < r["ours_dense16_bytes"]
+        < r["ours_dense32_bytes"]
+    )
+    assert r["ours_topk10_bytes"] < r["dense_float32_bytes"]
+    # dense32 is the raw floats plus a fixed envelope overhead (header, HPKE, signature)
+    overhead = r["ours_dense32_bytes"] - r["dense_float32_bytes"]
+    assert 0 < overhead < 2048
+    assert r["ratio_topk1_vs_dense32"] == pytest.approx(
+        r["ours_topk1_bytes"] / r["dense_float32_bytes"]
+    )
+    suite = r["suites"][r["suite"]]
+    assert suite["topk1_nnz"] == 10 and suite["topk10_nnz"] == 100
+    assert suite["dense16_nnz"] == suite["dense32_nnz"] == 1000
+    assert suite["topk1_bytes"] == r["ours_topk1_bytes"]
+
+
+def test_wire_meets_its_size_goal_at_full_size(capsys):
+    """Sizes are deterministic, so the issue's byte goal can be a test (no timing)."""
+    r = _run(wire_main, [], capsys)
+    assert r["params"] == 100_000
+    assert r["goals_met"] == {"ratio_topk1_vs_dense32": True}
+
+
+def test_client_small(s3_config, small_dataset, capsys):
+    argv = ["--rows", "300", "--dataset", str(small_dataset)]
+    argv += ["--s3-endpoint", s3_config.endpoint_url]
+    argv += ["--s3-access-key", s3_config.access_key, "--s3-secret-key", s3_config.secret_key]
+    r = _run(client_main, argv, capsys)
+    assert r["rows"] == 300 and r["server_opened"] == 2
+    assert r["cycle"]["num_rows"] == 300 and r["cycle"]["command"] == "fl-client run"
+    for key in ("cycle_wall_s", "cycle_cpu_s", "cycle_peak_rss_mb", "update_bytes"):
+        assert r[key] > 0, key
+    assert set(r["phases"]) == set(PHASES)
+    for name, phase in r["phases"].items():
+        assert phase["wall_s"] >= 0 and phase["cpu_s"] >= 0, name
+        assert 0 < phase["peak_rss_mb"] <= r["phases_total"]["peak_rss_mb"], name
+        for field in ("wall_s", "cpu_s", "peak_rss_mb"):
+            if name in ("train", "compress", "seal", "upload"):
+                assert r[f"{name}_{field}"] == phase[field]
+    peaks = [p["peak_rss_mb"] for p in r["phases"].values()]
+    assert max(peaks) == r["phases_total"]["peak_rss_mb"]
+    assert r["phases_total"]["cpu_s"] >= sum(p["cpu_s"] for p in r["phases"].values()) - 0.05
+    # the phases device ran the same path on the same rows: same envelope size +- digits
+    assert abs(r["phases_total"]["update_bytes"] - r["update_bytes"]) < 64
+    assert set(r["goals_met"]) == {"cycle_cpu_s", "cycle_peak_rss_mb"}
