@@ -154,6 +154,27 @@ def client_policy(client_id: str, inbox_bucket: str, models_bucket: str) -> dict
     }
 
 
+def server_policy(buckets: list[str]) -> dict[str, Any]:
+    """The server's (Airflow's) policy: everything on the deployment's buckets, nothing
+    else (MinIO's one-shot init attaches it to the server user of the compose stack)."""
+    names = [_check_bucket(b) for b in buckets]
+    if len(set(names)) != len(names):
+        raise ValueError("bucket names must differ")
+    return {
+        "Version": POLICY_VERSION,
+        "Statement": [
+            {
+                "Sid": "ServerBuckets",
+                "Effect": "Allow",
+                "Action": ["s3:*"],
+                "Resource": [
+                    arn for b in names for arn in (f"arn:aws:s3:::{b}", f"arn:aws:s3:::{b}/*")
+                ],
+            }
+        ],
+    }
+
+
 def _code(exc: Exception) -> str:
     response = getattr(exc, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))
@@ -373,9 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     p_policy.add_argument("client_id")
     p_policy.add_argument("--inbox-bucket", required=True)
     p_policy.add_argument("--models-bucket", required=True)
+    p_server = sub.add_parser("server-policy", help="print the server's policy JSON")
+    p_server.add_argument("buckets", nargs="+")
     args = parser.parse_args(argv)
     try:
-        doc = client_policy(args.client_id, args.inbox_bucket, args.models_bucket)
+        if args.command == "server-policy":
+            doc = server_policy(args.buckets)
+        else:
+            doc = client_policy(args.client_id, args.inbox_bucket, args.models_bucket)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
