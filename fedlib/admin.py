@@ -159,22 +159,41 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def status_document(deployment: Deployment) -> dict[str, object]:
+def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[str, object]:
+    """What ``fl-admin status`` prints: the dashboard's version rows and newest rounds."""
+    from fedlib import dashboard
+
     registry = deployment.registry()
     versions = []
-    for version in registry.versions():
-        meta = registry.read_version(version).metadata
-        versions.append(
-            {
-                "version": version,
-                "auc": meta.metrics.get("auc"),
-                "ap": meta.metrics.get("ap"),
-                "rollback_of": meta.rollback_of,
-                "published_at": time.strftime(
-                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(meta.created_at_ms / 1000)
-                ),
-            }
-        )
+    for row in reversed(dashboard.version_rows(deployment)):
+        doc: dict[str, object] = {
+            "version": row.version,
+            "auc": row.auc,
+            "ap": row.ap,
+            "parent_version": row.parent_version,
+            "rollback_of": row.rollback_of,
+            "rolled_back": row.rolled_back,
+            "round_id": row.round_id,
+            "published_at": (
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.created_at_ms / 1000))
+                if row.created_at_ms
+                else None
+            ),
+        }
+        if row.error:
+            doc["error"] = row.error
+        versions.append(doc)
+    rounds = [
+        {
+            "run_id": r.run_id,
+            "decision": r.decision,
+            "accepted": r.accepted,
+            "rejected": r.rejected_total,
+            "published_version": r.published_version,
+            "rolled_back": bool(r.rollback and r.rollback.rolled_back),
+        }
+        for r in dashboard.rounds(deployment, limit=recent_rounds).items
+    ]
     pending = sum(1 for _ in deployment.inbox.list("updates/"))
     quarantined = sum(1 for _ in deployment.state.list("quarantine/"))
     fleet = deployment.load_fleet()
@@ -182,6 +201,7 @@ def status_document(deployment: Deployment) -> dict[str, object]:
         "active_version": registry.active_version(),
         "holdout_version": deployment.holdout_version(),
         "versions": versions,
+        "recent_rounds": rounds,
         "pending_updates": pending,
         "quarantined": quarantined,
         "clients": fleet.client_ids(),
@@ -200,7 +220,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     for v in doc["versions"]:  # type: ignore[union-attr]
         auc = "-" if v["auc"] is None else f"{v['auc']:.3f}"
         extra = f" (rollback of {v['rollback_of']})" if v["rollback_of"] else ""
+        extra += " (rolled back)" if v["rolled_back"] else ""
+        extra += f" ERROR {v['error']}" if v.get("error") else ""
         print(f"  v{v['version']:<4} auc {auc}  {v['published_at']}{extra}")
+    for r in doc["recent_rounds"]:  # type: ignore[union-attr]
+        published = f" -> v{r['published_version']}" if r["published_version"] else ""
+        rollback = " (rollback)" if r["rolled_back"] else ""
+        print(
+            f"  round {r['run_id']}: {r['decision']}{published}{rollback}, "
+            f"{r['accepted']} accepted, {r['rejected']} rejected"
+        )
     print(f"pending updates: {doc['pending_updates']}")
     print(f"quarantined:     {doc['quarantined']}")
     print(f"clients:         {len(doc['clients'])}")  # type: ignore[arg-type]

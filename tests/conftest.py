@@ -149,3 +149,23 @@ def airflow_deployment(deployment: Any, airflow_home: Path, tmp_path: Path, monk
 
     expose_to_airflow(deployment, tmp_path, monkeypatch)
     return deployment
+
+
+# ----------------------------------------------------------------------------- dashboard plugin
+
+
+@pytest.fixture(scope="session")
+def dashboard_server(
+    s3_config: S3Config, small_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """One ``airflow api-server`` (SimpleAuthManager, the repo's plugins/ and dags/) over a
+    deployment with a known history; shared by test_plugin_api and test_plugin_browser."""
+    from tests.helpers import build_deployment
+    from tests.plugin_fixtures import airflow_api_server, build_history
+
+    root = tmp_path_factory.mktemp("dashboard")
+    dep = build_deployment(s3_config, root / "server-keys", small_dataset)
+    home = root / "airflow-home"
+    home.mkdir()
+    with airflow_api_server(home, dep, lambda: build_history(dep)) as server:
+        yield server
