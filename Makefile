@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint demo demo-stop bench clean
+.PHONY: install browser test lint demo demo-stop bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Debian's Chromium and ChromeDriver for tests/test_plugin_browser.py (nothing is
+# downloaded at test time). Installed with apt-get when missing, as root; otherwise the
+# command to run is printed and the target fails.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+	  true; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+	  echo "browser: /usr/bin/chromium or /usr/bin/chromedriver is missing; as root run:"; \
+	  echo "  apt-get update && apt-get install -y chromium chromium-driver"; \
+	  exit 1; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
@@ -39,6 +54,9 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.aggregate --json > bench/results/aggregate.json
 	$(BIN)/python -m bench.wire --json > bench/results/wire.json
 	$(BIN)/python -m bench.client --dataset bench/results/dataset.npz --json > bench/results/client.json
+	$(BIN)/python -m bench.round --json > bench/results/round.json
+	$(BIN)/python -m bench.round --memory-check --json > bench/results/round-memory.json
+	$(BIN)/python -m bench.scaleout --updates 10000 --json > bench/results/scaleout.json
 
 clean:
 	rm -rf $(VENV) .state

@@ -124,7 +124,7 @@ def fl_round() -> None:
             interval_end_ms=interval_end_ms,
         )
         fl_common.log.info("plan: %s", result.message)
-        return list(range(len(result.shards)))
+        return list(range(result.shard_count))
 
     @task(max_active_tis_per_dagrun=8)
     def process_shard(index: int) -> dict:

@@ -413,7 +413,8 @@ def _run_verdicts(deployment: Deployment, run_id: str) -> list[dict[str, Any]] |
     except NoSuchKey:
         return None
     docs: list[dict[str, Any]] = []
-    for index in range(len(plan.get("shards") or [])):
+    count = plan.get("shard_count", len(plan.get("shards") or []))  # older plans: key lists
+    for index in range(int(count)):
         try:
             docs.extend(_read_json(deployment, f"{prefix}shards/{index:05d}.verdicts.json"))
         except NoSuchKey:  # a shard that never finished

@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import itertools
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedlib import protocol, robust
 from fedlib.aggregation import aggregator_from_bytes, new_aggregator
 from fedlib.errors import ObjectExists, RejectedUpdate
-from fedlib.evaluation import Metrics, evaluate_onnx, gate
 from fedlib.ledger import Ledger
 from fedlib.protocol import PackageMetadata
 from fedlib.registry import PACKAGE_FILES, ModelPackage, weights_from_bytes
@@ -36,11 +38,18 @@ from fedlib.rounds import RoundInputs, Verdict, aggregate_objects, build_candida
 from fedlib.server import Deployment, Holdout
 from fedlib.store import NoSuchKey, ObjectInfo, ObjectTooLarge, StoreError
 
+if TYPE_CHECKING:
+    from fedlib.evaluation import Metrics
+
 ROUNDS_PREFIX = "rounds/"
 REPORTS_PREFIX = "reports/"
 OPTIMIZER_PREFIX = "optimizer/"
 INTERVALS_PREFIX = "intervals/"
 ARCHIVE_PREFIX = "archive/"
+#: S3 requests one shard keeps in flight (inbox GETs ahead of the verifier; archive
+#: writes). Enough to hide a local S3's latency behind the verifier's CPU; each GET in
+#: flight holds at most one envelope, so a shard holds this many beyond its judged ones.
+SHARD_IO_CONCURRENCY = 8
 
 
 def run_prefix(run_id: str) -> str:
@@ -84,11 +93,15 @@ def check_active_model(
 
 @dataclass(frozen=True)
 class RoundPlan:
+    """A round's batch. Its keys live in one file per shard (:func:`load_shard`), so a
+    plan, and every task that loads it, stays small whatever the batch size."""
+
     run_id: str
     base_version: int
-    shards: list[list[str]]
-    replays: list[str]
-    clients: list[str]
+    shard_count: int
+    updates: int
+    replay_count: int
+    client_count: int
     waiting: bool
     message: str
     created_at_ms: int
@@ -99,8 +112,30 @@ class RoundPlan:
     candidate_version: int | None = None
 
     @property
-    def keys(self) -> list[str]:
-        return [k for shard in self.shards for k in shard]
+    def shard_run(self) -> str:
+        """The run whose shard files hold the keys (a replay reuses the original's)."""
+        return self.replay_of or self.run_id
+
+
+@dataclass(frozen=True)
+class Shard:
+    keys: list[str]
+    replays: list[str]  # keys that already have a ledger verdict
+
+
+def shard_key(run_id: str, index: int) -> str:
+    return f"{run_prefix(run_id)}shards/{index:05d}.keys.json"
+
+
+def plan_keys(deployment: Deployment, plan: RoundPlan) -> Iterator[str]:
+    """Every key of a plan, shard by shard."""
+    for index in range(plan.shard_count):
+        yield from load_shard(deployment, plan, index).keys
+
+
+def load_shard(deployment: Deployment, plan: RoundPlan, index: int) -> Shard:
+    doc = _get_json(deployment, shard_key(plan.shard_run, index))
+    return Shard(keys=list(doc["keys"]), replays=list(doc["replays"]))
 
 
 def arrival_ms(info: ObjectInfo) -> int:
@@ -151,32 +186,57 @@ def plan_round(
     base_version = deployment.registry().active_version()
     if base_version is None:
         raise NoSuchKey("channel/active.json", "no model published: run fl-admin init")
-    keys = [
-        info.key
-        for info in deployment.inbox.list("updates/", limit=limit)
-        if interval_end_ms is None or arrival_ms(info) <= interval_end_ms
-    ]
-    clients = sorted({k.split("/")[1] for k in keys if k.count("/") == 2})
     ledger = Ledger(deployment.state)
-    done: set[str] = set()
-    for client_id in clients:
-        done |= ledger.processed_keys(client_id)
-    replays = sorted(k for k in keys if k in done)
-    fresh_clients = sorted({k.split("/")[1] for k in keys if k not in done and k.count("/") == 2})
+    # Streamed: the listing is in key order, so each client's keys are contiguous and
+    # its ledger entries are needed only while its keys go by. Memory: one shard of
+    # keys plus one client's processed keys, whatever the batch size.
+    shard: list[str] = []
+    shard_replays: list[str] = []
+    shard_count = updates = replay_count = fresh_clients = 0
+    client, done, client_fresh = None, set(), False
+
+    def flush() -> None:
+        nonlocal shard, shard_replays, shard_count
+        if shard:
+            _put_json(
+                deployment,
+                shard_key(run_id, shard_count),
+                {"keys": shard, "replays": shard_replays},
+            )
+            shard, shard_replays, shard_count = [], [], shard_count + 1
+
+    for info in deployment.inbox.list("updates/", limit=limit):
+        if interval_end_ms is not None and arrival_ms(info) > interval_end_ms:
+            continue
+        key = info.key
+        owner = key.split("/")[1] if key.count("/") == 2 else None
+        if owner != client:
+            client, client_fresh = owner, False
+            done = ledger.processed_keys(owner) if owner is not None else set()
+        updates += 1
+        shard.append(key)
+        if key in done:
+            shard_replays.append(key)
+            replay_count += 1
+        elif owner is not None and not client_fresh:
+            client_fresh, fresh_clients = True, fresh_clients + 1
+        if len(shard) >= size:
+            flush()
+    flush()
     need = min_clients if min_clients is not None else settings.min_clients
-    waiting = len(fresh_clients) < need
-    shards = [] if waiting else [keys[i : i + size] for i in range(0, len(keys), size)]
+    waiting = fresh_clients < need
     plan = RoundPlan(
         run_id=run_id,
         base_version=base_version,
-        shards=shards,
-        replays=[] if waiting else replays,
-        clients=fresh_clients,
+        shard_count=0 if waiting else shard_count,
+        updates=updates,
+        replay_count=replay_count,
+        client_count=fresh_clients,
         waiting=waiting,
         message=(
-            f"waiting: {len(fresh_clients)} of {need} clients"
+            f"waiting: {fresh_clients} of {need} clients"
             if waiting
-            else f"{len(keys)} updates from {len(fresh_clients)} clients in {len(shards)} shards"
+            else f"{updates} updates from {fresh_clients} clients in {shard_count} shards"
         ),
         created_at_ms=created_at_ms if created_at_ms is not None else int(time.time() * 1000),
         interval_key=interval_key,
@@ -235,18 +295,22 @@ class ShardResult:
 def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResult:
     """Open, verify, validate and sum one shard; write its partial sum, then its verdicts."""
     plan = load_plan(deployment, run_id)
-    keys = plan.shards[index]
-    replays = set(plan.replays)
+    shard = load_shard(deployment, plan, index)
+    keys, replays = shard.keys, set(shard.replays)
     base = deployment.registry().read_version(plan.base_version)
     inputs = round_inputs(deployment, base, plan.holdout_version)
 
     refused: list[Verdict] = []
     ledger = Ledger(deployment.state)
     judged: dict[str, tuple[bytes, str]] = {}  # this shard's bytes and ETags (bounded)
+    # A replay only recomputes; a fresh run keeps each judged object's bytes as soon as
+    # its verdict is made, on threads, while the next objects are being opened.
+    keeper = None if plan.replay_of else JudgedBytesKeeper(deployment, ledger)
 
-    def refuse(key: str, blob: bytes, reason: str, detail: str) -> None:
-        digest = hashlib.sha256(blob).hexdigest()
-        refused.append(Verdict(key, digest, len(blob), False, reason=reason, detail=detail))
+    def refuse(verdict: Verdict, blob: bytes | None) -> None:
+        refused.append(verdict)
+        if keeper is not None:
+            keeper.keep(verdict, blob)
 
     if plan.replay_of:  # recompute from the archived bytes the original run accepted
         original = _get_json(  # the replayed plan is the original's: same shard, same keys
@@ -265,35 +329,54 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
         def fetch(key: str) -> tuple[bytes, str]:
             return deployment.inbox.get_with_etag(key, max_bytes=inputs.max_envelope_bytes)
 
-    def objects():
-        for key in keys:
-            try:
-                blob, etag = fetch(key)
-            except NoSuchKey:
+    def objects() -> Iterator[tuple[str, bytes]]:
+        for key, fetched in prefetched(keys, fetch, SHARD_IO_CONCURRENCY):
+            if isinstance(fetched, NoSuchKey):
                 continue  # deleted by an operator since the plan
-            except ObjectTooLarge as exc:
-                refused.append(
-                    Verdict(
-                        key, "", exc.size, False, reason="oversized", detail=str(exc), etag=exc.etag
-                    )
+            if isinstance(fetched, ObjectTooLarge):
+                verdict = Verdict(
+                    key,
+                    "",
+                    fetched.size,
+                    False,
+                    reason="oversized",
+                    detail=str(fetched),
+                    etag=fetched.etag,
                 )
+                refuse(verdict, None)
                 continue
+            if isinstance(fetched, BaseException):
+                raise fetched
+            blob, etag = fetched
             judged[key] = (blob, etag)
             if key in replays:
                 first = ledger.read(key) or {}
-                if first.get("sha256") == hashlib.sha256(blob).hexdigest():
-                    refuse(key, blob, "replay", f"already processed in {first.get('run_id')}")
+                digest = hashlib.sha256(blob).hexdigest()
+                if first.get("sha256") == digest:
+                    reason = "replay"
+                    detail = f"already processed in {first.get('run_id')}"
                 else:
-                    refuse(
-                        key,
-                        blob,
-                        "duplicate_update_id",
-                        f"other bytes under an update id processed in {first.get('run_id')}",
-                    )
+                    reason = "duplicate_update_id"
+                    detail = f"other bytes under an update id processed in {first.get('run_id')}"
+                refuse(Verdict(key, digest, len(blob), False, reason=reason, detail=detail), blob)
                 continue
             yield key, blob
 
-    agg, verdicts = aggregate_objects(objects(), inputs)
+    def keep_judged(verdict: Verdict) -> None:
+        assert keeper is not None
+        keeper.keep(verdict, judged[verdict.key][0])
+
+    stream = objects()
+    try:
+        agg, verdicts = aggregate_objects(
+            stream, inputs, on_verdict=None if keeper is None else keep_judged
+        )
+        if keeper is not None:
+            keeper.wait()  # every judged object kept before the shard's results exist
+    finally:
+        stream.close()  # stops the GETs still in flight if the shard failed
+        if keeper is not None:
+            keeper.close()
     verdicts = sorted(
         (
             dataclasses.replace(v, etag=v.etag or judged.get(v.key, (b"", None))[1])
@@ -301,8 +384,6 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
         ),
         key=lambda v: v.key,
     )
-    if not plan.replay_of:
-        keep_judged_bytes(deployment, ledger, verdicts, judged)
     prefix = f"{run_prefix(run_id)}shards/{index:05d}"
     partial = agg.to_bytes()
     deployment.state.put(prefix + ".partial", partial)
@@ -322,7 +403,7 @@ def shard_verdicts(
 ) -> Iterator[list[Verdict]]:
     """A run's verdicts one shard at a time (memory bounded by the shard size)."""
     plan = plan or load_plan(deployment, run_id)
-    for index in range(len(plan.shards)):
+    for index in range(plan.shard_count):
         key = f"{run_prefix(run_id)}shards/{index:05d}.verdicts.json"
         yield [Verdict(**doc) for doc in _get_json(deployment, key)]
 
@@ -341,7 +422,7 @@ def reduce_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
     base = deployment.registry().read_version(plan.base_version)
     inputs = round_inputs(deployment, base)
     total = new_aggregator(base.metadata.num_params, inputs.aggregation)
-    for index in range(len(plan.shards)):
+    for index in range(plan.shard_count):
         data = deployment.state.get(f"{run_prefix(run_id)}shards/{index:05d}.partial")
         total.merge(aggregator_from_bytes(data, inputs.aggregation))  # type: ignore[arg-type]
     blob = total.to_bytes()
@@ -405,6 +486,8 @@ def evaluate(
     deployment: Deployment, package: ModelPackage, holdout: Holdout | None = None
 ) -> Metrics:
     holdout = holdout or deployment.load_holdout()
+    from fedlib.evaluation import evaluate_onnx
+
     return evaluate_onnx(package.onnx_bytes, holdout.features, holdout.labels)
 
 
@@ -428,6 +511,8 @@ def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
             result["replay"] = {"of": plan.replay_of, "matches": matches, "candidate_digest": None}
     else:
         candidate = evaluate(deployment, candidate_pkg, holdout)
+        from fedlib.evaluation import gate
+
         ok, why = gate(
             candidate,
             active,
@@ -570,10 +655,11 @@ def finalize_round(
             pass
         if not dry_run:
             ledger = Ledger(deployment.state)
-            for verdicts in shard_verdicts(deployment, run_id, plan):  # one shard in memory
-                for verdict in verdicts:
-                    ledger.record(verdict, run_id=run_id)
-                delete_judged(deployment, verdicts)
+            with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="finalize") as pool:
+                for verdicts in shard_verdicts(deployment, run_id, plan):  # one shard in memory
+                    # every verdict of the shard is written before any of its objects goes
+                    list(pool.map(lambda v: ledger.record(v, run_id=run_id), verdicts))
+                    delete_judged(deployment, verdicts, pool=pool)
             if plan.interval_key:
                 _put_json(
                     deployment,
@@ -590,49 +676,142 @@ def finalize_round(
     return report
 
 
+class JudgedBytesKeeper:
+    """Keep exactly the bytes that were judged: accepted ones in the archive (for backfill
+    replays), rejected ones in quarantine, oversized ones copied server-side (never read).
+    Content-addressed and write-once, so a retry rewrites nothing and a client
+    overwriting its object changes nothing, and the writes may run in any order: up to
+    ``width`` at a time on threads, started as verdicts come in. :meth:`wait` returns once
+    every write is done and raises the first failure (in the order they were kept)."""
+
+    def __init__(self, deployment: Deployment, ledger: Ledger, width: int | None = None) -> None:
+        width = SHARD_IO_CONCURRENCY if width is None else width
+        self._state = deployment.state
+        self._inbox_bucket = deployment.settings.inbox_bucket
+        self._ledger = ledger
+        self._pool = (
+            ThreadPoolExecutor(width, thread_name_prefix="shard-keep") if width > 1 else None
+        )
+        self._pending: list[Callable[[], object]] = []  # sequential mode: run in wait()
+        self._futures: list[Future[object]] = []
+
+    def keep(self, verdict: Verdict, blob: bytes | None) -> None:
+        """Start keeping one judged object (``blob`` None: it was never read)."""
+        if blob is not None:
+            if verdict.accepted:
+                key = f"{ARCHIVE_PREFIX}{verdict.key}/{verdict.sha256[:16]}"
+                call = functools.partial(self._archive, key, blob)
+            else:
+                call = functools.partial(self._ledger.keep_rejected_bytes, verdict, blob)
+        elif verdict.reason == "oversized":
+            call = functools.partial(self._quarantine_unread, verdict)
+        else:
+            return
+        if self._pool is None:
+            self._pending.append(call)
+        else:
+            self._futures.append(self._pool.submit(call))
+
+    def wait(self) -> None:
+        for call in self._pending:
+            call()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for future in self._futures:
+            future.result()
+
+    def close(self) -> None:
+        """Release the threads (after :meth:`wait`, or when the shard failed)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _archive(self, key: str, blob: bytes) -> None:
+        with contextlib.suppress(ObjectExists):
+            self._state.put(key, blob, if_absent=True)
+
+    def _quarantine_unread(self, verdict: Verdict) -> None:
+        copy = getattr(self._state, "copy", None)
+        with contextlib.suppress(StoreError, TypeError):
+            if copy is not None:
+                copy(
+                    verdict.key,
+                    self._ledger.quarantine_key(verdict) + ".bin",
+                    src_bucket=self._inbox_bucket,
+                )
+
+
 def keep_judged_bytes(
     deployment: Deployment,
     ledger: Ledger,
     verdicts: list[Verdict],
     judged: dict[str, tuple[bytes, str]],
 ) -> None:
-    """Keep exactly the bytes that were judged: accepted ones in the archive (for
-    backfill replays), rejected ones in quarantine. Content-addressed and write-once,
-    so a retry rewrites nothing and a client overwriting its object changes nothing."""
-    for verdict in verdicts:
-        if verdict.key in judged:
-            blob = judged[verdict.key][0]
-            if verdict.accepted:
-                with contextlib.suppress(ObjectExists):
-                    deployment.state.put(
-                        f"{ARCHIVE_PREFIX}{verdict.key}/{verdict.sha256[:16]}", blob, if_absent=True
-                    )
-            else:
-                ledger.keep_rejected_bytes(verdict, blob)
-        elif verdict.reason == "oversized":  # never read: copied server-side, not downloaded
-            copy = getattr(deployment.state, "copy", None)
-            with contextlib.suppress(StoreError, TypeError):
-                if copy is not None:
-                    copy(
-                        verdict.key,
-                        ledger.quarantine_key(verdict) + ".bin",
-                        src_bucket=deployment.settings.inbox_bucket,
-                    )
+    """Keep the judged bytes of a finished list of verdicts (see :class:`JudgedBytesKeeper`)."""
+    keeper = JudgedBytesKeeper(deployment, ledger)
+    try:
+        for verdict in verdicts:
+            keeper.keep(verdict, judged[verdict.key][0] if verdict.key in judged else None)
+        keeper.wait()
+    finally:
+        keeper.close()
 
 
-def delete_judged(deployment: Deployment, verdicts: list[Verdict]) -> None:
+def prefetched(
+    keys: Iterable[str], fetch: Callable[[str], Any], width: int
+) -> Iterator[tuple[str, Any]]:
+    """``(key, fetch(key))`` in key order, with the exception raised instead of the result
+    where there was one. ``width`` fetches run ahead on threads (S3 latency overlaps the
+    caller's CPU work); at most ``width + 1`` are outstanding (running or done and not
+    yet taken), so at most that many fetched objects wait in memory."""
+    if width <= 1:
+        for key in keys:
+            try:
+                yield key, fetch(key)
+            except Exception as exc:
+                yield key, exc
+        return
+    pool = ThreadPoolExecutor(width, thread_name_prefix="shard-io")
+    pending: deque[tuple[str, Future[Any]]] = deque()
+    todo = iter(keys)
+    try:
+        for key in itertools.islice(todo, width):
+            pending.append((key, pool.submit(fetch, key)))
+        while pending:
+            key, future = pending.popleft()
+            for following in itertools.islice(todo, 1):
+                pending.append((following, pool.submit(fetch, following)))
+            try:
+                outcome = future.result()
+            except Exception as exc:
+                outcome = exc
+            del future
+            yield key, outcome
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def delete_judged(
+    deployment: Deployment, verdicts: list[Verdict], *, pool: ThreadPoolExecutor | None = None
+) -> None:
     """Delete an inbox object only if it is still the version that was judged; one that
     changed since stays for the next round (where it meets its ledger entry)."""
     judged = {v.key: v.etag for v in verdicts}
+    doomed: list[str] = []
     for client in sorted({k.split("/")[1] for k in judged if k.count("/") == 2}):
         for info in deployment.inbox.list(f"updates/{client}/"):
             if info.key in judged and judged[info.key] == info.etag:
-                deployment.inbox.delete(info.key)
+                doomed.append(info.key)
     for key in judged:
         if key.count("/") != 2:  # keys outside the layout were listed under updates/ too
             for info in deployment.inbox.list(key, limit=1):
                 if info.key == key and judged[key] == info.etag:
-                    deployment.inbox.delete(key)
+                    doomed.append(key)
+    if pool is None:
+        for key in doomed:
+            deployment.inbox.delete(key)
+    else:
+        list(pool.map(deployment.inbox.delete, doomed))
 
 
 # -- all in one process ---------------------------------------------------------------------
@@ -659,7 +838,7 @@ def run_round(
     )
     if plan.waiting:
         return finalize_round(deployment, run_id, decision="waiting", dry_run=True)
-    for index in range(len(plan.shards)):
+    for index in range(plan.shard_count):
         process_shard(deployment, run_id, index)
     reduce_round(deployment, run_id)
     build_round_candidate(deployment, run_id)

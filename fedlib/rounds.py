@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,11 +112,14 @@ def aggregate_objects(
     inputs: RoundInputs,
     *,
     seen_update_ids: set[str] | None = None,
+    on_verdict: Callable[[Verdict], object] | None = None,
 ) -> tuple[Aggregator, list[Verdict]]:
     """Open, validate and add a stream of (key, blob); one verdict per object, never raises.
 
     ``seen_update_ids`` holds ids already aggregated or quarantined earlier (replays);
     it is updated in place so duplicates within the stream are caught too.
+    ``on_verdict`` sees each verdict as soon as it is made (a shard starts keeping an
+    object's bytes while the next ones are still being opened).
     """
     seen = seen_update_ids if seen_update_ids is not None else set()
     agg = new_aggregator(inputs.base.metadata.num_params, inputs.aggregation)
@@ -139,11 +142,10 @@ def aggregate_objects(
                     raise RejectedUpdate("distrusted", f"trust {trust:.2g} leaves no weight")
             units = agg.add(delta, weight)
         except RejectedUpdate as exc:
-            verdicts.append(Verdict(**common, accepted=False, reason=exc.reason, detail=exc.detail))
-            continue
-        seen.add(uid)
-        verdicts.append(
-            Verdict(
+            verdict = Verdict(**common, accepted=False, reason=exc.reason, detail=exc.detail)
+        else:
+            seen.add(uid)
+            verdict = Verdict(
                 **common,
                 accepted=True,
                 client_id=update.header.client_id,
@@ -153,7 +155,9 @@ def aggregate_objects(
                 weight_units=units,
                 norm=update.delta.l2_norm(),
             )
-        )
+        verdicts.append(verdict)
+        if on_verdict is not None:
+            on_verdict(verdict)
     return agg, verdicts
 
 

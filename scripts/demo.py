@@ -163,7 +163,7 @@ def start(args: argparse.Namespace) -> int:
     )
     print(f"    S3 endpoint:       {server['endpoint_url']} (state in {home})")
     print(f"    Airflow UI:        {airflow.url}  (login admin / {airflow.password})")
-    print(f"    Rounds dashboard:  {airflow.url}/dadm-fl/rounds  (also "FL rounds" in the UI menu)")
+    print(f"    Rounds dashboard:  {airflow.url}/dadm-fl/rounds  ('FL rounds' in the UI menu)")
     print(f"    took {time.monotonic() - started:.1f}s; stop with: make demo-stop")
     return 0 if report["decision"] in ("published", "rejected") else 1
 

@@ -107,3 +107,33 @@ def test_client_small(s3_config, small_dataset, capsys):
     # the phases device ran the same path on the same rows: same envelope size +- digits
     assert abs(r["phases_total"]["update_bytes"] - r["update_bytes"]) < 64
     assert set(r["goals_met"]) == {"cycle_cpu_s", "cycle_peak_rss_mb"}
+
+
+def test_round_small(capsys):
+    """bench.round end to end at a tiny size: its own SeaweedFS, two shard sizes."""
+    from bench.round import main as round_main
+
+    argv = ["--updates", "40", "--params", "2000", "--clients", "8", "--shard-size", "500,7"]
+    r = _run(round_main, argv, capsys)
+    assert (r["updates"], r["params"], r["shard_size"]) == (40, 2000, 500)
+    assert abs(r["num_params"] - 2000) <= 20 and r["shards"] == 1
+    assert r["accepted"] == 40 and r["rejected"] == 0
+    for key in (
+        "pipeline_updates_per_s",
+        "io_ceiling_updates_per_s",
+        "overhead_ratio",
+        "peak_rss_mb",
+        "concurrency",
+    ):
+        assert r[key] > 0, key
+    assert r["overhead_ratio"] == pytest.approx(
+        r["pipeline_updates_per_s"] / r["io_ceiling_updates_per_s"]
+    )
+    # the aggregate's bytes do not depend on how the batch was sharded
+    assert [run["shard_size"] for run in r["runs"]] == [500, 7]
+    assert [run["shards"] for run in r["runs"]] == [1, 6]
+    assert all(run["accepted"] == 40 for run in r["runs"])
+    assert r["digests_match"] is True
+    assert {run["result_digest"] for run in r["runs"]} == {r["result_digest"]}
+    assert len(r["result_digest"]) == 64
+    assert set(r["goals_met"]) == {"pipeline_updates_per_s", "overhead_ratio"}

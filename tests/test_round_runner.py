@@ -133,7 +133,7 @@ def test_an_object_overwritten_after_judgment_is_neither_lost_nor_miscounted(dep
 
     sent = upload_updates(deployment, 3)
     plan = rr.plan_round(deployment, "r-a")
-    for index in range(len(plan.shards)):
+    for index in range(plan.shard_count):
         rr.process_shard(deployment, "r-a", index)
     key, original = next(iter(sent.items()))
     deployment.inbox.put(key, original + b"swapped")  # the client overwrites its object

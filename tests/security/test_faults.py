@@ -103,7 +103,7 @@ def test_shard_rerun_after_dying_before_its_verdicts_counts_nothing_twice(deploy
     retry = rr.process_shard(deployment, "r-kill", 0)  # what Airflow's retry runs
     assert deployment.state.get(retry.partial_key) == partial
     assert retry.accepted == first.accepted == 3
-    for index in range(1, len(plan.shards)):
+    for index in range(1, plan.shard_count):
         rr.process_shard(deployment, "r-kill", index)
     assert rr.reduce_round(deployment, "r-kill")["count"] == 3
     rr.build_round_candidate(deployment, "r-kill")

@@ -31,14 +31,13 @@ CLIENTS = 1_000
 SMALL = 1_000
 LARGE = 10_000
 THREADS = 16
-# The issue asks for a heap peak independent of the number of updates. Measured
-# (tracemalloc, shard size 500): process_shard's peak is flat (5.0 and 5.2 MiB at 1k and 3k
-# updates), but plan_round keeps every key of the batch and finalize_round loads every
-# verdict of the round at once, so a whole round's peak grows by ~0.65 KiB per update
-# (5.5 MiB at 1k, 11.0 MiB at 10k: 2.0x). The batch is capped by ``max_batch``, so
-# that stays bounded per round; what must never happen is an envelope (payload bytes,
-# decoded delta) held for the whole round, which would cost far more than this.
-MAX_BOOKKEEPING = 2048  # bytes of round-wide heap growth per extra update
+# The issue asks for a heap peak independent of the number of updates. The plan is
+# streamed into one key file per shard (plan_round holds one shard and one client's
+# ledger keys), shards hold one shard's envelopes, finalize reads verdicts one shard at
+# a time: measured 6.1 MiB at 1k and 6.5 MiB at 10k updates (tracemalloc, shard size
+# 500), ~50 B per extra update of residue (listing pages, caches), not per-update state.
+MAX_BOOKKEEPING = 256  # bytes of round-wide heap growth per extra update
+MAX_PEAK_RATIO = 1.2  # 10x the updates, at most 1.2x the heap peak
 
 
 def enroll_fleet(deployment, count: int) -> list[tuple[str, object]]:
@@ -166,3 +165,4 @@ def test_ten_thousand_updates_from_a_thousand_clients(deployment):
     growth = (large_peak - small_peak) / (LARGE - SMALL)
     print(f"heap growth {growth:.0f} B per extra update (envelope {envelope:.0f} B)")
     assert growth <= MAX_BOOKKEEPING < envelope, (small_peak, large_peak, envelope)
+    assert large_peak <= MAX_PEAK_RATIO * small_peak, (small_peak, large_peak)

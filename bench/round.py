@@ -1,0 +1,683 @@
+"""The server's round pipeline on real S3: updates/s against a GET-only I/O ceiling, peak RSS.
+
+    python -m bench.round --json [--updates 2000] [--params 100000] [--topk 0.01]
+        [--clients 200] [--shard-size 500[,S2,...]] [--concurrency K] [--seed 0]
+    python -m bench.round --memory-check --json [--memory-sizes 1000,10000] [...]
+
+Why: issue 6 asks how close the server's open/verify/validate/aggregate pipeline runs to
+the speed at which it can merely read its inbox, and whether its memory stays flat as
+the number of updates grows (it must: one shard's envelopes at most are held).
+
+Set-up (not measured): a local SeaweedFS (``fedlib.seaweed``, on this machine's cores),
+a deployment as ``fl-admin init`` makes it, but with an autoencoder whose hidden sizes
+are picked so that its parameter count is as close to ``--params`` as the shape allows
+(``num_params`` is the exact figure), ``--clients`` enrolled Ed25519 keys, and N valid
+updates in the inbox, crafted as ``tests/security/test_load.py`` does: a random top-k
+delta (``--topk`` of the coordinates, N(0, 1e-3)) encoded with the devices' encoder
+(``fedlib.compression``, topk16), wrapped in a real payload, sealed to the server's key
+and signed (``crypto.seal_update``), PUT over 16 threads. Update ``i``'s delta is drawn
+from ``default_rng([seed, i])`` and every update has the same sample count, so the
+aggregate depends on N, D, the top-k fraction and the seed only: ``result_digest`` is the
+same across runs, shard sizes and invocations.
+
+Measured, each in its own fresh interpreter (so peak RSS is the pipeline's own):
+
+* ``pipeline``: what ``fl_round`` runs, with the same fedlib functions and settings:
+  ``plan_round`` (``settings.shard_size``, ``max_updates=N``), ``process_shard`` for
+  every shard in order, ``reduce_round``; one :class:`~fedlib.server.Deployment` for
+  all steps, as ``fl-admin round`` (``run_round``) does. ``process_shard`` also keeps
+  the judged bytes (one write-once ``archive/`` PUT per accepted update) and writes
+  the partial sum and verdicts: all of it is timed. Peak RSS is the worker's ``VmHWM``
+  (``/proc/self/status``); ``baseline_rss_mb`` its RSS after imports. The breakdown
+  wraps the functions the pipeline calls (it times, it does not change them), over the
+  shards only: ``get_s``/``put_s`` are the summed latencies of the store's GETs (inbox
+  objects, plus a few state files) and PUTs (archive copies, partial sums, verdicts),
+  which overlap when concurrent; ``aggregate_s`` the wall time inside
+  ``aggregate_objects`` (the verify/decrypt/validate/add loop, including any wait for a
+  GET), ``open_validate_s`` and ``add_s`` the summed time in ``open_and_validate`` and
+  ``StreamingAggregator.add``, ``archive_wait_s`` how long the shards then waited for
+  their archive writes (``JudgedBytesKeeper.wait``; before the writes overlapped the
+  judging: all of ``keep_judged_bytes``), ``shard_other_s`` the rest of
+  ``process_shard`` (plan, base package, fleet, keys; partial sum and verdicts).
+* ``ceiling``: the same N inbox objects read with the same store call
+  (``get_with_etag`` with the envelope size limit) on as many threads as the pipeline
+  keeps GETs in flight (``concurrency``: ``round_runner.SHARD_IO_CONCURRENCY``), and
+  nothing else: the lower bound of the pipeline's I/O. Run before and after the
+  pipeline; the faster run counts (the stricter ratio).
+* ``io_get_put``: the same, each thread then PUTting the object's bytes write-once to
+  the state bucket, as ``process_shard`` keeps an accepted update's bytes in
+  ``archive/``: the I/O the pipeline cannot avoid (it also writes partial sums and
+  verdicts, a few per shard). Run before and after the pipeline, the faster counts.
+
+``overhead_ratio`` is pipeline updates/s over ceiling updates/s, as the issue defines it;
+``overhead_ratio_vs_get_put`` the same over ``io_get_put`` (what opening, verifying,
+validating and adding cost on top of the pipeline's own I/O). The pipeline runs once
+per ``--shard-size`` (default: the settings' ``shard_size`` and a fifth of it; the
+``archive/`` copies are deleted in between so every run does the same writes) and
+``digests_match`` says whether every run produced the same aggregate bytes; the
+headline figures are the first run's.
+``--memory-check`` fills the inbox with the largest of ``--memory-sizes`` updates and runs
+the pipeline once per size (``max_updates``), each in a fresh process, and reports
+``rss_ratio`` (largest over smallest peak RSS). SeaweedFS runs on the same cores, so its
+CPU (``*_s3_cpu_s``, read from ``/proc`` over the worker's whole life) competes with the
+pipeline's; on a shared machine compare figures of one run, not across runs
+(``loadavg`` is recorded).
+
+Prints one JSON object (``--json``: on one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+GOALS = {"pipeline_updates_per_s": 600.0, "overhead_ratio": 0.85}
+MEMORY_GOALS = {"rss_ratio_max": 1.10, "peak_rss_mb_max": 150.0}
+UPLOAD_THREADS = 16
+NUM_SAMPLES = 200
+DELTA_STD = 1e-3
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss where /proc is missing)."""
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def current_rss_mb() -> float:
+    rss = _proc_status_mb("VmRSS")
+    return rss if rss is not None else peak_rss_mb()
+
+
+def process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of another process (the S3 server), 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def autoencoder_hidden(features: int, target: int) -> tuple[list[int], int]:
+    """Hidden sizes ``[a, b]`` (b <= 32) whose autoencoder is closest to ``target`` params."""
+
+    def count(a: int, b: int) -> int:
+        return features * a + a + a * b + b + b * features + features
+
+    best: tuple[int, int, int] | None = None
+    for b in range(32, 0, -1):
+        a = max(1, round((target - features - b * (features + 1)) / (features + 1 + b)))
+        for cand in (a - 1, a, a + 1):
+            if cand >= 1 and (best is None or abs(count(cand, b) - target) < best[0]):
+                best = (abs(count(cand, b) - target), cand, b)
+    assert best is not None
+    return [best[1], best[2]], count(best[1], best[2])
+
+
+def build_deployment(s3: Any, workdir: Path, params: int, seed: int) -> tuple[Any, dict]:
+    """Keys, buckets, channel, holdout and a signed version 1 of about ``params`` params."""
+    import uuid
+
+    from bench.make_dataset import make_dataset
+    from fedlib.evaluation import evaluate_onnx
+    from fedlib.model import FeatureSchema, create_model
+    from fedlib.rounds import package_model
+    from fedlib.server import Deployment, Holdout
+    from fedlib.settings import ServerSettings
+
+    tag = uuid.uuid4().hex[:10]
+    settings = {
+        "inbox_bucket": f"bench-inbox-{tag}",
+        "models_bucket": f"bench-models-{tag}",
+        "state_bucket": f"bench-state-{tag}",
+        "airgap_bucket": f"bench-airgap-{tag}",
+        "keys_dir": str(workdir / "server-keys"),
+        "min_clients": 1,
+    }
+    dep = Deployment(ServerSettings(**settings), s3)
+    dep.ensure_keys()
+    dep.ensure_buckets()
+    dep.init_channel()
+    data = make_dataset(
+        clients=2, windows_per_client=50, holdout_benign=400, holdout_anomalies=100, seed=seed
+    )
+    names = [str(n) for n in data["feature_names"]]
+    holdout = Holdout(data["holdout_X"], data["holdout_y"], names)
+    dep.save_holdout(holdout)
+    benign = holdout.benign()
+    hidden, count = autoencoder_hidden(len(names), params)
+    schema = FeatureSchema.from_data(names, benign, "log1p")
+    model = create_model("autoencoder", schema, spec={"hidden": hidden}, seed=seed)
+    assert model.num_params == count, (model.num_params, count)
+    model.calibrate_threshold(benign, quantile=dep.settings.threshold_quantile)
+    training = dep.settings.training("autoencoder")
+    draft = package_model(model, version=1, training=training)
+    metrics = evaluate_onnx(draft.onnx_bytes, holdout.features, holdout.labels).as_dict()
+    dep.registry(signing=True).publish(
+        package_model(model, version=1, training=training, metrics=metrics)
+    )
+    return dep, {"settings": settings, "hidden": hidden}
+
+
+def enroll_fleet(dep: Any, count: int) -> list[tuple[str, Any]]:
+    from fedlib import crypto
+
+    fleet = dep.load_fleet()
+    clients = []
+    for i in range(count):
+        key = crypto.generate_signing_key()
+        client_id = f"bench-{i:04d}"
+        fleet.enroll(client_id, crypto.public_pem(key))
+        clients.append((client_id, key))
+    dep.save_fleet(fleet)
+    return clients
+
+
+def upload(
+    dep: Any, clients: list[tuple[str, Any]], count: int, topk: float, seed: int
+) -> list[int]:
+    """Seal and PUT ``count`` valid updates round-robin over ``clients``; their sizes."""
+    from fedlib import compression, crypto, protocol
+
+    meta_doc = dep.registry().read_active().metadata
+    dim = meta_doc.num_params
+    server_public = dep.current_server_public_key()
+    config = compression.CompressionConfig("topk16", topk)
+    meta = protocol.UpdateMeta.model_validate(
+        {
+            "schema": protocol.META_SCHEMA,
+            "model_kind": meta_doc.model_kind,
+            "num_params": dim,
+            "num_samples": NUM_SAMPLES,
+            "epochs": 1,
+            "compression": "topk16",
+        }
+    )
+    k = max(1, int(dim * topk))
+    inbox = dep.inbox
+
+    def one(i: int) -> int:
+        rng = np.random.default_rng([seed, i])
+        delta = np.zeros(dim)
+        delta[rng.choice(dim, size=k, replace=False)] = rng.normal(0.0, DELTA_STD, size=k)
+        client_id, key = clients[i % len(clients)]
+        header, envelope = crypto.seal_update(
+            client_id=client_id,
+            client_key=key,
+            server_public_key=server_public,
+            base_version=meta_doc.version,
+            payload=protocol.encode_payload(meta, compression.encode(delta, config)),
+        )
+        inbox.put(protocol.inbox_key(client_id, header.update_id), envelope, if_absent=True)
+        return len(envelope)
+
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def clear_archive(dep: Any) -> int:
+    """Delete the ``archive/`` copies of earlier runs, so the next run writes them all."""
+    from fedlib.round_runner import ARCHIVE_PREFIX
+
+    keys = [info.key for info in dep.state.list(ARCHIVE_PREFIX)]
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        list(pool.map(dep.state.delete, keys))
+    return len(keys)
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _deployment_from(config: dict[str, Any], shard_size: int | None = None) -> Any:
+    from fedlib.server import Deployment
+    from fedlib.settings import ServerSettings
+    from fedlib.store import S3Config
+
+    settings = dict(config["settings"])
+    if shard_size is not None:
+        settings["shard_size"] = shard_size
+    return Deployment(ServerSettings(**settings), S3Config(**config["s3"]))
+
+
+def _set_concurrency(concurrency: int | None) -> int:
+    """The pipeline's GETs in flight per shard (``--concurrency`` overrides the default)."""
+    from fedlib import round_runner
+
+    if concurrency is None:
+        return int(getattr(round_runner, "SHARD_IO_CONCURRENCY", 1))
+    if hasattr(round_runner, "SHARD_IO_CONCURRENCY"):
+        round_runner.SHARD_IO_CONCURRENCY = concurrency
+    return concurrency
+
+
+class _Timer:
+    """Summed seconds per name, safe to add to from several threads."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+    def wrap(self, owner: Any, attr: str, name: str) -> None:
+        inner = getattr(owner, attr)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.add(name, time.perf_counter() - t0)
+
+        setattr(owner, attr, timed)
+
+
+def worker_pipeline(
+    config: dict[str, Any], run_id: str, updates: int, shard_size: int, concurrency: int | None
+) -> dict[str, Any]:
+    """plan_round, process_shard for every shard, reduce_round: timed, with a breakdown."""
+    from fedlib import aggregation, round_runner, rounds
+    from fedlib.store import S3Store
+
+    concurrency = _set_concurrency(concurrency)
+    timer = _Timer()
+    timer.wrap(S3Store, "get_with_etag", "get")
+    timer.wrap(S3Store, "put", "put")
+    timer.wrap(round_runner, "aggregate_objects", "aggregate")
+    timer.wrap(rounds, "open_and_validate", "open_validate")
+    timer.wrap(aggregation.StreamingAggregator, "add", "add")
+    if hasattr(round_runner, "JudgedBytesKeeper"):  # archive writes overlap the judging
+        timer.wrap(round_runner.JudgedBytesKeeper, "wait", "archive")
+    else:  # archive writes after the judging
+        timer.wrap(round_runner, "keep_judged_bytes", "archive")
+    dep = _deployment_from(config, shard_size)
+    baseline = current_rss_mb()
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    plan = round_runner.plan_round(dep, run_id, max_updates=updates)
+    t1 = time.perf_counter()
+    in_plan = (timer.seconds.copy(), timer.calls.copy())
+    results = [round_runner.process_shard(dep, run_id, i) for i in range(plan.shard_count)]
+    t2 = time.perf_counter()
+    reduced = round_runner.reduce_round(dep, run_id)
+    t3 = time.perf_counter()
+    cpu = time.process_time() - cpu0
+    peak = peak_rss_mb()
+    shards_s = t2 - t1
+    s = {k: v - in_plan[0].get(k, 0.0) for k, v in timer.seconds.items()}
+    calls = {k: v - in_plan[1].get(k, 0) for k, v in timer.calls.items()}
+    return {
+        "run_id": run_id,
+        "updates": plan.updates,
+        "shard_size": shard_size,
+        "shards": plan.shard_count,
+        "concurrency": concurrency,
+        "accepted": sum(r.accepted for r in results),
+        "rejected": sum(sum(r.rejected.values()) for r in results),
+        "seconds": t3 - t0,
+        "cpu_s": cpu,
+        "plan_s": t1 - t0,
+        "shards_s": shards_s,
+        "reduce_s": t3 - t2,
+        "breakdown": {
+            "get_s": s.get("get", 0.0),
+            "get_calls": calls.get("get", 0),
+            "put_s": s.get("put", 0.0),
+            "put_calls": calls.get("put", 0),
+            "aggregate_s": s.get("aggregate", 0.0),
+            "open_validate_s": s.get("open_validate", 0.0),
+            "add_s": s.get("add", 0.0),
+            "archive_wait_s": s.get("archive", 0.0),
+            "shard_other_s": shards_s - s.get("aggregate", 0.0) - s.get("archive", 0.0),
+        },
+        "count": reduced["count"],
+        "result_digest": reduced["digest"],
+        "baseline_rss_mb": baseline,
+        "peak_rss_mb": peak,
+    }
+
+
+def worker_ceiling(
+    config: dict[str, Any], updates: int, concurrency: int | None, copy: bool = False
+) -> dict[str, Any]:
+    """GET the same inbox objects with the same store call and concurrency, nothing else;
+    with ``copy`` also PUT each one write-once to the state bucket, as its archive copy is."""
+    import uuid
+
+    from fedlib import protocol
+
+    concurrency = _set_concurrency(concurrency)
+    dep = _deployment_from(config)
+    keys = [info.key for info in dep.inbox.list("updates/", limit=updates)]
+    inbox, state, limit = dep.inbox, dep.state, protocol.MAX_ENVELOPE_BYTES
+    scratch = f"bench-io/{uuid.uuid4().hex}/"
+
+    def fetch(key: str) -> int:
+        blob = inbox.get_with_etag(key, max_bytes=limit)[0]
+        if copy:
+            state.put(scratch + key, blob, if_absent=True)
+        return len(blob)
+
+    # The clients and a connection exist before the clock starts, as they do in the
+    # pipeline by the time its shards read (plan_round listed the inbox).
+    inbox.get_with_etag(keys[0], max_bytes=limit)
+    if copy:
+        state.put(scratch + "warm-up", b"", if_absent=True)
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    if concurrency <= 1:
+        total = sum(fetch(key) for key in keys)
+    else:
+        with ThreadPoolExecutor(concurrency) as pool:
+            total = sum(pool.map(fetch, keys))
+    seconds = time.perf_counter() - t0
+    return {
+        "updates": len(keys),
+        "bytes": total,
+        "seconds": seconds,
+        "cpu_s": time.process_time() - cpu0,
+        "concurrency": concurrency,
+    }
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def run_worker(kind: str, config_path: Path, extra: list[str], s3_pid: int | None) -> dict:
+    """One worker in a fresh interpreter; returns its JSON line plus the S3 server's CPU."""
+    cmd = [sys.executable, "-m", "bench.round", "--worker", kind, "--config", str(config_path)]
+    s3_cpu0 = process_cpu_s(s3_pid)
+    proc = subprocess.run(
+        [*cmd, *extra], cwd=ROOT, env=_env(), capture_output=True, text=True, check=False
+    )
+    s3_cpu = process_cpu_s(s3_pid) - s3_cpu0
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {kind} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["s3_cpu_s"] = s3_cpu  # the worker's whole life, start-up included
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _setup(args: argparse.Namespace, workdir: Path, count: int) -> tuple[Any, Any, Path, dict]:
+    from fedlib.seaweed import SeaweedServer
+
+    server = SeaweedServer(workdir / "s3", die_with_parent=True).start()
+    s3 = server.s3_config()
+    dep, info = build_deployment(s3, workdir, args.params, args.seed)
+    clients = enroll_fleet(dep, args.clients)
+    t0 = time.perf_counter()
+    sizes = upload(dep, clients, count, args.topk, args.seed)
+    upload_s = time.perf_counter() - t0
+    config = {
+        "settings": info["settings"],
+        "s3": {
+            "endpoint_url": s3.endpoint_url,
+            "access_key": s3.access_key,
+            "secret_key": s3.secret_key,
+        },
+    }
+    config_path = workdir / "bench-round.json"
+    fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(config, fh)
+    meta = dep.registry().read_active().metadata
+    setup = {
+        "num_params": meta.num_params,
+        "hidden": info["hidden"],
+        "envelope_bytes": sum(sizes) / len(sizes),
+        "upload_s": upload_s,
+        "s3_startup_s": server.startup_seconds,
+    }
+    return server, dep, config_path, setup
+
+
+def _pipeline_args(updates: int, shard_size: int, concurrency: int | None, run: str) -> list:
+    extra = ["--updates", str(updates), "--shard-size", str(shard_size), "--run-id", run]
+    if concurrency is not None:
+        extra += ["--concurrency", str(concurrency)]
+    return extra
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    server, dep, config_path, setup = _setup(args, workdir, args.updates)
+    pid = server.pid
+    try:
+        conc = ["--concurrency", str(args.concurrency)] if args.concurrency is not None else []
+        ceiling_args = ["--updates", str(args.updates), *conc]
+        ceilings = [run_worker("ceiling", config_path, ceiling_args, pid)]
+        copies = [run_worker("ceiling", config_path, [*ceiling_args, "--copy"], pid)]
+        runs = []
+        for i, size in enumerate(args.shard_size):
+            if i:
+                clear_archive(dep)
+            extra = _pipeline_args(args.updates, size, args.concurrency, f"bench-{i}-s{size}")
+            runs.append(run_worker("pipeline", config_path, extra, pid))
+        ceilings.append(run_worker("ceiling", config_path, ceiling_args, pid))
+        copies.append(run_worker("ceiling", config_path, [*ceiling_args, "--copy"], pid))
+    finally:
+        server.stop()
+    first = runs[0]
+    ceiling = min(ceilings, key=lambda c: c["seconds"])
+    copy = min(copies, key=lambda c: c["seconds"])
+    pipeline_rate = first["updates"] / first["seconds"]
+    ceiling_rate = ceiling["updates"] / ceiling["seconds"]
+    copy_rate = copy["updates"] / copy["seconds"]
+    result: dict[str, Any] = {
+        "updates": args.updates,
+        "params": args.params,
+        "num_params": setup["num_params"],
+        "model_hidden": setup["hidden"],
+        "topk_fraction": args.topk,
+        "clients": args.clients,
+        "seed": args.seed,
+        "shard_size": first["shard_size"],
+        "shards": first["shards"],
+        "concurrency": first["concurrency"],
+        "envelope_bytes": setup["envelope_bytes"],
+        "accepted": first["accepted"],
+        "rejected": first["rejected"],
+        "pipeline_updates_per_s": pipeline_rate,
+        "pipeline_seconds": first["seconds"],
+        "pipeline_cpu_s": first["cpu_s"],
+        "pipeline_s3_cpu_s": first["s3_cpu_s"],
+        "plan_s": first["plan_s"],
+        "shards_s": first["shards_s"],
+        "reduce_s": first["reduce_s"],
+        "breakdown": first["breakdown"],
+        "io_ceiling_updates_per_s": ceiling_rate,
+        "io_ceiling_seconds": ceiling["seconds"],
+        "io_ceiling_cpu_s": ceiling["cpu_s"],
+        "io_ceiling_s3_cpu_s": ceiling["s3_cpu_s"],
+        "io_ceiling_runs_updates_per_s": [c["updates"] / c["seconds"] for c in ceilings],
+        "overhead_ratio": pipeline_rate / ceiling_rate,
+        "io_get_put_updates_per_s": copy_rate,
+        "io_get_put_seconds": copy["seconds"],
+        "io_get_put_runs_updates_per_s": [c["updates"] / c["seconds"] for c in copies],
+        "overhead_ratio_vs_get_put": pipeline_rate / copy_rate,
+        "peak_rss_mb": first["peak_rss_mb"],
+        "baseline_rss_mb": first["baseline_rss_mb"],
+        "result_digest": first["result_digest"],
+        "digests_match": len({r["result_digest"] for r in runs}) == 1,
+        "runs": [
+            {
+                "shard_size": r["shard_size"],
+                "shards": r["shards"],
+                "updates_per_s": r["updates"] / r["seconds"],
+                "seconds": r["seconds"],
+                "peak_rss_mb": r["peak_rss_mb"],
+                "result_digest": r["result_digest"],
+                "accepted": r["accepted"],
+            }
+            for r in runs
+        ],
+        "upload_s": setup["upload_s"],
+        "loadavg": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+        "goals": GOALS,
+    }
+    result["goals_met"] = {k: result[k] >= v for k, v in GOALS.items()}
+    return result
+
+
+def run_memory_check(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    sizes = sorted(args.memory_sizes)
+    server, dep, config_path, setup = _setup(args, workdir, sizes[-1])
+    try:
+        runs = []
+        for i, size in enumerate(sizes):
+            if i:
+                clear_archive(dep)
+            extra = _pipeline_args(size, args.shard_size[0], args.concurrency, f"mem-{size}")
+            runs.append(run_worker("pipeline", config_path, extra, server.pid))
+    finally:
+        server.stop()
+    small, large = runs[0], runs[-1]
+    result: dict[str, Any] = {
+        "memory_sizes": sizes,
+        "params": args.params,
+        "num_params": setup["num_params"],
+        "topk_fraction": args.topk,
+        "clients": args.clients,
+        "shard_size": args.shard_size[0],
+        "concurrency": small["concurrency"],
+        "envelope_bytes": setup["envelope_bytes"],
+        "runs": [
+            {
+                "updates": r["updates"],
+                "accepted": r["accepted"],
+                "shards": r["shards"],
+                "peak_rss_mb": r["peak_rss_mb"],
+                "baseline_rss_mb": r["baseline_rss_mb"],
+                "updates_per_s": r["updates"] / r["seconds"],
+                "result_digest": r["result_digest"],
+            }
+            for r in runs
+        ],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "peak_rss_mb_small": small["peak_rss_mb"],
+        "peak_rss_mb_large": large["peak_rss_mb"],
+        "rss_ratio": large["peak_rss_mb"] / small["peak_rss_mb"],
+        "rss_above_baseline_mb": [r["peak_rss_mb"] - r["baseline_rss_mb"] for r in runs],
+        "upload_s": setup["upload_s"],
+        "loadavg": list(os.getloadavg()),
+        "goals": MEMORY_GOALS,
+    }
+    result["goals_met"] = {
+        "rss_ratio_max": result["rss_ratio"] <= MEMORY_GOALS["rss_ratio_max"],
+        "peak_rss_mb_max": result["peak_rss_mb"] < MEMORY_GOALS["peak_rss_mb_max"],
+    }
+    return result
+
+
+def _sizes(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("expected positive integers, comma-separated")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--updates", type=int, default=2000, help="N updates in the inbox")
+    parser.add_argument("--params", type=int, default=100_000, help="D: model size (about)")
+    parser.add_argument("--topk", type=float, default=0.01, help="top-k fraction of each delta")
+    parser.add_argument("--clients", type=int, default=200, help="enrolled signing keys")
+    parser.add_argument(
+        "--shard-size",
+        type=_sizes,
+        default=None,
+        help="updates per shard; several (comma-separated) run once each and must agree "
+        "(default: the settings' shard_size and a fifth of it)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="GETs in flight (default: the pipeline's)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--memory-check",
+        action="store_true",
+        help="run the pipeline at each of --memory-sizes updates and compare peak RSS",
+    )
+    parser.add_argument("--memory-sizes", type=_sizes, default=[1000, 10_000])
+    parser.add_argument("--workdir", type=Path, help="keep the server's files here")
+    parser.add_argument("--json", action="store_true", help="print the JSON object on one line")
+    parser.add_argument("--worker", choices=["pipeline", "ceiling"], help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--run-id", help=argparse.SUPPRESS)
+    parser.add_argument("--copy", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.updates < 1 or args.params < 1 or args.clients < 1:
+        parser.error("--updates, --params and --clients must be >= 1")
+    if not 0 < args.topk <= 1:
+        parser.error("--topk must be in (0, 1]")
+    if args.concurrency is not None and args.concurrency < 1:
+        parser.error("--concurrency must be >= 1")
+    if args.worker:
+        config = json.loads(args.config.read_text())
+        if args.worker == "pipeline":
+            size = args.shard_size[0]
+            out = worker_pipeline(config, args.run_id, args.updates, size, args.concurrency)
+        else:
+            out = worker_ceiling(config, args.updates, args.concurrency, args.copy)
+        print(json.dumps(out))
+        return 0
+    if args.shard_size is None:
+        from fedlib.settings import ServerSettings
+
+        size = int(ServerSettings.model_fields["shard_size"].default)
+        args.shard_size = [size, max(1, size // 5)]
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        result = (run_memory_check if args.memory_check else run)(args, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
+            result = (run_memory_check if args.memory_check else run)(args, Path(tmp))
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
