@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser test lint demo demo-stop bench clean
+.PHONY: install browser test lint demo demo-stop bench bench-quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,17 +46,24 @@ demo: $(STAMP)
 demo-stop: $(STAMP)
 	$(BIN)/python -m scripts.demo stop
 
+# Performance (issue 6): every figure side by side in one run, JSON in bench/results/.
 bench: $(STAMP)
 	mkdir -p bench/results
-	$(BIN)/python -m bench.make_dataset --out bench/results/dataset.npz
-	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --paired dense32 --json > bench/results/quality-autoencoder.json
-	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --kind gaussian --json > bench/results/quality-gaussian.json
+	test -f bench/results/dataset.npz || $(BIN)/python -m bench.make_dataset --out bench/results/dataset.npz
 	$(BIN)/python -m bench.aggregate --json > bench/results/aggregate.json
 	$(BIN)/python -m bench.wire --json > bench/results/wire.json
 	$(BIN)/python -m bench.client --dataset bench/results/dataset.npz --json > bench/results/client.json
 	$(BIN)/python -m bench.round --json > bench/results/round.json
 	$(BIN)/python -m bench.round --memory-check --json > bench/results/round-memory.json
 	$(BIN)/python -m bench.scaleout --updates 10000 --json > bench/results/scaleout.json
+
+# Model quality and poisoning (about 25 minutes on 2 cores).
+bench-quality: $(STAMP)
+	mkdir -p bench/results
+	$(BIN)/python -m bench.make_dataset --out bench/results/dataset.npz
+	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --paired dense32 --json > bench/results/quality-autoencoder.json
+	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --kind gaussian --json > bench/results/quality-gaussian.json
+	$(BIN)/python -m bench.poisoning --dataset bench/results/dataset.npz --seeds 3 --robust fltrust,trimmed_mean,median --json > bench/results/poisoning.json
 
 clean:
 	rm -rf $(VENV) .state
