@@ -246,6 +246,7 @@ def cmd_round(args: argparse.Namespace) -> int:
         min_clients=args.min_clients,
         max_updates=args.max_updates,
         dry_run=args.dry_run,
+        progress=None if args.json else lambda line: print(f"  {line}", flush=True),
     )
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))

@@ -592,9 +592,16 @@ class RoundReport:
             + (f" {self.rejected}" if self.rejected else ""),
         ]
         if self.active_metrics:
-            line = f"  holdout AUC: active v{self.base_version} {self.active_metrics['auc']:.4f}"
+            active = self.active_metrics
+            line = (
+                f"  holdout AUC / AP: active v{self.base_version} "
+                f"{active['auc']:.4f} / {active.get('ap', float('nan')):.4f}"
+            )
             if self.candidate_metrics:
-                line += f", candidate {self.candidate_metrics['auc']:.4f}"
+                candidate = self.candidate_metrics
+                line += (
+                    f", candidate {candidate['auc']:.4f} / {candidate.get('ap', float('nan')):.4f}"
+                )
             lines.append(line)
         if self.published_version:
             lines.append(f"  published version {self.published_version}")
@@ -825,10 +832,14 @@ def run_round(
     max_updates: int | None = None,
     dry_run: bool = False,
     created_at_ms: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> RoundReport:
-    """Every step in order, in this process (``fl-admin round``)."""
+    """Every step in order, in this process (``fl-admin round``); ``progress`` gets one
+    line per step (and per shard) for people watching a long round."""
+    say = progress or (lambda _line: None)
     if not dry_run:
-        check_active_model(deployment, run_id, created_at_ms=created_at_ms)
+        decision = check_active_model(deployment, run_id, created_at_ms=created_at_ms)
+        say(f"active model: {decision.get('reason', 'checked')}")
     plan = plan_round(
         deployment,
         run_id,
@@ -836,13 +847,17 @@ def run_round(
         max_updates=max_updates,
         created_at_ms=created_at_ms,
     )
+    say(f"plan: {plan.message}")
     if plan.waiting:
         return finalize_round(deployment, run_id, decision="waiting", dry_run=True)
     for index in range(plan.shard_count):
-        process_shard(deployment, run_id, index)
+        shard = process_shard(deployment, run_id, index)
+        rejected = sum(shard.rejected.values())
+        say(f"shard {index + 1}/{plan.shard_count}: {shard.accepted} accepted, {rejected} rejected")
     reduce_round(deployment, run_id)
     build_round_candidate(deployment, run_id)
     evaluation = evaluate_round(deployment, run_id)
+    say(f"gate: {evaluation.get('reason')}")
     if evaluation["candidate"] is None:
         decision, version = "nothing_accepted", None
     elif not evaluation["publish"]:
@@ -851,6 +866,8 @@ def run_round(
         decision, version = "dry_run", None
     else:
         decision, version = "published", publish_round(deployment, run_id)
+        say(f"published version {version}")
+    say("finalize: ledger, quarantine, inbox")
     return finalize_round(
         deployment, run_id, decision=decision, published_version=version, dry_run=dry_run
     )

@@ -117,3 +117,13 @@ def test_round_through_cli(admin_env, tmp_path, capsys):
     assert admin_main(["round", "--run-id", "r1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["accepted"] == 2 and report["decision"] in {"published", "rejected"}
+    for cid in data.client_ids[2:4]:
+        assert run_cycle(make_client(dep, tmp_path, cid, data.clients[cid])).uploaded
+    capsys.readouterr()
+    assert admin_main(["round", "--run-id", "r2"]) == 0
+    out = capsys.readouterr().out
+    # progress while it runs, then the one-screen summary
+    assert "plan: 2 updates from 2 clients in 1 shards" in out
+    assert "shard 1/1: 2 accepted, 0 rejected" in out and "gate: candidate AUC" in out
+    assert out.index("shard 1/1") < out.index("round r2:")
+    assert "updates: 2 accepted, 0 rejected" in out
