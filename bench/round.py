@@ -26,7 +26,7 @@ Measured, each in its own fresh interpreter (so peak RSS is the pipeline's own):
   ``plan_round`` (``settings.shard_size``, ``max_updates=N``), ``process_shard`` for
   every shard in order, ``reduce_round``; one :class:`~fedlib.server.Deployment` for
   all steps, as ``fl-admin round`` (``run_round``) does. ``process_shard`` also keeps
-  the judged bytes (one write-once ``archive/`` PUT per accepted update) and writes
+  the judged bytes (one ``archive/`` pack per shard with its accepted envelopes) and writes
   the partial sum and verdicts: all of it is timed. Peak RSS is the worker's ``VmHWM``
   (``/proc/self/status``); ``baseline_rss_mb`` its RSS after imports. The breakdown
   wraps the functions the pipeline calls (it times, it does not change them), over the
@@ -45,9 +45,9 @@ Measured, each in its own fresh interpreter (so peak RSS is the pipeline's own):
   nothing else: the lower bound of the pipeline's I/O. Run before and after the
   pipeline; the faster run counts (the stricter ratio).
 * ``io_get_put``: the same, each thread then PUTting the object's bytes write-once to
-  the state bucket, as ``process_shard`` keeps an accepted update's bytes in
-  ``archive/``: the I/O the pipeline cannot avoid (it also writes partial sums and
-  verdicts, a few per shard). Run before and after the pipeline, the faster counts.
+  the state bucket (what the pipeline did before accepted bytes went into one pack per
+  shard): a reference for one PUT per update. Run before and after the pipeline, the
+  faster counts.
 
 ``overhead_ratio`` is pipeline updates/s over ceiling updates/s, as the issue defines it;
 ``overhead_ratio_vs_get_put`` the same over ``io_get_put`` (what opening, verifying,

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import itertools
+import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -30,7 +31,7 @@ import numpy as np
 
 from fedlib import protocol, robust
 from fedlib.aggregation import aggregator_from_bytes, new_aggregator
-from fedlib.errors import ObjectExists, RejectedUpdate
+from fedlib.errors import RejectedUpdate
 from fedlib.ledger import Ledger
 from fedlib.protocol import PackageMetadata
 from fedlib.registry import PACKAGE_FILES, ModelPackage, weights_from_bytes
@@ -131,6 +132,66 @@ def plan_keys(deployment: Deployment, plan: RoundPlan) -> Iterator[str]:
     """Every key of a plan, shard by shard."""
     for index in range(plan.shard_count):
         yield from load_shard(deployment, plan, index).keys
+
+
+_PACK_MAGIC = b"FLAR\x01"
+
+
+def archive_key(run_id: str, index: int) -> str:
+    """Where a shard keeps the bytes it accepted: one object per shard, not per update."""
+    return f"{ARCHIVE_PREFIX}{safe_run_id(run_id)}/{index:05d}.pack"
+
+
+def pack_envelopes(entries: list[tuple[str, bytes]]) -> bytes:
+    """``(key, envelope)`` pairs in one object: count, then per entry the key, the
+    envelope's SHA-256 and length, and the envelope (big-endian lengths)."""
+    parts = [_PACK_MAGIC, struct.pack(">I", len(entries))]
+    for key, blob in entries:
+        raw = key.encode()
+        parts += [struct.pack(">H", len(raw)), raw, hashlib.sha256(blob).digest()]
+        parts += [struct.pack(">I", len(blob)), blob]
+    return b"".join(parts)
+
+
+def unpack_envelopes(data: bytes) -> dict[str, bytes]:
+    """The inverse of :func:`pack_envelopes`; refuses a pack that is cut, padded or whose
+    envelope does not match its recorded digest."""
+    view = memoryview(data)
+    if not data.startswith(_PACK_MAGIC) or len(data) < len(_PACK_MAGIC) + 4:
+        raise ValueError("not an archive pack")
+    pos = len(_PACK_MAGIC)
+    (count,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    out: dict[str, bytes] = {}
+    for _ in range(count):
+        if pos + 2 > len(data):
+            raise ValueError("archive pack is cut short")
+        (key_len,) = struct.unpack_from(">H", data, pos)
+        end = pos + 2 + key_len + 32 + 4
+        if end > len(data):
+            raise ValueError("archive pack is cut short")
+        key = bytes(view[pos + 2 : pos + 2 + key_len]).decode()
+        digest = bytes(view[pos + 2 + key_len : end - 4])
+        (size,) = struct.unpack_from(">I", data, end - 4)
+        if end + size > len(data):
+            raise ValueError("archive pack is cut short")
+        blob = bytes(view[end : end + size])
+        if hashlib.sha256(blob).digest() != digest:
+            raise ValueError(f"archived bytes of {key} do not match their digest")
+        out[key] = blob
+        pos = end + size
+    if pos != len(data):
+        raise ValueError("archive pack has trailing bytes")
+    return out
+
+
+def archived_envelope(deployment: Deployment, run_id: str, key: str) -> bytes:
+    """The bytes run ``run_id`` accepted under ``key`` (tests, audits)."""
+    plan = load_plan(deployment, run_id)
+    for index in range(plan.shard_count):
+        if key in load_shard(deployment, plan, index).keys:
+            return unpack_envelopes(deployment.state.get(archive_key(plan.run_id, index)))[key]
+    raise NoSuchKey(key, f"not in the plan of {run_id}")
 
 
 def load_shard(deployment: Deployment, plan: RoundPlan, index: int) -> Shard:
@@ -317,13 +378,16 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
             deployment, f"{run_prefix(plan.replay_of)}shards/{index:05d}.verdicts.json"
         )
         accepted = {doc["key"]: doc["sha256"] for doc in original if doc.get("accepted")}
+        pack = (
+            unpack_envelopes(deployment.state.get(archive_key(plan.replay_of, index)))
+            if accepted
+            else {}
+        )
 
         def fetch(key: str) -> tuple[bytes, str]:
-            if key not in accepted or key in replays:
+            if key not in accepted or key in replays or key not in pack:
                 raise NoSuchKey(key, "not accepted in the original run")
-            return deployment.state.get_with_etag(
-                f"{ARCHIVE_PREFIX}{key}/{accepted[key][:16]}", max_bytes=inputs.max_envelope_bytes
-            )
+            return pack[key], accepted[key]
     else:
 
         def fetch(key: str) -> tuple[bytes, str]:
@@ -384,6 +448,10 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
         ),
         key=lambda v: v.key,
     )
+    if keeper is not None:  # the accepted bytes, for backfill replays: before the verdicts
+        accepted_bytes = [(v.key, judged[v.key][0]) for v in verdicts if v.accepted]
+        if accepted_bytes:
+            deployment.state.put(archive_key(run_id, index), pack_envelopes(accepted_bytes))
     prefix = f"{run_prefix(run_id)}shards/{index:05d}"
     partial = agg.to_bytes()
     deployment.state.put(prefix + ".partial", partial)
@@ -684,8 +752,8 @@ def finalize_round(
 
 
 class JudgedBytesKeeper:
-    """Keep exactly the bytes that were judged: accepted ones in the archive (for backfill
-    replays), rejected ones in quarantine, oversized ones copied server-side (never read).
+    """Keep exactly the bytes that were rejected: in quarantine, oversized ones copied
+    server-side (never read); accepted ones go into the shard's archive pack.
     Content-addressed and write-once, so a retry rewrites nothing and a client
     overwriting its object changes nothing, and the writes may run in any order: up to
     ``width`` at a time on threads, started as verdicts come in. :meth:`wait` returns once
@@ -704,12 +772,10 @@ class JudgedBytesKeeper:
 
     def keep(self, verdict: Verdict, blob: bytes | None) -> None:
         """Start keeping one judged object (``blob`` None: it was never read)."""
+        if verdict.accepted:
+            return  # accepted bytes go into the shard's archive pack (process_shard)
         if blob is not None:
-            if verdict.accepted:
-                key = f"{ARCHIVE_PREFIX}{verdict.key}/{verdict.sha256[:16]}"
-                call = functools.partial(self._archive, key, blob)
-            else:
-                call = functools.partial(self._ledger.keep_rejected_bytes, verdict, blob)
+            call = functools.partial(self._ledger.keep_rejected_bytes, verdict, blob)
         elif verdict.reason == "oversized":
             call = functools.partial(self._quarantine_unread, verdict)
         else:
@@ -732,10 +798,6 @@ class JudgedBytesKeeper:
         """Release the threads (after :meth:`wait`, or when the shard failed)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def _archive(self, key: str, blob: bytes) -> None:
-        with contextlib.suppress(ObjectExists):
-            self._state.put(key, blob, if_absent=True)
 
     def _quarantine_unread(self, verdict: Verdict) -> None:
         copy = getattr(self._state, "copy", None)

@@ -144,7 +144,7 @@ def test_an_object_overwritten_after_judgment_is_neither_lost_nor_miscounted(dep
 
     verdict = Ledger(deployment.state).read(key)
     assert verdict["accepted"] and verdict["sha256"] == hashlib.sha256(original).hexdigest()
-    archived = deployment.state.get(f"archive/{key}/{verdict['sha256'][:16]}")
+    archived = rr.archived_envelope(deployment, "r-a", key)
     assert archived == original
     assert [i.key for i in deployment.inbox.list("updates/")] == [key]  # not deleted
 
@@ -152,3 +152,19 @@ def test_an_object_overwritten_after_judgment_is_neither_lost_nor_miscounted(dep
     nxt = run_round(deployment, "r-b")
     assert nxt.rejected == {"duplicate_update_id": 1}
     assert list(deployment.inbox.list("updates/")) == []
+
+
+def test_archive_pack_round_trips_and_refuses_tampering():
+    import pytest
+
+    from fedlib.round_runner import pack_envelopes, unpack_envelopes
+
+    entries = [("updates/a/1", b"x" * 10), ("updates/b/2", b""), ("updates/c/3", b"\x00\xff")]
+    data = pack_envelopes(entries)
+    assert unpack_envelopes(data) == dict(entries)
+    assert unpack_envelopes(pack_envelopes([])) == {}
+    flipped = bytearray(data)
+    flipped[-1] ^= 1  # the last envelope's bytes no longer match their digest
+    for bad in (data[:-1], data + b"\x00", bytes(flipped), b"FLPS" + data[4:]):
+        with pytest.raises(ValueError):
+            unpack_envelopes(bad)
