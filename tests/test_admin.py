@@ -84,6 +84,9 @@ def test_init_enroll_status_revoke(admin_env, tmp_path, capsys):
         S3Store(f"models-{env['tag']}", config.s3.to_store_config()).put("x", b"y")
 
     capsys.readouterr()
+    assert client_main(["status", "--config", str(out), "--json"]) == 0
+    device = json.loads(capsys.readouterr().out)
+    assert device["installed_version"] == 1 and device["sent_updates"] == 1
     assert admin_main(["status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["active_version"] == 1 and status["pending_updates"] == 1
@@ -127,3 +130,21 @@ def test_round_through_cli(admin_env, tmp_path, capsys):
     assert "shard 1/1: 2 accepted, 0 rejected" in out and "gate: candidate AUC" in out
     assert out.index("shard 1/1") < out.index("round r2:")
     assert "updates: 2 accepted, 0 rejected" in out
+
+
+def test_holdout_and_config_through_cli(admin_env, capsys):
+    from fedlib.server import Deployment
+    from fedlib.settings import ServerSettings
+
+    env = admin_env
+    assert admin_main(["init", "--holdout", str(env["holdout"])]) == 0
+    dep = Deployment(ServerSettings.load())
+    first = dep.holdout_version()
+    capsys.readouterr()
+    assert admin_main(["holdout", str(env["holdout"])]) == 0
+    assert f"holdout version {first + 1} is now current" in capsys.readouterr().out
+    assert dep.holdout_version() == first + 1
+    assert admin_main(["config", "--example"]) == 0
+    assert capsys.readouterr().out == ServerSettings.example_toml()
+    assert admin_main(["config"]) == 0
+    assert json.loads(capsys.readouterr().out)["inbox_bucket"] == dep.settings.inbox_bucket
