@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -61,6 +60,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.rss import current_rss_mb, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 DELTA_STD = 0.01
@@ -76,31 +77,6 @@ def make_update(seed: int, index: int, dim: int) -> tuple[np.ndarray, int]:
     delta = rng.standard_normal(dim, dtype=np.float32)
     delta *= np.float32(DELTA_STD)
     return delta, num_samples
-
-
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM; ru_maxrss where /proc is missing)."""
-    hwm = _proc_status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
-
-
-def current_rss_mb() -> float:
-    rss = _proc_status_mb("VmRSS")
-    return rss if rss is not None else peak_rss_mb()
 
 
 # ----------------------------------------------------------------------------- workers

@@ -80,7 +80,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from bench.crafted import enroll_fleet, upload_crafted
+from bench.rss import current_rss_mb, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"pipeline_updates_per_s": 600.0, "overhead_ratio": 0.85}
@@ -88,33 +89,6 @@ MEMORY_GOALS = {"rss_ratio_max": 1.10, "peak_rss_mb_max": 150.0}
 UPLOAD_THREADS = 16
 NUM_SAMPLES = 200
 DELTA_STD = 1e-3
-
-
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM; ru_maxrss where /proc is missing)."""
-    hwm = _proc_status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    import resource
-
-    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
-
-
-def current_rss_mb() -> float:
-    rss = _proc_status_mb("VmRSS")
-    return rss if rss is not None else peak_rss_mb()
 
 
 def process_cpu_s(pid: int | None) -> float:
@@ -191,62 +165,6 @@ def build_deployment(s3: Any, workdir: Path, params: int, seed: int) -> tuple[An
         package_model(model, version=1, training=training, metrics=metrics)
     )
     return dep, {"settings": settings, "hidden": hidden}
-
-
-def enroll_fleet(dep: Any, count: int) -> list[tuple[str, Any]]:
-    from fedlib import crypto
-
-    fleet = dep.load_fleet()
-    clients = []
-    for i in range(count):
-        key = crypto.generate_signing_key()
-        client_id = f"bench-{i:04d}"
-        fleet.enroll(client_id, crypto.public_pem(key))
-        clients.append((client_id, key))
-    dep.save_fleet(fleet)
-    return clients
-
-
-def upload(
-    dep: Any, clients: list[tuple[str, Any]], count: int, topk: float, seed: int
-) -> list[int]:
-    """Seal and PUT ``count`` valid updates round-robin over ``clients``; their sizes."""
-    from fedlib import compression, crypto, protocol
-
-    meta_doc = dep.registry().read_active().metadata
-    dim = meta_doc.num_params
-    server_public = dep.current_server_public_key()
-    config = compression.CompressionConfig("topk16", topk)
-    meta = protocol.UpdateMeta.model_validate(
-        {
-            "schema": protocol.META_SCHEMA,
-            "model_kind": meta_doc.model_kind,
-            "num_params": dim,
-            "num_samples": NUM_SAMPLES,
-            "epochs": 1,
-            "compression": "topk16",
-        }
-    )
-    k = max(1, int(dim * topk))
-    inbox = dep.inbox
-
-    def one(i: int) -> int:
-        rng = np.random.default_rng([seed, i])
-        delta = np.zeros(dim)
-        delta[rng.choice(dim, size=k, replace=False)] = rng.normal(0.0, DELTA_STD, size=k)
-        client_id, key = clients[i % len(clients)]
-        header, envelope = crypto.seal_update(
-            client_id=client_id,
-            client_key=key,
-            server_public_key=server_public,
-            base_version=meta_doc.version,
-            payload=protocol.encode_payload(meta, compression.encode(delta, config)),
-        )
-        inbox.put(protocol.inbox_key(client_id, header.update_id), envelope, if_absent=True)
-        return len(envelope)
-
-    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-        return list(pool.map(one, range(count)))
 
 
 def clear_archive(dep: Any) -> int:
@@ -447,9 +365,21 @@ def _setup(args: argparse.Namespace, workdir: Path, count: int) -> tuple[Any, An
     server = SeaweedServer(workdir / "s3", die_with_parent=True).start()
     s3 = server.s3_config()
     dep, info = build_deployment(s3, workdir, args.params, args.seed)
-    clients = enroll_fleet(dep, args.clients)
+    clients = enroll_fleet(dep, args.clients, "bench")
     t0 = time.perf_counter()
-    sizes = upload(dep, clients, count, args.topk, args.seed)
+    sizes = [
+        size
+        for _, size in upload_crafted(
+            dep,
+            clients,
+            count,
+            seed=args.seed,
+            topk=args.topk,
+            delta_std=DELTA_STD,
+            num_samples=NUM_SAMPLES,
+            threads=UPLOAD_THREADS,
+        )
+    ]
     upload_s = time.perf_counter() - t0
     config = {
         "settings": info["settings"],

@@ -48,16 +48,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.crafted import enroll_fleet, upload_crafted
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-THREADS = 16  # upload threads, as in tests/security/test_load.py
 DAG_ID = "fl_round"
 
 
@@ -301,60 +301,6 @@ def init_deployment(home: Path, server: Any, shard_size: int, max_batch: int) ->
     return Deployment(ServerSettings.load(config), server.s3_config()), env
 
 
-def enroll_fleet(deployment: Any, count: int) -> list[tuple[str, Any]]:
-    from fedlib import crypto
-
-    fleet = deployment.load_fleet()
-    clients = []
-    for i in range(count):
-        key = crypto.generate_signing_key()
-        client_id = f"scale-{i:05d}"
-        fleet.enroll(client_id, crypto.public_pem(key))
-        clients.append((client_id, key))
-    deployment.save_fleet(fleet)
-    return clients
-
-
-def upload(deployment: Any, clients: list[tuple[str, Any]], count: int, *, seed: int) -> list[str]:
-    """Seal and PUT ``count`` valid updates for the active package; their inbox keys."""
-    from fedlib import compression, crypto, protocol
-
-    meta_doc = deployment.registry().read_active().metadata
-    dim = meta_doc.num_params
-    server_public = deployment.current_server_public_key()
-    config = compression.CompressionConfig("topk16", deployment.settings.topk_fraction)
-    meta = protocol.UpdateMeta.model_validate(
-        {
-            "schema": protocol.META_SCHEMA,
-            "model_kind": meta_doc.model_kind,
-            "num_params": dim,
-            "num_samples": 200,
-            "epochs": 1,
-            "compression": "topk16",
-        }
-    )
-    k = max(1, int(dim * deployment.settings.topk_fraction))
-
-    def one(i: int) -> str:
-        rng = np.random.default_rng(seed + i)
-        delta = np.zeros(dim)
-        delta[rng.choice(dim, size=k, replace=False)] = rng.normal(0.0, 1e-3, size=k)
-        client_id, key = clients[i % len(clients)]
-        header, envelope = crypto.seal_update(
-            client_id=client_id,
-            client_key=key,
-            server_public_key=server_public,
-            base_version=meta_doc.version,
-            payload=protocol.encode_payload(meta, compression.encode(delta, config)),
-        )
-        object_key = protocol.inbox_key(client_id, header.update_id)
-        deployment.inbox.put(object_key, envelope, if_absent=True)
-        return object_key
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        return list(pool.map(one, range(count)))
-
-
 def ledger_keys(deployment: Any) -> set[str]:
     """Inbox keys that have a ledger verdict (one object per key, write-once)."""
     from fedlib.ledger import LEDGER_PREFIX
@@ -405,7 +351,7 @@ def measure(
 
     before = ledger_keys(deployment)
     t0 = time.perf_counter()
-    keys = upload(deployment, clients, updates, seed=seed)
+    keys = [key for key, _ in upload_crafted(deployment, clients, updates, seed=seed)]
     upload_s = time.perf_counter() - t0
     queued = [info.key for info in deployment.inbox.list("updates/")]
     if sorted(queued) != sorted(keys):
@@ -468,7 +414,7 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         server = SeaweedServer(home / "s3", die_with_parent=True).start()
         stack.callback(server.stop)
         deployment, env = init_deployment(home, server, args.shard_size, max(args.updates, 10_000))
-        clients = enroll_fleet(deployment, args.clients)
+        clients = enroll_fleet(deployment, args.clients, "scale")
         model_params = deployment.registry().read_active().metadata.num_params
         say(f"deployment initialised, {len(clients)} clients enrolled; starting Airflow")
         s3 = deployment.s3

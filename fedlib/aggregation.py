@@ -146,6 +146,19 @@ def check_update(delta: DecodedDelta, config: AggregationConfig) -> float:
     return norm
 
 
+def admit(delta: DecodedDelta, weight: float, dim: int, config: AggregationConfig) -> int:
+    """What every aggregator checks before it adds: shape and bounds (RejectedUpdate),
+    then the weight quantized to units of ``2**-WEIGHT_FRACTION_BITS`` (ValueError if it
+    is not a positive number the grid can hold)."""
+    if delta.dim != dim:
+        raise RejectedUpdate("shape_mismatch", f"delta has {delta.dim} params, model {dim}")
+    check_update(delta, config)
+    units = round(weight * (1 << WEIGHT_FRACTION_BITS)) if math.isfinite(weight) else 0
+    if units < 1:
+        raise ValueError(f"weight {weight!r} is not positive")
+    return units
+
+
 class StreamingAggregator:
     """Exact weighted sum of deltas; partial sums from shards merge by integer addition."""
 
@@ -167,14 +180,7 @@ class StreamingAggregator:
 
     def add(self, delta: DecodedDelta, weight: float) -> int:
         """Add ``weight * delta``; returns the quantized weight actually used (units 2**-16)."""
-        if delta.dim != self.dim:
-            raise RejectedUpdate(
-                "shape_mismatch", f"delta has {delta.dim} params, model {self.dim}"
-            )
-        check_update(delta, self.config)
-        units = round(weight * (1 << WEIGHT_FRACTION_BITS))
-        if units < 1 or not math.isfinite(weight):
-            raise ValueError(f"weight {weight!r} is not positive")
+        units = admit(delta, weight, self.dim, self.config)
         scale = math.ldexp(float(units), self._grid - WEIGHT_FRACTION_BITS)
         values, indices = delta.values, delta.indices
         for start in range(0, values.shape[0], _CHUNK):

@@ -30,18 +30,12 @@ same bits in any order and with any split into shards.
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedlib.aggregation import (
-    WEIGHT_FRACTION_BITS,
-    AggregationConfig,
-    check_update,
-    server_step,
-)
+from fedlib.aggregation import AggregationConfig, admit, server_step
 from fedlib.compression import DecodedDelta
 from fedlib.errors import RejectedUpdate
 
@@ -147,14 +141,7 @@ class RobustAggregator:
         return sum(self._units)
 
     def add(self, delta: DecodedDelta, weight: float) -> int:
-        if delta.dim != self.dim:
-            raise RejectedUpdate(
-                "shape_mismatch", f"delta has {delta.dim} params, model {self.dim}"
-            )
-        check_update(delta, self.config)
-        units = round(weight * (1 << WEIGHT_FRACTION_BITS))
-        if units < 1 or not math.isfinite(weight):
-            raise ValueError(f"weight {weight!r} is not positive")
+        units = admit(delta, weight, self.dim, self.config)
         self._rows.append(delta.to_dense().astype(np.float32))
         self._units.append(units)
         return units

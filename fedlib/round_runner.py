@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedlib import protocol, robust
-from fedlib.aggregation import aggregator_from_bytes, new_aggregator
+from fedlib.aggregation import AggregationConfig, aggregator_from_bytes, new_aggregator
 from fedlib.errors import RejectedUpdate
 from fedlib.ledger import Ledger
 from fedlib.protocol import PackageMetadata
@@ -323,13 +323,17 @@ def load_plan(deployment: Deployment, run_id: str) -> RoundPlan:
 # -- shards -------------------------------------------------------------------------------
 
 
+def aggregation_of(deployment: Deployment, base: ModelPackage) -> AggregationConfig:
+    """The aggregation config of rounds on ``base`` (all that reduce and build need)."""
+    return deployment.settings.aggregation(base.metadata.model_kind, base.metadata.model_spec)
+
+
 def round_inputs(
     deployment: Deployment, base: ModelPackage, holdout_version: int | None = None
 ) -> RoundInputs:
     """Validation inputs of a round; with FLTrust, the reference delta trained on the
     benign rows of the round's holdout (the clean data the server already holds)."""
-    meta = base.metadata
-    aggregation = deployment.settings.aggregation(meta.model_kind, meta.model_spec)
+    aggregation = aggregation_of(deployment, base)
     reference = None
     if aggregation.robust == "fltrust":
         benign = deployment.load_holdout(holdout_version).benign()
@@ -488,11 +492,11 @@ def reduce_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
     """Merge the shards' partial sums (exact integer addition: order does not matter)."""
     plan = load_plan(deployment, run_id)
     base = deployment.registry().read_version(plan.base_version)
-    inputs = round_inputs(deployment, base)
-    total = new_aggregator(base.metadata.num_params, inputs.aggregation)
+    aggregation = aggregation_of(deployment, base)
+    total = new_aggregator(base.metadata.num_params, aggregation)
     for index in range(plan.shard_count):
         data = deployment.state.get(f"{run_prefix(run_id)}shards/{index:05d}.partial")
-        total.merge(aggregator_from_bytes(data, inputs.aggregation))  # type: ignore[arg-type]
+        total.merge(aggregator_from_bytes(data, aggregation))  # type: ignore[arg-type]
     blob = total.to_bytes()
     deployment.state.put(run_prefix(run_id) + "aggregate.bin", blob)
     return {"count": total.count, "digest": hashlib.sha256(blob).hexdigest()}
@@ -512,9 +516,8 @@ def build_round_candidate(deployment: Deployment, run_id: str) -> dict[str, Any]
     plan = load_plan(deployment, run_id)
     registry = deployment.registry()
     base = registry.read_version(plan.base_version)
-    inputs = round_inputs(deployment, base)
     agg = aggregator_from_bytes(
-        deployment.state.get(run_prefix(run_id) + "aggregate.bin"), inputs.aggregation
+        deployment.state.get(run_prefix(run_id) + "aggregate.bin"), aggregation_of(deployment, base)
     )
     if agg.count == 0:
         return None

@@ -19,11 +19,8 @@ import resource
 import time
 import tracemalloc
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
-from fedlib import compression, crypto, protocol
+from bench.crafted import enroll_fleet, upload_crafted
 from fedlib.ledger import LEDGER_PREFIX, Ledger
 from fedlib.round_runner import run_round
 
@@ -38,57 +35,6 @@ THREADS = 16
 # 500), ~50 B per extra update of residue (listing pages, caches), not per-update state.
 MAX_BOOKKEEPING = 256  # bytes of round-wide heap growth per extra update
 MAX_PEAK_RATIO = 1.2  # 10x the updates, at most 1.2x the heap peak
-
-
-def enroll_fleet(deployment, count: int) -> list[tuple[str, object]]:
-    fleet = deployment.load_fleet()
-    clients = []
-    for i in range(count):
-        key = crypto.generate_signing_key()
-        client_id = f"load-{i:04d}"
-        fleet.enroll(client_id, crypto.public_pem(key))
-        clients.append((client_id, key))
-    deployment.save_fleet(fleet)
-    return clients
-
-
-def upload(deployment, clients, count: int, *, seed: int) -> list[str]:
-    """Seal and PUT ``count`` valid updates, round-robin over ``clients``; their keys."""
-    package = deployment.registry().read_active()
-    meta_doc = package.metadata
-    dim = meta_doc.num_params
-    server_public = deployment.current_server_public_key()
-    config = compression.CompressionConfig("topk16", deployment.settings.topk_fraction)
-    meta = protocol.UpdateMeta.model_validate(
-        {
-            "schema": protocol.META_SCHEMA,
-            "model_kind": meta_doc.model_kind,
-            "num_params": dim,
-            "num_samples": 200,
-            "epochs": 1,
-            "compression": "topk16",
-        }
-    )
-    k = max(1, int(dim * deployment.settings.topk_fraction))
-
-    def one(i: int) -> str:
-        rng = np.random.default_rng(seed + i)
-        delta = np.zeros(dim)
-        delta[rng.choice(dim, size=k, replace=False)] = rng.normal(0.0, 1e-3, size=k)
-        client_id, key = clients[i % len(clients)]
-        header, envelope = crypto.seal_update(
-            client_id=client_id,
-            client_key=key,
-            server_public_key=server_public,
-            base_version=meta_doc.version,
-            payload=protocol.encode_payload(meta, compression.encode(delta, config)),
-        )
-        object_key = protocol.inbox_key(client_id, header.update_id)
-        deployment.inbox.put(object_key, envelope, if_absent=True)
-        return object_key
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        return list(pool.map(one, range(count)))
 
 
 def measured_round(deployment, run_id: str, **kwargs):
@@ -115,10 +61,10 @@ def ledger_counts(deployment) -> Counter:
 
 def test_ten_thousand_updates_from_a_thousand_clients(deployment):
     started = time.perf_counter()
-    clients = enroll_fleet(deployment, CLIENTS)
+    clients = enroll_fleet(deployment, CLIENTS, "load")
 
     t0 = time.perf_counter()
-    keys = upload(deployment, clients, SMALL + LARGE, seed=0)
+    keys = [key for key, _ in upload_crafted(deployment, clients, SMALL + LARGE, seed=0)]
     upload_s = time.perf_counter() - t0
     assert len(set(keys)) == SMALL + LARGE
     listed = list(deployment.inbox.list("updates/"))
