@@ -10,7 +10,8 @@ COPY --chown=airflow:0 pyproject.toml README.md /opt/dadm-fl/
 COPY --chown=airflow:0 fedlib /opt/dadm-fl/fedlib
 COPY --chown=airflow:0 client /opt/dadm-fl/client
 # Pin Airflow to the image's version so pip never swaps it for another release.
-RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" "/opt/dadm-fl[server]"
+RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" "/opt/dadm-fl[server]" \
+ && pip install --no-cache-dir --no-deps "dp-accounting==0.6.0"
 
 # numpy's BLAS threads spin on small per-update vectors; one per task process is faster.
 ENV OPENBLAS_NUM_THREADS=1 \

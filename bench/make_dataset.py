@@ -14,6 +14,9 @@ window. The file is an ``.npz`` that loads with ``allow_pickle=False``:
     contaminated with a small fraction of anomalies, as real unlabeled data is).
 ``holdout_X``, ``holdout_y``, ``anomaly_type``
     pooled labeled holdout (float32, int8 with 1 = anomaly, int8 code per row).
+``holdout_owner``
+    the client id of the device each pooled row comes from (optional when loading:
+    on-device personalization scores a pooled row with its owner's calibration).
 ``holdout_X_<id>``, ``holdout_y_<id>``, ``holdout_anomaly_type_<id>``
     per-client holdouts: that client's benign windows plus anomalies specific to it.
 ``feature_names``, ``client_ids``, ``client_roles``, ``anomaly_type_names``
@@ -379,6 +382,7 @@ def make_dataset(
     out["holdout_X"] = np.concatenate(rows_X)[perm]
     out["holdout_y"] = (pooled_type > 0).astype(np.int8)
     out["anomaly_type"] = pooled_type.astype(np.int8)
+    out["holdout_owner"] = np.array(ids, dtype=str)[np.sort(owner, kind="stable")[perm]]
 
     # Per-client holdouts: future windows of the device, its own anomalies, and
     # windows of devices with other roles (normal for the fleet, not for it).
@@ -448,6 +452,7 @@ class Dataset:
     client_holdouts: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     anomaly_type: np.ndarray | None = None
     anomaly_type_names: list[str] = field(default_factory=list)
+    holdout_owner: np.ndarray | None = None  # client id (str) per pooled holdout row
 
     @property
     def n_features(self) -> int:
@@ -537,6 +542,14 @@ def load_dataset(path: str | os.PathLike[str]) -> Dataset:
         ):
             raise ValueError("anomaly_type must be > 0 exactly where holdout_y == 1")
     names = [str(n) for n in arrays.get("anomaly_type_names", np.array([], dtype=str))]
+    holdout_owner = None
+    if "holdout_owner" in arrays:
+        holdout_owner = arrays["holdout_owner"]
+        if holdout_owner.shape != holdout_y.shape or holdout_owner.dtype.kind != "U":
+            raise ValueError("holdout_owner must hold one client id (str) per holdout row")
+        unknown = sorted(set(holdout_owner.tolist()) - set(client_ids))
+        if unknown:
+            raise ValueError(f"holdout_owner names clients without X_<id>: {unknown[:5]}")
     return Dataset(
         client_ids=client_ids,
         clients=clients,
@@ -546,6 +559,7 @@ def load_dataset(path: str | os.PathLike[str]) -> Dataset:
         client_holdouts=client_holdouts,
         anomaly_type=anomaly_type,
         anomaly_type_names=names,
+        holdout_owner=holdout_owner,
     )
 
 

@@ -3,7 +3,7 @@
     python -m bench.quality --dataset data.npz --json [--kind autoencoder] [--rounds 100]
         [--clients 0] [--topk 0.075] [--compression topk16] [--no-error-feedback] [--seeds 5]
         [--norm-bound B] [--server-momentum 0.9] [--heavy-ball] [--sample-weighting]
-        [--paired dense32]
+        [--paired dense32] [--dp-epsilon E [--dp-delta 1e-5] [--dp-clip C] [--dp-adaptive]]
 
 Runs the real protocol path in-process: each client trains from the verified global
 package (``fedlib.training.make_update``: local epochs, clipping, top-k + 16-bit with
@@ -21,11 +21,28 @@ what compression costs. Other differences are per seed as well: ``auc_minus_cent
 ``auc_minus_no_training``; ``bytes_ratio`` is the whole sealed envelope over the dense
 float32 size of the delta.
 
+Personalization on the device (:mod:`fedlib.personalization`): every device calibrates
+the final global model on its own training rows. ``personalized_auc`` is the mean over
+clients of the calibrated score's AUC on the client's own holdout (``holdout_X_<id>``),
+next to the global model on the same rows (``global_client_auc``; per-device flags:
+``personalized_fpr`` / ``personalized_tpr``). On the pooled holdout each row is scored
+by its owner device's calibration (``holdout_owner``): ``personalized_pooled_auc`` vs
+``global_pooled_auc`` on the same rows (left out when the file names no owners).
+
 Defaults are per kind: exact kinds (``sufficient_statistics``) run one dense64 round
 with plain sample-count weights and a norm bound of 1e4 (their deltas are whole moment
 matrices, far above the 10 that bounds an iterative model's step); iterative kinds run
 FedAvgM with Nesterov momentum and rows-per-local-step weights (see
 :func:`fedlib.aggregation.staleness_weight`).
+
+``--dp-epsilon E`` trains with central differential privacy (:mod:`fedlib.privacy`)
+exactly as a deployment with ``dp_mode = "central"`` and ``dp_target_epsilon = E`` over
+``dp_rounds = --rounds`` would: the accountant calibrates the noise multiplier, devices
+clip at C (``--dp-clip``, ``--dp-adaptive``) and report the clipping bit, the server
+takes one update per device with weight 1, projects it onto C and adds the Gaussian
+noise once to the exact sum (seeded from a per-seed bench secret and the round id);
+``dp_epsilon_spent`` is what the accountant charged (<= E). ``python -m bench.dp``
+runs several epsilons side by side.
 
 Prints one JSON object: the mean over seeds of every figure, its standard deviation
 (``*_std``) and the per-seed values (``per_seed``).
@@ -35,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import statistics
 import sys
@@ -52,10 +70,20 @@ from fedlib import compression, crypto, protocol
 from fedlib.aggregation import AggregationConfig
 from fedlib.evaluation import evaluate_onnx, gate
 from fedlib.fleet import Fleet
-from fedlib.model import KINDS, FeatureSchema, create_model, feature_moments
+from fedlib.model import KINDS, FeatureSchema, create_model, feature_moments, onnx_score
+from fedlib.personalization import CalibrationError, DeviceCalibration, fit_calibration
+from fedlib.privacy import Accountant, PrivacyConfig, noise_rng, spend_summary
+from fedlib.protocol import DpTraining
 from fedlib.registry import ModelPackage
 from fedlib.robust import reference_delta
-from fedlib.rounds import RoundInputs, aggregate_objects, build_candidate, package_model
+from fedlib.rounds import (
+    DpRound,
+    RoundInputs,
+    aggregate_objects,
+    build_candidate,
+    package_model,
+    unclipped_counts,
+)
 from fedlib.settings import ServerSettings
 from fedlib.training import local_delta, make_update, seal_delta
 
@@ -87,6 +115,12 @@ class QualityConfig:
     attack: str = "none"  # what malicious clients send: see ATTACKS
     malicious_fraction: float = 0.0
     gate: bool = False  # publish a round only if the server's holdout gate passes
+    #: Central DP (fedlib.privacy): the epsilon the noise is calibrated to spend over
+    #: ``rounds`` rounds at ``dp_delta``; None = off. Clip norm C, adaptive clipping.
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
+    dp_adaptive: bool = False
 
     def bound(self) -> float:
         return default_norm_bound(self.kind) if self.norm_bound is None else self.norm_bound
@@ -119,6 +153,23 @@ def aggregation_config(cfg: QualityConfig, spec: Mapping[str, Any]) -> Aggregati
         local_batch_size=base.local_batch_size if cfg.step_weighting else 0,
         robust=cfg.robust,
         trim_fraction=cfg.trim_fraction,
+    )
+
+
+def dp_config(cfg: QualityConfig, clients: int, norm_bound: float) -> PrivacyConfig | None:
+    """The central-DP config a deployment with ``dp_target_epsilon = cfg.dp_epsilon``
+    and ``dp_rounds = cfg.rounds`` would run (noise calibrated by the accountant)."""
+    if cfg.dp_epsilon is None:
+        return None
+    return PrivacyConfig(
+        mode="central",
+        target_epsilon=cfg.dp_epsilon,
+        rounds=cfg.rounds,
+        delta=cfg.dp_delta,
+        clip_norm=cfg.dp_clip,
+        adaptive_clipping=cfg.dp_adaptive,
+        expected_clients=clients,
+        max_clip_norm=norm_bound,
     )
 
 
@@ -162,6 +213,12 @@ def run_federated(
     )
     model = create_model(cfg.kind, schema, seed=seed)
     aggregation = aggregation_config(cfg, model.spec)
+    dp = dp_config(cfg, len(ids), aggregation.norm_bound)
+    spent = Accountant(dp.accountant) if dp else None
+    if dp is not None:  # what ServerSettings(dp_mode="central", ...) puts in version 1
+        dp_training = DpTraining(mode="central", report_unclipped=dp.adaptive)
+        training = training.model_copy(update={"clip_norm": dp.clip_norm, "dp": dp_training})
+        aggregation = dataclasses.replace(aggregation, dp_mode="central", dp_clip=dp.clip_norm)
     calibration = data.holdout_X[data.holdout_y == 0]
     model.calibrate_threshold(calibration)
     package = package_model(model, version=1, training=training, created_at_ms=0)
@@ -212,11 +269,26 @@ def run_federated(
             server_keys=ring,
             base=package,
             known_versions=frozenset(versions),
-            aggregation=aggregation,
+            aggregation=(
+                dataclasses.replace(aggregation, dp_clip=package.metadata.training.clip_norm)
+                if dp
+                else aggregation
+            ),
             reference=(reference_delta(package, calibration) if cfg.robust == "fltrust" else None),
         )
         agg, verdicts = aggregate_objects(objects, inputs)
         rejected += sum(not v.accepted for v in verdicts)
+        dp_round = None
+        if dp is not None and spent is not None:  # the round runner's DP step, in process
+            clip = package.metadata.training.clip_norm
+            spent.add(dp.round_multipliers())
+            dp_round = DpRound(
+                config=dp,
+                clip_norm=clip,
+                unclipped=unclipped_counts(verdicts),
+                rng=noise_rng(hashlib.sha256(f"bench-dp-{seed}".encode()).digest(), f"sim-{r}"),
+                spent=spend_summary(dp, spent, clip),
+            )
         candidate, new_momentum = build_candidate(
             package,
             agg,
@@ -225,6 +297,7 @@ def run_federated(
             calibration_rows=calibration,
             round_id=f"sim-{r}",
             created_at_ms=0,
+            dp=dp_round,
         )
         if cfg.gate:  # the server's gate (fedlib.round_runner.gate) on the same holdout
             scored = evaluate_onnx(candidate.onnx_bytes, data.holdout_X, data.holdout_y)
@@ -248,8 +321,78 @@ def run_federated(
         "rounds": float(rounds),
         "rejected_updates": float(rejected),
         "gate_refused_rounds": float(refused_rounds),
+        **(
+            {
+                "dp_noise_multiplier": dp.total_noise_multiplier,
+                "dp_epsilon_spent": spent.epsilon(dp.delta),
+                "dp_final_clip_norm": package.metadata.training.clip_norm,
+            }
+            if dp is not None and spent is not None
+            else {}
+        ),
         "_final": package,  # type: ignore[dict-item]
     }
+
+
+def personalized_metrics(data: Dataset, ids: list[str], package: ModelPackage) -> dict[str, float]:
+    """Each device's calibration of ``package`` on its own rows, scored on its own holdout
+    and, through ``holdout_owner``, on the pooled one (see the module docstring).
+
+    A device with too few rows to calibrate keeps the global model alone: it is left out
+    of the per-client means (``personalized_clients`` counts who is in) and its pooled
+    rows are left out of both pooled AUCs."""
+    if not data.client_holdouts:
+        return {}
+    onnx = package.onnx_bytes
+    schema = FeatureSchema.from_dict(package.metadata.feature_schema)
+    digest = hashlib.sha256(onnx).hexdigest()
+    owners = set(ids) if data.holdout_owner is None else {*ids, *data.holdout_owner.tolist()}
+    cals: dict[str, DeviceCalibration] = {}
+    for cid in sorted(owners):
+        rows = data.clients[cid]
+        try:
+            cals[cid] = fit_calibration(
+                rows, onnx_score(onnx, rows)[0], schema, model_digest=digest
+            )
+        except CalibrationError:
+            continue
+    figures: dict[str, list[float]] = {}
+    for cid in ids:
+        if cid not in cals or cid not in data.client_holdouts:
+            continue
+        x, y = data.client_holdouts[cid]
+        if y.min() == y.max():  # AUC needs both kinds of rows
+            continue
+        g, g_flag = onnx_score(onnx, x)
+        flag = cals[cid].flag(x, g)
+        for key, value in (
+            ("personalized_auc", auc_of(cals[cid].score(x, g), y)),
+            ("global_client_auc", auc_of(g, y)),
+            ("personalized_fpr", float(flag[y == 0].mean())),
+            ("personalized_tpr", float(flag[y == 1].mean())),
+            ("global_client_fpr", float(g_flag[y == 0].mean())),
+            ("global_client_tpr", float(g_flag[y == 1].mean())),
+        ):
+            figures.setdefault(key, []).append(value)
+    if not figures:
+        return {}
+    out = {key: float(np.mean(values)) for key, values in figures.items()}
+    out["personalized_clients"] = float(len(figures["personalized_auc"]))
+    out["personalized_minus_global_client"] = out["personalized_auc"] - out["global_client_auc"]
+    if data.holdout_owner is not None:
+        keep = np.isin(data.holdout_owner, list(cals))
+        x, y, owner = data.holdout_X[keep], data.holdout_y[keep], data.holdout_owner[keep]
+        g = onnx_score(onnx, x)[0]
+        personal = np.empty_like(g)
+        for cid, cal in cals.items():
+            sel = owner == cid
+            personal[sel] = cal.score(x[sel], g[sel])
+        out["personalized_pooled_auc"] = auc_of(personal, y)
+        out["global_pooled_auc"] = auc_of(g, y)
+        out["personalized_pooled_minus_global"] = (
+            out["personalized_pooled_auc"] - out["global_pooled_auc"]
+        )
+    return out
 
 
 def run_seed(data: Dataset, cfg: QualityConfig, seed: int) -> dict[str, float]:
@@ -258,7 +401,7 @@ def run_seed(data: Dataset, cfg: QualityConfig, seed: int) -> dict[str, float]:
     x_h, y_h = data.holdout_X, data.holdout_y
     out = run_federated(data, ids, schema, cfg, seed)
     final: ModelPackage = out.pop("_final")  # type: ignore[assignment]
-    del final
+    out.update(personalized_metrics(data, ids, final))
     out["bytes_ratio"] = out["bytes_per_update"] / out["dense_bytes_per_update"]
     if cfg.paired is not None:
         twin = run_federated(data, ids, schema, replace(cfg, compression=cfg.paired), seed)
@@ -327,6 +470,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=["topk16", "dense16", "dense32", "dense64"],
         help="also train with this compression on the same seeds; report the difference",
     )
+    parser.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        help="central DP: calibrate the noise to spend this epsilon over --rounds",
+    )
+    parser.add_argument("--dp-delta", type=float, default=QualityConfig.dp_delta)
+    parser.add_argument("--dp-clip", type=float, default=QualityConfig.dp_clip, help="C")
+    parser.add_argument("--dp-adaptive", action="store_true", help="adaptive clipping")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     args = parser.parse_args(argv)
@@ -343,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
         server_nesterov=not args.heavy_ball,
         step_weighting=not args.sample_weighting,
         paired=args.paired,
+        dp_epsilon=args.dp_epsilon,
+        dp_delta=args.dp_delta,
+        dp_clip=args.dp_clip,
+        dp_adaptive=args.dp_adaptive,
     )
     data = load_dataset(args.dataset)
     started = time.perf_counter()

@@ -16,10 +16,12 @@ Flower's serialized ndarray (``flwr.common.ndarray_to_bytes``: the npy bytes ins
 (``flower_fitres_proto_bytes``). Neither side counts transport framing (HTTP/2 + gRPC
 for Flower, the S3 PUT request for us) nor TLS.
 
-``SUITES`` lists the HPKE suites the envelope can be sealed with; each is measured for
+``SUITES`` lists the HPKE suites the envelope can be sealed with: the hybrid
+post-quantum ML-KEM-768 + X25519 (the default) and classic X25519. Each is measured for
 every mode (``suites`` in the output), and the top-level ``ours_*`` figures are those of
-the first (the current default). Add a post-quantum suite there once ``fedlib.crypto``
-seals with it.
+the first (the default). ``pq_cost`` puts them side by side: extra bytes per update and
+the time to seal and to open one top-k 1% envelope (median of ``--repeats``
+interleaved runs, so both suites see the same machine noise).
 
 Prints one JSON object (``--json``: on one line).
 """
@@ -28,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,10 +58,12 @@ class Suite:
 
 
 SUITES: list[Suite] = [
-    Suite("x25519", protocol.SUITE_X25519, crypto.generate_encryption_key),
-    # Post-quantum suite goes here, e.g. X-Wing (ML-KEM-768 + X25519) or ML-KEM-768
-    # HPKE, once fedlib.crypto can seal to it:
-    # Suite("xwing", protocol.SUITE_XWING, crypto.generate_xwing_key),
+    Suite(
+        "mlkem768-x25519",
+        protocol.SUITE_MLKEM768_X25519,
+        lambda: crypto.generate_encryption_key("mlkem768-x25519"),
+    ),
+    Suite("x25519", protocol.SUITE_X25519, lambda: crypto.generate_encryption_key("x25519")),
 ]
 
 #: (output name, compression mode, top-k fraction); ``None``: the deployment's default.
@@ -125,6 +131,41 @@ def measure_suite(suite: Suite, delta: np.ndarray, default_topk: float) -> dict[
     return out
 
 
+def crypto_times(payload_bytes: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Microseconds to seal (HPKE + Ed25519 sign) and to open (verify + HPKE) one
+    envelope of ``payload_bytes``, per suite; runs interleaved, medians reported."""
+    payload = bytes(payload_bytes)
+    client_key = crypto.generate_signing_key()
+    fleet = Fleet()
+    fleet.enroll("bench-device", crypto.public_pem(client_key))
+    keys = {s.name: s.generate_server_key() for s in SUITES}
+    rings = {name: crypto.ServerKeyring({"k": key}) for name, key in keys.items()}
+    seal_us: dict[str, list[float]] = {name: [] for name in keys}
+    open_us: dict[str, list[float]] = {name: [] for name in keys}
+    for _ in range(repeats):
+        for name, key in keys.items():
+            t0 = time.perf_counter()
+            _, blob = crypto.seal_update(
+                client_id="bench-device",
+                client_key=client_key,
+                server_public_key=key.public_key(),
+                base_version=1,
+                payload=payload,
+            )
+            t1 = time.perf_counter()
+            crypto.open_update(blob, fleet, rings[name])
+            t2 = time.perf_counter()
+            seal_us[name].append((t1 - t0) * 1e6)
+            open_us[name].append((t2 - t1) * 1e6)
+    return {
+        name: {
+            "seal_us": statistics.median(seal_us[name]),
+            "open_us": statistics.median(open_us[name]),
+        }
+        for name in keys
+    }
+
+
 def flower_sizes(delta: np.ndarray) -> dict[str, int]:
     """Flower's bytes for the same delta sent as float32 (its usual parameter dtype)."""
     from flwr.common import Code, FitRes, Status, ndarray_to_bytes, ndarrays_to_parameters
@@ -143,10 +184,13 @@ def flower_sizes(delta: np.ndarray) -> dict[str, int]:
     }
 
 
-def run(dim: int, seed: int) -> dict[str, Any]:
+def run(dim: int, seed: int, repeats: int = 300) -> dict[str, Any]:
     delta = make_delta(dim, seed)
     default_topk = TrainingConfig().topk_fraction
     suites = {s.name: measure_suite(s, delta, default_topk) for s in SUITES}
+    times = crypto_times(suites[SUITES[0].name]["topk1_delta_blob_bytes"], repeats)
+    for name, figures in times.items():
+        suites[name].update(figures)
     main_suite = suites[SUITES[0].name]
     dense32 = compression.dense_float32_bytes(dim)
     result: dict[str, Any] = {
@@ -164,6 +208,16 @@ def run(dim: int, seed: int) -> dict[str, Any]:
         ours = result[f"ours_{name}_bytes"]
         result[f"ratio_{name}_vs_dense32"] = ours / dense32
         result[f"ratio_{name}_vs_flower"] = ours / result["flower_bytes"]
+    pq, classic = suites["mlkem768-x25519"], suites["x25519"]
+    result["pq_cost"] = {
+        "extra_bytes_per_update": pq["topk1_bytes"] - classic["topk1_bytes"],
+        "topk1_bytes_ratio": pq["topk1_bytes"] / classic["topk1_bytes"],
+        "seal_time_ratio": pq["seal_us"] / classic["seal_us"],
+        "open_time_ratio": pq["open_us"] / classic["open_us"],
+        "seal_us": {"mlkem768-x25519": pq["seal_us"], "x25519": classic["seal_us"]},
+        "open_us": {"mlkem768-x25519": pq["open_us"], "x25519": classic["open_us"]},
+        "repeats": repeats,
+    }
     result["roundtrip_ok"] = all(s["roundtrip_ok"] for s in suites.values())
     result["suites"] = suites
     result["goals"] = {k: f"<= {v}" for k, v in GOALS.items()}
@@ -175,11 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=100_000, help="D params in the delta")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=300, help="seal/open timing runs")
     parser.add_argument("--json", action="store_true", help="print the JSON object on one line")
     args = parser.parse_args(argv)
     if args.params < 1:
         parser.error("--params must be >= 1")
-    result = run(args.params, args.seed)
+    result = run(args.params, args.seed, args.repeats)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

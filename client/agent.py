@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -17,17 +19,21 @@ from typing import Any
 import numpy as np
 
 from client.config import ClientConfig
-from client.features import load_features
+from client.features import FeatureError, load_feature_file, load_features
 from client.spool import Spool, UploadReport
 from fedlib import crypto
 from fedlib.channel import ChannelClient
 from fedlib.errors import StoreError, VerificationError
-from fedlib.model import FeatureSchema
+from fedlib.model import FeatureSchema, onnx_score
+from fedlib.personalization import CalibrationError, DeviceCalibration, fit_calibration
 from fedlib.registry import ModelPackage, verify_package_files
+from fedlib.rotation import DEVICE_CONFIG_TARGET, DeviceConfig, refuses_downgrade
 from fedlib.store import atomic_write, open_store
 from fedlib.training import LocalUpdate, make_update
 
 log = logging.getLogger("fl-client")
+
+DEVICE_CONFIG_FILE = "device-config.json"  # the newest verified device config, in state_dir
 
 
 @dataclass
@@ -45,6 +51,7 @@ class CycleReport:
     waiting: list[str] = field(default_factory=list)
     offline: bool = False
     messages: list[str] = field(default_factory=list)
+    calibration_threshold: float | None = None
     seconds: float = 0.0
     ok: bool = True
 
@@ -109,16 +116,61 @@ def channel_client(config: ClientConfig) -> ChannelClient:
     )
 
 
-def pull_model(config: ClientConfig, installed: InstalledModels, report: CycleReport) -> None:
-    """Install the active model if it is newer and verifies; otherwise keep what we have."""
+def effective_config(config: ClientConfig) -> ClientConfig:
+    """The enrolment config, updated by the newest device config this device verified."""
+    try:
+        doc = DeviceConfig.from_bytes((config.state_dir / DEVICE_CONFIG_FILE).read_bytes())
+    except (FileNotFoundError, VerificationError):
+        return config
+    return config.with_device_config(doc)
+
+
+def update_device_config(
+    config: ClientConfig, channel: ChannelClient, report: CycleReport
+) -> ClientConfig:
+    """Take a newer signed device config from the channel (server key, package keys),
+    unless it would move this device off post-quantum sealing."""
+    current = effective_config(config)
+    data = channel.optional_target(DEVICE_CONFIG_TARGET)
+    if data is None:
+        return current
+    doc = DeviceConfig.from_bytes(data)
+    path = config.state_dir / DEVICE_CONFIG_FILE
+    with contextlib.suppress(FileNotFoundError, VerificationError):
+        if doc.serial <= DeviceConfig.from_bytes(path.read_bytes()).serial:
+            return current
+    why = refuses_downgrade(
+        current.server_suite(),
+        doc,
+        require_pq=current.require_post_quantum,
+        pq_packages=current.checks_pq_package_signatures(),
+    )
+    if why:
+        report.ok = False
+        report.messages.append(f"refused device config {doc.serial}: {why}")
+        return current
+    atomic_write(path, data)
+    report.messages.append(
+        f"device config {doc.serial}: sealing to server key {doc.server_key.key_id} "
+        f"({doc.server_key.suite}), {len(doc.package_signing_keys_pem)} package key(s)"
+    )
+    return config.with_device_config(doc)
+
+
+def pull_model(
+    config: ClientConfig, installed: InstalledModels, report: CycleReport
+) -> ClientConfig:
+    """Install the active model if it is newer and verifies; otherwise keep what we have.
+    Returns the config to use from now on (a newer signed device config applied)."""
     current = installed.current_version()
     try:
         channel = channel_client(config)
         channel.refresh()
+        config = update_device_config(config, channel, report)
         active = channel.active_version()
         if active is None:
             report.model_message = "no model published yet"
-            return
+            return config
         if current is not None and active <= current:
             if active < current:
                 report.ok = False
@@ -127,7 +179,7 @@ def pull_model(config: ClientConfig, installed: InstalledModels, report: CycleRe
                 )
             else:
                 report.model_message = f"version {current} is current"
-            return
+            return config
         installed.install(channel.download(active), config.trusted_package_keys())
         report.pulled_version = active
         report.model_message = f"installed version {active}"
@@ -137,6 +189,7 @@ def pull_model(config: ClientConfig, installed: InstalledModels, report: CycleRe
     except VerificationError as exc:
         report.ok = False
         report.model_message = f"refused the published model, keeping version {current}: {exc}"
+    return effective_config(config)
 
 
 def train_update(
@@ -153,6 +206,13 @@ def train_update(
     if rows.shape[0] < meta.training.min_rows:
         report.messages.append(
             f"only {rows.shape[0]} feature rows (< {meta.training.min_rows}): not training"
+        )
+        return None
+    if config.require_post_quantum and config.server_suite() not in crypto.POST_QUANTUM_SUITES:
+        report.ok = False
+        report.messages.append(
+            "refusing to seal: this device requires post-quantum sealing but holds a "
+            "classic X25519 server key"
         )
         return None
     residuals = ResidualStore(config.state_dir / "residual")
@@ -195,6 +255,140 @@ class ResidualStore:
         atomic_write(self.path.with_suffix(".json"), json.dumps(meta).encode())
 
 
+CALIBRATION_FILE = "calibration.json"  # this device's calibration, in state_dir; never uploaded
+
+
+def features_fingerprint(directory: Path, max_rows: int) -> str:
+    """Identity of the local feature files (names, sizes, mtimes): refit only on change."""
+    h = hashlib.sha256(str(max_rows).encode())
+    with contextlib.suppress(OSError):
+        for p in sorted(Path(directory).iterdir()):
+            if p.suffix in (".npy", ".csv"):
+                st = p.stat()
+                h.update(f"\0{p.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def load_calibration(config: ClientConfig) -> DeviceCalibration | None:
+    """The stored calibration, or None when there is none (or it does not parse)."""
+    try:
+        return DeviceCalibration.from_json((config.state_dir / CALIBRATION_FILE).read_bytes())
+    except (OSError, CalibrationError):
+        return None
+
+
+def refresh_calibration(
+    config: ClientConfig, installed: InstalledModels, report: CycleReport
+) -> None:
+    """Refit the on-device calibration (fedlib.personalization) of the installed model on
+    the local rows when the model, the feature files or the settings changed.
+
+    It stays in ``state_dir``: nothing of it is uploaded. A failure leaves a message and
+    never stops the cycle (training and upload go on)."""
+    settings = config.personalization
+    if not settings.enabled or report.installed_version is None:
+        return
+    try:
+        package = installed.load_current(config.trusted_package_keys())
+        digest = hashlib.sha256(package.onnx_bytes).hexdigest()
+        wanted = settings.calibration_config()
+        max_rows = package.metadata.training.max_rows
+        fingerprint = features_fingerprint(config.features_dir, max_rows)
+        old = load_calibration(config)
+        key = (digest, fingerprint, wanted)
+        if old is not None and (old.model_digest, old.data_fingerprint, old.config) == key:
+            report.calibration_threshold = old.threshold
+            return
+        schema = FeatureSchema.from_dict(package.metadata.feature_schema)
+        rows = load_features(config.features_dir, list(schema.names), max_rows=max_rows)
+        calibration = fit_calibration(
+            rows,
+            onnx_score(package.onnx_bytes, rows)[0],
+            schema,
+            model_digest=digest,
+            model_version=package.version,
+            config=wanted,
+            data_fingerprint=fingerprint,
+        )
+    except (CalibrationError, FeatureError, VerificationError) as exc:
+        report.messages.append(f"not calibrating: {exc}")
+        return
+    atomic_write(config.state_dir / CALIBRATION_FILE, calibration.to_json())
+    report.calibration_threshold = calibration.threshold
+    report.messages.append(
+        f"calibrated version {package.version} on {calibration.num_rows} local rows "
+        f"(threshold {calibration.threshold:.3f} at {wanted.false_alarm_rate:.2%} false alarms)"
+    )
+
+
+def _finite_list(values: np.ndarray) -> list[float]:
+    big = float(np.finfo(np.float64).max)
+    return [float(v) for v in np.nan_to_num(values, nan=big, posinf=big, neginf=-big)]
+
+
+def score_features(config: ClientConfig, path: Path) -> dict[str, object]:
+    """Score one feature file with the installed model and this device's calibration.
+
+    ``score``/``flag`` are the personalized ones when the calibration belongs to the
+    installed model, else the global model's own (``personalized`` says which)."""
+    installed = InstalledModels(config.state_dir / "models")
+    package = installed.load_current(config.trusted_package_keys())
+    schema = FeatureSchema.from_dict(package.metadata.feature_schema)
+    path = Path(path)
+    if path.suffix not in (".npy", ".csv") or not path.is_file():
+        raise FeatureError(f"{path}: expected an existing .npy or .csv feature file")
+    rows = load_feature_file(path, list(schema.names))
+    schema.apply(rows)  # finite, non-negative counts, right width: a clear error otherwise
+    g, g_flag = onnx_score(package.onnx_bytes, rows)
+    out: dict[str, object] = {
+        "client_id": config.client_id,
+        "model_version": package.version,
+        "rows": int(rows.shape[0]),
+    }
+    calibration = load_calibration(config)
+    digest = hashlib.sha256(package.onnx_bytes).hexdigest()
+    if calibration is not None and calibration.model_digest == digest:
+        score = calibration.score(rows, g)
+        flag = score > calibration.threshold
+        out.update(
+            personalized=True,
+            threshold=calibration.threshold,
+            false_alarm_rate=calibration.false_alarm_rate,
+        )
+    else:
+        score, flag = g, g_flag
+        why = "no calibration yet"
+        if calibration is not None:
+            why = f"the calibration belongs to model version {calibration.model_version}"
+        out.update(
+            personalized=False,
+            reason=f"{why}: global model only (`fl-client run` calibrates)",
+            threshold=None,
+            false_alarm_rate=None,
+        )
+    out.update(
+        flagged=int(flag.sum()),
+        score=_finite_list(score),
+        flag=[bool(f) for f in flag],
+        global_score=_finite_list(g),
+        global_flag=[bool(f) for f in g_flag],
+    )
+    return out
+
+
+def calibration_status(config: ClientConfig, installed_version: int | None) -> dict | None:
+    calibration = load_calibration(config)
+    if calibration is None:
+        return None
+    return {
+        "model_version": calibration.model_version,
+        "current": calibration.model_version == installed_version,
+        "threshold": calibration.threshold,
+        "false_alarm_rate": calibration.false_alarm_rate,
+        "num_rows": calibration.num_rows,
+    }
+
+
 def run_cycle(config: ClientConfig) -> CycleReport:
     """Pull, train once per model version, spool, upload. Offline is not an error."""
     started = time.monotonic()
@@ -205,8 +399,9 @@ def run_cycle(config: ClientConfig) -> CycleReport:
     installed = InstalledModels(state / "models")
     spool = Spool(state / "spool")
 
-    pull_model(config, installed, report)
+    config = pull_model(config, installed, report)
     report.installed_version = installed.current_version()
+    refresh_calibration(config, installed, report)
 
     last = _read_json(state / "last_trained.json")
     if report.installed_version is None:
@@ -217,12 +412,23 @@ def run_cycle(config: ClientConfig) -> CycleReport:
         )
     else:
         package = installed.load_current(config.trusted_package_keys())
-        trained = train_update(config, package, key, report)
+        # Local DP: the device keeps its own count of noised updates and stops at the
+        # package's max_updates (its budget), whatever the server does.
+        dp = package.metadata.training.dp
+        local_dp = dp is not None and dp.mode == "local"
+        dp_cap = dp.max_updates if dp is not None and local_dp else None
+        dp_sent = int(last.get("local_dp_updates", 0))
+        if dp_cap is not None and dp_sent >= dp_cap:
+            report.messages.append(f"local DP budget spent ({dp_sent} updates): not training")
+            trained = None
+        else:
+            trained = train_update(config, package, key, report)
         if trained is not None:
             update, residuals = trained
             spool.add(update.update_id, update.envelope)  # durable before the residual moves
             residuals.save(package.metadata.model_kind, update.residual)
-            _write_json(state / "last_trained.json", {"version": package.version})
+            done = {"version": package.version, "local_dp_updates": dp_sent + local_dp}
+            _write_json(state / "last_trained.json", done)
             report.trained = True
 
     if spool.pending():
@@ -273,6 +479,9 @@ def status(config: ClientConfig) -> dict[str, object]:
         "pending_updates": spool.pending(),
         "sent_updates": len(spool.sent()),
         "last_run": _read_json(state / "status.json"),
+        "calibration": calibration_status(
+            config, InstalledModels(state / "models").current_version()
+        ),
     }
 
 

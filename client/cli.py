@@ -3,6 +3,8 @@
 fl-client keygen --out state/client_key.pem     # once; send the .pub.pem to the operator
 fl-client run --config client.json              # one cycle; exit 0 when merely offline
 fl-client status --config client.json [--json]
+fl-client rotate-key --config client.json [--activate]   # new signing key, no downtime
+fl-client score FILE --config client.json       # JSON: personalized scores and flags
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import os
 import sys
 from pathlib import Path
 
-from client.agent import install_bundle_file, run_cycle, status, verify_bundle_file
+from client.agent import (
+    install_bundle_file,
+    run_cycle,
+    score_features,
+    status,
+    verify_bundle_file,
+)
 from client.config import ClientConfig
 from client.features import FeatureError
 from fedlib import crypto
@@ -42,6 +50,39 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     print(f"private key: {out} (keep it on this device)")
     print(f"public key:  {pub} (give it to the operator: fl-admin enroll)")
     print(f"key id:      {crypto.key_id(key)}")
+    return EXIT_OK
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    """Step 1 makes the next key (the operator enrolls it next to the current one); step 2
+    (``--activate``) signs with it from now on. Updates already in the spool stay signed
+    by the old key, which the server accepts until the operator revokes it."""
+    config = _config(args)
+    current = config.signing_key_path
+    nxt = current.with_name(current.name.removesuffix(".pem") + ".next.pem")
+    if not args.activate:
+        if nxt.exists():
+            print(f"{nxt} exists already; enroll it, then run rotate-key --activate")
+            return EXIT_OK
+        key = crypto.generate_signing_key()
+        crypto.write_private_key(nxt, key)
+        pub = nxt.with_name(nxt.name.removesuffix(".pem") + ".pub.pem")
+        pub.write_bytes(crypto.public_pem(key))
+        print(f"next key {crypto.key_id(key)} in {nxt}; give {pub} to the operator:")
+        print(f"  fl-admin add-device-key --client-id {config.client_id} --public-key {pub.name}")
+        print("then run: fl-client rotate-key --activate")
+        return EXIT_OK
+    if not nxt.exists():
+        print(f"no next key at {nxt}: run rotate-key first", file=sys.stderr)
+        return EXIT_USAGE
+    old = crypto.load_signing_key(current)
+    old_id = crypto.key_id(old)
+    retired = current.with_name(current.name.removesuffix(".pem") + f".retired-{old_id[:16]}.pem")
+    os.replace(current, retired)  # kept until the operator revokes it, then delete it
+    os.replace(nxt, current)
+    print(f"signing with key {crypto.key_id(crypto.load_signing_key(current))} from now on")
+    print("once `fl-client status` shows no pending updates, the operator revokes the old one:")
+    print(f"  fl-admin revoke {config.client_id} --key-id {old_id}")
     return EXIT_OK
 
 
@@ -75,6 +116,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"installed version: {info['installed_version']}")
         print(f"pending updates:   {len(info['pending_updates'])}")  # type: ignore[arg-type]
         print(f"sent updates:      {info['sent_updates']}")
+        cal = info.get("calibration")
+        if isinstance(cal, dict):
+            stale = "" if cal["current"] else " (stale: the next run refits it)"
+            print(
+                f"calibration:       threshold {cal['threshold']:.4f} at "
+                f"{cal['false_alarm_rate']:.2%} false alarms, version {cal['model_version']}, "
+                f"{cal['num_rows']} local rows{stale}"
+            )
+        else:
+            print("calibration:       none yet")
+    return EXIT_OK
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    try:
+        result = score_features(_config(args), Path(args.features))
+    except VerificationError as exc:
+        print(f"fl-client: the installed model does not verify: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(result))
     return EXIT_OK
 
 
@@ -127,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("bundle")
         p.add_argument("--config", help="client.json (default: $FL_CLIENT_CONFIG)")
         p.set_defaults(func=func)
+    rotate = sub.add_parser("rotate-key", help="replace this device's signing key")
+    rotate.add_argument("--config", help="client.json (default: $FL_CLIENT_CONFIG)")
+    rotate.add_argument("--activate", action="store_true", help="switch to the enrolled next key")
+    rotate.set_defaults(func=cmd_rotate_key)
+    score = sub.add_parser(
+        "score", help="score a feature file: global model + this device's calibration (JSON)"
+    )
+    score.add_argument("features", help="a .npy or .csv feature file")
+    score.add_argument("--config", help="client.json (default: $FL_CLIENT_CONFIG)")
+    score.set_defaults(func=cmd_score)
     return parser
 
 

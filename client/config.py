@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedlib import crypto, signing
+from fedlib import crypto, pq_signing
+from fedlib.personalization import CalibrationConfig
 from fedlib.protocol import ClientId
+from fedlib.rotation import DeviceConfig
 from fedlib.store import S3Config
 
 
@@ -36,6 +37,24 @@ class S3Settings(BaseModel):
         )
 
 
+class PersonalizationSettings(BaseModel):
+    """On-device calibration (fedlib.personalization); it never leaves the device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    false_alarm_rate: float = Field(default=0.01, gt=0.0, lt=0.5)  # of own benign windows
+    global_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    outlier_fence: float | None = Field(default=None, gt=0.0)  # for known-dirty histories
+
+    def calibration_config(self) -> CalibrationConfig:
+        return CalibrationConfig(
+            false_alarm_rate=self.false_alarm_rate,
+            global_weight=self.global_weight,
+            outlier_fence=self.outlier_fence,
+        )
+
+
 class ClientConfig(BaseModel):
     """Everything one device needs; holds no secret of the server's."""
 
@@ -45,24 +64,43 @@ class ClientConfig(BaseModel):
     inbox_url: str = "s3://fl-inbox"
     models_url: str = "s3://fl-models"
     s3: S3Settings = Field(default_factory=S3Settings)
-    server_public_key_pem: str
+    server_public_key_pem: str  # the enrolment's; a newer signed device config wins
+    require_post_quantum: bool = False  # never seal (or accept a config) without PQ
     package_signing_keys_pem: list[str] = Field(min_length=1)  # OpenSSF signing, P-256
     channel_root_json: str  # the pinned TUF root of the model channel
     features_dir: Path
     state_dir: Path
     key_path: Path | None = None
     one_update_per_version: bool = True
+    personalization: PersonalizationSettings = Field(default_factory=PersonalizationSettings)
 
     @property
     def signing_key_path(self) -> Path:
         return self.key_path or self.state_dir / "client_key.pem"
 
-    def trusted_package_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
-        keys = [signing.load_public_key(pem.encode()) for pem in self.package_signing_keys_pem]
-        return {signing.key_id(k): k for k in keys}
+    def trusted_package_keys(self) -> dict[str, pq_signing.PackageKey]:
+        """OpenSSF (ECDSA) keys, and ML-DSA-65 ones when packages must carry both."""
+        keys = [pq_signing.load_public_key(pem.encode()) for pem in self.package_signing_keys_pem]
+        return {pq_signing.any_key_id(k): k for k in keys}
 
-    def server_public_key(self) -> crypto.x25519.X25519PublicKey:
+    def checks_pq_package_signatures(self) -> bool:
+        return bool(pq_signing.split(self.trusted_package_keys())[1])
+
+    def server_public_key(self) -> crypto.EncryptionPublicKey:
         return crypto.load_encryption_public_key(self.server_public_key_pem.encode())
+
+    def server_suite(self) -> str:
+        return crypto.suite_of(self.server_public_key())
+
+    def with_device_config(self, doc: DeviceConfig) -> ClientConfig:
+        """This config with the server key and package keys of a verified device config."""
+        return self.model_copy(
+            update={
+                "server_public_key_pem": doc.server_key.public_key_pem,
+                "package_signing_keys_pem": list(doc.package_signing_keys_pem),
+                "require_post_quantum": self.require_post_quantum or doc.post_quantum,
+            }
+        )
 
     @classmethod
     def load(cls, path: Path) -> ClientConfig:

@@ -22,7 +22,7 @@ def load_features(directory: Path, names: list[str], *, max_rows: int) -> np.nda
     if not directory.is_dir():
         raise FeatureError(f"features folder {directory} does not exist")
     files = sorted(p for p in directory.iterdir() if p.suffix in (".npy", ".csv"))
-    blocks = [_load_one(p, names) for p in files]
+    blocks = [load_feature_file(p, names) for p in files]
     if not blocks:
         return np.zeros((0, len(names)), dtype=np.float32)
     rows = np.concatenate(blocks)[-max_rows:]
@@ -33,7 +33,8 @@ def load_features(directory: Path, names: list[str], *, max_rows: int) -> np.nda
     return rows
 
 
-def _load_one(path: Path, names: list[str]) -> np.ndarray:
+def load_feature_file(path: Path, names: list[str]) -> np.ndarray:
+    """One .npy or .csv feature file as an (N, len(names)) float array, columns by name."""
     if path.suffix == ".npy":
         arr = np.load(path, allow_pickle=False)
         if arr.ndim != 2 or arr.shape[1] != len(names):

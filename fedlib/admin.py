@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedlib import crypto, signing
+from fedlib import crypto, pq_signing, rotation
 from fedlib.credentials import IamCredentialIssuer
 from fedlib.errors import FedError
 from fedlib.evaluation import evaluate_onnx
@@ -73,6 +73,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
     else:
         print(f"models already published (active version {registry.active_version()})")
+    rotation.publish_device_config(deployment)  # whom devices seal to, whom they trust
     print(f"keys in {deployment.keys_dir}; buckets ready at {deployment.s3.endpoint_url}")
     return 0
 
@@ -88,7 +89,7 @@ def client_config_document(
 ) -> dict[str, object]:
     """What a device needs, as written by ``enroll``: no secret of the server's."""
     settings = deployment.settings
-    package_key = deployment.package_signing_key().public_key()
+    server_key = deployment.current_server_public_key()
     return {
         "client_id": client_id,
         "inbox_url": f"s3://{settings.inbox_bucket}",
@@ -99,8 +100,13 @@ def client_config_document(
             "access_key": access_key,
             "secret_key": secret_key,
         },
-        "server_public_key_pem": crypto.public_pem(deployment.current_server_public_key()).decode(),
-        "package_signing_keys_pem": [signing.public_key_pem(package_key).decode()],
+        "server_public_key_pem": crypto.public_pem(server_key).decode(),
+        # A device enrolled on the hybrid suite never lets a config move it back.
+        "require_post_quantum": crypto.suite_of(server_key) in crypto.POST_QUANTUM_SUITES,
+        "package_signing_keys_pem": [
+            pq_signing.public_pem(key).decode()
+            for _, key in sorted(deployment.trusted_package_keys().items())
+        ],
         "channel_root_json": deployment.channel_root().decode(),
         "features_dir": features_dir,
         "state_dir": state_dir,
@@ -150,12 +156,53 @@ def cmd_holdout(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     deployment = _deployment(args)
+    if args.key_id:  # one key: the end of a device key rotation, the device stays enrolled
+        print(rotation.revoke_device_key(deployment, args.client_id, args.key_id).summary())
+        return 0
     fleet = deployment.load_fleet()
     revoked = fleet.revoke(args.client_id)
     deployment.save_fleet(fleet)
     if deployment.settings.credential_issuer == "iam":
         issuer(deployment).revoke(args.client_id)
     print(f"revoked {args.client_id}: keys {', '.join(revoked)}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    doc = rotation.key_inventory(_deployment(args))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    for key in doc["server_keys"]:  # type: ignore[attr-defined]
+        mark = " (current)" if key["current"] else ""
+        print(f"server HPKE key  {key['key_id']}  {key['suite']}{mark}")
+    print(f"accepted suites  {', '.join(doc['accepted_suites'])}")  # type: ignore[arg-type]
+    for key in doc["package_signing_keys"]:  # type: ignore[attr-defined]
+        mark = " (signs new versions)" if key["current"] else ""
+        print(f"package key      {key['key_id']}{mark}")
+    print(f"device config    serial {doc['device_config_serial']}")
+    print(f"channel root     v{doc['channel']['root_version']}")  # type: ignore[index]
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    """Every rotation: one line saying what moved (and the device config serial)."""
+    deployment = _deployment(args)
+    if args.command == "rotate-server-key":
+        done = rotation.rotate_server_key(deployment, args.suite)
+    elif args.command == "retire-server-key":
+        done = rotation.retire_server_key(deployment, args.key_id, force=args.force)
+    elif args.command == "rotate-package-key":
+        done = rotation.rotate_package_key(deployment)
+    elif args.command == "retire-package-key":
+        done = rotation.retire_package_key(deployment, args.key_id)
+    elif args.command == "rotate-channel-key":
+        done = rotation.rotate_channel_key(deployment, args.role, root_keys=args.root_keys)
+    else:  # add-device-key
+        done = rotation.add_device_key(
+            deployment, args.client_id, Path(args.public_key).read_bytes()
+        )
+    print(done.summary())
     return 0
 
 
@@ -292,7 +339,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     revoke = sub.add_parser("revoke", help="refuse every later update of a device")
     revoke.add_argument("client_id")
+    revoke.add_argument(
+        "--key-id", default=None, help="revoke only this key (after a device key rotation)"
+    )
     revoke.set_defaults(func=cmd_revoke)
+
+    keys = sub.add_parser("keys", help="key ids in use: server HPKE, package, channel")
+    keys.add_argument("--json", action="store_true")
+    keys.set_defaults(func=cmd_keys)
+    rotate = sub.add_parser(
+        "rotate-server-key", help="new current HPKE key; old ones still open their updates"
+    )
+    rotate.add_argument("--suite", choices=sorted(crypto.SUITES), default=None)
+    rotate.set_defaults(func=cmd_rotate)
+    retire = sub.add_parser("retire-server-key", help="delete an old HPKE key")
+    retire.add_argument("key_id")
+    retire.add_argument(
+        "--force", action="store_true", help="even if inbox updates are sealed to it"
+    )
+    retire.set_defaults(func=cmd_rotate)
+    sub.add_parser(
+        "rotate-package-key", help="new package-signing key, trusted before it signs"
+    ).set_defaults(func=cmd_rotate)
+    retire_pkg = sub.add_parser("retire-package-key", help="stop trusting an old package key")
+    retire_pkg.add_argument("key_id")
+    retire_pkg.set_defaults(func=cmd_rotate)
+    channel = sub.add_parser(
+        "rotate-channel-key", help="rotate a TUF role's key through the root chain"
+    )
+    channel.add_argument(
+        "--role", required=True, choices=["root", "targets", "snapshot", "timestamp"]
+    )
+    channel.add_argument("--root-keys", type=int, default=0, help="new root key count")
+    channel.set_defaults(func=cmd_rotate)
+    add_key = sub.add_parser(
+        "add-device-key", help="enroll a device's next signing key next to its current one"
+    )
+    add_key.add_argument("--client-id", required=True)
+    add_key.add_argument("--public-key", required=True)
+    add_key.set_defaults(func=cmd_rotate)
 
     rnd = sub.add_parser("round", help="run one round in this process (no Airflow)")
     rnd.add_argument("--run-id", default=None)

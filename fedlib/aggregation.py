@@ -71,6 +71,11 @@ class AggregationConfig:
     robust: str = "none"
     #: Share of the update weight the trimmed mean drops at each end, per coordinate.
     trim_fraction: float = 0.2
+    #: Differential privacy (:mod:`fedlib.privacy`): "central" or "local" give every
+    #: update weight 1 (the sensitivity argument is for a plain sum); "central" also
+    #: projects each accepted delta onto the ball of ``dp_clip`` (the round's C).
+    dp_mode: str = "off"
+    dp_clip: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.staleness_exponent >= 0 and math.isfinite(self.staleness_exponent)):
@@ -93,6 +98,12 @@ class AggregationConfig:
             raise ValueError('robust must be "none", "fltrust", "trimmed_mean" or "median"')
         if not (0 <= self.trim_fraction < 0.5):
             raise ValueError("trim_fraction must be in [0, 0.5)")
+        if self.dp_mode not in ("off", "central", "local"):
+            raise ValueError('dp_mode must be "off", "central" or "local"')
+        if self.dp_mode != "off" and self.robust != "none":
+            raise ValueError('differential privacy needs robust = "none"')
+        if self.dp_mode == "central" and not (0 < self.dp_clip <= self.norm_bound):
+            raise ValueError("central dp needs 0 < dp_clip <= norm_bound")
 
     @property
     def max_weight(self) -> int:
@@ -144,6 +155,24 @@ def check_update(delta: DecodedDelta, config: AggregationConfig) -> float:
     if not math.isfinite(norm) or norm > config.norm_bound:
         raise RejectedUpdate("norm_exceeded", f"L2 norm {norm:.4g} > bound {config.norm_bound}")
     return norm
+
+
+def dp_project(delta: DecodedDelta, config: AggregationConfig) -> DecodedDelta:
+    """Central DP: the delta scaled onto the L2 ball of ``config.dp_clip`` (weight 1).
+
+    The server enforces C itself rather than trusting the device's clipping, and so
+    admits a stale update clipped at an older, larger C instead of refusing it. The
+    radius leaves room for the fixed-point rounding of :meth:`StreamingAggregator.add`
+    (at most half a grid step per coordinate), so what enters the sum is within C.
+    """
+    if config.dp_mode != "central":
+        return delta
+    rounding = math.sqrt(max(delta.values.shape[0], 1)) * math.ldexp(1.0, -config.grid_bits - 1)
+    radius = config.dp_clip - rounding
+    norm = math.sqrt(float(np.einsum("i,i->", delta.values, delta.values)))
+    if not norm > radius:
+        return delta
+    return DecodedDelta(delta.dim, delta.indices, delta.values * (radius / norm))
 
 
 def admit(delta: DecodedDelta, weight: float, dim: int, config: AggregationConfig) -> int:

@@ -72,7 +72,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from cryptography.hazmat.primitives.asymmetric import ec
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.ngclient import UpdaterConfig
@@ -90,6 +89,7 @@ from fedlib.channel import (
     target_path,
 )
 from fedlib.errors import StoreError, VerificationError
+from fedlib.pq_signing import PackageKey
 from fedlib.protocol import strict_json
 from fedlib.store import LocalStore, NoSuchKey, ObjectStore
 
@@ -213,7 +213,7 @@ def export_bundle(
     layout: ChannelLayout | None = None,
     now: datetime | None = None,
     trusted_root: bytes | None = None,
-    package_keys: Mapping[str, ec.EllipticCurvePublicKey] | None = None,
+    package_keys: Mapping[str, PackageKey] | None = None,
     compress: bool = False,
 ) -> tuple[bytes, BundleInfo]:
     """Export ``version`` (``None``: the active one) of the channel as one bundle.
@@ -492,7 +492,7 @@ def verify_bundle(
     bundle: bytes | Path,
     *,
     trusted_root: bytes,
-    trusted_package_keys: Mapping[str, ec.EllipticCurvePublicKey],
+    trusted_package_keys: Mapping[str, PackageKey],
     installed_version: int | None,
     workdir: Path,
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
@@ -538,7 +538,7 @@ def _verify(
     bundle: bytes | Path,
     *,
     trusted_root: bytes,
-    trusted_package_keys: Mapping[str, ec.EllipticCurvePublicKey] | None,
+    trusted_package_keys: Mapping[str, PackageKey] | None,
     installed_version: int | None,
     workdir: Path,
     max_bundle_bytes: int,
@@ -918,22 +918,21 @@ def _names(targets: Targets, version: int) -> list[str]:
 
 
 def _check_package_signature(
-    version: int, files: Mapping[str, bytes], keys: Mapping[str, ec.EllipticCurvePublicKey]
+    version: int, files: Mapping[str, bytes], keys: Mapping[str, PackageKey]
 ) -> dict[str, str]:
-    signature = files.get(signing.SIGNATURE_FILE)
-    if signature is None:
-        raise BundleVerificationError(
-            "signature", f"version {version} carries no {signing.SIGNATURE_FILE}"
-        )
-    body = {name: data for name, data in files.items() if name != signing.SIGNATURE_FILE}
+    """The package's signatures (OpenSSF, plus ML-DSA-65 when ``keys`` hold one) over
+    exactly its content files; returns their SHA-256 digests."""
+    from fedlib.registry import verify_signatures
+
     try:
-        return signing.verify_files(signature, body, keys)
+        content = verify_signatures(files, keys)
     except VerificationError as exc:
         raise BundleVerificationError(
             "signature",
-            f"the OpenSSF signature of version {version} does not verify with the pinned "
+            f"the signature of version {version} does not verify with the pinned "
             f"package key(s): {exc}",
         ) from exc
+    return {name: hashlib.sha256(data).hexdigest() for name, data in content.items()}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -980,14 +979,14 @@ def export_to_airgap_bucket(
 ) -> dict[str, Any]:
     """Export a bundle into the deployment's air-gap bucket and record it (write-once)."""
     repository = ChannelRepository(deployment.models, deployment.channel_keys())
-    package_key = deployment.package_signing_key().public_key()
+    package_keys = deployment.trusted_package_keys()
     bundle, info = export_bundle(
         deployment.models,
         version=version,
         expires_in_days=expires_in_days,
         repository=repository,
         trusted_root=repository.root_bytes(1),
-        package_keys={signing.key_id(package_key): package_key},
+        package_keys=package_keys,
     )
     store = deployment.store(deployment.settings.airgap_bucket)
     key = f"bundles/{info.filename}"

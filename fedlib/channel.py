@@ -403,7 +403,7 @@ class ChannelRepository:
     def __init__(
         self,
         store: ObjectStore,
-        keys: ChannelKeys,
+        keys: ChannelKeys | None,
         *,
         layout: ChannelLayout | None = None,
         expiry: Expiry | None = None,
@@ -411,11 +411,17 @@ class ChannelRepository:
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.store = store
-        self.keys = keys
+        self._keys = keys  # None: read-only (status, root bytes), no private key loaded
         self.layout = layout or ChannelLayout()
         self.expiry = expiry or Expiry()
         self.root_threshold = root_threshold
         self.clock = clock
+
+    @property
+    def keys(self) -> ChannelKeys:
+        if self._keys is None:
+            raise ChannelError("this channel repository is read-only (no keys loaded)")
+        return self._keys
 
     # ------------------------------------------------------------------ public
 
@@ -524,6 +530,37 @@ class ChannelRepository:
         self._commit(state, targets=True)
         logger.info("channel: published version %d (%d files)", version, len(files))
         return True
+
+    def put_target(self, path: str, data: bytes) -> bool:
+        """Publish one target outside the version scheme (e.g. ``device-config.json``),
+        replacing an earlier one under the same path; False if it is already identical.
+
+        Devices read it with :meth:`ChannelClient.fetch_target`: signed by the targets
+        key, listed in snapshot and timestamp, so it cannot be replayed or mixed in."""
+        if path == ACTIVE_TARGET or re.match(r"v\d{8}[./]", path) or not _NAME_RE.match(path):
+            raise ValueError(f"{path!r} is not a free target path")
+        info = TargetFile.from_data(path, data, [HASH_ALGORITHM])
+        state = self._load()
+        targets = state.targets.signed.targets
+        if targets.get(path) == info:
+            return False
+        self.store.put(self.layout.target_key(info), bytes(data))
+        targets[path] = info
+        self._commit(state, targets=True)
+        logger.info("channel: published %s (%d bytes)", path, len(data))
+        return True
+
+    def read_target(self, path: str) -> bytes | None:
+        """A target's bytes as the verified targets metadata lists them (None: unlisted)."""
+        info = self._load().targets.signed.targets.get(path)
+        if info is None:
+            return None
+        data = self.store.get(self.layout.target_key(info), max_bytes=info.length)
+        try:
+            info.verify_length_and_hashes(data)
+        except tuf_exc.LengthOrHashMismatchError as exc:
+            raise VerificationError(f"target {path} does not match its metadata") from exc
+        return data
 
     def refresh_timestamp(self, *, force: bool = False, margin: float = 0.5) -> list[str]:
         """Re-sign online roles that have less than ``margin`` of their lifetime left.
@@ -747,6 +784,8 @@ class ChannelRepository:
         return _State(root, targets, snapshot, ts, present, floor, {TIMESTAMP} if floor else set())
 
     def _check_online_keys(self, root: Root) -> None:
+        if self._keys is None:  # read-only: nothing will be signed with these keys
+            return
         for role in ONLINE_ROLES:
             keyid = _keyid(self.keys.online(role))
             if keyid in root.roles[role].keyids:
@@ -1090,6 +1129,10 @@ class ChannelClient:
         if version is None:
             raise ChannelVerificationError("unlisted", "the channel has no active version yet")
         return version, self.download(version)
+
+    def optional_target(self, path: str) -> bytes | None:
+        """A target that may not be published (yet): None when signed metadata omits it."""
+        return None if self._info(path) is None else self.fetch_target(path)
 
     def fetch_target(self, path: str) -> bytes:
         """One target by its TUF path; anything not listed in signed metadata is refused."""

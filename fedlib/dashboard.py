@@ -117,6 +117,11 @@ class RoundRow:
     finished_at_ms: int  # when the report was written (the store's clock)
     holdout_version: int | None = None
     replay_of: str | None = None
+    #: Differential privacy after this round: cumulative (epsilon, delta), None when off.
+    privacy_epsilon: float | None = None
+    privacy_delta: float | None = None
+    privacy_budget: float | None = None
+    privacy_refused: bool = False
 
     @property
     def rejected_total(self) -> int:
@@ -136,6 +141,9 @@ class VersionRow:
     round_id: str | None = None
     created_at_ms: int | None = None
     model_kind: str | None = None
+    #: Cumulative DP epsilon / delta recorded in the signed metadata (None: DP off).
+    privacy_epsilon: float | None = None
+    privacy_delta: float | None = None
     active: bool = False
     rolled_back: bool = False  # a later rollback moved the channel away from this version
     error: str | None = None
@@ -261,7 +269,20 @@ def _round_row(deployment: Deployment, info: ObjectInfo) -> RoundRow | None:
         finished_at_ms=info.last_modified_ms,
         holdout_version=_int_or_none(doc.get("holdout_version")),
         replay_of=plan.get("replay_of") if isinstance(plan.get("replay_of"), str) else None,
+        **_privacy_fields(doc.get("privacy")),
     )
+
+
+def _privacy_fields(doc: Any) -> dict[str, Any]:
+    """RoundRow's DP columns from a report's ``privacy`` block (absent: DP was off)."""
+    if not isinstance(doc, dict):
+        return {}
+    return {
+        "privacy_epsilon": _float_or_none(doc.get("epsilon")),
+        "privacy_delta": _float_or_none(doc.get("delta")),
+        "privacy_budget": _float_or_none(doc.get("budget_epsilon")),
+        "privacy_refused": bool(doc.get("refused")),
+    }
 
 
 def rounds(
@@ -358,6 +379,8 @@ def _read_version_row(
         round_id=meta.round_id,
         created_at_ms=meta.created_at_ms,
         model_kind=meta.model_kind,
+        privacy_epsilon=meta.privacy.epsilon if meta.privacy else None,
+        privacy_delta=meta.privacy.delta if meta.privacy else None,
     )
     if etag:
         with _version_lock:

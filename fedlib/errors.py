@@ -15,6 +15,7 @@ REASONS: Final[frozenset[str]] = frozenset(
         "unknown_client",
         "revoked_client",
         "unknown_server_key",
+        "suite_not_accepted",
         "decrypt_failed",
         "malformed",
         "unsupported_version",

@@ -64,6 +64,16 @@ class Fleet:
             raise KeyError(f"no active key enrolled for {client_id}")
         return revoked
 
+    def revoke_key(self, client_id: str, key_id: str, *, now_ms: int | None = None) -> None:
+        """Revoke one key of a client (the end of a key rotation); its others stay valid."""
+        entry = self.entries.get(key_id)
+        if entry is None or entry.client_id != client_id:
+            raise KeyError(f"{client_id} has no key {key_id}")
+        if entry.revoked_at_ms is None:
+            stamp = now_ms if now_ms is not None else int(time.time() * 1000)
+            self.entries[key_id] = entry.model_copy(update={"revoked_at_ms": stamp})
+            self._keys.pop(key_id, None)
+
     def lookup(self, key_id: str) -> crypto.ClientKey | None:
         cached = self._keys.get(key_id)
         if cached is not None:

@@ -47,6 +47,9 @@ PAYLOAD_MAGIC: Final = b"DFLP"
 SIGNATURE_DOMAIN: Final = b"dadm-fl/update-signature/v1\x00"
 HPKE_INFO_DOMAIN: Final = b"dadm-fl/update-hpke/v1\x00"
 SUITE_X25519: Final = "DHKEM-X25519-HKDF-SHA256/HKDF-SHA256/AES-256-GCM"
+SUITE_MLKEM768_X25519: Final = "MLKEM768-X25519/HKDF-SHA256/AES-256-GCM"
+"""Hybrid post-quantum KEM (ML-KEM-768 + X25519, the X-Wing-style combiner of
+draft-ietf-hpke-pq): secure while either ML-KEM-768 or X25519 holds."""
 
 KEY_ID_BYTES: Final = 16
 SIGNATURE_BYTES: Final = 64
@@ -54,6 +57,12 @@ MAX_HEADER_BYTES: Final = 4096
 MAX_META_BYTES: Final = 8192
 MAX_ENVELOPE_BYTES: Final = 64 * 1024 * 1024
 HPKE_X25519_OVERHEAD: Final = 32 + 16  # encapsulated key + GCM tag
+HPKE_MLKEM768_X25519_OVERHEAD: Final = 1120 + 16  # ML-KEM ciphertext + X25519 share + tag
+HPKE_OVERHEAD: Final = {
+    SUITE_X25519: HPKE_X25519_OVERHEAD,
+    SUITE_MLKEM768_X25519: HPKE_MLKEM768_X25519_OVERHEAD,
+}
+"""Ciphertext bytes beyond the payload, per suite (what opening checks before decrypting)."""
 
 _PREFIX = struct.Struct(">4sB16sI")
 
@@ -76,7 +85,10 @@ class UpdateHeader(BaseModel):
     client_id: ClientId
     client_key_id: KeyId
     server_key_id: KeyId
-    suite: Literal["DHKEM-X25519-HKDF-SHA256/HKDF-SHA256/AES-256-GCM"]
+    suite: Literal[
+        "DHKEM-X25519-HKDF-SHA256/HKDF-SHA256/AES-256-GCM",
+        "MLKEM768-X25519/HKDF-SHA256/AES-256-GCM",
+    ]
     update_id: UpdateId
     base_version: Annotated[int, Field(ge=1, le=2**53)]
     created_at_ms: Annotated[int, Field(ge=0, le=2**53)]
@@ -292,6 +304,22 @@ PACKAGE_SCHEMA: Final = "dadm.package.v1"
 MAX_METADATA_BYTES: Final = 1024 * 1024
 
 
+class DpTraining(BaseModel):
+    """What a device does for differential privacy (see :mod:`fedlib.privacy`): clip at
+    the package's ``clip_norm``, report whether it had to (central mode, adaptive
+    clipping), or add its own Gaussian noise before sealing (local mode)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["central", "local"]
+    #: Local mode: the device adds N(0, (noise_multiplier * clip_norm)**2) per coordinate.
+    noise_multiplier: Annotated[float, Field(ge=0, le=1e6)] = 0.0
+    #: Central mode with adaptive clipping: report whether the norm was <= clip_norm.
+    report_unclipped: bool = False
+    #: Local mode: DP updates a device may send in all (its own budget); None = no cap.
+    max_updates: Annotated[int, Field(ge=0)] | None = None
+
+
 class TrainingConfig(BaseModel):
     """The client/round configuration: how devices train for this model version."""
 
@@ -303,6 +331,24 @@ class TrainingConfig(BaseModel):
     clip_norm: Annotated[float, Field(gt=0)] = 10.0
     max_rows: Annotated[int, Field(ge=1, le=10_000_000)] = 50_000
     min_rows: Annotated[int, Field(ge=1)] = 10
+    #: Differential privacy on the device; None (absent from the JSON) = off.
+    dp: DpTraining | None = None
+
+
+class PrivacySpent(BaseModel):
+    """``metadata.json``'s record of the privacy this version's lineage has spent: the
+    cumulative (epsilon, delta) over every DP round the server computed so far."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["central", "local"]
+    epsilon: Annotated[float, Field(ge=0)]
+    delta: Annotated[float, Field(gt=0, lt=1)]
+    rounds: Annotated[int, Field(ge=0)]
+    accountant: Literal["rdp", "pld"]
+    noise_multiplier: Annotated[float, Field(ge=0)]
+    clip_norm: Annotated[float, Field(gt=0)]
+    budget_epsilon: Annotated[float, Field(gt=0)] | None = None
 
 
 class PackageMetadata(BaseModel):
@@ -325,9 +371,18 @@ class PackageMetadata(BaseModel):
     round_id: str | None = None
     candidate_digest: str | None = None
     created_at_ms: int
+    #: Differential privacy spent so far (:mod:`fedlib.privacy`); None (absent) = DP off.
+    privacy: PrivacySpent | None = None
 
     def to_json(self) -> bytes:
-        return canonical_json(self.model_dump(by_alias=True, mode="json"))
+        doc = self.model_dump(by_alias=True, mode="json")
+        # DP fields are left out when off: packages without DP keep their exact bytes
+        # (and digests), and devices that predate them can still read those packages.
+        if doc.get("privacy") is None:
+            doc.pop("privacy", None)
+        if doc["training"].get("dp") is None:
+            doc["training"].pop("dp", None)
+        return canonical_json(doc)
 
     @classmethod
     def from_json(cls, data: bytes) -> PackageMetadata:

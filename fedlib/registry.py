@@ -4,22 +4,25 @@ A package is ``model.onnx`` (what devices run: score and flag in-graph), ``weigh
 (flat float64 parameters, for local training), ``metadata.json`` (PackageMetadata) and
 ``signature.bin``: an OpenSSF model-signing bundle (DSSE over an in-toto statement with
 every file's SHA-256, ECDSA P-256), so ``model_signing verify key`` checks a package
-offline. Publishing writes the files once under ``packages/v00000002/`` (the server's
-archive) and publishes them as TUF targets (:mod:`fedlib.channel`): the channel's signed
-metadata names the active version, defeats replays of old versions, freezes and mixed
+offline; optionally ``signature.mldsa65.json``, a post-quantum signature over the same
+files (:mod:`fedlib.pq_signing`), required by devices that trust an ML-DSA key.
+Publishing writes the files once under ``packages/v00000002/`` (the server's archive)
+and publishes them as TUF targets (:mod:`fedlib.channel`): the channel's signed metadata
+names the active version, defeats replays of old versions, freezes and mixed
 files, and is what devices follow. Versions only go up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, mldsa
 
-from fedlib import signing
+from fedlib import pq_signing, signing
 from fedlib.channel import ChannelKeys, ChannelRepository
 from fedlib.errors import FedError, ObjectExists, VerificationError
 from fedlib.protocol import PackageMetadata
@@ -27,6 +30,7 @@ from fedlib.store import NoSuchKey, ObjectStore
 
 PACKAGE_FILES = ("model.onnx", "weights.bin", "metadata.json")
 SIGNATURE_FILE = signing.SIGNATURE_FILE
+PQ_SIGNATURE_FILE = pq_signing.PQ_SIGNATURE_FILE
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
 
@@ -79,23 +83,44 @@ def sign_package(package: ModelPackage, key: ec.EllipticCurvePrivateKey) -> byte
     return signing.sign_files(package.files(), key, model_name=f"v{package.version:08d}")
 
 
+def verify_signatures(
+    files: Mapping[str, bytes], trusted: Mapping[str, pq_signing.PackageKey]
+) -> dict[str, bytes]:
+    """Check a package's signatures over exactly its content files; return those files.
+
+    ``trusted`` holds OpenSSF (ECDSA) keys and, on devices configured for it, ML-DSA-65
+    keys: with any ML-DSA key the post-quantum signature is required as well."""
+    signature = files.get(SIGNATURE_FILE)
+    if signature is None:
+        raise VerificationError("signature.bin is missing")
+    content = {
+        name: data
+        for name, data in files.items()
+        if name not in (SIGNATURE_FILE, PQ_SIGNATURE_FILE)
+    }
+    if set(content) != set(PACKAGE_FILES):
+        raise VerificationError(f"package holds {sorted(content)}, expected {PACKAGE_FILES}")
+    classic, post_quantum = pq_signing.split(trusted)
+    signing.verify_files(signature, content, classic)
+    if post_quantum:
+        pq_signature = files.get(PQ_SIGNATURE_FILE)
+        if pq_signature is None:
+            raise VerificationError(f"{PQ_SIGNATURE_FILE} is missing and this device requires it")
+        pq_signing.verify_files(pq_signature, content, post_quantum)
+    return content
+
+
 def verify_package_files(
     files: Mapping[str, bytes],
-    trusted: Mapping[str, ec.EllipticCurvePublicKey],
+    trusted: Mapping[str, pq_signing.PackageKey],
     *,
     expected_version: int | None = None,
 ) -> ModelPackage:
     """Verify a package held in memory (bucket, channel, directory or air-gap bundle).
 
-    The signature is checked over exactly the package files before any is parsed.
+    The signatures are checked over exactly the package files before any is parsed.
     """
-    signature = files.get(SIGNATURE_FILE)
-    if signature is None:
-        raise VerificationError("signature.bin is missing")
-    content = {name: data for name, data in files.items() if name != SIGNATURE_FILE}
-    if set(content) != set(PACKAGE_FILES):
-        raise VerificationError(f"package holds {sorted(content)}, expected {PACKAGE_FILES}")
-    signing.verify_files(signature, content, trusted)
+    content = verify_signatures(files, trusted)
     try:
         metadata = PackageMetadata.from_json(content["metadata.json"])
     except (ValueError, FedError) as exc:
@@ -114,13 +139,15 @@ class ModelRegistry:
     def __init__(
         self,
         store: ObjectStore,
-        trusted: Mapping[str, ec.EllipticCurvePublicKey],
-        channel_keys: ChannelKeys,
+        trusted: Mapping[str, pq_signing.PackageKey],
+        channel_keys: ChannelKeys | None,
         signing_key: ec.EllipticCurvePrivateKey | None = None,
+        pq_signing_key: mldsa.MLDSA65PrivateKey | None = None,
     ) -> None:
         self.store = store
         self.trusted = dict(trusted)
         self.signing_key = signing_key
+        self.pq_signing_key = pq_signing_key
         self.channel = ChannelRepository(store, channel_keys)
 
     def publish(self, package: ModelPackage) -> bool:
@@ -133,6 +160,8 @@ class ModelRegistry:
             raise VerificationError("this registry has no package-signing key")
         prefix = package_prefix(package.version)
         files = {**package.files(), SIGNATURE_FILE: sign_package(package, self.signing_key)}
+        if self.pq_signing_key is not None:
+            files[PQ_SIGNATURE_FILE] = pq_signing.sign_files(package.files(), self.pq_signing_key)
         try:
             existing = self.read_version(package.version)
         except NoSuchKey:
@@ -140,8 +169,8 @@ class ModelRegistry:
         if existing is not None and existing.digest() != package.digest():
             raise ObjectExists(f"version {package.version} exists with different content")
         if existing is None:
-            # signature last: a folder without its signature is never read as a package
-            for name in (*PACKAGE_FILES, SIGNATURE_FILE):
+            # signatures last: a folder without its signature is never read as a package
+            for name in (*PACKAGE_FILES, *sorted(set(files) - set(PACKAGE_FILES))):
                 try:
                     self.store.put(prefix + name, files[name], if_absent=True)
                 except ObjectExists:  # a crashed earlier publish of the same version
@@ -172,7 +201,12 @@ class ModelRegistry:
         files = {
             name: self.store.get(prefix + name, max_bytes=MAX_FILE_BYTES) for name in PACKAGE_FILES
         }
-        return {**files, SIGNATURE_FILE: signature}
+        out = {**files, SIGNATURE_FILE: signature}
+        with contextlib.suppress(NoSuchKey):  # versions without the hybrid signature
+            out[PQ_SIGNATURE_FILE] = self.store.get(
+                prefix + PQ_SIGNATURE_FILE, max_bytes=pq_signing.MAX_BYTES
+            )
+        return out
 
     def read_version(self, version: int) -> ModelPackage:
         return verify_package_files(

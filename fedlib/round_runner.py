@@ -29,13 +29,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedlib import protocol, robust
+from fedlib import crypto, privacy, protocol, robust
 from fedlib.aggregation import AggregationConfig, aggregator_from_bytes, new_aggregator
 from fedlib.errors import RejectedUpdate
 from fedlib.ledger import Ledger
 from fedlib.protocol import PackageMetadata
 from fedlib.registry import PACKAGE_FILES, ModelPackage, weights_from_bytes
-from fedlib.rounds import RoundInputs, Verdict, aggregate_objects, build_candidate
+from fedlib.rounds import (
+    DpRound,
+    RoundInputs,
+    Verdict,
+    aggregate_objects,
+    build_candidate,
+    unclipped_counts,
+)
 from fedlib.server import Deployment, Holdout
 from fedlib.store import NoSuchKey, ObjectInfo, ObjectTooLarge, StoreError
 
@@ -46,6 +53,9 @@ ROUNDS_PREFIX = "rounds/"
 REPORTS_PREFIX = "reports/"
 OPTIMIZER_PREFIX = "optimizer/"
 INTERVALS_PREFIX = "intervals/"
+#: One object per round whose DP aggregate was computed; the key carries the round's
+#: noise multipliers, so the cumulative epsilon is one listing (no read per round).
+PRIVACY_SPENT_PREFIX = "privacy/spent/"
 ARCHIVE_PREFIX = "archive/"
 #: S3 requests one shard keeps in flight (inbox GETs ahead of the verifier; archive
 #: writes). Enough to hide a local S3's latency behind the verifier's CPU; each GET in
@@ -255,6 +265,9 @@ def plan_round(
     shard_replays: list[str] = []
     shard_count = updates = replay_count = fresh_clients = 0
     client, done, client_fresh = None, set(), False
+    # DP: at most one update per device per round (the sensitivity argument); a
+    # device's later updates stay in the inbox for the next rounds.
+    one_per_client = settings.dp_mode != "off"
 
     def flush() -> None:
         nonlocal shard, shard_replays, shard_count
@@ -274,6 +287,8 @@ def plan_round(
         if owner != client:
             client, client_fresh = owner, False
             done = ledger.processed_keys(owner) if owner is not None else set()
+        if one_per_client and client_fresh and key not in done:
+            continue  # this device already has its one fresh update in this round
         updates += 1
         shard.append(key)
         if key in done:
@@ -324,8 +339,30 @@ def load_plan(deployment: Deployment, run_id: str) -> RoundPlan:
 
 
 def aggregation_of(deployment: Deployment, base: ModelPackage) -> AggregationConfig:
-    """The aggregation config of rounds on ``base`` (all that reduce and build need)."""
-    return deployment.settings.aggregation(base.metadata.model_kind, base.metadata.model_spec)
+    """The aggregation config of rounds on ``base`` (all that reduce and build need).
+
+    With DP, the round's clip norm C comes from ``base`` (adaptive clipping moves it
+    from version to version): central mode projects every update onto it; local mode
+    widens the hard norm bound to admit a clipped delta plus the device's noise.
+    """
+    config = deployment.settings.aggregation(base.metadata.model_kind, base.metadata.model_spec)
+    if config.dp_mode == "off":
+        return config
+    clip = round_clip_norm(deployment, base)
+    if config.dp_mode == "central":
+        return dataclasses.replace(config, dp_clip=clip)
+    bound = deployment.settings.privacy().local_norm_bound(clip, base.metadata.num_params)
+    return dataclasses.replace(config, norm_bound=max(config.norm_bound, bound))
+
+
+def round_clip_norm(deployment: Deployment, base: ModelPackage) -> float:
+    """C of rounds on ``base``: the clip norm its package told devices, or the configured
+    initial one when ``base`` predates DP (its devices clipped at the wider norm bound;
+    the server's projection still enforces C)."""
+    training = base.metadata.training
+    if training.dp is not None:
+        return training.clip_norm
+    return deployment.settings.privacy().clip_norm
 
 
 def round_inputs(
@@ -345,6 +382,9 @@ def round_inputs(
         base=base,
         known_versions=frozenset(deployment.registry().versions()),
         aggregation=aggregation,
+        accepted_suites=frozenset(
+            crypto.SUITES[name] for name in deployment.settings.accepted_hpke_suites
+        ),
     )
 
 
@@ -512,7 +552,10 @@ def load_momentum(deployment: Deployment, version: int) -> np.ndarray | None:
 
 
 def build_round_candidate(deployment: Deployment, run_id: str) -> dict[str, Any] | None:
-    """Apply the aggregate to the base model; save the candidate files (not published)."""
+    """Apply the aggregate to the base model; save the candidate files (not published).
+
+    With DP on, :func:`round_privacy` first checks the budget and charges the round;
+    the noise is added here, once, to the reduced aggregate (None: budget refused)."""
     plan = load_plan(deployment, run_id)
     registry = deployment.registry()
     base = registry.read_version(plan.base_version)
@@ -522,6 +565,18 @@ def build_round_candidate(deployment: Deployment, run_id: str) -> dict[str, Any]
     if agg.count == 0:
         return None
     version = plan.candidate_version or max(registry.versions()) + 1
+    dp, training = None, None
+    if deployment.settings.dp_mode != "off":
+        dp = round_privacy(deployment, plan, base, agg.count)
+        if dp is None:
+            return None  # the privacy budget refused the round: nothing was computed
+        dp_training = deployment.settings.training(base.metadata.model_kind).dp
+        training = base.metadata.training.model_copy(update={"dp": dp_training})
+    elif base.metadata.training.dp is not None:  # DP switched off: devices stop too
+        plain = deployment.settings.training(base.metadata.model_kind)
+        training = base.metadata.training.model_copy(
+            update={"dp": None, "clip_norm": plain.clip_norm}
+        )
     candidate, momentum = build_candidate(
         base,
         agg,
@@ -531,7 +586,18 @@ def build_round_candidate(deployment: Deployment, run_id: str) -> dict[str, Any]
         round_id=plan.replay_of or run_id,
         created_at_ms=plan.created_at_ms,
         momentum=load_momentum(deployment, base.version),
+        training=training,
+        dp=dp,
     )
+    if dp is not None:
+        _put_json(
+            deployment,
+            run_prefix(run_id) + "privacy.json",
+            {
+                **_get_json(deployment, run_prefix(run_id) + "privacy.json"),
+                "next_clip_norm": candidate.metadata.training.clip_norm,
+            },
+        )
     prefix = run_prefix(run_id) + "candidate/"
     for name, data in candidate.files().items():
         deployment.state.put(prefix + name, data)
@@ -540,6 +606,136 @@ def build_round_candidate(deployment: Deployment, run_id: str) -> dict[str, Any]
             prefix + "momentum.bin", np.ascontiguousarray(momentum, "<f8").tobytes()
         )
     return {"version": version, "digest": candidate.digest()}
+
+
+def spent_rounds(deployment: Deployment, *, exclude: str | None = None) -> privacy.Accountant:
+    """Every DP round charged so far (one listing), less run ``exclude``, in an accountant.
+
+    A round is charged when its noised aggregate is computed, published or not."""
+    accountant = privacy.Accountant(deployment.settings.dp_accountant)
+    skip = safe_run_id(exclude) + ".json" if exclude else None
+    for info in deployment.state.list(PRIVACY_SPENT_PREFIX):
+        parts = info.key[len(PRIVACY_SPENT_PREFIX) :].split("/")
+        if len(parts) != 2 or parts[1] == skip:
+            continue
+        try:
+            multipliers = [float(m) for m in parts[0].split("_")]
+        except ValueError:
+            continue
+        accountant.add(multipliers)
+    return accountant
+
+
+def _spent_key(run_id: str, multipliers: tuple[float, ...]) -> str:
+    combo = "_".join(repr(m) for m in multipliers)  # repr: the float round-trips exactly
+    return f"{PRIVACY_SPENT_PREFIX}{combo}/{safe_run_id(run_id)}.json"
+
+
+def round_privacy(
+    deployment: Deployment, plan: RoundPlan, base: ModelPackage, count: int
+) -> DpRound | None:
+    """The DP side of building a candidate; None when the budget refuses the round.
+
+    Order matters: the budget is checked first (a refused round computes no noised
+    aggregate and charges nothing), then the round is charged, and only then is the
+    noised candidate computed, so no release exists that the accountant does not know.
+    A retried task rewrites the same charge (keyed by run id) and finds the same answer.
+    A replay reuses the original run's decision, noise seed and spend: it recomputes
+    the identical candidate (its digest is compared) and charges nothing new.
+    """
+    settings = deployment.settings
+    config = settings.privacy()
+    clip = round_clip_norm(deployment, base)
+    multipliers = config.round_multipliers()
+    doc_key = run_prefix(plan.run_id) + "privacy.json"
+    round_id = plan.replay_of or plan.run_id
+    original: dict[str, Any] | None = None
+    if plan.replay_of:
+        with contextlib.suppress(NoSuchKey):
+            original = _get_json(deployment, run_prefix(plan.replay_of) + "privacy.json")
+    if original is not None:
+        doc = {**original, "replay_of": plan.replay_of}
+        _put_json(deployment, doc_key, doc)
+        if doc.get("refused"):
+            return None
+        spent = doc["spent"]
+    else:
+        before = spent_rounds(deployment, exclude=plan.run_id)
+        after = before.copy()
+        if not plan.replay_of:
+            after.add(multipliers)
+        spent = privacy.spend_summary(config, after, clip)
+        budget = config.budget_epsilon
+        doc = {
+            "mode": config.mode,
+            "round_id": round_id,
+            "clip_norm": clip,
+            "multipliers": list(multipliers),
+            "count": count,
+            "spent": spent,
+            "epsilon_before": before.epsilon(config.delta),
+        }
+        if budget is not None and spent["epsilon"] > budget:
+            doc.update(
+                refused=True,
+                reason=(
+                    f"privacy budget: this round would bring epsilon to "
+                    f"{spent['epsilon']:.4g} (delta {config.delta:g}), over the budget of "
+                    f"{budget:g} (spent so far {doc['epsilon_before']:.4g} in "
+                    f"{before.rounds} rounds); nothing computed or published"
+                ),
+            )
+            _put_json(deployment, doc_key, doc)
+            return None
+        if not plan.replay_of:  # the charge, before any noised value exists
+            _put_json(
+                deployment,
+                _spent_key(plan.run_id, multipliers),
+                {"run_id": plan.run_id, "multipliers": list(multipliers), "mode": config.mode},
+            )
+        _put_json(deployment, doc_key, doc)
+    unclipped = (0, 0)
+    if config.adaptive:
+        ones = reported = 0
+        for verdicts in shard_verdicts(deployment, plan.run_id, plan):
+            o, r = unclipped_counts(verdicts)
+            ones, reported = ones + o, reported + r
+        unclipped = (ones, reported)
+    secret = privacy.load_noise_secret(deployment.keys_dir)
+    return DpRound(
+        config=config,
+        clip_norm=clip,
+        unclipped=unclipped,
+        rng=privacy.noise_rng(secret, round_id),
+        spent=spent,
+    )
+
+
+def load_round_privacy(deployment: Deployment, run_id: str) -> dict[str, Any] | None:
+    """What a run's DP step decided (``rounds/<run>/privacy.json``); None: DP was off."""
+    try:
+        return _get_json(deployment, run_prefix(run_id) + "privacy.json")
+    except NoSuchKey:
+        return None
+
+
+def privacy_report(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The report's view of a round's DP step: cumulative (epsilon, delta) and C."""
+    if not doc:
+        return None
+    spent = doc.get("spent") or {}
+    return {
+        "mode": doc.get("mode"),
+        "epsilon": spent.get("epsilon"),
+        "delta": spent.get("delta"),
+        "rounds": spent.get("rounds"),
+        "budget_epsilon": spent.get("budget_epsilon"),
+        "noise_multiplier": spent.get("noise_multiplier"),
+        "clip_norm": doc.get("clip_norm"),
+        "next_clip_norm": doc.get("next_clip_norm"),
+        "epsilon_before": doc.get("epsilon_before"),
+        "refused": bool(doc.get("refused")),
+    }
 
 
 def load_candidate(deployment: Deployment, run_id: str) -> ModelPackage:
@@ -573,10 +769,14 @@ def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
         "holdout_version": holdout.version,
     }
     record = (interval_record(deployment, plan.interval_key or "") or {}) if plan.replay_of else {}
+    dp_doc = load_round_privacy(deployment, run_id)
+    if dp_doc is not None:
+        result["privacy"] = dp_doc
     try:
         candidate_pkg = load_candidate(deployment, run_id)
     except NoSuchKey:
-        result.update(publish=False, reason="no update passed validation")
+        reason = (dp_doc or {}).get("reason") or "no update passed validation"
+        result.update(publish=False, reason=reason)
         if plan.replay_of:
             matches = record.get("candidate_digest") is None
             result["replay"] = {"of": plan.replay_of, "matches": matches, "candidate_digest": None}
@@ -651,6 +851,8 @@ class RoundReport:
     holdout_version: int | None = None
     rollback: dict[str, Any] | None = None
     replay: dict[str, Any] | None = None
+    #: Differential privacy: cumulative epsilon/delta after this round (None: DP off).
+    privacy: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -676,6 +878,17 @@ class RoundReport:
             lines.append(line)
         if self.published_version:
             lines.append(f"  published version {self.published_version}")
+        if self.privacy:
+            dp = self.privacy
+            budget = dp.get("budget_epsilon")
+            line = (
+                f"  privacy ({dp.get('mode')} DP): epsilon {dp.get('epsilon', float('nan')):.4g}"
+                f" at delta {dp.get('delta', float('nan')):g} after {dp.get('rounds')} rounds"
+                + (f", budget {budget:g}" if budget is not None else "")
+            )
+            if dp.get("refused"):
+                line += " — REFUSED: over the budget, nothing published"
+            lines.append(line)
         if self.rollback and self.rollback.get("rollback"):
             lines.append(
                 f"  ROLLBACK: {self.rollback['reason']} -> published "
@@ -722,6 +935,9 @@ def finalize_round(
             report.holdout_version = evaluation.get("holdout_version")
         except NoSuchKey:
             pass
+        report.privacy = privacy_report(load_round_privacy(deployment, run_id))
+        if report.privacy and report.privacy["refused"]:
+            report.decision = "privacy_budget"  # the DAG saw no candidate: say why
         candidate_version = None
         try:
             report.aggregate_digest = hashlib.sha256(

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedlib import compression, crypto, protocol, robust
+from fedlib import compression, crypto, privacy, protocol, robust
 from fedlib.aggregation import (
     WEIGHT_FRACTION_BITS,
     AggregationConfig,
     Aggregator,
+    dp_project,
     new_aggregator,
+    server_step,
     staleness_weight,
 )
 from fedlib.errors import RejectedUpdate
@@ -41,6 +43,8 @@ class RoundInputs:
     max_envelope_bytes: int = protocol.MAX_ENVELOPE_BYTES
     #: FLTrust's reference delta (``aggregation.robust == "fltrust"``), else None.
     reference: np.ndarray | None = None
+    #: Header suite strings the server opens (None: every known suite).
+    accepted_suites: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class Verdict:
     weight_units: int | None = None
     norm: float | None = None
     etag: str | None = None  # of the object version that was judged
+    #: DP adaptive clipping: the device's bit "norm <= C before clipping" (None: absent).
+    unclipped: bool | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -78,7 +84,11 @@ def open_and_validate(key: str, blob: bytes, inputs: RoundInputs) -> AcceptedUpd
     """Everything short of aggregation; raises RejectedUpdate with a reason code."""
     key_client, key_update = protocol.parse_inbox_key(key)
     opened = crypto.open_update(
-        blob, inputs.fleet, inputs.server_keys, max_bytes=inputs.max_envelope_bytes
+        blob,
+        inputs.fleet,
+        inputs.server_keys,
+        max_bytes=inputs.max_envelope_bytes,
+        accepted_suites=inputs.accepted_suites,
     )
     header = opened.header
     if header.client_id != key_client or header.update_id != key_update:
@@ -133,6 +143,8 @@ def aggregate_objects(
             if uid in seen:
                 raise RejectedUpdate("replay", f"update {uid} was already processed")
             delta, weight = update.delta, update.weight
+            if inputs.aggregation.dp_mode != "off":  # a plain sum of bounded deltas
+                delta, weight = dp_project(delta, inputs.aggregation), 1.0
             if inputs.aggregation.robust == "fltrust":
                 if inputs.reference is None:
                     raise ValueError("fltrust aggregation needs RoundInputs.reference")
@@ -154,11 +166,42 @@ def aggregate_objects(
                 num_samples=update.meta.num_samples,
                 weight_units=units,
                 norm=update.delta.l2_norm(),
+                unclipped=_unclipped_bit(update.meta, inputs.aggregation),
             )
         verdicts.append(verdict)
         if on_verdict is not None:
             on_verdict(verdict)
     return agg, verdicts
+
+
+def _unclipped_bit(meta: protocol.UpdateMeta, config: AggregationConfig) -> bool | None:
+    """The adaptive-clipping bit a device reported (central DP only; absent = None)."""
+    if config.dp_mode != "central" or privacy.UNCLIPPED_METRIC not in meta.metrics:
+        return None
+    return meta.metrics[privacy.UNCLIPPED_METRIC] >= 0.5
+
+
+@dataclass(frozen=True)
+class DpRound:
+    """Differential privacy of one round's candidate (:func:`fedlib.privacy.release_round`):
+    the config, the round's clip norm C, the (unclipped, reported) bit counts, the
+    round's noise generator and the cumulative spend after it (``PrivacySpent`` fields)."""
+
+    config: privacy.PrivacyConfig
+    clip_norm: float
+    unclipped: tuple[int, int]
+    rng: np.random.Generator
+    spent: dict[str, object]
+
+
+def unclipped_counts(verdicts: Iterable[Verdict]) -> tuple[int, int]:
+    """(bits that are 1, bits reported) over accepted verdicts: the clipped-count query."""
+    ones = reported = 0
+    for verdict in verdicts:
+        if verdict.accepted and verdict.unclipped is not None:
+            reported += 1
+            ones += bool(verdict.unclipped)
+    return ones, reported
 
 
 def model_from_package(package: ModelPackage) -> AnomalyModel:
@@ -183,22 +226,40 @@ def build_candidate(
     training: TrainingConfig | None = None,
     created_at_ms: int | None = None,
     momentum: np.ndarray | None = None,
+    dp: DpRound | None = None,
 ) -> tuple[ModelPackage, np.ndarray | None]:
     """Apply the aggregate to the base model, calibrate its threshold, export ONNX.
 
     Returns the candidate and the server optimizer's new momentum buffer (or None).
+    With ``dp``, the DP noise is added here, once, to the exact aggregate of every
+    shard (never per shard), the candidate tells devices the next clip norm and its
+    metadata records the cumulative (epsilon, delta).
     """
     model = model_from_package(base)
-    params, new_momentum = agg.step(base.weights, momentum)
+    training = training or base.metadata.training
+    spent = None
+    if dp is None:
+        params, new_momentum = agg.step(base.weights, momentum)
+    else:
+        release = privacy.release_round(
+            dp.config, agg.mean_delta(), agg.count, dp.clip_norm, dp.unclipped, dp.rng
+        )
+        config = getattr(agg, "config", None)
+        if not isinstance(config, AggregationConfig):
+            raise ValueError("differential privacy needs the streaming (plain sum) aggregator")
+        params, new_momentum = server_step(release.noisy_mean, base.weights, momentum, config)
+        training = training.model_copy(update={"clip_norm": release.next_clip_norm})
+        spent = protocol.PrivacySpent.model_validate(dp.spent)
     model.set_params(params)
     model.calibrate_threshold(calibration_rows, quantile=threshold_quantile)
     candidate = package_model(
         model,
         version=version,
-        training=training or base.metadata.training,
+        training=training,
         parent_version=base.version,
         round_id=round_id,
         created_at_ms=created_at_ms,
+        privacy=spent,
     )
     return candidate, new_momentum
 
@@ -213,6 +274,7 @@ def package_model(
     round_id: str | None = None,
     metrics: dict[str, float] | None = None,
     created_at_ms: int | None = None,
+    privacy: protocol.PrivacySpent | None = None,
 ) -> ModelPackage:
     weights = model.params()
     metadata = PackageMetadata(
@@ -228,5 +290,6 @@ def package_model(
         rollback_of=rollback_of,
         round_id=round_id,
         created_at_ms=created_at_ms if created_at_ms is not None else int(time.time() * 1000),
+        privacy=privacy,
     )
     return ModelPackage(metadata=metadata, onnx_bytes=model.to_onnx(), weights=weights)

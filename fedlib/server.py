@@ -10,15 +10,16 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, mldsa, x25519
 
-from fedlib import crypto, signing
+from fedlib import crypto, pq_signing, privacy, signing
 from fedlib.channel import ChannelKeys, ChannelRepository
 from fedlib.fleet import Fleet
 from fedlib.registry import ModelRegistry
@@ -38,8 +39,12 @@ def signing_private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 FLEET_KEY = "fleet/fleet.json"
 HOLDOUT_POINTER = "holdout/current.json"
 PACKAGE_KEY_FILE = "package-signing-p256.pem"  # OpenSSF model-signing (ECDSA P-256)
+PACKAGE_PQ_KEY_FILE = "package-signing-mldsa65.pem"  # hybrid signatures (ML-DSA-65)
 CHANNEL_KEYS_DIR = "channel"  # TUF roles; root keys belong offline in production
 SERVER_KEY_GLOB = "server-hpke-*.pem"
+SERVER_KEY_CURRENT = "server-hpke-current"  # key id devices are told to seal to
+PUBLIC_DIR = "public"  # public halves only: all a read-only process (web UI) needs
+PACKAGE_TRUST_GLOB = "package-signing-*.pub.pem"  # in PUBLIC_DIR: keys versions verify with
 
 
 @dataclass(frozen=True)
@@ -123,15 +128,71 @@ class Deployment:
                 signing_private_pem(signing.generate_signing_key()),
                 mode=0o600,
             )
+        self._trust_package_key(self.package_signing_key().public_key())
+        pq_path = self.keys_dir / PACKAGE_PQ_KEY_FILE
+        if self.settings.package_pq_signatures and not pq_path.exists():
+            key = pq_signing.generate_key()
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            atomic_write(pq_path, pem, mode=0o600)
+            self._trust_package_key(key.public_key())
         ChannelKeys.load_or_generate(self.keys_dir / CHANNEL_KEYS_DIR)
         if not list(self.keys_dir.glob(SERVER_KEY_GLOB)):
             self.add_server_key()
+        privacy.load_noise_secret(self.keys_dir)  # DP noise seed: made here, the one writer
 
-    def add_server_key(self) -> str:
-        key = crypto.generate_encryption_key()
+    # HPKE (update decryption) keys: every file is accepted; one is current.
+
+    def add_server_key(self, suite: str | None = None, *, make_current: bool = True) -> str:
+        """A new HPKE key (``settings.hpke_suite`` by default); older keys keep opening
+        what was sealed to them until they are retired."""
+        key = crypto.generate_encryption_key(suite or self.settings.hpke_suite)
         kid = crypto.key_id(key)
         crypto.write_private_key(self.keys_dir / f"server-hpke-{kid}.pem", key)
+        if make_current:
+            atomic_write(self.keys_dir / SERVER_KEY_CURRENT, kid.encode() + b"\n", mode=0o600)
         return kid
+
+    def server_keyring(self) -> crypto.ServerKeyring:
+        ring = crypto.ServerKeyring()
+        for path in sorted(self.keys_dir.glob(SERVER_KEY_GLOB)):
+            key = crypto.load_private_pem(path.read_bytes())
+            if isinstance(key, x25519.X25519PrivateKey | crypto.HybridPrivateKey):
+                ring.add(key)
+        if not ring:
+            raise FileNotFoundError(f"no server HPKE keys in {self.keys_dir}")
+        return ring
+
+    def current_server_key_id(self) -> str:
+        """The key new and updated devices seal to (the newest file if none is marked)."""
+        marker = self.keys_dir / SERVER_KEY_CURRENT
+        if marker.exists():
+            kid = marker.read_text().strip()
+            if (self.keys_dir / f"server-hpke-{kid}.pem").exists():
+                return kid
+        paths = sorted(self.keys_dir.glob(SERVER_KEY_GLOB), key=lambda p: p.stat().st_mtime)
+        if not paths:
+            raise FileNotFoundError(f"no server HPKE keys in {self.keys_dir}")
+        return paths[-1].name.removeprefix("server-hpke-").removesuffix(".pem")
+
+    def current_server_public_key(self) -> crypto.EncryptionPublicKey:
+        key = self.server_keyring().get(self.current_server_key_id())
+        assert key is not None
+        return key.public_key()
+
+    def retire_server_key(self, kid: str) -> None:
+        """Delete an HPKE private key: what was sealed to it can no longer be opened."""
+        if kid == self.current_server_key_id():
+            raise ValueError(f"{kid} is the current server key: rotate first")
+        path = self.keys_dir / f"server-hpke-{kid}.pem"
+        if not path.exists():
+            raise FileNotFoundError(f"no server key {kid} in {self.keys_dir}")
+        path.unlink()
+
+    # Package-signing (OpenSSF model-signing) keys: one private, several trusted.
 
     def package_signing_key(self) -> ec.EllipticCurvePrivateKey:
         key = serialization.load_pem_private_key(
@@ -141,45 +202,100 @@ class Deployment:
             raise ValueError(f"{PACKAGE_KEY_FILE} is not an ECDSA key")
         return key
 
+    def package_pq_signing_key(self) -> mldsa.MLDSA65PrivateKey | None:
+        """The ML-DSA-65 key of hybrid package signatures (None: not configured)."""
+        path = self.keys_dir / PACKAGE_PQ_KEY_FILE
+        if not path.exists():
+            return None
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, mldsa.MLDSA65PrivateKey):
+            raise ValueError(f"{PACKAGE_PQ_KEY_FILE} is not an ML-DSA-65 key")
+        return key
+
+    def _trust_package_key(self, public: pq_signing.PackageKey) -> str:
+        kid = pq_signing.any_key_id(public)
+        public_dir = self.keys_dir / PUBLIC_DIR
+        public_dir.mkdir(parents=True, exist_ok=True)
+        tag = "mldsa65-" if isinstance(public, mldsa.MLDSA65PublicKey) else ""
+        path = public_dir / f"package-signing-{tag}{kid[:16]}.pub.pem"
+        if not path.exists():
+            atomic_write(path, pq_signing.public_pem(public), mode=0o644)
+        return kid
+
+    def trusted_package_keys(
+        self, *, include_retired: bool = False
+    ) -> dict[str, pq_signing.PackageKey]:
+        """Keys devices trust for new installs (ECDSA; ML-DSA-65 with hybrid signatures);
+        ``include_retired`` adds the retired ones,
+        with which the server still verifies the versions they signed (its history).
+        Public files only, no private key read (older deployments without ``public/``:
+        the private key's public half)."""
+        keys: dict[str, pq_signing.PackageKey] = {}
+        public_dir = self.keys_dir / PUBLIC_DIR
+        paths = sorted(public_dir.glob(PACKAGE_TRUST_GLOB))
+        if include_retired:
+            paths += sorted((public_dir / "retired").glob(PACKAGE_TRUST_GLOB))
+        for path in paths:
+            public = pq_signing.load_public_key(path.read_bytes())
+            keys[pq_signing.any_key_id(public)] = public
+        if not keys:
+            public = self.package_signing_key().public_key()
+            keys[signing_key_id(public)] = public
+        return keys
+
+    def rotate_package_key(self) -> tuple[str, str]:
+        """New package-signing key; the old one stays trusted (old versions verify)
+        until :meth:`untrust_package_key`. Returns (old key id, new key id)."""
+        old = self.package_signing_key()
+        old_kid = self._trust_package_key(old.public_key())
+        new = signing.generate_signing_key()
+        new_kid = self._trust_package_key(new.public_key())  # trusted before it signs
+        atomic_write(self.keys_dir / PACKAGE_KEY_FILE, signing_private_pem(new), mode=0o600)
+        return old_kid, new_kid
+
+    def untrust_package_key(self, kid: str) -> None:
+        """Devices stop trusting an old package-signing key (never the one that signs
+        now); its public half moves to ``public/retired/`` for the server's history."""
+        if kid == signing_key_id(self.package_signing_key().public_key()):
+            raise ValueError(f"{kid} is the current package-signing key: rotate first")
+        matches = [
+            p
+            for p in (self.keys_dir / PUBLIC_DIR).glob(PACKAGE_TRUST_GLOB)
+            if pq_signing.any_key_id(pq_signing.load_public_key(p.read_bytes())) == kid
+        ]
+        if not matches:
+            raise FileNotFoundError(f"package-signing key {kid} is not trusted here")
+        retired = self.keys_dir / PUBLIC_DIR / "retired"
+        retired.mkdir(exist_ok=True)
+        for path in matches:
+            os.replace(path, retired / path.name)
+
     def channel_keys(self) -> ChannelKeys:
         return ChannelKeys.load(self.keys_dir / CHANNEL_KEYS_DIR)
 
-    def server_keyring(self) -> crypto.ServerKeyring:
-        ring = crypto.ServerKeyring()
-        for path in sorted(self.keys_dir.glob(SERVER_KEY_GLOB)):
-            key = crypto.load_private_pem(path.read_bytes())
-            if isinstance(key, x25519.X25519PrivateKey):
-                ring.add(key)
-        if not ring:
-            raise FileNotFoundError(f"no server HPKE keys in {self.keys_dir}")
-        return ring
-
-    def current_server_public_key(self) -> x25519.X25519PublicKey:
-        """The key new clients seal to: the newest file in the keys folder."""
-        paths = sorted(self.keys_dir.glob(SERVER_KEY_GLOB), key=lambda p: p.stat().st_mtime)
-        if not paths:
-            raise FileNotFoundError(f"no server HPKE keys in {self.keys_dir}")
-        key = crypto.load_private_pem(paths[-1].read_bytes())
-        assert isinstance(key, x25519.X25519PrivateKey)
-        return key.public_key()
-
     def registry(self, *, signing: bool = False) -> ModelRegistry:
-        """Verified reads always; publishing only with ``signing=True``."""
-        key = self.package_signing_key()
-        public = key.public_key()
+        """Verified reads with public keys only; publishing only with ``signing=True``."""
+        # The server checks its own history with the OpenSSF keys; the ML-DSA signature
+        # is for devices (versions from before it was enabled have none).
+        classic, _ = pq_signing.split(self.trusted_package_keys(include_retired=True))
         return ModelRegistry(
             self.models,
-            {signing_key_id(public): public},
-            self.channel_keys(),
-            signing_key=key if signing else None,
+            classic,
+            self.channel_keys() if signing else None,
+            signing_key=self.package_signing_key() if signing else None,
+            pq_signing_key=self.package_pq_signing_key() if signing else None,
         )
 
+    def channel_repository(self, *, signing: bool = False) -> ChannelRepository:
+        """The model channel; read-only (no private key loaded) unless ``signing``."""
+        return ChannelRepository(self.models, self.channel_keys() if signing else None)
+
     def init_channel(self) -> bool:
-        return ChannelRepository(self.models, self.channel_keys()).init()
+        return self.channel_repository(signing=True).init()
 
     def channel_root(self) -> bytes:
         """The current root.json: what an enrolled device pins."""
-        return ChannelRepository(self.models, self.channel_keys()).root_bytes()
+        return self.channel_repository().root_bytes()
 
     # -- fleet and holdout ---------------------------------------------------------------
 

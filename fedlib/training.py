@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedlib import compression, crypto, protocol
+from fedlib import compression, crypto, privacy, protocol
 from fedlib.model import FeatureSchema, load_model
 from fedlib.registry import ModelPackage
 
@@ -42,24 +42,40 @@ def seal_delta(
     *,
     client_id: str,
     client_key: ed25519.Ed25519PrivateKey,
-    server_public_key: x25519.X25519PublicKey,
+    server_public_key: crypto.EncryptionPublicKey,
     residual: np.ndarray | None,
     created_at_ms: int | None = None,
     clip: bool = True,
+    noise_rng: np.random.Generator | None = None,
 ) -> LocalUpdate:
     """Add the error-feedback residual, clip, compress, frame, seal and sign one delta.
 
     ``clip=False`` exists for the poisoning benchmark (an attacker skips it); honest
-    devices always clip to the package's ``clip_norm``.
+    devices always clip to the package's ``clip_norm``. With the package's DP config
+    (``training.dp``, :mod:`fedlib.privacy`): central mode with adaptive clipping adds
+    the bit "norm <= clip_norm before clipping" to the payload metrics; local mode adds
+    N(0, (z * clip_norm)**2) to every coordinate of the clipped delta before top-k (the
+    sparsification is then post-processing) and reports neither the norm nor the row
+    count (``num_samples`` 1: DP rounds weigh every update the same). ``noise_rng``
+    (tests) replaces the OS-seeded generator of the local noise.
     """
     meta = package.metadata
     training = meta.training
+    dp = training.dp
     if residual is not None and residual.shape == delta.shape:
         delta = delta + residual
     norm = float(np.linalg.norm(delta))
     limit = training.clip_norm * (1 - 1e-3)  # headroom for 16-bit rounding
     if clip and norm > limit:
         delta = delta * (limit / norm)
+    metrics = {"delta_norm": round(norm, 6)}
+    if dp is not None and dp.report_unclipped:
+        metrics[privacy.UNCLIPPED_METRIC] = 1.0 if norm <= training.clip_norm else 0.0
+    reported_samples = int(num_samples)
+    if dp is not None and dp.mode == "local" and clip:
+        rng = noise_rng or privacy.device_rng()
+        delta = delta + rng.normal(0.0, dp.noise_multiplier * training.clip_norm, delta.shape)
+        metrics, reported_samples = {}, 1
     cfg = compression.CompressionConfig(
         mode=training.compression, topk_fraction=training.topk_fraction
     )
@@ -70,10 +86,10 @@ def seal_delta(
                 "schema": protocol.META_SCHEMA,
                 "model_kind": meta.model_kind,
                 "num_params": meta.num_params,
-                "num_samples": int(num_samples),
+                "num_samples": reported_samples,
                 "epochs": training.epochs,
                 "compression": training.compression,
-                "metrics": {"delta_norm": round(norm, 6)},
+                "metrics": metrics,
             }
         ),
         blob,
@@ -95,7 +111,7 @@ def make_update(
     *,
     client_id: str,
     client_key: ed25519.Ed25519PrivateKey,
-    server_public_key: x25519.X25519PublicKey,
+    server_public_key: crypto.EncryptionPublicKey,
     residual: np.ndarray | None,
     seed: int,
     created_at_ms: int | None = None,

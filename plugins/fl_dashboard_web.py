@@ -161,11 +161,27 @@ def pager(base: str, page: Page[Any]) -> str:
     return f'<p class="pager">{" ".join(parts)}</p>'
 
 
+def fmt_privacy(row: Any) -> str:
+    """A round's cumulative DP epsilon (delta), its budget, and a mark when the budget
+    refused the round; "—" when DP is off."""
+    eps = getattr(row, "privacy_epsilon", None)
+    if eps is None:
+        return "—"
+    text = f"{eps:.3g} ({getattr(row, 'privacy_delta', None) or 0:.0e})"
+    budget = getattr(row, "privacy_budget", None)
+    if budget is not None:
+        text += f'<br><span class="muted">budget {budget:g}</span>'
+    if getattr(row, "privacy_refused", False):
+        text += " " + badge("over budget", "rejected")
+    return text
+
+
 def rounds_table(links: Links, rows: list[Any]) -> str:
     head = (
         "<tr><th>Round (run id)</th><th>Airflow</th><th>Created</th><th>Decision</th>"
         "<th>Accepted</th><th>Rejected</th><th>Active AUC / AP</th>"
-        "<th>Candidate AUC / AP</th><th>Published</th><th>Rollback</th></tr>"
+        "<th>Candidate AUC / AP</th><th>Published</th><th>Rollback</th>"
+        "<th>Privacy ε (δ)</th></tr>"
     )
     body = []
     for r in rows:
@@ -196,10 +212,10 @@ def rounds_table(links: Links, rows: list[Any]) -> str:
             f'<td class="num">{fmt_metric(r.candidate_metrics, "auc")} / '
             f"{fmt_metric(r.candidate_metrics, 'ap')}</td>"
             f'<td class="num">{"v" + esc(r.published_version) if r.published_version else "—"}</td>'
-            f"<td>{rollback}</td></tr>"
+            f'<td>{rollback}</td><td class="num privacy">{fmt_privacy(r)}</td></tr>'
         )
     if not rows:
-        body.append('<tr><td colspan="10" class="muted">no rounds yet</td></tr>')
+        body.append('<tr><td colspan="11" class="muted">no rounds yet</td></tr>')
     return f'<table id="rounds">{head}{"".join(body)}</table>'
 
 

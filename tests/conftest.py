@@ -108,6 +108,40 @@ def deployment(s3_config: S3Config, tmp_path: Path, small_dataset: Path) -> Any:
     return build_deployment(s3_config, tmp_path / "server-keys", small_dataset)
 
 
+@pytest.fixture
+def admin_env(s3_server: Any, tmp_path: Path, small_dataset: Path, monkeypatch: Any) -> dict:
+    """What ``fl-admin`` needs: an fl-server.toml with fresh buckets (append settings to
+    ``config`` before ``init``), S3 credentials in the environment, a holdout file."""
+    import uuid
+
+    import numpy as np
+
+    from bench.make_dataset import load_dataset
+
+    tag = uuid.uuid4().hex[:8]
+    config = tmp_path / "fl-server.toml"
+    config.write_text(
+        "\n".join(
+            [
+                f'inbox_bucket = "inbox-{tag}"',
+                f'models_bucket = "models-{tag}"',
+                f'state_bucket = "state-{tag}"',
+                f'airgap_bucket = "airgap-{tag}"',
+                f'keys_dir = "{tmp_path / "keys"}"',
+                f's3_endpoint_url = "{s3_server.endpoint_url}"',
+            ]
+        )
+        + "\n"
+    )
+    monkeypatch.setenv("FL_SERVER_CONFIG", str(config))
+    monkeypatch.setenv("FL_S3_ACCESS_KEY", s3_server.admin_credentials.access_key)
+    monkeypatch.setenv("FL_S3_SECRET_KEY", s3_server.admin_credentials.secret_key)
+    data = load_dataset(small_dataset)
+    holdout = tmp_path / "holdout.npz"
+    np.savez(holdout, holdout_X=data.holdout_X, holdout_y=data.holdout_y)
+    return {"tag": tag, "holdout": holdout, "data": data, "server": s3_server, "config": config}
+
+
 # ----------------------------------------------------------------------------- Airflow
 
 

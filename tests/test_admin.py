@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 
 import numpy as np
 import pytest
@@ -14,34 +13,6 @@ from client.config import ClientConfig
 from fedlib.admin import main as admin_main
 from fedlib.errors import StoreError
 from fedlib.store import S3Store
-
-
-@pytest.fixture
-def admin_env(s3_server, tmp_path, small_dataset, monkeypatch):
-    from bench.make_dataset import load_dataset
-
-    tag = uuid.uuid4().hex[:8]
-    config = tmp_path / "fl-server.toml"
-    config.write_text(
-        "\n".join(
-            [
-                f'inbox_bucket = "inbox-{tag}"',
-                f'models_bucket = "models-{tag}"',
-                f'state_bucket = "state-{tag}"',
-                f'airgap_bucket = "airgap-{tag}"',
-                f'keys_dir = "{tmp_path / "keys"}"',
-                f's3_endpoint_url = "{s3_server.endpoint_url}"',
-            ]
-        )
-        + "\n"
-    )
-    monkeypatch.setenv("FL_SERVER_CONFIG", str(config))
-    monkeypatch.setenv("FL_S3_ACCESS_KEY", s3_server.admin_credentials.access_key)
-    monkeypatch.setenv("FL_S3_SECRET_KEY", s3_server.admin_credentials.secret_key)
-    data = load_dataset(small_dataset)
-    holdout = tmp_path / "holdout.npz"
-    np.savez(holdout, holdout_X=data.holdout_X, holdout_y=data.holdout_y)
-    return {"tag": tag, "holdout": holdout, "data": data, "server": s3_server}
 
 
 def test_init_enroll_status_revoke(admin_env, tmp_path, capsys):

@@ -73,6 +73,16 @@ def test_wire_small(capsys):
         r["ours_topk1_bytes"] / r["dense_float32_bytes"]
     )
     suite = r["suites"][r["suite"]]
+    assert r["suite"] == "mlkem768-x25519"  # the default: post-quantum
+    # hybrid vs classic, same delta: the ML-KEM ciphertext is the whole difference
+    pq = r["pq_cost"]
+    extra = pq["extra_bytes_per_update"]
+    assert (
+        extra
+        == r["suites"]["mlkem768-x25519"]["topk1_bytes"] - r["suites"]["x25519"]["topk1_bytes"]
+    )
+    assert 1088 - 64 < extra <= 1088  # minus the shorter suite name in the header
+    assert pq["seal_us"]["x25519"] > 0 and pq["open_us"]["mlkem768-x25519"] > 0
     assert suite["topk1_nnz"] == 10 and suite["topk10_nnz"] == 100
     assert suite["dense16_nnz"] == suite["dense32_nnz"] == 1000
     assert suite["topk1_bytes"] == r["ours_topk1_bytes"]
@@ -129,6 +139,8 @@ def test_round_small(capsys):
     assert r["overhead_ratio"] == pytest.approx(
         r["pipeline_updates_per_s"] / r["io_ceiling_updates_per_s"]
     )
+    assert r["crypto_cpu_ms_per_update"] > 0 and r["ceiling_cpu_ms_per_update"] > 0
+    assert 0 < r["overhead_ratio_bound"] <= 1
     # the aggregate's bytes do not depend on how the batch was sharded
     assert [run["shard_size"] for run in r["runs"]] == [500, 7]
     assert [run["shards"] for run in r["runs"]] == [1, 6]
@@ -137,3 +149,60 @@ def test_round_small(capsys):
     assert {run["result_digest"] for run in r["runs"]} == {r["result_digest"]}
     assert len(r["result_digest"]) == 64
     assert set(r["goals_met"]) == {"pipeline_updates_per_s", "overhead_ratio"}
+
+
+def test_quality_reports_personalization_small(small_dataset, capsys):
+    """bench.quality at a tiny size: the on-device personalization figures are there, are
+    AUCs/rates, add up, and the global side matches the pooled evaluation it sits next to."""
+    from bench.make_dataset import load_dataset
+    from bench.quality import main as quality_main
+
+    data = load_dataset(small_dataset)
+    r = _run(quality_main, ["--dataset", str(small_dataset), "--rounds", "2"], capsys)
+    (seed,) = r["per_seed"]
+    assert seed["personalized_clients"] == len(data.client_holdouts) == len(data.client_ids)
+    for key in (
+        "personalized_auc",
+        "global_client_auc",
+        "personalized_pooled_auc",
+        "global_pooled_auc",
+        "personalized_fpr",
+        "personalized_tpr",
+        "global_client_fpr",
+        "global_client_tpr",
+    ):
+        assert 0.0 <= r[key] <= 1.0, key
+    assert r["personalized_minus_global_client"] == pytest.approx(
+        r["personalized_auc"] - r["global_client_auc"]
+    )
+    assert r["personalized_pooled_minus_global"] == pytest.approx(
+        r["personalized_pooled_auc"] - r["global_pooled_auc"]
+    )
+    # every pooled row has a calibrated owner, so the global side is the federated AUC
+    assert r["global_pooled_auc"] == pytest.approx(r["federated_auc"], abs=1e-9)
+    # the point of it: each device's own anomalies, foreign behaviour included, rank higher
+    assert r["personalized_auc"] > r["global_client_auc"]
+    assert r["personalized_fpr"] < 0.1 and r["personalized_tpr"] > r["personalized_fpr"]
+
+
+def test_dp_small(capsys, small_dataset):
+    """bench.dp: every epsilon on the same seeds, noise calibrated by the accountant."""
+    from bench.dp import main as dp_main
+    from fedlib.privacy import calibrate_noise
+
+    r = _run(
+        dp_main,
+        ["--dataset", str(small_dataset), "--rounds", "2", "--seeds", "2", "--epsilons", "inf,3"],
+        capsys,
+    )
+    assert set(r["results"]) == {"inf", "3"} and r["clients"] == 6
+    off, dp = r["results"]["inf"], r["results"]["3"]
+    assert "noise_multiplier" not in off and len(off["auc"]["per_seed"]) == 2
+    assert dp["noise_multiplier"] == pytest.approx(calibrate_noise(3.0, 1e-5, 2))
+    assert 2.99 <= dp["epsilon_charged"] <= 3.0
+    paired = [a - b for a, b in zip(dp["auc"]["per_seed"], off["auc"]["per_seed"], strict=True)]
+    assert dp["auc_minus_no_dp"]["per_seed"] == pytest.approx(paired)
+    assert dp["noise_std_on_mean"] == pytest.approx(dp["noise_multiplier"] * 1.0 / 6)
+    for entry in (off, dp):
+        assert 0 <= entry["published_auc"]["mean"] <= 1
+        assert all(0 <= k <= 2 for k in entry["gate_refused_rounds"]["per_seed"])

@@ -111,6 +111,8 @@ def test_airflow_reaches_minio_with_the_projects_buckets_and_settings(compose):
         mounts = [v for v in service.get("volumes", []) if f":{keys}" in v]
         if name == "fl-init":
             assert mounts and not mounts[0].endswith(":ro")
+        elif name == "airflow-apiserver":  # the web process: public keys only
+            assert mounts == [f"./secrets/dadm-fl/public:{keys}/public:ro"], mounts
         elif name.startswith("airflow-"):
             assert mounts and all(m.endswith(":ro") for m in mounts), name
 

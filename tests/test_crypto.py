@@ -13,11 +13,11 @@ from fedlib.fleet import Fleet
 PAYLOAD = b"payload bytes " * 50
 
 
-@pytest.fixture()
-def world():
+@pytest.fixture(params=sorted(crypto.SUITES))
+def world(request):
     client_key = crypto.generate_signing_key()
     other_key = crypto.generate_signing_key()
-    server_key = crypto.generate_encryption_key()
+    server_key = crypto.generate_encryption_key(request.param)
     fleet = Fleet()
     fleet.enroll("client-1", crypto.public_pem(client_key))
     fleet.enroll("client-2", crypto.public_pem(other_key))
@@ -57,7 +57,54 @@ def test_round_trip(world):
     assert header.client_key_id == crypto.key_id(world["client_key"])
     assert header.server_key_id == crypto.key_id(world["server_key"])
     assert header.payload_size == len(PAYLOAD)
-    assert len(blob) - len(PAYLOAD) < 700  # framing + header + HPKE + signature
+    assert header.suite == crypto.suite_of(world["server_key"])
+    hpke = protocol.HPKE_OVERHEAD[header.suite]
+    assert len(blob) - len(PAYLOAD) - hpke < 700  # framing + header + signature
+
+
+def test_hybrid_suite_is_the_default_and_costs_1136_bytes():
+    key = crypto.generate_encryption_key()
+    assert isinstance(key, crypto.HybridPrivateKey)
+    assert crypto.suite_of(key) == protocol.SUITE_MLKEM768_X25519
+    client = crypto.generate_signing_key()
+    sizes = {}
+    for name in ("x25519", "mlkem768-x25519"):
+        server = crypto.generate_encryption_key(name)
+        _, blob = crypto.seal_update(
+            client_id="c",
+            client_key=client,
+            server_public_key=server.public_key(),
+            base_version=1,
+            payload=PAYLOAD,
+        )
+        parts = protocol.split_envelope(blob)
+        sizes[name] = len(parts.ciphertext) - len(PAYLOAD)
+    assert sizes == {"x25519": 48, "mlkem768-x25519": 1136}
+
+
+def test_suite_outside_the_accepted_set_is_refused(world):
+    header, blob = seal(world)
+    others = frozenset(crypto.SUITES.values()) - {header.suite}
+    with pytest.raises(RejectedUpdate) as err:
+        crypto.open_update(blob, world["fleet"], world["ring"], accepted_suites=others)
+    assert err.value.reason == "suite_not_accepted"
+    opened = crypto.open_update(blob, world["fleet"], world["ring"], accepted_suites={header.suite})
+    assert opened.payload == PAYLOAD
+
+
+def test_header_suite_that_does_not_match_the_key_is_refused(world):
+    """A client that signs a header naming the other suite for this key id is refused
+    before decryption (no cross-suite confusion)."""
+    header, blob = seal(world)
+    other = next(s for s in crypto.SUITES.values() if s != header.suite)
+    forged = protocol.UpdateHeader.model_validate(
+        {**header.model_dump(by_alias=True), "suite": other}
+    )
+    parts = protocol.split_envelope(blob)
+    header_bytes = protocol.encode_header(forged)
+    body = protocol.frame_envelope_body(header.client_key_id, header_bytes, parts.ciphertext)
+    blob2 = body + world["client_key"].sign(protocol.SIGNATURE_DOMAIN + body)
+    assert reason_of(blob2, world) == "suite_not_accepted"
 
 
 def test_ciphertext_hides_payload(world):
@@ -227,8 +274,24 @@ def test_pem_round_trip_with_passphrase(tmp_path):
         crypto.load_signing_key(path)
 
 
+def test_hybrid_key_pem_round_trip(tmp_path):
+    key = crypto.generate_encryption_key("mlkem768-x25519")
+    path = tmp_path / "hybrid.pem"
+    crypto.write_private_key(path, key, passphrase=b"pw")
+    loaded = crypto.load_private_pem(path.read_bytes(), b"pw")
+    assert isinstance(loaded, crypto.HybridPrivateKey)
+    assert crypto.key_id(loaded) == crypto.key_id(key)
+    public = crypto.load_encryption_public_key(crypto.public_pem(key))
+    assert public == key.public_key()
+    assert crypto.key_id(public) != crypto.key_id(key.x25519)  # not the classic half's id
+    with pytest.raises(ValueError, match="two PEM blocks"):  # halves in the wrong order
+        crypto.load_public_pem(crypto.public_pem(key.x25519) + crypto.public_pem(key.mlkem))
+    with pytest.raises(ValueError, match="PEM blocks"):
+        crypto.load_public_pem(crypto.public_pem(key) * 2)
+
+
 def test_server_keyring_from_directory(tmp_path):
-    keys = [crypto.generate_encryption_key() for _ in range(2)]
+    keys = [crypto.generate_encryption_key(s) for s in ("x25519", "mlkem768-x25519")]
     for i, k in enumerate(keys):
         crypto.write_private_key(tmp_path / f"s{i}.pem", k)
     ring = crypto.ServerKeyring.from_directory(tmp_path)

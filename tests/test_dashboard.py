@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from fedlib import dashboard
 from fedlib.dashboard import RejectedCandidate, VersionRow, render_plot_svg
 from tests.plugin_fixtures import (
@@ -155,3 +157,25 @@ def test_a_tampered_version_is_shown_as_unverified(deployment):
     assert row.version == 1 and row.auc is None and "Verification" in (row.error or "")
     svg = render_plot_svg([row])
     assert "no published metrics yet" in svg
+
+
+def test_dashboard_reads_with_public_keys_only(deployment, tmp_path):
+    """The web process gets the public half of the keys folder and nothing else: every
+    page still verifies the packages it shows, and nothing can be signed from there."""
+    import shutil
+
+    from fedlib.channel import ChannelError
+    from fedlib.server import PUBLIC_DIR, Deployment
+
+    public_only = tmp_path / "web-keys"
+    shutil.copytree(deployment.keys_dir / PUBLIC_DIR, public_only / PUBLIC_DIR)
+    pems = list(public_only.rglob("*.pem"))
+    assert pems and all(p.name.endswith(".pub.pem") for p in pems)
+    web = Deployment(
+        deployment.settings.model_copy(update={"keys_dir": public_only}), deployment.s3
+    )
+    [row] = dashboard.version_rows(web)
+    assert row.version == 1 and row.error is None and row.auc is not None
+    assert web.registry().read_active().version == 1
+    with pytest.raises(ChannelError, match="not found"):
+        web.registry(signing=True)

@@ -71,6 +71,8 @@ Server keys and HPKE:
 - ``sealed_to_server_key_not_held`` -> ``unknown_server_key``: a real client sealing to
   a server key this server does not hold.
 - ``unknown_server_key_id`` -> ``unknown_server_key``: header names a random key id.
+- ``header_suite_not_the_keys`` -> ``suite_not_accepted``: header names classic X25519
+  for the server's hybrid (ML-KEM-768 + X25519) key: no cross-suite decryption attempt.
 - ``hpke_for_other_server`` -> ``decrypt_failed``: header names our key, ciphertext made
   for another server.
 - ``ciphertext_size_mismatch`` -> ``malformed``: payload_size declared one byte larger.
@@ -164,7 +166,7 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedlib import crypto, protocol
 from fedlib.errors import REASONS
@@ -179,7 +181,17 @@ from tests.test_round_runner import enroll
 PREFIX = struct.Struct(">4sB16sI")  # magic, framing version, signer key id, header length
 HEADER_AT = PREFIX.size  # 25
 SIG = protocol.SIGNATURE_BYTES
-SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+
+
+def hpke_seal(payload: bytes, public: Any, info: bytes) -> bytes:
+    """HPKE straight from ``cryptography`` (not fedlib's sealing), for the key's KEM."""
+    if isinstance(public, crypto.HybridPublicKey):
+        kem, public = hpke.KEM.MLKEM768_X25519, public.hpke_key()
+    else:
+        kem = hpke.KEM.X25519
+    suite = hpke.Suite(kem, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    return suite.encrypt(payload, public, info=info)
+
 
 FLC = struct.Struct("<4sBBHIIf")  # magic, mode, index encoding, reserved, dim, k, scale
 TOPK16, DENSE32, DENSE64 = 1, 3, 4
@@ -251,7 +263,7 @@ class World:
         return self.keys[client_id]
 
     @cached_property
-    def foreign_server(self) -> x25519.X25519PrivateKey:
+    def foreign_server(self) -> crypto.EncryptionPrivateKey:
         return crypto.generate_encryption_key()
 
     def real(
@@ -260,7 +272,7 @@ class World:
         *,
         package: ModelPackage | None = None,
         signing_key: ed25519.Ed25519PrivateKey | None = None,
-        server_public: x25519.X25519PublicKey | None = None,
+        server_public: crypto.EncryptionPublicKey | None = None,
     ) -> Real:
         data = self.deployment.dataset
         rows = data.clients.get(client_id, data.clients[ATTACKER])
@@ -310,7 +322,7 @@ class World:
         blob: bytes | None = None,
         payload: bytes | None = None,
         signer: str | None = None,
-        server_public: x25519.X25519PublicKey | None = None,
+        server_public: crypto.EncryptionPublicKey | None = None,
     ) -> bytes:
         """Re-seal a real update with changes, validly encrypted and signed."""
         o = self.open(real)
@@ -323,7 +335,7 @@ class World:
         hdr = {**o.header, "payload_size": len(payload), **(header or {})}
         hb = protocol.canonical_json(hdr) if header_bytes is None else header_bytes
         info = protocol.HPKE_INFO_DOMAIN + hashlib.sha256(hb).digest()
-        ct = SUITE.encrypt(payload, server_public or self.server_public, info=info)
+        ct = hpke_seal(payload, server_public or self.server_public, info)
         return self.sign(signer or real.client_id, hb, ct)
 
 
@@ -666,6 +678,11 @@ BATTERY: list[Kind] = [
         "unknown_server_key_id",
         resealed(header=lambda w, o: {"server_key_id": "0123456789abcdef" * 2}),
         "unknown_server_key",
+    ),
+    Kind(
+        "header_suite_not_the_keys",
+        resealed(header=lambda w, o: {"suite": protocol.SUITE_X25519}),
+        "suite_not_accepted",
     ),
     Kind(
         "hpke_for_other_server",

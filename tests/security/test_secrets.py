@@ -4,6 +4,7 @@ report. Runs a real fl_round (dag.test) and an air-gap export, then searches eve
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -15,8 +16,15 @@ from tests.test_round_runner import upload_updates
 def secret_needles(keys_dir: Path) -> list[bytes]:
     """Every private key in the keys folder, as PEM body lines, raw bytes and base64."""
     needles: list[bytes] = []
-    for path in keys_dir.rglob("*.pem"):
-        pem = path.read_bytes()
+    blocks = [
+        block
+        for path in keys_dir.rglob("*.pem")
+        if not path.name.endswith(".pub.pem")  # public halves (keys_dir/public/) may travel
+        for block in re.findall(
+            rb"-----BEGIN [A-Z ]+-----.+?-----END [A-Z ]+-----", path.read_bytes(), re.S
+        )
+    ]  # a hybrid HPKE key is two blocks: ML-KEM-768 and X25519
+    for pem in blocks:
         body = b"".join(pem.splitlines()[1:-1])
         needles += [body[:40], body[-40:]]
         key = serialization.load_pem_private_key(pem, password=None)
@@ -32,6 +40,9 @@ def secret_needles(keys_dir: Path) -> list[bytes]:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )[-32:]
+        needles += [raw, raw.hex().encode(), base64.b64encode(raw)]
+    for path in keys_dir.rglob("*.bin"):  # the DP noise secret: seeds must not leak either
+        raw = path.read_bytes()
         needles += [raw, raw.hex().encode(), base64.b64encode(raw)]
     assert len(needles) >= 5 * 8, "expected HPKE, package and channel keys"
     return needles
