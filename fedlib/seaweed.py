@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import random
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
+import urllib.parse
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -237,7 +238,8 @@ class SeaweedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
         began = time.monotonic()
-        for attempt in range(3):
+        repicks = 0
+        while True:
             if not self.ports:
                 self.ports = _pick_ports(self._fixed_ports)
             self._spawn()
@@ -248,13 +250,16 @@ class SeaweedServer:
                 self.stop()
                 # Re-pick only on a first start: restart() must keep the endpoint stable.
                 may_repick = self.startup_seconds is None and not self._fixed_ports
-                if port_clash and attempt < 2 and may_repick:
+                if port_clash and may_repick and repicks < 2:
+                    repicks += 1
                     self.ports = {}  # someone grabbed a port in between: pick new ones
+                    continue
+                if port_clash and not may_repick and time.monotonic() < began + timeout:
+                    time.sleep(1.0)  # a restart: the old sockets are still closing
                     continue
                 raise
             self.startup_seconds = time.monotonic() - began
             return self
-        raise SeaweedError("unreachable")  # pragma: no cover
 
     def _spawn(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_DROP_PREFIXES)}
@@ -354,19 +359,24 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 def _http_json(url: str, *, allow_error: bool = False) -> dict[str, Any]:
-    """GET a local SeaweedFS status URL, bypassing any proxy set in the environment."""
+    """GET a local SeaweedFS status URL (no proxy: a direct connection).
+
+    Keep-alive, closed by us: the side that closes first holds the TIME_WAIT, and on
+    the server's port it would stop a restart on the same ports for a minute."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=2.0)
     try:
-        with _NO_PROXY.open(url, timeout=2.0) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        if not allow_error:
-            raise
-        with exc:
-            return json.loads(exc.read() or b"{}")
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
+        resp = conn.getresponse()
+        body = resp.read()
+    except http.client.HTTPException as exc:  # callers expect OSError for "not up yet"
+        raise OSError(f"{url}: {exc!r}") from exc
+    finally:
+        conn.close()
+    if resp.status >= 400 and not allow_error:
+        raise urllib.error.HTTPError(url, resp.status, resp.reason, resp.headers, None)
+    return json.loads(body or b"{}")
 
 
 def _terminate_group(pid: int, timeout: float, wait: Any) -> None:
