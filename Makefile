@@ -60,13 +60,14 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.round --memory-check --json > bench/results/round-memory.json
 	$(BIN)/python -m bench.scaleout --updates 10000 --json > bench/results/scaleout.json
 
-# Model quality and poisoning (about 25 minutes on 2 cores).
+# Model quality, poisoning and differential privacy (about 30 minutes on 2 cores).
 bench-quality: $(STAMP)
 	mkdir -p bench/results
 	$(BIN)/python -m bench.make_dataset --out bench/results/dataset.npz
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --paired dense32 --json > bench/results/quality-autoencoder.json
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --kind gaussian --json > bench/results/quality-gaussian.json
 	$(BIN)/python -m bench.poisoning --dataset bench/results/dataset.npz --seeds 3 --robust fltrust,trimmed_mean,median --json > bench/results/poisoning.json
+	$(BIN)/python -m bench.dp --dataset bench/results/dataset.npz --json > bench/results/dp.json
 
 clean:
 	rm -rf $(VENV) .state
