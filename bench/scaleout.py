@@ -417,13 +417,7 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         clients = enroll_fleet(deployment, args.clients, "scale")
         model_params = deployment.registry().read_active().metadata.num_params
         say(f"deployment initialised, {len(clients)} clients enrolled; starting Airflow")
-        s3 = deployment.s3
-        conn = {
-            "conn_type": "aws",
-            "login": s3.access_key,
-            "password": s3.secret_key,
-            "extra": {"endpoint_url": s3.endpoint_url, "region_name": s3.region},
-        }
+        conn = deployment.s3.airflow_connection()
         airflow = Airflow(home / "airflow", env, conn, heartbeat_s=args.heartbeat)
         stack.callback(airflow.stop)
         airflow.start()

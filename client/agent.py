@@ -66,6 +66,8 @@ class InstalledModels:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.pointer = self.root / "current.json"
+        # (version, trusted key ids) -> the package verified by this object (one cycle)
+        self._verified: tuple[tuple[int, frozenset[str]], ModelPackage] | None = None
 
     def current_version(self) -> int | None:
         try:
@@ -94,16 +96,23 @@ class InstalledModels:
         atomic_write(self.pointer, json.dumps({"version": package.version}).encode())
         for old in self.root.glob(".staging-*"):
             shutil.rmtree(old, ignore_errors=True)
+        self._verified = ((package.version, frozenset(trusted)), package)
         return package
 
     def load_current(self, trusted: Mapping[str, Any]) -> ModelPackage:
-        """Re-verify the installed files before use: the disk is not trusted either."""
+        """Re-verify the installed files before use (the disk is not trusted either),
+        once per cycle: this object keeps what it verified for the same trusted keys."""
         version = self.current_version()
         if version is None:
             raise FileNotFoundError("no model installed")
+        key = (version, frozenset(trusted))
+        if self._verified is not None and self._verified[0] == key:
+            return self._verified[1]
         folder = self.root / f"v{version:08d}"
         files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-        return verify_package_files(files, trusted, expected_version=version)
+        package = verify_package_files(files, trusted, expected_version=version)
+        self._verified = (key, package)
+        return package
 
 
 def channel_client(config: ClientConfig) -> ChannelClient:
@@ -116,13 +125,18 @@ def channel_client(config: ClientConfig) -> ChannelClient:
     )
 
 
+def stored_device_config(config: ClientConfig) -> DeviceConfig | None:
+    """The newest device config this device verified and kept (None: none yet)."""
+    try:
+        return DeviceConfig.from_bytes((config.state_dir / DEVICE_CONFIG_FILE).read_bytes())
+    except (FileNotFoundError, VerificationError):
+        return None
+
+
 def effective_config(config: ClientConfig) -> ClientConfig:
     """The enrolment config, updated by the newest device config this device verified."""
-    try:
-        doc = DeviceConfig.from_bytes((config.state_dir / DEVICE_CONFIG_FILE).read_bytes())
-    except (FileNotFoundError, VerificationError):
-        return config
-    return config.with_device_config(doc)
+    stored = stored_device_config(config)
+    return config if stored is None else config.with_device_config(stored)
 
 
 def update_device_config(
@@ -130,15 +144,14 @@ def update_device_config(
 ) -> ClientConfig:
     """Take a newer signed device config from the channel (server key, package keys),
     unless it would move this device off post-quantum sealing."""
-    current = effective_config(config)
+    stored = stored_device_config(config)
+    current = config if stored is None else config.with_device_config(stored)
     data = channel.optional_target(DEVICE_CONFIG_TARGET)
     if data is None:
         return current
     doc = DeviceConfig.from_bytes(data)
-    path = config.state_dir / DEVICE_CONFIG_FILE
-    with contextlib.suppress(FileNotFoundError, VerificationError):
-        if doc.serial <= DeviceConfig.from_bytes(path.read_bytes()).serial:
-            return current
+    if stored is not None and doc.serial <= stored.serial:
+        return current
     why = refuses_downgrade(
         current.server_suite(),
         doc,
@@ -149,7 +162,7 @@ def update_device_config(
         report.ok = False
         report.messages.append(f"refused device config {doc.serial}: {why}")
         return current
-    atomic_write(path, data)
+    atomic_write(config.state_dir / DEVICE_CONFIG_FILE, data)
     report.messages.append(
         f"device config {doc.serial}: sealing to server key {doc.server_key.key_id} "
         f"({doc.server_key.suite}), {len(doc.package_signing_keys_pem)} package key(s)"
@@ -163,10 +176,11 @@ def pull_model(
     """Install the active model if it is newer and verifies; otherwise keep what we have.
     Returns the config to use from now on (a newer signed device config applied)."""
     current = installed.current_version()
+    enrolled, config = config, effective_config(config)  # what holds if the channel fails
     try:
-        channel = channel_client(config)
+        channel = channel_client(enrolled)
         channel.refresh()
-        config = update_device_config(config, channel, report)
+        config = update_device_config(enrolled, channel, report)
         active = channel.active_version()
         if active is None:
             report.model_message = "no model published yet"
@@ -189,7 +203,7 @@ def pull_model(
     except VerificationError as exc:
         report.ok = False
         report.model_message = f"refused the published model, keeping version {current}: {exc}"
-    return effective_config(config)
+    return config
 
 
 def train_update(

@@ -182,35 +182,38 @@ def _pem_blocks(data: bytes) -> list[bytes]:
     return blocks
 
 
-def load_private_pem(data: bytes, passphrase: bytes | None = None) -> PrivateKey:
-    blocks = _pem_blocks(data)
-    keys = [serialization.load_pem_private_key(b, password=passphrase) for b in blocks]
+def _key_of_blocks(
+    keys: list[object], single: tuple[type, ...], halves: tuple[type, type], hybrid: type
+) -> object:
+    """One key of a ``single`` type, or a ``hybrid`` key from its two blocks (``halves``:
+    the ML-KEM-768 then the X25519 type)."""
     if len(keys) == 2:
-        first, second = keys
-        if isinstance(first, mlkem.MLKEM768PrivateKey) and isinstance(
-            second, x25519.X25519PrivateKey
-        ):
-            return HybridPrivateKey(first, second)
-        raise ValueError("two PEM blocks must be an ML-KEM-768 then an X25519 private key")
-    key = keys[0]
-    if not isinstance(key, ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey):
-        raise ValueError(f"unsupported private key type {type(key).__name__}")
-    return key
+        if isinstance(keys[0], halves[0]) and isinstance(keys[1], halves[1]):
+            return hybrid(*keys)
+        raise ValueError("two PEM blocks must be an ML-KEM-768 then an X25519 key")
+    if not isinstance(keys[0], single):
+        raise ValueError(f"unsupported key type {type(keys[0]).__name__}")
+    return keys[0]
+
+
+def load_private_pem(data: bytes, passphrase: bytes | None = None) -> PrivateKey:
+    keys = [serialization.load_pem_private_key(b, password=passphrase) for b in _pem_blocks(data)]
+    return _key_of_blocks(  # type: ignore[return-value]
+        keys,
+        (ed25519.Ed25519PrivateKey, x25519.X25519PrivateKey),
+        (mlkem.MLKEM768PrivateKey, x25519.X25519PrivateKey),
+        HybridPrivateKey,
+    )
 
 
 def load_public_pem(data: bytes) -> PublicKey:
     keys = [serialization.load_pem_public_key(b) for b in _pem_blocks(data)]
-    if len(keys) == 2:
-        first, second = keys
-        if isinstance(first, mlkem.MLKEM768PublicKey) and isinstance(
-            second, x25519.X25519PublicKey
-        ):
-            return HybridPublicKey(first, second)
-        raise ValueError("two PEM blocks must be an ML-KEM-768 then an X25519 public key")
-    key = keys[0]
-    if not isinstance(key, ed25519.Ed25519PublicKey | x25519.X25519PublicKey):
-        raise ValueError(f"unsupported public key type {type(key).__name__}")
-    return key
+    return _key_of_blocks(  # type: ignore[return-value]
+        keys,
+        (ed25519.Ed25519PublicKey, x25519.X25519PublicKey),
+        (mlkem.MLKEM768PublicKey, x25519.X25519PublicKey),
+        HybridPublicKey,
+    )
 
 
 def load_signing_key(path: Path, passphrase: bytes | None = None) -> ed25519.Ed25519PrivateKey:

@@ -34,6 +34,7 @@ from fedlib.errors import FedError, VerificationError
 from fedlib.protocol import KeyId
 
 if TYPE_CHECKING:
+    from fedlib.channel import ChannelRepository
     from fedlib.server import Deployment
 
 DEVICE_CONFIG_TARGET = "device-config.json"
@@ -142,15 +143,19 @@ def device_config(deployment: Deployment, serial: int) -> DeviceConfig:
     )
 
 
-def published_device_config(deployment: Deployment) -> DeviceConfig | None:
+def published_device_config(
+    deployment: Deployment, repository: ChannelRepository | None = None
+) -> DeviceConfig | None:
     """The device config the channel serves now (verified against its targets)."""
-    data = deployment.channel_repository().read_target(DEVICE_CONFIG_TARGET)
+    repository = repository or deployment.channel_repository()
+    data = repository.read_target(DEVICE_CONFIG_TARGET)
     return None if data is None else DeviceConfig.from_bytes(data)
 
 
 def publish_device_config(deployment: Deployment) -> DeviceConfig:
     """Sign the current keys into the channel; the serial only goes up."""
-    previous = published_device_config(deployment)
+    repository = deployment.channel_repository(signing=True)
+    previous = published_device_config(deployment, repository)
     now = int(time.time() * 1000)
     serial = max(now, previous.serial + 1) if previous else now
     doc = device_config(deployment, serial)
@@ -158,7 +163,7 @@ def publish_device_config(deployment: Deployment) -> DeviceConfig:
         exclude={"serial"}
     ):
         return previous
-    deployment.channel_repository(signing=True).put_target(DEVICE_CONFIG_TARGET, doc.to_bytes())
+    repository.put_target(DEVICE_CONFIG_TARGET, doc.to_bytes())
     return doc
 
 

@@ -167,6 +167,16 @@ class S3Config:
             **kwargs,
         )
 
+    def airflow_connection(self) -> dict[str, Any]:
+        """This endpoint as an Airflow ``aws`` connection (the JSON of
+        ``AIRFLOW_CONN_FL_S3``), the form ``dags/fl_common.py`` reads back."""
+        return {
+            "conn_type": "aws",
+            "login": self.access_key,
+            "password": self.secret_key,
+            "extra": {"endpoint_url": self.endpoint_url, "region_name": self.region},
+        }
+
     def client(self) -> BaseClient:
         """A new boto3 S3 client; create it once and share it (it is thread-safe)."""
         import boto3

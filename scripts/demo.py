@@ -243,15 +243,14 @@ def free_port(preferred: int) -> int:
 def start_airflow(home: Path, env: dict[str, str], server: dict) -> Airflow:
     import requests
 
+    from fedlib.store import S3Config
+
     airflow_home = home / "airflow"
     airflow_home.mkdir(parents=True, exist_ok=True)
     port = free_port(8080)
-    conn = {
-        "conn_type": "aws",
-        "login": server["access_key"],
-        "password": server["secret_key"],
-        "extra": {"endpoint_url": server["endpoint_url"], "region_name": "us-east-1"},
-    }
+    conn = S3Config(
+        server["endpoint_url"], access_key=server["access_key"], secret_key=server["secret_key"]
+    ).airflow_connection()
     af_env = dict(env)
     af_env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",

@@ -47,12 +47,6 @@ def expose_to_airflow(deployment: Any, tmp_path: Path, monkeypatch: Any) -> None
         "\n".join(f'{n} = "{getattr(settings, n)}"' for n in names)
         + f"\nmin_clients = {settings.min_clients}\n"
     )
-    s3 = deployment.s3
-    conn = {
-        "conn_type": "aws",
-        "login": s3.access_key,
-        "password": s3.secret_key,
-        "extra": {"endpoint_url": s3.endpoint_url, "region_name": s3.region},
-    }
+    conn = deployment.s3.airflow_connection()
     monkeypatch.setenv("FL_SERVER_CONFIG", str(toml))
     monkeypatch.setenv("AIRFLOW_CONN_FL_S3", json.dumps(conn))

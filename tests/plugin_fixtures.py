@@ -124,13 +124,7 @@ def airflow_env(home: Path, deployment: Any, port: int) -> dict[str, str]:
     names = ("inbox_bucket", "models_bucket", "state_bucket", "airgap_bucket", "keys_dir")
     toml = home / "fl-server.toml"
     toml.write_text("\n".join(f'{n} = "{getattr(settings, n)}"' for n in names) + "\n")
-    s3 = deployment.s3
-    conn = {
-        "conn_type": "aws",
-        "login": s3.access_key,
-        "password": s3.secret_key,
-        "extra": {"endpoint_url": s3.endpoint_url, "region_name": s3.region},
-    }
+    conn = deployment.s3.airflow_connection()
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         AIRFLOW_HOME=str(home),
