@@ -114,7 +114,7 @@ class AggregationConfig:
 
     @property
     def grid_bits(self) -> int:
-        """G such that |w * delta_i| * 2**G < 2**52 for any admissible update."""
+        """G such that |w * delta_i| * 2**G <= 2**51 for any admissible update."""
         bound = self.max_weight * self.norm_bound
         return _MAX_Q_BITS - math.ceil(math.log2(bound)) - 1
 
@@ -146,10 +146,7 @@ def staleness_weight(num_samples: int, staleness: int, config: AggregationConfig
 
 def check_update(delta: DecodedDelta, config: AggregationConfig) -> float:
     """Validate a decoded delta's values against the bounds; return its L2 norm."""
-    # einsum, not np.dot: np.dot goes to a multi-threaded BLAS whose spinning threads
-    # cost ~3 ms of CPU per 100k-param update; a NaN or inf value makes the sum non-finite,
-    # so the per-value finiteness pass is only needed to name the reason.
-    norm = math.sqrt(float(np.einsum("i,i->", delta.values, delta.values)))
+    norm = delta.l2_norm()  # a NaN or inf value makes it non-finite
     if not math.isfinite(norm) and not np.isfinite(delta.values).all():
         raise RejectedUpdate("non_finite", "delta has NaN or infinite values")
     if not math.isfinite(norm) or norm > config.norm_bound:
@@ -169,10 +166,10 @@ def dp_project(delta: DecodedDelta, config: AggregationConfig) -> DecodedDelta:
         return delta
     rounding = math.sqrt(max(delta.values.shape[0], 1)) * math.ldexp(1.0, -config.grid_bits - 1)
     radius = config.dp_clip - rounding
-    norm = math.sqrt(float(np.einsum("i,i->", delta.values, delta.values)))
+    norm = delta.l2_norm()
     if not norm > radius:
         return delta
-    return DecodedDelta(delta.dim, delta.indices, delta.values * (radius / norm))
+    return delta.scaled(radius / norm)
 
 
 def admit(delta: DecodedDelta, weight: float, dim: int, config: AggregationConfig) -> int:
@@ -186,6 +183,27 @@ def admit(delta: DecodedDelta, weight: float, dim: int, config: AggregationConfi
     if units < 1:
         raise ValueError(f"weight {weight!r} is not positive")
     return units
+
+
+# rint by the float unit: for |f| <= 2**51, f + 1.5 * 2**52 lands in the binade whose
+# spacing is 1, so the addition itself rounds f half to even (as np.rint does), and the
+# sum's bit pattern is the constant's plus that integer. Two cheap passes instead of
+# np.rint and a float-to-int64 cast (the slowest pass of the old add).
+_ROUNDER = np.float64(1.5 * 2.0**52)
+_ROUNDER_BITS = np.array([_ROUNDER]).view(np.int64)[0]
+
+
+def _rounded(values: np.ndarray, scale: np.float64, scratch: np.ndarray) -> np.ndarray:
+    """``rint(values * scale)`` as int64, computed in ``scratch`` (returned as its int view).
+
+    ``values`` (float32 or float64) are widened and multiplied by ``scale`` in float64
+    (one IEEE rounding), then rounded half to even; the caller keeps |values * scale| at
+    most 2**51 (the aggregation grid does)."""
+    np.multiply(values, scale, out=scratch)
+    np.add(scratch, _ROUNDER, out=scratch)
+    q = scratch.view(np.int64)
+    np.subtract(q, _ROUNDER_BITS, out=q)
+    return q
 
 
 class StreamingAggregator:
@@ -202,22 +220,18 @@ class StreamingAggregator:
         self._pending = 0
         self.count = 0
         self.weight_units = 0  # sum of quantized weights, exact
-        # Scratch for add(): reused, so no update allocates (and page-faults) fresh
-        # vectors, and small enough to stay in cache across the passes over a chunk.
-        self._scratch_f = np.empty(min(dim, _CHUNK))
-        self._scratch_q = np.empty(min(dim, _CHUNK), dtype=np.int64)
+        # Scratch for add(): reused, so no update allocates (and page-faults) a fresh
+        # vector, and small enough to stay in cache across the passes over a chunk.
+        self._scratch = np.empty(min(dim, _CHUNK))
 
     def add(self, delta: DecodedDelta, weight: float) -> int:
         """Add ``weight * delta``; returns the quantized weight actually used (units 2**-16)."""
         units = admit(delta, weight, self.dim, self.config)
-        scale = math.ldexp(float(units), self._grid - WEIGHT_FRACTION_BITS)
+        scale = np.float64(math.ldexp(float(units), self._grid - WEIGHT_FRACTION_BITS))
         values, indices = delta.values, delta.indices
         for start in range(0, values.shape[0], _CHUNK):
             part = values[start : start + _CHUNK]
-            f, q = self._scratch_f[: part.shape[0]], self._scratch_q[: part.shape[0]]
-            np.multiply(part, scale, out=f)
-            np.rint(f, out=f)  # the same rounding as before: the sums keep their bits
-            np.copyto(q, f, casting="unsafe")  # exact: |f| < 2**52 by the grid choice
+            q = _rounded(part, scale, self._scratch[: part.shape[0]])
             if indices is None:
                 lo = self._lo[start : start + part.shape[0]]
                 np.add(lo, q, out=lo)

