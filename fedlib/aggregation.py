@@ -196,9 +196,8 @@ _ROUNDER_BITS = np.array([_ROUNDER]).view(np.int64)[0]
 def _rounded(values: np.ndarray, scale: np.float64, scratch: np.ndarray) -> np.ndarray:
     """``rint(values * scale)`` as int64, computed in ``scratch`` (returned as its int view).
 
-    ``values`` (float32 or float64) are widened and multiplied by ``scale`` in float64
-    (one IEEE rounding), then rounded half to even; the caller keeps |values * scale| at
-    most 2**51 (the aggregation grid does)."""
+    ``values`` are multiplied by ``scale`` (one IEEE rounding), then rounded half to
+    even; the caller keeps |values * scale| at most 2**51 (the aggregation grid does)."""
     np.multiply(values, scale, out=scratch)
     np.add(scratch, _ROUNDER, out=scratch)
     q = scratch.view(np.int64)

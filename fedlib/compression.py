@@ -76,10 +76,10 @@ class CompressionConfig:
 class DecodedDelta:
     """A validated delta; sparse (``indices`` set) or dense (``indices is None``).
 
-    Arrays are read-only and owned by the delta (copies, or views of an immutable
-    ``bytes`` blob), so nothing can alter an update that was already validated. Values
-    are float64, or float32 when they arrived as float32 (``dense32``: a view, not a
-    widened copy; the aggregation kernels widen each value as they read it).
+    Arrays are private read-only copies, so later changes to the blob can't alter
+    an update that was already validated. Values are float64 whatever the wire
+    dtype: widening once here is cheaper than mixed-dtype arithmetic in every pass
+    after it (measured in ``bench.aggregate``).
     """
 
     dim: int
@@ -87,8 +87,8 @@ class DecodedDelta:
     values: np.ndarray
 
     def __post_init__(self) -> None:
-        if self.values.ndim != 1 or self.values.dtype not in (np.float64, np.float32):
-            raise ValueError("values must be a 1-D float64 or float32 array")
+        if self.values.ndim != 1 or self.values.dtype != np.float64:
+            raise ValueError("values must be a 1-D float64 array")
         if self.indices is None:
             if self.values.shape[0] != self.dim:
                 raise ValueError("dense values must have length dim")
@@ -102,7 +102,7 @@ class DecodedDelta:
     def to_dense(self) -> np.ndarray:
         """The full float64 vector of length ``dim`` (a fresh, writable array)."""
         if self.indices is None:
-            return self.values.astype(np.float64)
+            return self.values.copy()
         out = np.zeros(self.dim, dtype=np.float64)
         out[self.indices] = self.values
         return out
@@ -113,11 +113,10 @@ class DecodedDelta:
         inf or underflow to 0.
 
         einsum, not np.dot: np.dot goes to a multi-threaded BLAS whose spinning threads
-        cost ~3 ms of CPU per 100k-param update. float32 values are widened first: einsum
-        would sum their squares in float32."""
+        cost ~3 ms of CPU per 100k-param update."""
         cached = self.__dict__.get("_l2_norm")
         if cached is None:
-            values = self.values.astype(np.float64, copy=False)
+            values = self.values
             cached = math.sqrt(float(np.einsum("i,i->", values, values)))
             if (math.isinf(cached) and np.isfinite(values).all()) or (
                 cached == 0.0 and values.any()  # squares of subnormals underflow
@@ -128,8 +127,8 @@ class DecodedDelta:
         return cached
 
     def scaled(self, factor: float) -> DecodedDelta:
-        """The same delta times ``factor``, in float64."""
-        return DecodedDelta(self.dim, self.indices, self.values.astype(np.float64) * factor)
+        """The same delta times ``factor``."""
+        return DecodedDelta(self.dim, self.indices, self.values * factor)
 
     @property
     def nnz(self) -> int:
@@ -295,9 +294,7 @@ def decode(blob: bytes, *, expected_dim: int, max_dim: int = 50_000_000) -> Deco
             raise RejectedUpdate("malformed", f"index {int(indices[-1])} out of range [0, {dim})")
         indices.flags.writeable = False
 
-    values = np.frombuffer(buf, dtype=val_dtype, count=k, offset=offset)
-    if val_dtype != np.float32:  # float32 stays a view of the immutable buf (read-only)
-        values = values.astype(np.float64)
+    values = np.frombuffer(buf, dtype=val_dtype, count=k, offset=offset).astype(np.float64)
     if scale != 1.0:
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are refused just below
             values *= scale
