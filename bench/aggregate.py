@@ -17,8 +17,9 @@ clock on a possibly shared machine, so compare figures of one run, not across ru
 * Ours, as a server receives updates: one at a time. Each is generated, encoded as the
   dense32 wire blob a device would send (``fedlib.compression.encode``), then decoded
   (``fedlib.compression.decode``: the untrusted-blob parser, which builds the
-  :class:`DecodedDelta`, dense, ``indices=None``) and added with its sample count as
-  weight; the blob is dropped before the next one. Timed: decode + ``add`` for every
+  :class:`DecodedDelta`, dense, ``indices=None``, and its norm) and added with its
+  sample count as weight; the blob is dropped before the next one. BLAS is held to one
+  thread, as in a round's ``aggregate_objects``. Timed: decode + ``add`` for every
   update, and the final ``mean_delta``. Generation and encoding (the device's side)
   are not timed.
 * Ours as deployed (``ours_topk_*``, an extra contender, not in ``speed_ratio``): the
@@ -90,7 +91,12 @@ def worker_ours(
     ``topk``: send each update as our devices do (top-k, 16-bit) instead of dense32.
     """
     from fedlib import compression
-    from fedlib.aggregation import AggregationConfig, StreamingAggregator, staleness_weight
+    from fedlib.aggregation import (
+        AggregationConfig,
+        StreamingAggregator,
+        single_threaded_blas,
+        staleness_weight,
+    )
 
     config = AggregationConfig()
     if topk is None:
@@ -101,6 +107,8 @@ def worker_ours(
     agg = StreamingAggregator(dim, config)
     decode_s = add_s = 0.0
     cpu = 0.0
+    blas = single_threaded_blas()  # as a round's aggregate_objects judges updates
+    blas.__enter__()
     for i in range(updates):
         delta32, num_samples = make_update(seed, i, dim)
         blob = compression.encode(delta32, cfg)  # the device's side: not timed
@@ -118,6 +126,7 @@ def worker_ours(
     mean = agg.mean_delta()
     mean_s = time.perf_counter() - t0
     cpu += time.process_time() - c0
+    blas.__exit__(None, None, None)
     peak = peak_rss_mb()
     np.save(out, mean)
     return {

@@ -21,6 +21,7 @@ from fedlib.aggregation import (
     dp_project,
     new_aggregator,
     server_step,
+    single_threaded_blas,
     staleness_weight,
 )
 from fedlib.errors import RejectedUpdate
@@ -132,43 +133,44 @@ def aggregate_objects(
     seen = seen_update_ids if seen_update_ids is not None else set()
     agg = new_aggregator(inputs.base.metadata.num_params, inputs.aggregation)
     verdicts: list[Verdict] = []
-    for key, blob in objects:
-        digest = hashlib.sha256(blob).hexdigest()
-        common = {"key": key, "sha256": digest, "size": len(blob)}
-        try:
-            update = open_and_validate(key, blob, inputs)
-            uid = update.header.update_id
-            if uid in seen:
-                raise RejectedUpdate("replay", f"update {uid} was already processed")
-            delta, weight = update.delta, update.weight
-            if inputs.aggregation.dp_mode != "off":  # a plain sum of bounded deltas
-                delta, weight = dp_project(delta, inputs.aggregation), 1.0
-            if inputs.aggregation.robust == "fltrust":
-                if inputs.reference is None:
-                    raise ValueError("fltrust aggregation needs RoundInputs.reference")
-                delta, trust = robust.trusted(delta, inputs.reference)
-                weight *= trust
-                if weight < MIN_WEIGHT:
-                    raise RejectedUpdate("distrusted", f"trust {trust:.2g} leaves no weight")
-            units = agg.add(delta, weight)
-        except RejectedUpdate as exc:
-            verdict = Verdict(**common, accepted=False, reason=exc.reason, detail=exc.detail)
-        else:
-            seen.add(uid)
-            verdict = Verdict(
-                **common,
-                accepted=True,
-                client_id=update.header.client_id,
-                update_id=uid,
-                base_version=update.header.base_version,
-                num_samples=update.meta.num_samples,
-                weight_units=units,
-                norm=update.delta.l2_norm(),
-                unclipped=_unclipped_bit(update.meta, inputs.aggregation),
-            )
-        verdicts.append(verdict)
-        if on_verdict is not None:
-            on_verdict(verdict)
+    with single_threaded_blas():  # a norm per update: one BLAS call each
+        for key, blob in objects:
+            digest = hashlib.sha256(blob).hexdigest()
+            common = {"key": key, "sha256": digest, "size": len(blob)}
+            try:
+                update = open_and_validate(key, blob, inputs)
+                uid = update.header.update_id
+                if uid in seen:
+                    raise RejectedUpdate("replay", f"update {uid} was already processed")
+                delta, weight = update.delta, update.weight
+                if inputs.aggregation.dp_mode != "off":  # a plain sum of bounded deltas
+                    delta, weight = dp_project(delta, inputs.aggregation), 1.0
+                if inputs.aggregation.robust == "fltrust":
+                    if inputs.reference is None:
+                        raise ValueError("fltrust aggregation needs RoundInputs.reference")
+                    delta, trust = robust.trusted(delta, inputs.reference)
+                    weight *= trust
+                    if weight < MIN_WEIGHT:
+                        raise RejectedUpdate("distrusted", f"trust {trust:.2g} leaves no weight")
+                units = agg.add(delta, weight)
+            except RejectedUpdate as exc:
+                verdict = Verdict(**common, accepted=False, reason=exc.reason, detail=exc.detail)
+            else:
+                seen.add(uid)
+                verdict = Verdict(
+                    **common,
+                    accepted=True,
+                    client_id=update.header.client_id,
+                    update_id=uid,
+                    base_version=update.header.base_version,
+                    num_samples=update.meta.num_samples,
+                    weight_units=units,
+                    norm=update.delta.l2_norm(),
+                    unclipped=_unclipped_bit(update.meta, inputs.aggregation),
+                )
+            verdicts.append(verdict)
+            if on_verdict is not None:
+                on_verdict(verdict)
     return agg, verdicts
 
 

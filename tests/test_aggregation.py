@@ -366,7 +366,7 @@ def test_nesterov_momentum_beats_averaging_and_heavy_ball_under_topk(seed: int) 
 
 def test_rounding_matches_numpy_rint_ties_and_limits_included() -> None:
     """add() rounds with a float constant, not np.rint: the same integers, half to even."""
-    from fedlib.aggregation import _rounded
+    from fedlib.aggregation import _ROUNDER_BITS, _offset_rounded
 
     rng = np.random.default_rng(7)
     values = np.concatenate(
@@ -376,5 +376,37 @@ def test_rounding_matches_numpy_rint_ties_and_limits_included() -> None:
         wide = values.astype(np.float64) * scale
         keep = np.abs(wide) <= 2.0**51  # the grid keeps every contribution in this range
         expected = np.rint(wide[keep]).astype(np.int64)
-        got = _rounded(values[keep], np.float64(scale), np.empty(int(keep.sum())))
-        assert np.array_equal(got, expected)
+        got = _offset_rounded(values[keep], np.float64(scale), np.empty(int(keep.sum())))
+        assert np.array_equal(got - _ROUNDER_BITS, expected)
+
+
+def test_exact_integer_sum_across_carries_with_dense_and_sparse_updates() -> None:
+    """Dense adds carry their rounding offset in the low words until the next carry; the
+    totals still equal the exact sum of rint(w * delta * 2**G), crossing many carries."""
+    from fedlib.aggregation import WEIGHT_FRACTION_BITS
+
+    dim = 64
+    cfg = AggregationConfig(norm_bound=1.0, max_sample_weight=1 << 16)
+    rng = np.random.default_rng(11)
+    agg = StreamingAggregator(dim, cfg)
+    expected = [0] * dim
+    for i in range(1500):  # ~3 carries' worth of adds
+        delta = rng.normal(size=dim)
+        delta *= rng.uniform(0.5, 0.999) / np.linalg.norm(delta)  # near the norm bound
+        mode = "topk16" if i % 3 == 0 else "dense64"
+        decoded = compression.decode(
+            compression.encode(delta, compression.CompressionConfig(mode, topk_fraction=0.25)),
+            expected_dim=dim,
+        )
+        units = agg.add(decoded, float(rng.integers(1, 1 << 16)))
+        scale = np.float64(2.0 ** (cfg.grid_bits - WEIGHT_FRACTION_BITS) * units)
+        contribution = np.rint(decoded.values * scale).astype(np.int64)
+        coords = range(dim) if decoded.indices is None else decoded.indices.tolist()
+        for coord, q in zip(coords, contribution.tolist(), strict=True):
+            expected[coord] += q
+    data = agg.to_bytes()
+    body = len(data) - 16 * dim
+    lo = np.frombuffer(data, "<i8", dim, body).tolist()
+    hi = np.frombuffer(data, "<i8", dim, body + 8 * dim).tolist()
+    assert [h * 2**32 + low for h, low in zip(hi, lo, strict=True)] == expected
+    assert max(abs(v) for v in expected) > 2**53  # past what a float64 sum holds exactly
