@@ -35,6 +35,8 @@ clock on a possibly shared machine, so compare figures of one run, not across ru
   FitRes list (receiving) is not timed. The ClientProxy slot is ``None``: Flower's
   aggregation never reads it. A real Flower server also holds each gRPC message while
   it is parsed, so Flower's RSS here is a lower bound.
+* ``speed_ratio`` is our updates/s over ``aggregate_inplace``'s (Flower's faster path);
+  ``speed_ratio_vs_aggregate`` over ``aggregate``'s.
 * Neither side's HPKE opening, signature checks or transport is included.
 * Peak RSS: each process reads its own ``VmHWM`` (``/proc/self/status``; the
   parent's ``wait4`` ``ru_maxrss`` is not used because Linux carries the parent's
@@ -254,6 +256,7 @@ def run(updates: int, dim: int, seed: int, topk: float) -> dict[str, Any]:
         "flower_aggregate_peak_rss_mb": plain["peak_rss_mb"],
         "speed_ratio": ours_rate / inplace_rate,
         "speed_ratio_topk": updates / sparse["seconds"] / inplace_rate,
+        "speed_ratio_vs_aggregate": ours_rate / (updates / plain["seconds"]),
         "memory_ratio": inplace["peak_rss_mb"] / ours["peak_rss_mb"],
         "memory_ratio_above_baseline": flower_extra / max(ours_extra, 1e-3),
         "max_abs_diff": diff(means["ours"], means["flower-inplace"]),

@@ -41,6 +41,8 @@ def test_aggregate_small(capsys):
         assert r[key] > 0, key
     rate = r["ours_updates_per_s"] / r["flower_inplace_updates_per_s"]
     assert r["speed_ratio"] == pytest.approx(rate)
+    rate = r["ours_updates_per_s"] / r["flower_aggregate_updates_per_s"]
+    assert r["speed_ratio_vs_aggregate"] == pytest.approx(rate)
     mem = r["flower_peak_rss_mb"] / r["ours_peak_rss_mb"]
     assert r["memory_ratio"] == pytest.approx(mem)
     assert r["ours_baseline_rss_mb"] <= r["ours_peak_rss_mb"]
