@@ -221,7 +221,7 @@ def _threadpools() -> ThreadpoolController:
 
 @contextmanager
 def single_threaded_blas() -> Iterator[None]:
-    """BLAS limited to one thread in this process for the duration (threadpoolctl).
+    """BLAS limited to one thread for the duration, process-wide (threadpoolctl).
 
     Rounds judge updates inside it: a delta's norm is one BLAS ddot (10 us per 100k
     params; einsum takes 26), too small for BLAS threads to pay off, whose spinning

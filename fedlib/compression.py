@@ -308,7 +308,8 @@ def _l2_norm(values: np.ndarray) -> float:
         norm == 0.0 and values.any()  # squares of subnormals underflow
     ):
         m = float(np.max(np.abs(values)))
-        norm = m * math.sqrt(float(np.dot(values / m, values / m)))
+        unit = values / m
+        norm = m * math.sqrt(float(np.dot(unit, unit)))
     return norm
 
 
