@@ -109,26 +109,24 @@ def worker_ours(
     agg = StreamingAggregator(dim, config)
     decode_s = add_s = 0.0
     cpu = 0.0
-    blas = single_threaded_blas()  # as a round's aggregate_objects judges updates
-    blas.__enter__()
-    for i in range(updates):
-        delta32, num_samples = make_update(seed, i, dim)
-        blob = compression.encode(delta32, cfg)  # the device's side: not timed
-        del delta32
+    with single_threaded_blas():  # as a round's aggregate_objects judges updates
+        for i in range(updates):
+            delta32, num_samples = make_update(seed, i, dim)
+            blob = compression.encode(delta32, cfg)  # the device's side: not timed
+            del delta32
+            c0, t0 = time.process_time(), time.perf_counter()
+            decoded = compression.decode(blob, expected_dim=dim)
+            t1 = time.perf_counter()
+            agg.add(decoded, staleness_weight(num_samples, 0, config))
+            t2 = time.perf_counter()
+            cpu += time.process_time() - c0
+            decode_s += t1 - t0
+            add_s += t2 - t1
+            del blob, decoded
         c0, t0 = time.process_time(), time.perf_counter()
-        decoded = compression.decode(blob, expected_dim=dim)
-        t1 = time.perf_counter()
-        agg.add(decoded, staleness_weight(num_samples, 0, config))
-        t2 = time.perf_counter()
+        mean = agg.mean_delta()
+        mean_s = time.perf_counter() - t0
         cpu += time.process_time() - c0
-        decode_s += t1 - t0
-        add_s += t2 - t1
-        del blob, decoded
-    c0, t0 = time.process_time(), time.perf_counter()
-    mean = agg.mean_delta()
-    mean_s = time.perf_counter() - t0
-    cpu += time.process_time() - c0
-    blas.__exit__(None, None, None)
     peak = peak_rss_mb()
     np.save(out, mean)
     return {

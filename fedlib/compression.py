@@ -292,12 +292,10 @@ def decode(blob: bytes, *, expected_dim: int, max_dim: int = 50_000_000) -> Deco
     if scale != 1.0:
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are refused just below
             values *= scale
-    norm = _l2_norm(values)  # one pass: not finite iff a value is not (see _l2_norm)
-    if not math.isfinite(norm):
-        raise RejectedUpdate("non_finite", "values contain NaN or infinity")
     values.flags.writeable = False
     delta = DecodedDelta(dim=dim, indices=indices, values=values)
-    delta.__dict__["_l2_norm"] = norm
+    if not math.isfinite(delta.l2_norm()):  # one pass, kept: not finite iff a value is not
+        raise RejectedUpdate("non_finite", "values contain NaN or infinity")
     return delta
 
 
