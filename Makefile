@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	# Flower, the baseline of bench.aggregate/bench.wire, pins fastapi/protobuf against
 	# Airflow 3.3 (see pyproject.toml): only its numpy code is used, so no deps.
 	$(BIN)/pip install --quiet --no-deps "flwr==1.42.0" "pycryptodome>=3.18,<4" "iterators==0.0.2"
-	# dp-accounting (fedlib.privacy's accountant) pins attrs<24, Airflow needs >=24.2; it
+	# dp-accounting (fedlib.server.privacy's accountant) pins attrs<24, Airflow needs >=24.2; it
 	# runs on the newer attrs, so without deps (its other deps are in the server extra).
 	$(BIN)/pip install --quiet --no-deps "dp-accounting==0.6.0"
 	touch $(STAMP)
@@ -35,13 +35,14 @@ browser:
 	  exit 1; \
 	fi
 
-test: $(STAMP) browser
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+test: $(STAMP) browser lint
 	$(BIN)/pytest
 
+# ruff, then the layer contracts of fedlib (import-linter, [tool.importlinter] in pyproject.toml).
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 demo: $(STAMP)
 	$(BIN)/python -m scripts.demo start

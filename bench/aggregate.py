@@ -15,8 +15,8 @@ clock on a possibly shared machine, so compare figures of one run, not across ru
   default norm bound of 10) and a sample count in [10, 5000), its FedAvg weight. Both
   contenders get bit-identical updates and weights.
 * Ours, as a server receives updates: one at a time. Each is generated, encoded as the
-  dense32 wire blob a device would send (``fedlib.compression.encode``), then decoded
-  (``fedlib.compression.decode``: the untrusted-blob parser, which builds the
+  dense32 wire blob a device would send (``fedlib.wire.compression.encode``), then decoded
+  (``fedlib.wire.compression.decode``: the untrusted-blob parser, which builds the
   :class:`DecodedDelta`, dense, ``indices=None``, and its norm) and added with its
   sample count as weight; the blob is dropped before the next one. BLAS is held to one
   thread, as in a round's ``aggregate_objects``. Timed: decode + ``add`` for every
@@ -92,13 +92,13 @@ def worker_ours(
 
     ``topk``: send each update as our devices do (top-k, 16-bit) instead of dense32.
     """
-    from fedlib import compression
-    from fedlib.aggregation import (
+    from fedlib.server.aggregation import (
         AggregationConfig,
         StreamingAggregator,
         single_threaded_blas,
         staleness_weight,
     )
+    from fedlib.wire import compression
 
     config = AggregationConfig()
     if topk is None:
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
         return 0
     if args.topk is None:
-        from fedlib.protocol import TrainingConfig  # not in the workers: keeps Flower's RSS clean
+        from fedlib.wire.protocol import TrainingConfig
 
         args.topk = TrainingConfig().topk_fraction
     if not 0 < args.topk <= 1:

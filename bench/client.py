@@ -27,9 +27,9 @@ Measured, each in its own fresh process:
   (interpreter and imports), ``setup`` (config, key, state folders), ``pull`` (TUF
   refresh, download, package verification, install), ``verify`` (re-verify the installed
   package before use), ``features`` (read the feature files), ``train`` (local training
-  from the global weights: ``fedlib.training.local_delta``), ``compress`` (top-k, 16-bit,
+  from the global weights: ``fedlib.models.training.local_delta``), ``compress`` (top-k, 16-bit,
   error feedback: ``compress_with_feedback``), ``seal`` (HPKE sealing and the Ed25519
-  signature: ``crypto.seal_update``), ``frame`` (the rest of ``make_update``: residual,
+  signature: ``sealing.seal_update``), ``frame`` (the rest of ``make_update``: residual,
   clipping, payload framing; its ``peak_rss_mb`` is that of ``make_update`` as a
   whole), ``spool`` (durable spool write, residual, state) and ``upload`` (write-once
   PUT to the inbox). Each phase's ``peak_rss_mb`` is the process's peak *during* that
@@ -194,10 +194,12 @@ def phases_worker(config_path: Path) -> dict[str, Any]:
     rec = PhaseRecorder()
     with rec.phase("imports"):
         import client.agent as agent
+        import client.update as update
         from client.config import ClientConfig
         from client.spool import Spool
-        from fedlib import compression, crypto, training
-        from fedlib.store import open_store
+        from fedlib.crypto import sealing
+        from fedlib.storage.store import open_store
+        from fedlib.wire import compression
     imports = rec.phases.pop("imports")
     startup["wall_s"] = max(startup["wall_s"], 0.0) + imports["wall_s"]
     startup["cpu_s"] += imports["cpu_s"]
@@ -207,9 +209,9 @@ def phases_worker(config_path: Path) -> dict[str, Any]:
     undo = [
         rec.wrap(agent, "load_features", "features"),
         rec.wrap(agent, "make_update", "make_update"),
-        rec.wrap(training, "local_delta", "train"),
+        rec.wrap(update, "local_delta", "train"),
         rec.wrap(compression, "compress_with_feedback", "compress"),
-        rec.wrap(crypto, "seal_update", "seal"),
+        rec.wrap(sealing, "seal_update", "seal"),
     ]
     try:
         with rec.phase("setup"):
@@ -217,7 +219,7 @@ def phases_worker(config_path: Path) -> dict[str, Any]:
             report = agent.CycleReport(client_id=config.client_id)
             state = config.state_dir
             state.mkdir(parents=True, exist_ok=True)
-            key = crypto.load_signing_key(config.signing_key_path)
+            key = sealing.load_signing_key(config.signing_key_path)
             installed = agent.InstalledModels(state / "models")
             spool = Spool(state / "spool")
         with rec.phase("pull"):
@@ -306,9 +308,9 @@ def build_deployment(s3: Any, workdir: Path, data: Any) -> Any:
     """What ``fl-admin init`` sets up: keys, buckets, channel, holdout, signed version 1."""
     import uuid
 
-    from fedlib.admin import initial_package
-    from fedlib.server import Deployment, Holdout
-    from fedlib.settings import ServerSettings
+    from fedlib.ops.admin import initial_package
+    from fedlib.server.deployment import Deployment, Holdout
+    from fedlib.server.settings import ServerSettings
 
     tag = uuid.uuid4().hex[:10]
     dep = Deployment(
@@ -334,16 +336,16 @@ def enroll_device(
     dep: Any, workdir: Path, client_id: str, rows: np.ndarray, device_keys: str
 ) -> Path:
     """What ``fl-client keygen`` + ``fl-admin enroll`` do; returns the client.json path."""
-    from fedlib import crypto
-    from fedlib.admin import client_config_document, issuer
+    from fedlib.crypto import sealing
+    from fedlib.ops.admin import client_config_document, issuer
 
     home = workdir / client_id
     (home / "features").mkdir(parents=True)
     np.save(home / "features" / "part-000.npy", rows)
-    key = crypto.generate_signing_key()
-    crypto.write_private_key(home / "state" / "client_key.pem", key)
+    key = sealing.generate_signing_key()
+    sealing.write_private_key(home / "state" / "client_key.pem", key)
     fleet = dep.load_fleet()
-    fleet.enroll(client_id, crypto.public_pem(key))
+    fleet.enroll(client_id, sealing.public_pem(key))
     dep.save_fleet(fleet)
     if device_keys == "iam":
         creds = issuer(dep).issue(
@@ -435,17 +437,17 @@ def run_phases(config_path: Path) -> dict[str, Any]:
 
 def count_opened(dep: Any) -> int:
     """How many inbox envelopes the server can verify and open (both should)."""
-    from fedlib import crypto
+    from fedlib.crypto import sealing
 
     fleet, ring = dep.load_fleet(), dep.server_keyring()
     items = list(dep.inbox.list("updates/"))
     for item in items:
-        crypto.open_update(dep.inbox.get(item.key), fleet, ring)
+        sealing.open_update(dep.inbox.get(item.key), fleet, ring)
     return len(items)
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from fedlib.store import S3Config
+    from fedlib.storage.store import S3Config
 
     rows, data = load_rows(args.rows, args.dataset, args.seed)
     server = None
@@ -456,7 +458,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             secret_key=args.s3_secret_key,
         )
     else:
-        from fedlib.seaweed import SeaweedServer
+        from scripts.seaweed import SeaweedServer
 
         server = SeaweedServer(workdir / "s3", die_with_parent=True).start()
         s3 = server.s3_config()

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from fedlib import compression, crypto, protocol
+from fedlib.crypto import sealing
+from fedlib.wire import compression, protocol
 
 
 def enroll_fleet(deployment: Any, count: int, prefix: str) -> list[tuple[str, Any]]:
@@ -20,9 +21,9 @@ def enroll_fleet(deployment: Any, count: int, prefix: str) -> list[tuple[str, An
     fleet = deployment.load_fleet()
     clients = []
     for i in range(count):
-        key = crypto.generate_signing_key()
+        key = sealing.generate_signing_key()
         client_id = f"{prefix}-{i:05d}"
-        fleet.enroll(client_id, crypto.public_pem(key))
+        fleet.enroll(client_id, sealing.public_pem(key))
         clients.append((client_id, key))
     deployment.save_fleet(fleet)
     return clients
@@ -64,7 +65,7 @@ def upload_crafted(
         delta = np.zeros(dim)
         delta[rng.choice(dim, size=k, replace=False)] = rng.normal(0.0, delta_std, size=k)
         client_id, key = clients[i % len(clients)]
-        header, envelope = crypto.seal_update(
+        header, envelope = sealing.seal_update(
             client_id=client_id,
             client_key=key,
             server_public_key=server_public,

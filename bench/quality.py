@@ -6,9 +6,9 @@
         [--paired dense32] [--dp-epsilon E [--dp-delta 1e-5] [--dp-clip C] [--dp-adaptive]]
 
 Runs the real protocol path in-process: each client trains from the verified global
-package (``fedlib.training.make_update``: local epochs, clipping, top-k + 16-bit with
+package (``client.update.make_update``: local epochs, clipping, top-k + 16-bit with
 error feedback, HPKE sealing, Ed25519 signing); the server opens, verifies, validates
-and aggregates them (``fedlib.rounds``), builds the candidate and exports ONNX; the
+and aggregates them (``fedlib.server.rounds``), builds the candidate and exports ONNX; the
 final model is scored by onnxruntime on the labeled holdout. Baselines on the same
 rows: the same kind trained centrally on the pooled client rows, each client alone
 (``local_only_auc``, mean over clients), a centralized IsolationForest, and the
@@ -21,7 +21,7 @@ what compression costs. Other differences are per seed as well: ``auc_minus_cent
 ``auc_minus_no_training``; ``bytes_ratio`` is the whole sealed envelope over the dense
 float32 size of the delta.
 
-Personalization on the device (:mod:`fedlib.personalization`): every device calibrates
+Personalization on the device (:mod:`client.calibration`): every device calibrates
 the final global model on its own training rows. ``personalized_auc`` is the mean over
 clients of the calibrated score's AUC on the client's own holdout (``holdout_X_<id>``),
 next to the global model on the same rows (``global_client_auc``; per-device flags:
@@ -33,9 +33,9 @@ Defaults are per kind: exact kinds (``sufficient_statistics``) run one dense64 r
 with plain sample-count weights and a norm bound of 1e4 (their deltas are whole moment
 matrices, far above the 10 that bounds an iterative model's step); iterative kinds run
 FedAvgM with Nesterov momentum and rows-per-local-step weights (see
-:func:`fedlib.aggregation.staleness_weight`).
+:func:`fedlib.server.aggregation.staleness_weight`).
 
-``--dp-epsilon E`` trains with central differential privacy (:mod:`fedlib.privacy`)
+``--dp-epsilon E`` trains with central differential privacy (:mod:`fedlib.server.privacy`)
 exactly as a deployment with ``dp_mode = "central"`` and ``dp_target_epsilon = E`` over
 ``dp_rounds = --rounds`` would: the accountant calibrates the noise multiplier, devices
 clip at C (``--dp-clip``, ``--dp-adaptive``) and report the clipping bit, the server
@@ -66,17 +66,18 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from bench.make_dataset import Dataset, load_dataset
-from fedlib import compression, crypto, protocol
-from fedlib.aggregation import AggregationConfig
-from fedlib.evaluation import evaluate_onnx, gate
-from fedlib.fleet import Fleet
-from fedlib.model import KINDS, FeatureSchema, create_model, feature_moments, onnx_score
-from fedlib.personalization import CalibrationError, DeviceCalibration, fit_calibration
-from fedlib.privacy import Accountant, PrivacyConfig, noise_rng, spend_summary
-from fedlib.protocol import DpTraining
-from fedlib.registry import ModelPackage
-from fedlib.robust import reference_delta
-from fedlib.rounds import (
+from client.calibration import CalibrationError, DeviceCalibration, fit_calibration
+from client.update import make_update, seal_delta
+from fedlib.crypto import sealing
+from fedlib.models.evaluation import evaluate_onnx, gate
+from fedlib.models.model import KINDS, FeatureSchema, create_model, feature_moments, onnx_score
+from fedlib.models.package import ModelPackage
+from fedlib.models.training import local_delta
+from fedlib.server.aggregation import AggregationConfig
+from fedlib.server.fleet import Fleet
+from fedlib.server.privacy import Accountant, PrivacyConfig, noise_rng, spend_summary
+from fedlib.server.robust import reference_delta
+from fedlib.server.rounds import (
     DpRound,
     RoundInputs,
     aggregate_objects,
@@ -84,8 +85,9 @@ from fedlib.rounds import (
     package_model,
     unclipped_counts,
 )
-from fedlib.settings import ServerSettings
-from fedlib.training import local_delta, make_update, seal_delta
+from fedlib.server.settings import ServerSettings
+from fedlib.wire import compression, protocol
+from fedlib.wire.protocol import DpTraining
 
 DEFAULTS = ServerSettings()
 """The deployment defaults: the bench measures what a default deployment would run."""
@@ -110,12 +112,12 @@ class QualityConfig:
     server_nesterov: bool = True
     step_weighting: bool = True  # rows per local step (FedNova-style); off = rows
     paired: str | None = None  # a second compression mode to train side by side
-    robust: str = "none"  # fedlib.robust statistic instead of the mean
+    robust: str = "none"  # fedlib.server.robust statistic instead of the mean
     trim_fraction: float = 0.2
     attack: str = "none"  # what malicious clients send: see ATTACKS
     malicious_fraction: float = 0.0
     gate: bool = False  # publish a round only if the server's holdout gate passes
-    #: Central DP (fedlib.privacy): the epsilon the noise is calibrated to spend over
+    #: Central DP (fedlib.server.privacy): the epsilon the noise is calibrated to spend over
     #: ``rounds`` rounds at ``dp_delta``; None = off. Clip norm C, adaptive clipping.
     dp_epsilon: float | None = None
     dp_delta: float = 1e-5
@@ -194,14 +196,14 @@ def run_federated(
     data: Dataset, ids: list[str], schema: FeatureSchema, cfg: QualityConfig, seed: int
 ) -> dict[str, float]:
     rng = np.random.default_rng(seed)
-    server_key = crypto.generate_encryption_key()
-    ring = crypto.ServerKeyring()
+    server_key = sealing.generate_encryption_key()
+    ring = sealing.ServerKeyring()
     ring.add(server_key)
     fleet = Fleet()
     keys = {}
     for cid in ids:
-        keys[cid] = crypto.generate_signing_key()
-        fleet.enroll(cid, crypto.public_pem(keys[cid]))
+        keys[cid] = sealing.generate_signing_key()
+        fleet.enroll(cid, sealing.public_pem(keys[cid]))
     exact = KINDS[cfg.kind].sufficient_statistics
     training = DEFAULTS.training(cfg.kind).model_copy(
         update={
@@ -299,7 +301,7 @@ def run_federated(
             created_at_ms=0,
             dp=dp_round,
         )
-        if cfg.gate:  # the server's gate (fedlib.round_runner.gate) on the same holdout
+        if cfg.gate:  # the server's gate (fedlib.server.round_runner.gate) on the same holdout
             scored = evaluate_onnx(candidate.onnx_bytes, data.holdout_X, data.holdout_y)
             ok, _ = gate(scored, active, tolerance=DEFAULTS.auc_tolerance, floor=DEFAULTS.auc_floor)
             if not ok:

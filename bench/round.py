@@ -8,14 +8,14 @@ Why: issue 6 asks how close the server's open/verify/validate/aggregate pipeline
 the speed at which it can merely read its inbox, and whether its memory stays flat as
 the number of updates grows (it must: one shard's envelopes at most are held).
 
-Set-up (not measured): a local SeaweedFS (``fedlib.seaweed``, on this machine's cores),
+Set-up (not measured): a local SeaweedFS (``scripts.seaweed``, on this machine's cores),
 a deployment as ``fl-admin init`` makes it, but with an autoencoder whose hidden sizes
 are picked so that its parameter count is as close to ``--params`` as the shape allows
 (``num_params`` is the exact figure), ``--clients`` enrolled Ed25519 keys, and N valid
 updates in the inbox, crafted as ``tests/security/test_load.py`` does: a random top-k
 delta (``--topk`` of the coordinates, N(0, 1e-3)) encoded with the devices' encoder
-(``fedlib.compression``, topk16), wrapped in a real payload, sealed to the server's key
-and signed (``crypto.seal_update``), PUT over 16 threads. Update ``i``'s delta is drawn
+(``fedlib.wire.compression``, topk16), wrapped in a real payload, sealed to the server's key
+and signed (``sealing.seal_update``), PUT over 16 threads. Update ``i``'s delta is drawn
 from ``default_rng([seed, i])`` and every update has the same sample count, so the
 aggregate depends on N, D, the top-k fraction and the seed only: ``result_digest`` is the
 same across runs, shard sizes and invocations.
@@ -24,7 +24,7 @@ Measured, each in its own fresh interpreter (so peak RSS is the pipeline's own):
 
 * ``pipeline``: what ``fl_round`` runs, with the same fedlib functions and settings:
   ``plan_round`` (``settings.shard_size``, ``max_updates=N``), ``process_shard`` for
-  every shard in order, ``reduce_round``; one :class:`~fedlib.server.Deployment` for
+  every shard in order, ``reduce_round``; one :class:`~fedlib.server.deployment.Deployment` for
   all steps, as ``fl-admin round`` (``run_round``) does. ``process_shard`` also keeps
   the judged bytes (one ``archive/`` pack per shard with its accepted envelopes) and writes
   the partial sum and verdicts: all of it is timed. Peak RSS is the worker's ``VmHWM``
@@ -46,7 +46,7 @@ Measured, each in its own fresh interpreter (so peak RSS is the pipeline's own):
   ~450-550/s with it). Run before and after the pipeline; the faster run counts (the
   stricter ratio).
 * ``lean_get``: the same GETs through the store's own read path, the one the pipeline
-  uses (``get_with_etag`` with the envelope size limit, ``fedlib.store._FastPath``:
+  uses (``get_with_etag`` with the envelope size limit, ``fedlib.storage.store._FastPath``:
   ~2x faster than boto3 here). The issue names "a leaner S3 read path" as a way to
   raise ``overhead_ratio``, which it can only do against the plain loop; against this
   loop the pipeline is measured too (``overhead_ratio_vs_lean_get``, the stricter
@@ -141,11 +141,11 @@ def build_deployment(s3: Any, workdir: Path, params: int, seed: int) -> tuple[An
     import uuid
 
     from bench.make_dataset import make_dataset
-    from fedlib.evaluation import evaluate_onnx
-    from fedlib.model import FeatureSchema, create_model
-    from fedlib.rounds import package_model
-    from fedlib.server import Deployment, Holdout
-    from fedlib.settings import ServerSettings
+    from fedlib.models.evaluation import evaluate_onnx
+    from fedlib.models.model import FeatureSchema, create_model
+    from fedlib.server.deployment import Deployment, Holdout
+    from fedlib.server.rounds import package_model
+    from fedlib.server.settings import ServerSettings
 
     tag = uuid.uuid4().hex[:10]
     settings = {
@@ -183,7 +183,7 @@ def build_deployment(s3: Any, workdir: Path, params: int, seed: int) -> tuple[An
 
 def clear_archive(dep: Any) -> int:
     """Delete the ``archive/`` copies of earlier runs, so the next run writes them all."""
-    from fedlib.round_runner import ARCHIVE_PREFIX
+    from fedlib.server.round_runner import ARCHIVE_PREFIX
 
     keys = [info.key for info in dep.state.list(ARCHIVE_PREFIX)]
     with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
@@ -195,9 +195,9 @@ def clear_archive(dep: Any) -> int:
 
 
 def _deployment_from(config: dict[str, Any], shard_size: int | None = None) -> Any:
-    from fedlib.server import Deployment
-    from fedlib.settings import ServerSettings
-    from fedlib.store import S3Config
+    from fedlib.server.deployment import Deployment
+    from fedlib.server.settings import ServerSettings
+    from fedlib.storage.store import S3Config
 
     settings = dict(config["settings"])
     if shard_size is not None:
@@ -207,7 +207,7 @@ def _deployment_from(config: dict[str, Any], shard_size: int | None = None) -> A
 
 def _set_concurrency(concurrency: int | None) -> int:
     """The pipeline's GETs in flight per shard (``--concurrency`` overrides the default)."""
-    from fedlib import round_runner
+    from fedlib.server import round_runner
 
     if concurrency is None:
         return int(getattr(round_runner, "SHARD_IO_CONCURRENCY", 1))
@@ -246,8 +246,8 @@ def worker_pipeline(
     config: dict[str, Any], run_id: str, updates: int, shard_size: int, concurrency: int | None
 ) -> dict[str, Any]:
     """plan_round, process_shard for every shard, reduce_round: timed, with a breakdown."""
-    from fedlib import aggregation, round_runner, rounds
-    from fedlib.store import S3Store
+    from fedlib.server import aggregation, round_runner, rounds
+    from fedlib.storage.store import S3Store
 
     concurrency = _set_concurrency(concurrency)
     timer = _Timer()
@@ -322,7 +322,7 @@ def worker_ceiling(
     with ``plain_boto3`` GET them with boto3's ``get_object`` instead (the issue's loop)."""
     import uuid
 
-    from fedlib import protocol
+    from fedlib.wire import protocol
 
     concurrency = _set_concurrency(concurrency)
     dep = _deployment_from(config)
@@ -368,14 +368,15 @@ def worker_ceiling(
 
 def crypto_floor(dep: Any, keys: list[str]) -> float:
     """CPU seconds per update of signature verification + HPKE opening alone
-    (``crypto.open_update``), one thread: work no pipeline can skip."""
-    from fedlib import crypto, protocol
+    (``sealing.open_update``), one thread: work no pipeline can skip."""
+    from fedlib.crypto import sealing
+    from fedlib.wire import protocol
 
     blobs = [dep.inbox.get(key, max_bytes=protocol.MAX_ENVELOPE_BYTES) for key in keys]
     fleet, ring = dep.load_fleet(), dep.server_keyring()
     cpu0 = time.process_time()
     for blob in blobs:
-        crypto.open_update(blob, fleet, ring)
+        sealing.open_update(blob, fleet, ring)
     return (time.process_time() - cpu0) / max(1, len(blobs))
 
 
@@ -403,7 +404,7 @@ def run_worker(kind: str, config_path: Path, extra: list[str], s3_pid: int | Non
 
 
 def _setup(args: argparse.Namespace, workdir: Path, count: int) -> tuple[Any, Any, Path, dict]:
-    from fedlib.seaweed import SeaweedServer
+    from scripts.seaweed import SeaweedServer
 
     server = SeaweedServer(workdir / "s3", die_with_parent=True).start()
     s3 = server.s3_config()
@@ -669,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
         return 0
     if args.shard_size is None:
-        from fedlib.settings import ServerSettings
+        from fedlib.server.settings import ServerSettings
 
         size = int(ServerSettings.model_fields["shard_size"].default)
         args.shard_size = [size, max(1, size // 5)]

@@ -75,7 +75,7 @@ class Group:
     """A background command in its own process group (so stopping it ends its children)."""
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
-        from fedlib.seaweed import _die_with_parent
+        from scripts.seaweed import _die_with_parent
 
         self.name = name
         self.log = log
@@ -257,8 +257,8 @@ class Airflow:
 def init_deployment(home: Path, server: Any, shard_size: int, max_batch: int) -> Any:
     """``fl-admin init`` as the demo runs it; returns the deployment and its environment."""
     from bench.make_dataset import make_dataset
-    from fedlib.server import Deployment
-    from fedlib.settings import ServerSettings
+    from fedlib.server.deployment import Deployment
+    from fedlib.server.settings import ServerSettings
 
     data = make_dataset(clients=2, windows_per_client=50, seed=0)
     holdout = home / "holdout.npz"
@@ -303,7 +303,7 @@ def init_deployment(home: Path, server: Any, shard_size: int, max_batch: int) ->
 
 def ledger_keys(deployment: Any) -> set[str]:
     """Inbox keys that have a ledger verdict (one object per key, write-once)."""
-    from fedlib.ledger import LEDGER_PREFIX
+    from fedlib.server.ledger import LEDGER_PREFIX
 
     return {
         "updates/" + info.key[len(LEDGER_PREFIX) : -len(".json")]
@@ -347,7 +347,7 @@ def measure(
     timeout: float,
 ) -> dict[str, Any]:
     """Fill the inbox, run ``fl_round`` with ``workers`` task processes, check the books."""
-    from fedlib.round_runner import REPORTS_PREFIX, safe_run_id
+    from fedlib.server.round_runner import REPORTS_PREFIX, safe_run_id
 
     before = ledger_keys(deployment)
     t0 = time.perf_counter()
@@ -405,7 +405,7 @@ def measure(
 
 
 def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
-    from fedlib.seaweed import SeaweedServer
+    from scripts.seaweed import SeaweedServer
 
     started = time.perf_counter()
     load_at_start = [round(x, 2) for x in os.getloadavg()]

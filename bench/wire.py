@@ -3,7 +3,7 @@
     python -m bench.wire --json [--params 100000] [--seed 0]
 
 Why: devices sit on slow, metered links (issue 6), so what one update costs on the wire
-is a product figure. Our side is the real device path: :func:`fedlib.training.seal_delta`
+is a product figure. Our side is the real device path: :func:`client.update.seal_delta`
 (what ``make_update`` runs after local training: clip, compress with error feedback,
 frame the payload, HPKE-seal to the server, Ed25519-sign) on one delta of ``--params``
 float64 values, at top-k 1% and 10% (16-bit values), the deployment's own top-k, and
@@ -39,11 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from fedlib import compression, crypto, protocol
-from fedlib.fleet import Fleet
-from fedlib.protocol import PackageMetadata, TrainingConfig
-from fedlib.registry import ModelPackage
-from fedlib.training import seal_delta
+from client.update import seal_delta
+from fedlib.crypto import sealing
+from fedlib.models.package import ModelPackage
+from fedlib.server.fleet import Fleet
+from fedlib.wire import compression, protocol
+from fedlib.wire.protocol import PackageMetadata, TrainingConfig
 
 GOALS = {"ratio_topk1_vs_dense32": 0.03}  # at most
 
@@ -61,9 +62,9 @@ SUITES: list[Suite] = [
     Suite(
         "mlkem768-x25519",
         protocol.SUITE_MLKEM768_X25519,
-        lambda: crypto.generate_encryption_key("mlkem768-x25519"),
+        lambda: sealing.generate_encryption_key("mlkem768-x25519"),
     ),
-    Suite("x25519", protocol.SUITE_X25519, lambda: crypto.generate_encryption_key("x25519")),
+    Suite("x25519", protocol.SUITE_X25519, lambda: sealing.generate_encryption_key("x25519")),
 ]
 
 #: (output name, compression mode, top-k fraction); ``None``: the deployment's default.
@@ -101,11 +102,11 @@ def measure_suite(suite: Suite, delta: np.ndarray, default_topk: float) -> dict[
     """Seal the delta in every mode to a fresh server key of this suite; open each back."""
     dim = int(delta.shape[0])
     server_key = suite.generate_server_key()
-    ring = crypto.ServerKeyring()
+    ring = sealing.ServerKeyring()
     ring.add(server_key)
-    client_key = crypto.generate_signing_key()
+    client_key = sealing.generate_signing_key()
     fleet = Fleet()
-    fleet.enroll("bench-device", crypto.public_pem(client_key))
+    fleet.enroll("bench-device", sealing.public_pem(client_key))
     out: dict[str, Any] = {"hpke": suite.hpke}
     roundtrip_ok = True
     for name, mode, fraction in MODES:
@@ -119,7 +120,7 @@ def measure_suite(suite: Suite, delta: np.ndarray, default_topk: float) -> dict[
             server_public_key=server_key.public_key(),
             residual=None,
         )
-        opened = crypto.open_update(update.envelope, fleet, ring)
+        opened = sealing.open_update(update.envelope, fleet, ring)
         meta, blob = protocol.decode_payload(opened.payload)
         decoded = compression.decode(blob, expected_dim=dim)
         roundtrip_ok &= meta.compression == mode and decoded.dim == dim
@@ -135,17 +136,17 @@ def crypto_times(payload_bytes: int, repeats: int) -> dict[str, dict[str, float]
     """Microseconds to seal (HPKE + Ed25519 sign) and to open (verify + HPKE) one
     envelope of ``payload_bytes``, per suite; runs interleaved, medians reported."""
     payload = bytes(payload_bytes)
-    client_key = crypto.generate_signing_key()
+    client_key = sealing.generate_signing_key()
     fleet = Fleet()
-    fleet.enroll("bench-device", crypto.public_pem(client_key))
+    fleet.enroll("bench-device", sealing.public_pem(client_key))
     keys = {s.name: s.generate_server_key() for s in SUITES}
-    rings = {name: crypto.ServerKeyring({"k": key}) for name, key in keys.items()}
+    rings = {name: sealing.ServerKeyring({"k": key}) for name, key in keys.items()}
     seal_us: dict[str, list[float]] = {name: [] for name in keys}
     open_us: dict[str, list[float]] = {name: [] for name in keys}
     for _ in range(repeats):
         for name, key in keys.items():
             t0 = time.perf_counter()
-            _, blob = crypto.seal_update(
+            _, blob = sealing.seal_update(
                 client_id="bench-device",
                 client_key=client_key,
                 server_public_key=key.public_key(),
@@ -153,7 +154,7 @@ def crypto_times(payload_bytes: int, repeats: int) -> dict[str, dict[str, float]
                 payload=payload,
             )
             t1 = time.perf_counter()
-            crypto.open_update(blob, fleet, rings[name])
+            sealing.open_update(blob, fleet, rings[name])
             t2 = time.perf_counter()
             seal_us[name].append((t1 - t0) * 1e6)
             open_us[name].append((t2 - t1) * 1e6)

@@ -18,18 +18,20 @@ from typing import Any
 
 import numpy as np
 
+from client.calibration import CalibrationError, DeviceCalibration, fit_calibration
 from client.config import ClientConfig
 from client.features import FeatureError, load_feature_file, load_features
 from client.spool import Spool, UploadReport
-from fedlib import crypto
-from fedlib.channel import ChannelClient
+from client.update import LocalUpdate, make_update
+from fedlib.crypto import sealing
 from fedlib.errors import StoreError, VerificationError
-from fedlib.model import FeatureSchema, onnx_score
-from fedlib.personalization import CalibrationError, DeviceCalibration, fit_calibration
-from fedlib.registry import ModelPackage, verify_package_files
-from fedlib.rotation import DEVICE_CONFIG_TARGET, DeviceConfig, refuses_downgrade
-from fedlib.store import atomic_write, open_store
-from fedlib.training import LocalUpdate, make_update
+from fedlib.files import atomic_write
+from fedlib.models.model import FeatureSchema, onnx_score
+from fedlib.models.package import ModelPackage
+from fedlib.storage.store import open_store
+from fedlib.trust.channel_client import ChannelClient
+from fedlib.trust.device_config import DEVICE_CONFIG_TARGET, DeviceConfig, refuses_downgrade
+from fedlib.trust.package import verify_package_files
 
 log = logging.getLogger("fl-client")
 
@@ -209,7 +211,7 @@ def pull_model(
 def train_update(
     config: ClientConfig,
     package: ModelPackage,
-    key: crypto.ed25519.Ed25519PrivateKey,
+    key: sealing.ed25519.Ed25519PrivateKey,
     report: CycleReport,
 ) -> tuple[LocalUpdate, ResidualStore] | None:
     """Train from the package's weights on local rows; return the sealed update."""
@@ -222,7 +224,7 @@ def train_update(
             f"only {rows.shape[0]} feature rows (< {meta.training.min_rows}): not training"
         )
         return None
-    if config.require_post_quantum and config.server_suite() not in crypto.POST_QUANTUM_SUITES:
+    if config.require_post_quantum and config.server_suite() not in sealing.POST_QUANTUM_SUITES:
         report.ok = False
         report.messages.append(
             "refusing to seal: this device requires post-quantum sealing but holds a "
@@ -294,7 +296,7 @@ def load_calibration(config: ClientConfig) -> DeviceCalibration | None:
 def refresh_calibration(
     config: ClientConfig, installed: InstalledModels, report: CycleReport
 ) -> None:
-    """Refit the on-device calibration (fedlib.personalization) of the installed model on
+    """Refit the on-device calibration (client.calibration) of the installed model on
     the local rows when the model, the feature files or the settings changed.
 
     It stays in ``state_dir``: nothing of it is uploaded. A failure leaves a message and
@@ -409,7 +411,7 @@ def run_cycle(config: ClientConfig) -> CycleReport:
     report = CycleReport(client_id=config.client_id)
     state = config.state_dir
     state.mkdir(parents=True, exist_ok=True)
-    key = crypto.load_signing_key(config.signing_key_path)
+    key = sealing.load_signing_key(config.signing_key_path)
     installed = InstalledModels(state / "models")
     spool = Spool(state / "spool")
 
@@ -461,9 +463,9 @@ def run_cycle(config: ClientConfig) -> CycleReport:
     return report
 
 
-def verify_bundle_file(config: ClientConfig, path: Path):  # -> fedlib.airgap.VerifiedBundle
+def verify_bundle_file(config: ClientConfig, path: Path):  # -> fedlib.trust.airgap.VerifiedBundle
     """Check an air-gap bundle offline against this device's pinned root and key."""
-    from fedlib.airgap import verify_bundle
+    from fedlib.trust.airgap import verify_bundle
 
     installed = InstalledModels(config.state_dir / "models").current_version()
     work = config.state_dir / "bundle-work"

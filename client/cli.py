@@ -25,7 +25,7 @@ from client.agent import (
 )
 from client.config import ClientConfig
 from client.features import FeatureError
-from fedlib import crypto
+from fedlib.crypto import sealing
 from fedlib.errors import VerificationError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -43,13 +43,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         print(f"{out} exists; pass --force to replace it", file=sys.stderr)
         return EXIT_USAGE
-    key = crypto.generate_signing_key()
-    crypto.write_private_key(out, key)
+    key = sealing.generate_signing_key()
+    sealing.write_private_key(out, key)
     pub = out.with_name(out.name.removesuffix(".pem") + ".pub.pem")
-    pub.write_bytes(crypto.public_pem(key))
+    pub.write_bytes(sealing.public_pem(key))
     print(f"private key: {out} (keep it on this device)")
     print(f"public key:  {pub} (give it to the operator: fl-admin enroll)")
-    print(f"key id:      {crypto.key_id(key)}")
+    print(f"key id:      {sealing.key_id(key)}")
     return EXIT_OK
 
 
@@ -64,23 +64,23 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
         if nxt.exists():
             print(f"{nxt} exists already; enroll it, then run rotate-key --activate")
             return EXIT_OK
-        key = crypto.generate_signing_key()
-        crypto.write_private_key(nxt, key)
+        key = sealing.generate_signing_key()
+        sealing.write_private_key(nxt, key)
         pub = nxt.with_name(nxt.name.removesuffix(".pem") + ".pub.pem")
-        pub.write_bytes(crypto.public_pem(key))
-        print(f"next key {crypto.key_id(key)} in {nxt}; give {pub} to the operator:")
+        pub.write_bytes(sealing.public_pem(key))
+        print(f"next key {sealing.key_id(key)} in {nxt}; give {pub} to the operator:")
         print(f"  fl-admin add-device-key --client-id {config.client_id} --public-key {pub.name}")
         print("then run: fl-client rotate-key --activate")
         return EXIT_OK
     if not nxt.exists():
         print(f"no next key at {nxt}: run rotate-key first", file=sys.stderr)
         return EXIT_USAGE
-    old = crypto.load_signing_key(current)
-    old_id = crypto.key_id(old)
+    old = sealing.load_signing_key(current)
+    old_id = sealing.key_id(old)
     retired = current.with_name(current.name.removesuffix(".pem") + f".retired-{old_id[:16]}.pem")
     os.replace(current, retired)  # kept until the operator revokes it, then delete it
     os.replace(nxt, current)
-    print(f"signing with key {crypto.key_id(crypto.load_signing_key(current))} from now on")
+    print(f"signing with key {sealing.key_id(sealing.load_signing_key(current))} from now on")
     print("once `fl-client status` shows no pending updates, the operator revokes the old one:")
     print(f"  fl-admin revoke {config.client_id} --key-id {old_id}")
     return EXIT_OK

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedlib import crypto, pq_signing
-from fedlib.personalization import CalibrationConfig
-from fedlib.protocol import ClientId
-from fedlib.rotation import DeviceConfig
-from fedlib.store import S3Config
+from client.calibration import CalibrationConfig
+from fedlib.crypto import pq_signing, sealing
+from fedlib.storage.store import S3Config
+from fedlib.trust.device_config import DeviceConfig
+from fedlib.wire.protocol import ClientId
 
 
 class S3Settings(BaseModel):
@@ -38,7 +38,7 @@ class S3Settings(BaseModel):
 
 
 class PersonalizationSettings(BaseModel):
-    """On-device calibration (fedlib.personalization); it never leaves the device."""
+    """On-device calibration (client.calibration); it never leaves the device."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -86,11 +86,11 @@ class ClientConfig(BaseModel):
     def checks_pq_package_signatures(self) -> bool:
         return bool(pq_signing.split(self.trusted_package_keys())[1])
 
-    def server_public_key(self) -> crypto.EncryptionPublicKey:
-        return crypto.load_encryption_public_key(self.server_public_key_pem.encode())
+    def server_public_key(self) -> sealing.EncryptionPublicKey:
+        return sealing.load_encryption_public_key(self.server_public_key_pem.encode())
 
     def server_suite(self) -> str:
-        return crypto.suite_of(self.server_public_key())
+        return sealing.suite_of(self.server_public_key())
 
     def with_device_config(self, doc: DeviceConfig) -> ClientConfig:
         """This config with the server key and package keys of a verified device config."""

@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlib import protocol
 from fedlib.errors import ObjectExists, StoreError
-from fedlib.store import TMP_PREFIX, ObjectStore, atomic_write
+from fedlib.files import TMP_PREFIX, atomic_write
+from fedlib.storage.store import ObjectStore
+from fedlib.wire import protocol
 
 SUFFIX = ".env"
 

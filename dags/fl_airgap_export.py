@@ -19,14 +19,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import fl_common
 from airflow.sdk import Param, dag, get_current_context, task
+
+from fedlib.integrations.airflow import runtime
 
 
 @dag(
     dag_id="fl_airgap_export",
     schedule=None,
-    start_date=fl_common.START_DATE,
+    start_date=runtime.START_DATE,
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
@@ -53,15 +54,15 @@ from airflow.sdk import Param, dag, get_current_context, task
 def fl_airgap_export() -> None:
     @task
     def export() -> dict:
-        from fedlib.airgap import export_to_airgap_bucket
+        from fedlib.server.airgap import export_to_airgap_bucket
 
         params = get_current_context()["params"]
         record = export_to_airgap_bucket(
-            fl_common.deployment(),
+            runtime.deployment(),
             version=params.get("version"),
             expires_in_days=int(params["expires_in_days"]),
         )
-        fl_common.log.info(
+        runtime.log.info(
             "bundle for version %s: %s (%d bytes, sha256 %s, expires %s)",
             record["version"],
             record["key"],

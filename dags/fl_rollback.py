@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import fl_common
 from airflow.sdk import Asset, Param, dag, get_current_context, task
+
+from fedlib.integrations.airflow import runtime
 
 MODEL_ASSET = Asset(name="fl_model", uri="dadm-fl://model/active")
 
@@ -24,7 +25,7 @@ MODEL_ASSET = Asset(name="fl_model", uri="dadm-fl://model/active")
 @dag(
     dag_id="fl_rollback",
     schedule=None,
-    start_date=fl_common.START_DATE,
+    start_date=runtime.START_DATE,
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
@@ -51,13 +52,13 @@ def fl_rollback() -> None:
     def rollback() -> int:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from fedlib.rollback import RollbackRefused, manual_rollback
+        from fedlib.server.rollback import RollbackRefused, manual_rollback
 
         ctx = get_current_context()
         params = ctx["params"]
         try:
             version = manual_rollback(
-                fl_common.deployment(), int(params["to_version"]), str(params["reason"])
+                runtime.deployment(), int(params["to_version"]), str(params["reason"])
             )
         except RollbackRefused as exc:  # nonsense is refused at once, without retries
             raise AirflowFailException(f"rollback refused: {exc}") from None
@@ -66,7 +67,7 @@ def fl_rollback() -> None:
             "rollback_of": int(params["to_version"]),
             "run_id": ctx["run_id"],
         }
-        fl_common.log.info(
+        runtime.log.info(
             "published version %d = version %s (%s)",
             version,
             params["to_version"],

@@ -37,10 +37,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import fl_common
 from airflow.sdk import Asset, Param, TriggerRule, dag, get_current_context, task
 
-SETTINGS = fl_common.settings()
+from fedlib.integrations.airflow import runtime
+
+SETTINGS = runtime.settings()
 # One logical asset per deployment ("the published model"), whatever the bucket is called.
 MODEL_ASSET = Asset(name="fl_model", uri="dadm-fl://model/active")
 
@@ -48,7 +49,7 @@ MODEL_ASSET = Asset(name="fl_model", uri="dadm-fl://model/active")
 @dag(
     dag_id="fl_round",
     schedule=SETTINGS.dag_schedule,
-    start_date=fl_common.START_DATE,
+    start_date=runtime.START_DATE,
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
@@ -83,10 +84,10 @@ def fl_round() -> None:
     def check_active() -> dict:
         """Automatic rollback: re-score the active model on the current holdout first."""
         ctx = get_current_context()
-        decision = fl_common.round_runner().check_active_model(
-            fl_common.deployment(), ctx["run_id"], created_at_ms=fl_common.run_timestamp_ms(ctx)
+        decision = runtime.round_runner().check_active_model(
+            runtime.deployment(), ctx["run_id"], created_at_ms=runtime.run_timestamp_ms(ctx)
         )
-        fl_common.log.info("active model check: %s", decision["reason"])
+        runtime.log.info("active model check: %s", decision["reason"])
         if decision.get("published_version"):
             ctx["outlet_events"][MODEL_ASSET].extra = {
                 "version": decision["published_version"],
@@ -100,71 +101,71 @@ def fl_round() -> None:
     def refresh_channel() -> list[str]:
         """Re-sign the channel's timestamp/snapshot before they expire (devices refuse
         expired metadata: without this, a quiet week would look like a freeze attack)."""
-        from fedlib.channel import ChannelRepository
+        from fedlib.trust.channel_repository import ChannelRepository
 
-        deployment = fl_common.deployment()
+        deployment = runtime.deployment()
         renewed = ChannelRepository(
             deployment.models, deployment.channel_keys()
         ).refresh_timestamp()
-        fl_common.log.info("channel metadata re-signed: %s", renewed or "none due")
+        runtime.log.info("channel metadata re-signed: %s", renewed or "none due")
         return renewed
 
     @task
     def plan() -> list[int]:
         ctx = get_current_context()
         params = ctx["params"]
-        interval_key, interval_end_ms = fl_common.run_interval(ctx)
-        result = fl_common.round_runner().plan_round(
-            fl_common.deployment(),
+        interval_key, interval_end_ms = runtime.run_interval(ctx)
+        result = runtime.round_runner().plan_round(
+            runtime.deployment(),
             ctx["run_id"],
             min_clients=params.get("min_clients"),
             max_updates=params.get("max_updates"),
-            created_at_ms=fl_common.run_timestamp_ms(ctx),
+            created_at_ms=runtime.run_timestamp_ms(ctx),
             interval_key=interval_key,
             interval_end_ms=interval_end_ms,
         )
-        fl_common.log.info("plan: %s", result.message)
+        runtime.log.info("plan: %s", result.message)
         return list(range(result.shard_count))
 
     @task(max_active_tis_per_dagrun=8)
     def process_shard(index: int) -> dict:
-        result = fl_common.round_runner().process_shard(
-            fl_common.deployment(), get_current_context()["run_id"], index
+        result = runtime.round_runner().process_shard(
+            runtime.deployment(), get_current_context()["run_id"], index
         )
-        fl_common.log.info(
+        runtime.log.info(
             "shard %d: %d accepted, rejected %s", index, result.accepted, result.rejected
         )
         return {"index": index, "digest": result.partial_digest, "accepted": result.accepted}
 
     @task
     def reduce(shards: list[dict]) -> dict:
-        return fl_common.round_runner().reduce_round(
-            fl_common.deployment(), get_current_context()["run_id"]
+        return runtime.round_runner().reduce_round(
+            runtime.deployment(), get_current_context()["run_id"]
         )
 
     @task
     def build_candidate(aggregate: dict) -> dict | None:
-        return fl_common.round_runner().build_round_candidate(
-            fl_common.deployment(), get_current_context()["run_id"]
+        return runtime.round_runner().build_round_candidate(
+            runtime.deployment(), get_current_context()["run_id"]
         )
 
     @task
     def evaluate(candidate: dict | None) -> dict:
-        return fl_common.round_runner().evaluate_round(
-            fl_common.deployment(), get_current_context()["run_id"]
+        return runtime.round_runner().evaluate_round(
+            runtime.deployment(), get_current_context()["run_id"]
         )
 
     @task.branch
     def gate(evaluation: dict) -> str:
         dry_run = get_current_context()["params"].get("dry_run")
-        fl_common.log.info("gate: %s", evaluation.get("reason"))
+        runtime.log.info("gate: %s", evaluation.get("reason"))
         return "publish" if evaluation.get("publish") and not dry_run else "finalize"
 
     @task(outlets=[MODEL_ASSET])
     def publish() -> int:
         ctx = get_current_context()
-        deployment = fl_common.deployment()
-        version = fl_common.round_runner().publish_round(deployment, ctx["run_id"])
+        deployment = runtime.deployment()
+        version = runtime.round_runner().publish_round(deployment, ctx["run_id"])
         metrics = deployment.registry().read_version(version).metadata.metrics
         ctx["outlet_events"][MODEL_ASSET].extra = {
             "version": version,
@@ -172,15 +173,15 @@ def fl_round() -> None:
             "auc": metrics.get("auc"),
             "ap": metrics.get("ap"),
         }
-        fl_common.log.info("published version %d (%s)", version, metrics)
+        runtime.log.info("published version %d (%s)", version, metrics)
         return version
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def finalize(published: int | None = None) -> dict:
         ctx = get_current_context()
-        deployment = fl_common.deployment()
+        deployment = runtime.deployment()
         run_id = ctx["run_id"]
-        plan_doc = fl_common.round_runner().load_plan(deployment, run_id)
+        plan_doc = runtime.round_runner().load_plan(deployment, run_id)
         dry_run = bool(ctx["params"].get("dry_run"))
         if plan_doc.waiting:
             decision = "waiting"
@@ -194,14 +195,14 @@ def fl_round() -> None:
                 decision = "rejected"
             else:
                 decision = "dry_run" if dry_run else "not_published"
-        report = fl_common.round_runner().finalize_round(
+        report = runtime.round_runner().finalize_round(
             deployment,
             run_id,
             decision=decision,
             published_version=published,
             dry_run=dry_run or plan_doc.waiting,
         )
-        fl_common.log.info("round summary\n%s", report.summary())
+        runtime.log.info("round summary\n%s", report.summary())
         return report.as_dict()
 
     guard = check_active()

@@ -1,28 +1,26 @@
 """DADM FL dashboard: an Airflow 3 plugin for operators (rounds, versions, quarantine).
 
 Registers a FastAPI app on the Airflow API server at ``/dadm-fl`` (HTML pages and the
-JSON API behind them, see ``fl_dashboard_web.py``), a top-level nav entry and a tab on
-every DAG run. Every route requires an Airflow user allowed to read ``fl_round`` runs.
+JSON API behind them: :mod:`fedlib.integrations.airflow.dashboard_app`), a top-level nav
+entry and a tab on every DAG run. Every route requires an Airflow user allowed to read
+``fl_round`` runs.
 
 Airflow imports plugin modules in every process that loads plugins (task runners
 included), so this module imports nothing heavy: the app module (FastAPI, fedlib,
-Airflow's security dependencies) is loaded at the API server's first request. It is
-listed in ``plugins/.airflowignore`` so the plugin manager does not import it eagerly.
+Airflow's security dependencies) is imported at the API server's first request.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 import threading
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from airflow.plugins_manager import AirflowPlugin
 
-URL_PREFIX = "/dadm-fl"  # keep in sync with fl_dashboard_web.URL_PREFIX
-WEB_MODULE = "fl_dashboard_web"
+URL_PREFIX = "/dadm-fl"  # keep in sync with dashboard_app.URL_PREFIX
+WEB_MODULE = "fedlib.integrations.airflow.dashboard_app"
 
 
 def _site_path() -> str:
@@ -36,20 +34,9 @@ def _site_path() -> str:
 
 
 def load_web_module() -> Any:
-    """``fl_dashboard_web.py`` beside this file (also when the folder is not on sys.path)."""
-    module = sys.modules.get(WEB_MODULE)
-    if module is None:
-        path = Path(__file__).with_name(f"{WEB_MODULE}.py")
-        spec = importlib.util.spec_from_file_location(WEB_MODULE, path)
-        assert spec is not None and spec.loader is not None, path
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[WEB_MODULE] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[WEB_MODULE]
-            raise
-    return module
+    """The dashboard's FastAPI module (imported at the first request, not by the plugin
+    manager: it pulls in FastAPI, fedlib and Airflow's security dependencies)."""
+    return importlib.import_module(WEB_MODULE)
 
 
 class LazyApp:

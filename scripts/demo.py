@@ -69,7 +69,7 @@ def start(args: argparse.Namespace) -> int:
 
     say("starting the local S3 server (SeaweedFS on 127.0.0.1)")
     out = run(
-        [str(BIN / "python"), "-m", "fedlib.seaweed", "start", "--dir", str(home / "s3")],
+        [str(BIN / "python"), "-m", "scripts.seaweed", "start", "--dir", str(home / "s3")],
         dict(os.environ),
         quiet=True,
     )
@@ -243,7 +243,7 @@ def free_port(preferred: int) -> int:
 def start_airflow(home: Path, env: dict[str, str], server: dict) -> Airflow:
     import requests
 
-    from fedlib.store import S3Config
+    from fedlib.storage.store import S3Config
 
     airflow_home = home / "airflow"
     airflow_home.mkdir(parents=True, exist_ok=True)
@@ -294,9 +294,9 @@ def start_airflow(home: Path, env: dict[str, str], server: dict) -> Airflow:
 
 def report(args: argparse.Namespace) -> int:
     """Print a round's report from the state bucket (runs with the demo's environment)."""
-    from fedlib.round_runner import REPORTS_PREFIX, safe_run_id
-    from fedlib.server import Deployment
-    from fedlib.settings import ServerSettings
+    from fedlib.server.deployment import Deployment
+    from fedlib.server.round_runner import REPORTS_PREFIX, safe_run_id
+    from fedlib.server.settings import ServerSettings
 
     deployment = Deployment(ServerSettings.load())
     print(deployment.state.get(f"{REPORTS_PREFIX}{safe_run_id(args.run_id)}.json").decode())
@@ -323,7 +323,7 @@ def stop(args: argparse.Namespace) -> int:
         print(f"demo: stopped Airflow (process group {pid})")
     if (home / "s3" / "server.json").exists():
         subprocess.run(
-            [str(BIN / "python"), "-m", "fedlib.seaweed", "stop", "--dir", str(home / "s3")],
+            [str(BIN / "python"), "-m", "scripts.seaweed", "stop", "--dir", str(home / "s3")],
             check=False,
         )
     return 0

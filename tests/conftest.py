@@ -25,8 +25,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 if TYPE_CHECKING:
-    from fedlib.seaweed import SeaweedServer
-    from fedlib.store import S3Config, S3Store
+    from fedlib.storage.store import S3Config, S3Store
+    from scripts.seaweed import SeaweedServer
 
 # ----------------------------------------------------------------------------- S3
 
@@ -45,7 +45,7 @@ def seaweed_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., SeaweedServer]]:
     """Start extra SeaweedFS servers (e.g. with client identities); all stop at session end."""
-    from fedlib.seaweed import SeaweedServer
+    from scripts.seaweed import SeaweedServer
 
     started: list[SeaweedServer] = []
 
@@ -75,7 +75,7 @@ def s3_config(s3_server: SeaweedServer) -> S3Config:
 @pytest.fixture
 def s3_bucket(s3_config: S3Config) -> S3Store:
     """A new, empty, uniquely named bucket on the session server."""
-    from fedlib.store import S3Store
+    from fedlib.storage.store import S3Store
 
     store = S3Store(f"test-{uuid.uuid4().hex[:16]}", s3_config)
     store.ensure_bucket()

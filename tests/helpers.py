@@ -11,9 +11,9 @@ from typing import Any
 def build_deployment(s3_config: Any, keys_dir: Path, dataset_path: Path, **settings: Any) -> Any:
     """A fresh deployment on ``s3_config``: its own buckets, keys, holdout and version 1."""
     from bench.make_dataset import load_dataset
-    from fedlib.admin import initial_package
-    from fedlib.server import Deployment, Holdout
-    from fedlib.settings import ServerSettings
+    from fedlib.ops.admin import initial_package
+    from fedlib.server.deployment import Deployment, Holdout
+    from fedlib.server.settings import ServerSettings
 
     tag = uuid.uuid4().hex[:10]
     dep = Deployment(

@@ -46,8 +46,8 @@ class History:
 def build_history(deployment: Any) -> History:
     """Four rounds over real S3: published, published with refused updates, rejected by
     the gate, and a waiting round whose first step rolls back a degraded model."""
-    from fedlib import crypto
-    from fedlib.round_runner import run_round
+    from fedlib.crypto import sealing
+    from fedlib.server.round_runner import run_round
     from tests.test_rollback import publish_degraded
     from tests.test_round_runner import enroll, forged_payload_update, upload_updates
 
@@ -59,7 +59,7 @@ def build_history(deployment: Any) -> History:
     upload_updates(deployment, 2, seed=10, start=2)
     active = deployment.registry().read_active().metadata
     dim, base = active.num_params, active.version
-    key, stranger = enroll(deployment, "mallory"), crypto.generate_signing_key()
+    key, stranger = enroll(deployment, "mallory"), sealing.generate_signing_key()
     for signer, delta, reason in (
         (stranger, np.zeros(dim), "unknown_client"),
         (key, np.full(dim, 1e3), "norm_exceeded"),

@@ -10,9 +10,9 @@ import pytest
 from client.agent import run_cycle
 from client.cli import main as client_main
 from client.config import ClientConfig
-from fedlib.admin import main as admin_main
 from fedlib.errors import StoreError
-from fedlib.store import S3Store
+from fedlib.ops.admin import main as admin_main
+from fedlib.storage.store import S3Store
 
 
 def test_init_enroll_status_revoke(admin_env, tmp_path, capsys):
@@ -80,8 +80,8 @@ def test_round_through_cli(admin_env, tmp_path, capsys):
     assert admin_main(["init", "--holdout", str(env["holdout"])]) == 0
     assert admin_main(["round", "--run-id", "r0"]) == 0
     assert "waiting: 0 of 2" in capsys.readouterr().out
-    from fedlib.server import Deployment
-    from fedlib.settings import ServerSettings
+    from fedlib.server.deployment import Deployment
+    from fedlib.server.settings import ServerSettings
 
     dep = Deployment(ServerSettings.load())
     data = env["data"]
@@ -104,8 +104,8 @@ def test_round_through_cli(admin_env, tmp_path, capsys):
 
 
 def test_holdout_and_config_through_cli(admin_env, capsys):
-    from fedlib.server import Deployment
-    from fedlib.settings import ServerSettings
+    from fedlib.server.deployment import Deployment
+    from fedlib.server.settings import ServerSettings
 
     env = admin_env
     assert admin_main(["init", "--holdout", str(env["holdout"])]) == 0

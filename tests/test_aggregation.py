@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlib import compression
-from fedlib.aggregation import AggregationConfig, StreamingAggregator, staleness_weight
 from fedlib.errors import RejectedUpdate
+from fedlib.server.aggregation import AggregationConfig, StreamingAggregator, staleness_weight
+from fedlib.wire import compression
 
 DIM = 300
 CFG = AggregationConfig(norm_bound=50.0)
@@ -366,7 +366,7 @@ def test_nesterov_momentum_beats_averaging_and_heavy_ball_under_topk(seed: int) 
 
 def test_rounding_matches_numpy_rint_ties_and_limits_included() -> None:
     """add() rounds with a float constant, not np.rint: the same integers, half to even."""
-    from fedlib.aggregation import _ROUNDER_BITS, _offset_rounded
+    from fedlib.server.aggregation import _ROUNDER_BITS, _offset_rounded
 
     rng = np.random.default_rng(7)
     values = np.concatenate(
@@ -383,7 +383,7 @@ def test_rounding_matches_numpy_rint_ties_and_limits_included() -> None:
 def test_exact_integer_sum_across_carries_with_dense_and_sparse_updates() -> None:
     """Dense adds carry their rounding offset in the low words until the next carry; the
     totals still equal the exact sum of rint(w * delta * 2**G), crossing many carries."""
-    from fedlib.aggregation import WEIGHT_FRACTION_BITS
+    from fedlib.server.aggregation import WEIGHT_FRACTION_BITS
 
     dim = 64
     cfg = AggregationConfig(norm_bound=1.0, max_sample_weight=1 << 16)

@@ -24,17 +24,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from tuf.api.metadata import Metadata, Timestamp
 
-from fedlib import signing
-from fedlib.airgap import (
-    MAX_MEMBERS,
-    BundleVerificationError,
-    VerifiedBundle,
-    export_bundle,
-    verify_bundle,
-)
-from fedlib.channel import ChannelError, ChannelKeys, ChannelRepository, Expiry, generate_signer
-from fedlib.seaweed import SeaweedServer
-from fedlib.store import LocalStore, S3Config, S3Store
+from fedlib.crypto import signing
+from fedlib.storage.store import LocalStore, S3Config, S3Store
+from fedlib.trust.airgap import MAX_MEMBERS, BundleVerificationError, VerifiedBundle, verify_bundle
+from fedlib.trust.airgap_export import export_bundle
+from fedlib.trust.channel_layout import ChannelError, Expiry
+from fedlib.trust.channel_repository import ChannelKeys, ChannelRepository, generate_signer
+from scripts.seaweed import SeaweedServer
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 

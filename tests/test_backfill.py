@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
-from fedlib import protocol
-from fedlib.ledger import Ledger
-from fedlib.round_runner import load_plan, plan_keys
-from fedlib.training import make_update
+from client.update import make_update
+from fedlib.server.ledger import Ledger
+from fedlib.server.round_runner import load_plan, plan_keys
+from fedlib.wire import protocol
 from tests.test_fl_round_dag import report_of, run_dag
 from tests.test_round_runner import enroll
 

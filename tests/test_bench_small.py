@@ -199,7 +199,7 @@ def test_quality_reports_personalization_small(small_dataset, capsys):
 def test_dp_small(capsys, small_dataset):
     """bench.dp: every epsilon on the same seeds, noise calibrated by the accountant."""
     from bench.dp import main as dp_main
-    from fedlib.privacy import calibrate_noise
+    from fedlib.server.privacy import calibrate_noise
 
     r = _run(
         dp_main,

@@ -24,21 +24,18 @@ import pytest
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.ngclient._internal import trusted_metadata_set
 
-from fedlib.channel import (
+from fedlib.errors import StoreError, VerificationError
+from fedlib.storage.store import LocalStore, NoSuchKey, ObjectInfo, ObjectStore, S3Config, S3Store
+from fedlib.trust.channel_client import ChannelClient, StoreFetcher
+from fedlib.trust.channel_layout import (
     ACTIVE_TARGET,
-    ChannelClient,
     ChannelError,
-    ChannelKeys,
     ChannelLayout,
-    ChannelRepository,
     ChannelVerificationError,
-    StoreFetcher,
-    generate_signer,
     manifest_path,
     target_path,
 )
-from fedlib.errors import StoreError, VerificationError
-from fedlib.store import LocalStore, NoSuchKey, ObjectInfo, ObjectStore, S3Config, S3Store
+from fedlib.trust.channel_repository import ChannelKeys, ChannelRepository, generate_signer
 
 V1 = {"model.onnx": b"onnx-v1" * 100, "weights.bin": b"\x01" * 800, "metadata.json": b'{"v":1}'}
 V2 = {"model.onnx": b"onnx-v2" * 100, "weights.bin": b"\x02" * 800, "metadata.json": b'{"v":2}'}

@@ -12,12 +12,13 @@ from client.agent import InstalledModels, run_cycle, status
 from client.cli import main as client_main
 from client.config import ClientConfig
 from client.spool import Spool
-from fedlib import crypto, protocol, signing
-from fedlib.admin import client_config_document
-from fedlib.registry import ModelPackage
-from fedlib.round_runner import round_inputs
-from fedlib.rounds import open_and_validate
-from fedlib.store import TMP_PREFIX
+from fedlib.crypto import sealing, signing
+from fedlib.files import TMP_PREFIX
+from fedlib.models.package import ModelPackage
+from fedlib.ops.admin import client_config_document
+from fedlib.server.round_runner import round_inputs
+from fedlib.server.rounds import open_and_validate
+from fedlib.wire import protocol
 
 
 def make_client(deployment, tmp_path: Path, client_id: str, rows: np.ndarray, **overrides):
@@ -76,7 +77,7 @@ def test_plaintext_holds_only_delta_and_small_metadata(deployment, tmp_path):
     config = make_client(deployment, tmp_path, "dev-2", rows)
     run_cycle(config)
     key = inbox_keys(deployment)[0]
-    opened = crypto.open_update(
+    opened = sealing.open_update(
         deployment.inbox.get(key), deployment.load_fleet(), deployment.server_keyring()
     )
     meta, delta_blob = protocol.decode_payload(opened.payload)
@@ -203,8 +204,8 @@ def test_model_signed_by_unpinned_key_is_refused(deployment, tmp_path):
 
 def test_channel_root_from_another_repository_is_refused(deployment, tmp_path):
     """A device pinned to another channel root trusts nothing this bucket serves."""
-    from fedlib.channel import ChannelKeys, ChannelRepository
-    from fedlib.store import LocalStore
+    from fedlib.storage.store import LocalStore
+    from fedlib.trust.channel_repository import ChannelKeys, ChannelRepository
 
     other = ChannelRepository(
         LocalStore(tmp_path / "other-channel"), ChannelKeys.generate(tmp_path / "other-keys")

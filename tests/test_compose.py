@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from fedlib.credentials import server_policy
-from fedlib.settings import ServerSettings
+from fedlib.server.credentials import server_policy
+from fedlib.server.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_RUNNING = {

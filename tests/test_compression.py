@@ -1,4 +1,4 @@
-"""Tests for fedlib.compression: round trips, wire format, error feedback, hostile blobs."""
+"""Tests for fedlib.wire.compression: round trips, wire format, error feedback, hostile blobs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedlib.compression import (
+from fedlib.errors import RejectedUpdate
+from fedlib.wire.compression import (
     CompressionConfig,
     DecodedDelta,
     compress_with_feedback,
@@ -20,7 +21,6 @@ from fedlib.compression import (
     dense_float32_bytes,
     encode,
 )
-from fedlib.errors import RejectedUpdate
 
 # The wire format is a contract with deployed devices, so the tests pin it independently.
 HEADER = struct.Struct("<4sBBHIIf")

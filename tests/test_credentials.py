@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from fedlib.credentials import (
+from fedlib.errors import StoreError
+from fedlib.server.credentials import (
     ClientCredentials,
     CredentialError,
     CredentialIssuer,
@@ -17,9 +18,8 @@ from fedlib.credentials import (
     client_policy,
     main,
 )
-from fedlib.errors import StoreError
-from fedlib.seaweed import SeaweedServer
-from fedlib.store import S3Config, S3Store
+from fedlib.storage.store import S3Config, S3Store
+from scripts.seaweed import SeaweedServer
 
 
 def _buckets(admin: S3Config) -> dict[str, S3Store]:

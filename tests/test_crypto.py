@@ -1,4 +1,4 @@
-"""Sealing and opening update envelopes: round trips and every refusal, with real crypto."""
+"""Sealing and opening update envelopes: round trips and every refusal, with real sealing."""
 
 from __future__ import annotations
 
@@ -6,22 +6,23 @@ import struct
 
 import pytest
 
-from fedlib import crypto, protocol
+from fedlib.crypto import sealing
 from fedlib.errors import RejectedUpdate
-from fedlib.fleet import Fleet
+from fedlib.server.fleet import Fleet
+from fedlib.wire import protocol
 
 PAYLOAD = b"payload bytes " * 50
 
 
-@pytest.fixture(params=sorted(crypto.SUITES))
+@pytest.fixture(params=sorted(sealing.SUITES))
 def world(request):
-    client_key = crypto.generate_signing_key()
-    other_key = crypto.generate_signing_key()
-    server_key = crypto.generate_encryption_key(request.param)
+    client_key = sealing.generate_signing_key()
+    other_key = sealing.generate_signing_key()
+    server_key = sealing.generate_encryption_key(request.param)
     fleet = Fleet()
-    fleet.enroll("client-1", crypto.public_pem(client_key))
-    fleet.enroll("client-2", crypto.public_pem(other_key))
-    ring = crypto.ServerKeyring()
+    fleet.enroll("client-1", sealing.public_pem(client_key))
+    fleet.enroll("client-2", sealing.public_pem(other_key))
+    ring = sealing.ServerKeyring()
     ring.add(server_key)
     return {
         "client_key": client_key,
@@ -33,7 +34,7 @@ def world(request):
 
 
 def seal(world, *, client_id="client-1", key=None, server_public=None, payload=PAYLOAD):
-    return crypto.seal_update(
+    return sealing.seal_update(
         client_id=client_id,
         client_key=key or world["client_key"],
         server_public_key=server_public or world["server_key"].public_key(),
@@ -44,33 +45,33 @@ def seal(world, *, client_id="client-1", key=None, server_public=None, payload=P
 
 def reason_of(blob: bytes, world) -> str:
     with pytest.raises(RejectedUpdate) as err:
-        crypto.open_update(blob, world["fleet"], world["ring"])
+        sealing.open_update(blob, world["fleet"], world["ring"])
     return err.value.reason
 
 
 def test_round_trip(world):
     header, blob = seal(world)
-    opened = crypto.open_update(blob, world["fleet"], world["ring"])
+    opened = sealing.open_update(blob, world["fleet"], world["ring"])
     assert opened.payload == PAYLOAD
     assert opened.header == header
     assert opened.client.client_id == "client-1"
-    assert header.client_key_id == crypto.key_id(world["client_key"])
-    assert header.server_key_id == crypto.key_id(world["server_key"])
+    assert header.client_key_id == sealing.key_id(world["client_key"])
+    assert header.server_key_id == sealing.key_id(world["server_key"])
     assert header.payload_size == len(PAYLOAD)
-    assert header.suite == crypto.suite_of(world["server_key"])
+    assert header.suite == sealing.suite_of(world["server_key"])
     hpke = protocol.HPKE_OVERHEAD[header.suite]
     assert len(blob) - len(PAYLOAD) - hpke < 700  # framing + header + signature
 
 
 def test_hybrid_suite_is_the_default_and_costs_1136_bytes():
-    key = crypto.generate_encryption_key()
-    assert isinstance(key, crypto.HybridPrivateKey)
-    assert crypto.suite_of(key) == protocol.SUITE_MLKEM768_X25519
-    client = crypto.generate_signing_key()
+    key = sealing.generate_encryption_key()
+    assert isinstance(key, sealing.HybridPrivateKey)
+    assert sealing.suite_of(key) == protocol.SUITE_MLKEM768_X25519
+    client = sealing.generate_signing_key()
     sizes = {}
     for name in ("x25519", "mlkem768-x25519"):
-        server = crypto.generate_encryption_key(name)
-        _, blob = crypto.seal_update(
+        server = sealing.generate_encryption_key(name)
+        _, blob = sealing.seal_update(
             client_id="c",
             client_key=client,
             server_public_key=server.public_key(),
@@ -84,11 +85,13 @@ def test_hybrid_suite_is_the_default_and_costs_1136_bytes():
 
 def test_suite_outside_the_accepted_set_is_refused(world):
     header, blob = seal(world)
-    others = frozenset(crypto.SUITES.values()) - {header.suite}
+    others = frozenset(sealing.SUITES.values()) - {header.suite}
     with pytest.raises(RejectedUpdate) as err:
-        crypto.open_update(blob, world["fleet"], world["ring"], accepted_suites=others)
+        sealing.open_update(blob, world["fleet"], world["ring"], accepted_suites=others)
     assert err.value.reason == "suite_not_accepted"
-    opened = crypto.open_update(blob, world["fleet"], world["ring"], accepted_suites={header.suite})
+    opened = sealing.open_update(
+        blob, world["fleet"], world["ring"], accepted_suites={header.suite}
+    )
     assert opened.payload == PAYLOAD
 
 
@@ -96,7 +99,7 @@ def test_header_suite_that_does_not_match_the_key_is_refused(world):
     """A client that signs a header naming the other suite for this key id is refused
     before decryption (no cross-suite confusion)."""
     header, blob = seal(world)
-    other = next(s for s in crypto.SUITES.values() if s != header.suite)
+    other = next(s for s in sealing.SUITES.values() if s != header.suite)
     forged = protocol.UpdateHeader.model_validate(
         {**header.model_dump(by_alias=True), "suite": other}
     )
@@ -142,7 +145,7 @@ def test_key_id_in_framing_flipped_is_unknown_client(world):
 
 
 def test_unknown_client(world):
-    stranger = crypto.generate_signing_key()
+    stranger = sealing.generate_signing_key()
     _, blob = seal(world, key=stranger)
     assert reason_of(blob, world) == "unknown_client"
 
@@ -159,7 +162,7 @@ def test_envelope_resigned_by_another_client_is_refused(world):
     parts = protocol.split_envelope(blob)
     header = protocol.parse_header(parts.header_bytes)
     forged_header = header.model_copy(
-        update={"client_id": "client-2", "client_key_id": crypto.key_id(world["other_key"])}
+        update={"client_id": "client-2", "client_key_id": sealing.key_id(world["other_key"])}
     )
     header_bytes = protocol.encode_header(forged_header)
     body = protocol.frame_envelope_body(forged_header.client_key_id, header_bytes, parts.ciphertext)
@@ -173,7 +176,7 @@ def test_header_naming_another_client_is_refused(world):
     _, blob = seal(world)
     parts = protocol.split_envelope(blob)
     body = protocol.frame_envelope_body(
-        crypto.key_id(world["other_key"]), parts.header_bytes, parts.ciphertext
+        sealing.key_id(world["other_key"]), parts.header_bytes, parts.ciphertext
     )
     forged = body + world["other_key"].sign(protocol.SIGNATURE_DOMAIN + body)
     assert reason_of(forged, world) == "bad_signature"
@@ -187,18 +190,18 @@ def test_signature_without_domain_tag_is_refused(world):
 
 
 def test_wrong_server_key_id(world):
-    other_server = crypto.generate_encryption_key()
+    other_server = sealing.generate_encryption_key()
     _, blob = seal(world, server_public=other_server.public_key())
     assert reason_of(blob, world) == "unknown_server_key"
 
 
 def test_server_key_rotation_accepts_both(world):
-    new_key = crypto.generate_encryption_key()
+    new_key = sealing.generate_encryption_key()
     world["ring"].add(new_key)
     _, old_blob = seal(world)
     _, new_blob = seal(world, server_public=new_key.public_key())
     for blob in (old_blob, new_blob):
-        assert crypto.open_update(blob, world["fleet"], world["ring"]).payload == PAYLOAD
+        assert sealing.open_update(blob, world["fleet"], world["ring"]).payload == PAYLOAD
 
 
 def test_unsupported_framing_version(world):
@@ -218,7 +221,7 @@ def test_truncated_and_empty(world):
 def test_oversized_envelope(world):
     _, blob = seal(world)
     with pytest.raises(RejectedUpdate) as err:
-        crypto.open_update(blob, world["fleet"], world["ring"], max_bytes=len(blob) - 1)
+        sealing.open_update(blob, world["fleet"], world["ring"], max_bytes=len(blob) - 1)
     assert err.value.reason == "oversized"
 
 
@@ -257,43 +260,43 @@ def test_json_nesting_bomb_in_header_is_refused(world):
 
 
 def test_key_ids_differ_by_algorithm_and_key():
-    a, b = crypto.generate_signing_key(), crypto.generate_signing_key()
-    assert crypto.key_id(a) == crypto.key_id(a.public_key())
-    assert crypto.key_id(a) != crypto.key_id(b)
-    assert len(crypto.key_id(a)) == 32
+    a, b = sealing.generate_signing_key(), sealing.generate_signing_key()
+    assert sealing.key_id(a) == sealing.key_id(a.public_key())
+    assert sealing.key_id(a) != sealing.key_id(b)
+    assert len(sealing.key_id(a)) == 32
 
 
 def test_pem_round_trip_with_passphrase(tmp_path):
-    key = crypto.generate_signing_key()
+    key = sealing.generate_signing_key()
     path = tmp_path / "k.pem"
-    crypto.write_private_key(path, key, passphrase=b"pw")
+    sealing.write_private_key(path, key, passphrase=b"pw")
     assert path.stat().st_mode & 0o777 == 0o600
-    loaded = crypto.load_signing_key(path, passphrase=b"pw")
-    assert crypto.key_id(loaded) == crypto.key_id(key)
+    loaded = sealing.load_signing_key(path, passphrase=b"pw")
+    assert sealing.key_id(loaded) == sealing.key_id(key)
     with pytest.raises((TypeError, ValueError)):
-        crypto.load_signing_key(path)
+        sealing.load_signing_key(path)
 
 
 def test_hybrid_key_pem_round_trip(tmp_path):
-    key = crypto.generate_encryption_key("mlkem768-x25519")
+    key = sealing.generate_encryption_key("mlkem768-x25519")
     path = tmp_path / "hybrid.pem"
-    crypto.write_private_key(path, key, passphrase=b"pw")
-    loaded = crypto.load_private_pem(path.read_bytes(), b"pw")
-    assert isinstance(loaded, crypto.HybridPrivateKey)
-    assert crypto.key_id(loaded) == crypto.key_id(key)
-    public = crypto.load_encryption_public_key(crypto.public_pem(key))
+    sealing.write_private_key(path, key, passphrase=b"pw")
+    loaded = sealing.load_private_pem(path.read_bytes(), b"pw")
+    assert isinstance(loaded, sealing.HybridPrivateKey)
+    assert sealing.key_id(loaded) == sealing.key_id(key)
+    public = sealing.load_encryption_public_key(sealing.public_pem(key))
     assert public == key.public_key()
-    assert crypto.key_id(public) != crypto.key_id(key.x25519)  # not the classic half's id
+    assert sealing.key_id(public) != sealing.key_id(key.x25519)  # not the classic half's id
     with pytest.raises(ValueError, match="two PEM blocks"):  # halves in the wrong order
-        crypto.load_public_pem(crypto.public_pem(key.x25519) + crypto.public_pem(key.mlkem))
+        sealing.load_public_pem(sealing.public_pem(key.x25519) + sealing.public_pem(key.mlkem))
     with pytest.raises(ValueError, match="PEM blocks"):
-        crypto.load_public_pem(crypto.public_pem(key) * 2)
+        sealing.load_public_pem(sealing.public_pem(key) * 2)
 
 
 def test_server_keyring_from_directory(tmp_path):
-    keys = [crypto.generate_encryption_key(s) for s in ("x25519", "mlkem768-x25519")]
+    keys = [sealing.generate_encryption_key(s) for s in ("x25519", "mlkem768-x25519")]
     for i, k in enumerate(keys):
-        crypto.write_private_key(tmp_path / f"s{i}.pem", k)
-    ring = crypto.ServerKeyring.from_directory(tmp_path)
-    assert ring.key_ids() == sorted(crypto.key_id(k) for k in keys)
+        sealing.write_private_key(tmp_path / f"s{i}.pem", k)
+    ring = sealing.ServerKeyring.from_directory(tmp_path)
+    assert ring.key_ids() == sorted(sealing.key_id(k) for k in keys)
     assert "PRIVATE" not in repr(ring)

@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from fedlib import dashboard
-from fedlib.dashboard import RejectedCandidate, VersionRow, render_plot_svg
+from fedlib.ops import dashboard
+from fedlib.ops.dashboard import RejectedCandidate, VersionRow, render_plot_svg
 from tests.plugin_fixtures import (
     RUN_PUBLISH,
     RUN_QUARANTINE,
@@ -99,7 +99,7 @@ def test_dashboard_over_a_real_history(deployment):
     assert dashboard.quarantine(deployment, "no-such-run") is None
 
     # fl-admin status shows the same rows
-    from fedlib.admin import status_document
+    from fedlib.ops.admin import status_document
 
     status = status_document(deployment)
     assert [v["version"] for v in status["versions"]] == [1, 2, 3, 4, 5]
@@ -146,7 +146,7 @@ def test_plot_escapes_text_and_handles_no_data():
 def test_a_tampered_version_is_shown_as_unverified(deployment):
     """The versions table shows signed metadata only: a package changed in the bucket
     after it was read once (and cached) turns into an error row, not into new numbers."""
-    from fedlib.registry import package_prefix
+    from fedlib.trust.package import package_prefix
 
     assert dashboard.version_rows(deployment)[0].error is None  # read and cached
     key = package_prefix(1) + "metadata.json"
@@ -164,8 +164,8 @@ def test_dashboard_reads_with_public_keys_only(deployment, tmp_path):
     page still verifies the packages it shows, and nothing can be signed from there."""
     import shutil
 
-    from fedlib.channel import ChannelError
-    from fedlib.server import PUBLIC_DIR, Deployment
+    from fedlib.server.deployment import PUBLIC_DIR, Deployment
+    from fedlib.trust.channel_layout import ChannelError
 
     public_only = tmp_path / "web-keys"
     shutil.copytree(deployment.keys_dir / PUBLIC_DIR, public_only / PUBLIC_DIR)

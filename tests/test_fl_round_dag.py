@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from client.agent import run_cycle
-from fedlib import crypto, protocol
-from fedlib.ledger import Ledger
-from fedlib.round_runner import REPORTS_PREFIX, safe_run_id
+from fedlib.crypto import sealing
+from fedlib.server.ledger import Ledger
+from fedlib.server.round_runner import REPORTS_PREFIX, safe_run_id
+from fedlib.wire import protocol
 from tests.test_client import make_client
 from tests.test_round_runner import enroll, forged_payload_update, upload_updates
 
@@ -114,7 +115,7 @@ def test_bad_updates_quarantined_and_late_upload_goes_to_next_round(
     package = dep.registry().read_active()
     dim = package.metadata.num_params
     mallory = enroll(dep, "mallory")
-    stranger = crypto.generate_signing_key()
+    stranger = sealing.generate_signing_key()
     expected = {}
     k0, env0 = next(iter(good.items()))
     forged = protocol.inbox_key("mallory", protocol.new_update_id())

@@ -1,4 +1,4 @@
-"""Tests for fedlib.model: scaling from moments, parameter contract, detection, ONNX."""
+"""Tests for fedlib.models.model: scaling from moments, parameter contract, detection, ONNX."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import onnx
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from fedlib.model import (
+from fedlib.models.model import (
     KINDS,
     AnomalyModel,
     FeatureSchema,

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedlib.model import AnomalyModel, FeatureSchema, create_model
-from fedlib.personalization import (
+from client.calibration import (
     CalibrationConfig,
     CalibrationError,
     DeviceCalibration,
     fit_calibration,
 )
+from fedlib.models.model import AnomalyModel, FeatureSchema, create_model
 
 D = 16
 NAMES = [f"tmpl_{i:02d}" for i in range(D)]
@@ -255,8 +255,9 @@ def test_device_calibrates_keeps_it_local_and_scores_with_it(deployment, tmp_pat
 
     from client.agent import CALIBRATION_FILE, run_cycle, status
     from client.cli import main as client_main
-    from fedlib import crypto, protocol
-    from fedlib.model import onnx_score
+    from fedlib.crypto import sealing
+    from fedlib.models.model import onnx_score
+    from fedlib.wire import protocol
     from tests.test_client import make_client
 
     data = deployment.dataset
@@ -276,7 +277,7 @@ def test_device_calibrates_keeps_it_local_and_scores_with_it(deployment, tmp_pat
     # carries none of the calibration.
     (key,) = [i.key for i in deployment.inbox.list("updates/")]
     assert key == protocol.inbox_key("dev-cal", report.update_id)
-    opened = crypto.open_update(
+    opened = sealing.open_update(
         deployment.inbox.get(key), deployment.load_fleet(), deployment.server_keyring()
     )
     for needle in (

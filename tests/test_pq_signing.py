@@ -11,10 +11,10 @@ import pytest
 from client.agent import run_cycle
 from client.cli import main as client_main
 from client.config import ClientConfig
-from fedlib import pq_signing, signing
-from fedlib.admin import client_config_document
+from fedlib.crypto import pq_signing, signing
 from fedlib.errors import VerificationError
-from fedlib.registry import PQ_SIGNATURE_FILE, package_prefix, verify_package_files
+from fedlib.ops.admin import client_config_document
+from fedlib.trust.package import PQ_SIGNATURE_FILE, package_prefix, verify_package_files
 
 FILES = {"model.onnx": b"graph", "weights.bin": b"\x00" * 16, "metadata.json": b"{}"}
 
@@ -46,11 +46,11 @@ def test_package_needs_both_signatures_when_an_mldsa_key_is_trusted():
     ec_key, pq_key = signing.generate_signing_key(), pq_signing.generate_key()
     trusted_ec = {signing.key_id(ec_key): ec_key.public_key()}
     trusted_both = {**trusted_ec, pq_signing.key_id(pq_key): pq_key.public_key()}
-    from fedlib.registry import SIGNATURE_FILE
+    from fedlib.trust.package import SIGNATURE_FILE
 
     files = {**FILES, SIGNATURE_FILE: signing.sign_files(FILES, ec_key)}
     both = {**files, PQ_SIGNATURE_FILE: pq_signing.sign_files(FILES, pq_key)}
-    from fedlib.registry import verify_signatures
+    from fedlib.trust.package import verify_signatures
 
     assert verify_signatures(both, trusted_both) == FILES
     assert verify_signatures(files, trusted_ec) == FILES  # classic devices: as before
@@ -102,7 +102,8 @@ def test_device_enrolled_with_hybrid_signatures_requires_them(s3_config, tmp_pat
 
     # A server (or a stolen ECDSA key) publishing v2 with the OpenSSF signature alone:
     # the channel serves it, the device refuses it and keeps version 1.
-    from fedlib.registry import ModelPackage, ModelRegistry
+    from fedlib.models.package import ModelPackage
+    from fedlib.server.registry import ModelRegistry
 
     classic_only = ModelRegistry(
         dep.models,
@@ -119,23 +120,24 @@ def test_device_enrolled_with_hybrid_signatures_requires_them(s3_config, tmp_pat
 
 
 def test_device_config_that_drops_pq_protection_is_refused():
-    from fedlib import crypto, rotation
+    from fedlib.crypto import sealing
+    from fedlib.trust import device_config
 
-    server = crypto.generate_encryption_key("mlkem768-x25519")
-    classic_server = crypto.generate_encryption_key("x25519")
+    server = sealing.generate_encryption_key("mlkem768-x25519")
+    classic_server = sealing.generate_encryption_key("x25519")
     ec_key, pq_key = signing.generate_signing_key(), pq_signing.generate_key()
 
-    def config(server_key, package_keys) -> rotation.DeviceConfig:
+    def config(server_key, package_keys) -> device_config.DeviceConfig:
         public = server_key.public_key()
-        return rotation.DeviceConfig.from_bytes(
-            rotation.DeviceConfig.model_validate(
+        return device_config.DeviceConfig.from_bytes(
+            device_config.DeviceConfig.model_validate(
                 {
-                    "schema": rotation.DEVICE_CONFIG_SCHEMA,
+                    "schema": device_config.DEVICE_CONFIG_SCHEMA,
                     "serial": 7,
                     "server_key": {
-                        "key_id": crypto.key_id(public),
-                        "suite": crypto.suite_name(crypto.suite_of(public)),
-                        "public_key_pem": crypto.public_pem(public).decode(),
+                        "key_id": sealing.key_id(public),
+                        "suite": sealing.suite_name(sealing.suite_of(public)),
+                        "public_key_pem": sealing.public_pem(public).decode(),
                     },
                     "package_signing_keys_pem": [
                         pq_signing.public_pem(k).decode() for k in package_keys
@@ -147,20 +149,25 @@ def test_device_config_that_drops_pq_protection_is_refused():
     hybrid_all = config(server, [ec_key, pq_key])
     hybrid_sealing_only = config(server, [ec_key])
     classic = config(classic_server, [ec_key, pq_key])
-    pq_suite, x_suite = crypto.SUITES["mlkem768-x25519"], crypto.SUITES["x25519"]
-    assert rotation.refuses_downgrade(pq_suite, hybrid_all, require_pq=True) is None
-    assert "post-quantum sealing" in rotation.refuses_downgrade(pq_suite, classic, require_pq=False)
-    assert "post-quantum sealing" in rotation.refuses_downgrade(x_suite, classic, require_pq=True)
-    assert rotation.refuses_downgrade(x_suite, classic, require_pq=False) is None  # no PQ yet
-    why = rotation.refuses_downgrade(
+    pq_suite, x_suite = sealing.SUITES["mlkem768-x25519"], sealing.SUITES["x25519"]
+    assert device_config.refuses_downgrade(pq_suite, hybrid_all, require_pq=True) is None
+    assert "post-quantum sealing" in device_config.refuses_downgrade(
+        pq_suite, classic, require_pq=False
+    )
+    assert "post-quantum sealing" in device_config.refuses_downgrade(
+        x_suite, classic, require_pq=True
+    )
+    assert device_config.refuses_downgrade(x_suite, classic, require_pq=False) is None  # no PQ yet
+    why = device_config.refuses_downgrade(
         pq_suite, hybrid_sealing_only, require_pq=True, pq_packages=True
     )
     assert why and "ML-DSA-65" in why
     assert (
-        rotation.refuses_downgrade(pq_suite, hybrid_all, require_pq=True, pq_packages=True) is None
+        device_config.refuses_downgrade(pq_suite, hybrid_all, require_pq=True, pq_packages=True)
+        is None
     )
     # a config whose key does not match its declared id is malformed, not applied
     doc = json.loads(hybrid_all.to_bytes())
     doc["server_key"]["key_id"] = "0" * 32
     with pytest.raises(VerificationError, match="malformed"):
-        rotation.DeviceConfig.from_bytes(json.dumps(doc).encode())
+        device_config.DeviceConfig.from_bytes(json.dumps(doc).encode())

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from fedlib import compression, crypto, privacy, protocol
-from fedlib.aggregation import AggregationConfig, dp_project
-from fedlib.ledger import Ledger
-from fedlib.privacy import Accountant, PrivacyConfig, calibrate_noise
-from fedlib.settings import ServerSettings
+from fedlib.crypto import sealing
+from fedlib.server import privacy
+from fedlib.server.aggregation import AggregationConfig, dp_project
+from fedlib.server.ledger import Ledger
+from fedlib.server.privacy import Accountant, PrivacyConfig, calibrate_noise
+from fedlib.server.settings import ServerSettings
+from fedlib.wire import compression, protocol
 
 DELTA = 1e-5
 
@@ -227,16 +229,16 @@ def test_settings_validate_the_dp_options():
 
 
 def _device_update(package, delta, **kwargs):
-    from fedlib.training import seal_delta
+    from client.update import seal_delta
 
-    server = crypto.generate_encryption_key()
-    ring = crypto.ServerKeyring()
+    server = sealing.generate_encryption_key()
+    ring = sealing.ServerKeyring()
     ring.add(server)
-    key = crypto.generate_signing_key()
-    from fedlib.fleet import Fleet
+    key = sealing.generate_signing_key()
+    from fedlib.server.fleet import Fleet
 
     fleet = Fleet()
-    fleet.enroll("dev-1", crypto.public_pem(key))
+    fleet.enroll("dev-1", sealing.public_pem(key))
     update = seal_delta(
         package,
         delta,
@@ -247,14 +249,14 @@ def _device_update(package, delta, **kwargs):
         residual=None,
         **kwargs,
     )
-    opened = crypto.open_update(update.envelope, fleet, ring)
+    opened = sealing.open_update(update.envelope, fleet, ring)
     meta, blob = protocol.decode_payload(opened.payload)
     return meta, compression.decode(blob, expected_dim=delta.size).to_dense()
 
 
 def _package_with(training):
-    from fedlib.model import FeatureSchema, create_model
-    from fedlib.rounds import package_model
+    from fedlib.models.model import FeatureSchema, create_model
+    from fedlib.server.rounds import package_model
 
     schema = FeatureSchema.from_data(["a", "b", "c"], np.ones((4, 3)), "log1p")
     return package_model(create_model("autoencoder", schema, seed=0), version=1, training=training)
@@ -272,10 +274,10 @@ def test_device_reports_the_clipping_bit_in_central_mode_and_noises_in_local_mod
     dim = package.metadata.num_params
     direction = np.ones(dim) / math.sqrt(dim)
     meta, sent = _device_update(package, 3.0 * direction)
-    assert meta.metrics[privacy.UNCLIPPED_METRIC] == 0.0 and meta.num_samples == 50
+    assert meta.metrics[protocol.UNCLIPPED_METRIC] == 0.0 and meta.num_samples == 50
     assert np.linalg.norm(sent) <= 1.0
     meta, _ = _device_update(package, 0.5 * direction)
-    assert meta.metrics[privacy.UNCLIPPED_METRIC] == 1.0
+    assert meta.metrics[protocol.UNCLIPPED_METRIC] == 1.0
 
     local = ServerSettings(
         dp_mode="local", dp_noise_multiplier=2.0, dp_clip_norm=1.0, compression="dense32"
@@ -319,8 +321,8 @@ def _upload(deployment, indices, *, seed=0):
 def test_dp_rounds_record_cumulative_epsilon_in_metadata_and_report(
     s3_config, tmp_path, small_dataset
 ):
-    from fedlib import dashboard
-    from fedlib.round_runner import run_round
+    from fedlib.ops import dashboard
+    from fedlib.server.round_runner import run_round
 
     dep = _dp_deployment(s3_config, tmp_path, small_dataset)
     v1 = dep.registry().read_active().metadata
@@ -355,7 +357,7 @@ def test_dp_rounds_record_cumulative_epsilon_in_metadata_and_report(
     assert rows["dp-2"].privacy_delta == DELTA
     versions = {v.version: v for v in dashboard.version_rows(dep)}
     assert versions[second.published_version].privacy_epsilon == pytest.approx(two_rounds)
-    from plugins.fl_dashboard_web import rounds_table
+    from fedlib.integrations.airflow.dashboard_app import rounds_table
 
     class _Links:
         def __getattr__(self, name):
@@ -366,7 +368,7 @@ def test_dp_rounds_record_cumulative_epsilon_in_metadata_and_report(
 
 
 def test_budget_stops_publishing_without_losing_updates(s3_config, tmp_path, small_dataset):
-    from fedlib.round_runner import PRIVACY_SPENT_PREFIX, load_verdicts, run_round
+    from fedlib.server.round_runner import PRIVACY_SPENT_PREFIX, load_verdicts, run_round
 
     multipliers = (1.0,)
     one, two = (Accountant().add(multipliers, k).epsilon(DELTA) for k in (1, 2))
@@ -403,7 +405,7 @@ def test_budget_stops_publishing_without_losing_updates(s3_config, tmp_path, sma
 def test_a_device_counts_once_per_round_and_a_replay_reproduces_the_noise(
     s3_config, tmp_path, small_dataset
 ):
-    from fedlib import round_runner as rr
+    from fedlib.server import round_runner as rr
 
     dep = _dp_deployment(s3_config, tmp_path, small_dataset)
     _upload(dep, range(3))
@@ -434,7 +436,7 @@ def test_a_device_counts_once_per_round_and_a_replay_reproduces_the_noise(
 def test_local_mode_round_takes_noised_updates_and_charges_each_device(
     s3_config, tmp_path, small_dataset
 ):
-    from fedlib.round_runner import load_verdicts, run_round
+    from fedlib.server.round_runner import load_verdicts, run_round
 
     dep = _dp_deployment(
         s3_config,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from client.cli import build_parser as client_parser
-from fedlib.admin import build_parser as admin_parser
+from fedlib.ops.admin import build_parser as admin_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PARSERS = {"fl-admin": admin_parser, "fl-client": client_parser}

@@ -8,17 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from fedlib import signing
-from fedlib.channel import ChannelError
+from fedlib.crypto import signing
 from fedlib.errors import ObjectExists, VerificationError
-from fedlib.registry import (
-    PACKAGE_FILES,
-    SIGNATURE_FILE,
-    ModelPackage,
-    ModelRegistry,
-    package_prefix,
-    verify_package_files,
-)
+from fedlib.models.package import ModelPackage
+from fedlib.server.registry import ModelRegistry
+from fedlib.trust.channel_layout import ChannelError
+from fedlib.trust.package import PACKAGE_FILES, SIGNATURE_FILE, package_prefix, verify_package_files
 
 
 def bump(package: ModelPackage, version: int, **changes) -> ModelPackage:

@@ -9,15 +9,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedlib.aggregation import (
-    AggregationConfig,
-    StreamingAggregator,
-    aggregator_from_bytes,
-    new_aggregator,
-)
-from fedlib.compression import DecodedDelta
 from fedlib.errors import RejectedUpdate
-from fedlib.robust import RobustAggregator, trusted, weighted_trimmed_mean
+from fedlib.server.aggregation import AggregationConfig, StreamingAggregator
+from fedlib.server.robust import RobustAggregator, trusted, weighted_trimmed_mean
+from fedlib.server.strategy import aggregator_from_bytes, new_aggregator
+from fedlib.wire.compression import DecodedDelta
 
 DIM = 64
 

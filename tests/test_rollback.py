@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 
 from client.agent import InstalledModels, run_cycle
-from fedlib.registry import ModelPackage
-from fedlib.rollback import RollbackRefused, check_active, known_good, manual_rollback, packages
-from fedlib.rounds import model_from_package, package_model
+from fedlib.models.package import ModelPackage
+from fedlib.server.rollback import (
+    RollbackRefused,
+    check_active,
+    known_good,
+    manual_rollback,
+    packages,
+)
+from fedlib.server.rounds import model_from_package, package_model
 from tests.test_client import make_client
 from tests.test_fl_round_dag import report_of, run_dag
 

@@ -16,10 +16,12 @@ import pytest
 from client.agent import run_cycle
 from client.cli import main as client_main
 from client.config import ClientConfig
-from fedlib import crypto, protocol, rotation
-from fedlib.admin import main as admin_main
-from fedlib.server import Deployment
-from fedlib.settings import ServerSettings
+from fedlib.crypto import sealing
+from fedlib.ops.admin import main as admin_main
+from fedlib.server.deployment import Deployment
+from fedlib.server.settings import ServerSettings
+from fedlib.trust import device_config
+from fedlib.wire import protocol
 
 
 @pytest.fixture
@@ -123,7 +125,7 @@ def test_server_accepting_only_the_hybrid_suite_quarantines_classic_updates(flee
     # A device enrolled before the migration: classic key, no PQ requirement.
     assert admin_main(["rotate-server-key", "--suite", "x25519"]) == 0
     doc = json.loads(clients["dev-1"].read_text())
-    doc["server_public_key_pem"] = crypto.public_pem(dep.current_server_public_key()).decode()
+    doc["server_public_key_pem"] = sealing.public_pem(dep.current_server_public_key()).decode()
     doc["require_post_quantum"] = False
     clients["dev-1"].write_text(json.dumps(doc))
     assert admin_main(["rotate-server-key"]) == 0  # hybrid again, before dev-1 runs
@@ -132,15 +134,15 @@ def test_server_accepting_only_the_hybrid_suite_quarantines_classic_updates(flee
     assert report.ok and report.uploaded
     (header,) = pending_headers(dep)
     assert header.suite == protocol.SUITE_MLKEM768_X25519
-    assert rotation.DeviceConfig.from_bytes((state / "device-config.json").read_bytes())
+    assert device_config.DeviceConfig.from_bytes((state / "device-config.json").read_bytes())
 
     # Restricting the server to the hybrid suite refuses a classic envelope with a reason.
     with fleet_env["config"].open("a") as f:
         f.write('accepted_hpke_suites = ["mlkem768-x25519"]\n')
     classic = next(k["key_id"] for k in keys_doc(capsys)["server_keys"] if k["suite"] == "x25519")
-    key = crypto.load_signing_key(state / "client_key.pem")
+    key = sealing.load_signing_key(state / "client_key.pem")
     ring = Deployment(ServerSettings.load(fleet_env["config"])).server_keyring()
-    _, blob = crypto.seal_update(
+    _, blob = sealing.seal_update(
         client_id="dev-1",
         client_key=key,
         server_public_key=ring.get(classic).public_key(),
@@ -189,14 +191,14 @@ def test_device_key_rotation_keeps_spooled_updates_until_revoked(fleet_env, caps
     dep, clients = fleet_env["deployment"], fleet_env["clients"]
     path = clients["dev-1"]
     state = path.parent / "state"
-    old_id = crypto.key_id(crypto.load_signing_key(state / "client_key.pem"))
+    old_id = sealing.key_id(sealing.load_signing_key(state / "client_key.pem"))
     assert cycle(path).uploaded  # signed by the old key, waiting in the inbox
 
     assert client_main(["rotate-key", "--config", str(path)]) == 0
     pub = state / "client_key.next.pub.pem"
     assert admin_main(["add-device-key", "--client-id", "dev-1", "--public-key", str(pub)]) == 0
     assert client_main(["rotate-key", "--config", str(path), "--activate"]) == 0
-    new_id = crypto.key_id(crypto.load_signing_key(state / "client_key.pem"))
+    new_id = sealing.key_id(sealing.load_signing_key(state / "client_key.pem"))
     assert new_id != old_id
     out = capsys.readouterr().out
     assert f"fl-admin revoke dev-1 --key-id {old_id}" in out
@@ -214,9 +216,9 @@ def test_device_key_rotation_keeps_spooled_updates_until_revoked(fleet_env, caps
 
     # An update signed with the revoked key is now refused with a reason.
     retired = next(state.glob("client_key.retired-*.pem"))
-    _, blob = crypto.seal_update(
+    _, blob = sealing.seal_update(
         client_id="dev-1",
-        client_key=crypto.load_signing_key(retired),
+        client_key=sealing.load_signing_key(retired),
         server_public_key=dep.current_server_public_key(),
         base_version=2,
         payload=b"x" * 64,

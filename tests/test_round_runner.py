@@ -6,16 +6,17 @@ import hashlib
 
 import numpy as np
 
-from fedlib import compression, crypto, protocol
-from fedlib.ledger import Ledger
-from fedlib.round_runner import run_round
-from fedlib.training import make_update
+from client.update import make_update
+from fedlib.crypto import sealing
+from fedlib.server.ledger import Ledger
+from fedlib.server.round_runner import run_round
+from fedlib.wire import compression, protocol
 
 
 def enroll(deployment, client_id):
-    key = crypto.generate_signing_key()
+    key = sealing.generate_signing_key()
     fleet = deployment.load_fleet()
-    fleet.enroll(client_id, crypto.public_pem(key))
+    fleet.enroll(client_id, sealing.public_pem(key))
     deployment.save_fleet(fleet)
     return key
 
@@ -57,7 +58,7 @@ def forged_payload_update(deployment, client_id, key, delta, *, base_version=1, 
             "compression": "dense32",
         }
     )
-    header, envelope = crypto.seal_update(
+    header, envelope = sealing.seal_update(
         client_id=client_id,
         client_key=key,
         server_public_key=deployment.current_server_public_key(),
@@ -88,7 +89,7 @@ def test_bad_updates_are_quarantined_good_ones_aggregated(deployment):
     package = deployment.registry().read_active()
     dim = package.metadata.num_params
     key = enroll(deployment, "mallory")
-    stranger = crypto.generate_signing_key()  # never enrolled
+    stranger = sealing.generate_signing_key()  # never enrolled
 
     bad = {}
     # forged signature: flip a bit of a valid envelope's signature
@@ -129,7 +130,7 @@ def test_bad_updates_are_quarantined_good_ones_aggregated(deployment):
 def test_an_object_overwritten_after_judgment_is_neither_lost_nor_miscounted(deployment):
     """The bytes that were judged are what the archive keeps; the new bytes stay in the
     inbox and meet their ledger entry in the next round (duplicate_update_id)."""
-    from fedlib import round_runner as rr
+    from fedlib.server import round_runner as rr
 
     sent = upload_updates(deployment, 3)
     plan = rr.plan_round(deployment, "r-a")
@@ -157,7 +158,7 @@ def test_an_object_overwritten_after_judgment_is_neither_lost_nor_miscounted(dep
 def test_archive_pack_round_trips_and_refuses_tampering():
     import pytest
 
-    from fedlib.round_runner import pack_envelopes, unpack_envelopes
+    from fedlib.server.round_runner import pack_envelopes, unpack_envelopes
 
     entries = [("updates/a/1", b"x" * 10), ("updates/b/2", b""), ("updates/c/3", b"\x00\xff")]
     data = pack_envelopes(entries)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fedlib.settings import ServerSettings
+from fedlib.server.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

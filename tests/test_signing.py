@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedlib import signing
+from fedlib.crypto import signing
 from fedlib.errors import VerificationError
 
 CLI = Path(sys.executable).parent / "model_signing"

@@ -1,7 +1,7 @@
 """The object-store seam against a real SeaweedFS server and a real directory.
 
 Behaviour shared by both backends is parametrized over them, so code written against
-:class:`~fedlib.store.ObjectStore` works the same on a device and on the server.
+:class:`~fedlib.storage.store.ObjectStore` works the same on a device and on the server.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedlib.errors import ObjectExists, StoreError
-from fedlib.seaweed import Credentials, SeaweedServer
-from fedlib.store import (
+from fedlib.storage.store import (
     LocalStore,
     NoSuchKey,
     ObjectInfo,
@@ -31,6 +30,7 @@ from fedlib.store import (
     S3Store,
     open_store,
 )
+from scripts.seaweed import Credentials, SeaweedServer
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -349,7 +349,7 @@ def test_data_survives_restart(private_server: SeaweedServer) -> None:
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "fedlib.seaweed", *args]
+    cmd = [sys.executable, "-m", "scripts.seaweed", *args]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=60)
 
 

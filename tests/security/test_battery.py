@@ -1,6 +1,6 @@
 """Adversarial update battery: malformed and malicious uploads in one real round.
 
-Every bad object starts from a REAL client envelope (``fedlib.training.make_update``
+Every bad object starts from a REAL client envelope (``client.update.make_update``
 with the deployment's package and an enrolled client's key) and is then mutated
 byte-wise, or forged: decrypted with the server keyring, changed, and re-sealed with
 valid keys (HPKE bound to the new header, Ed25519 over the new framing), so that each
@@ -168,12 +168,13 @@ import numpy as np
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedlib import crypto, protocol
+from client.update import make_update
+from fedlib.crypto import sealing
 from fedlib.errors import REASONS
-from fedlib.ledger import Ledger
-from fedlib.registry import ModelPackage
-from fedlib.round_runner import load_verdicts, run_round
-from fedlib.training import make_update
+from fedlib.models.package import ModelPackage
+from fedlib.server.ledger import Ledger
+from fedlib.server.round_runner import load_verdicts, run_round
+from fedlib.wire import protocol
 from tests.test_round_runner import enroll
 
 # -- the wire formats, written out here from their documentation ------------------------
@@ -185,7 +186,7 @@ SIG = protocol.SIGNATURE_BYTES
 
 def hpke_seal(payload: bytes, public: Any, info: bytes) -> bytes:
     """HPKE straight from ``cryptography`` (not fedlib's sealing), for the key's KEM."""
-    if isinstance(public, crypto.HybridPublicKey):
+    if isinstance(public, sealing.HybridPublicKey):
         kem, public = hpke.KEM.MLKEM768_X25519, public.hpke_key()
     else:
         kem = hpke.KEM.X25519
@@ -263,8 +264,8 @@ class World:
         return self.keys[client_id]
 
     @cached_property
-    def foreign_server(self) -> crypto.EncryptionPrivateKey:
-        return crypto.generate_encryption_key()
+    def foreign_server(self) -> sealing.EncryptionPrivateKey:
+        return sealing.generate_encryption_key()
 
     def real(
         self,
@@ -272,7 +273,7 @@ class World:
         *,
         package: ModelPackage | None = None,
         signing_key: ed25519.Ed25519PrivateKey | None = None,
-        server_public: crypto.EncryptionPublicKey | None = None,
+        server_public: sealing.EncryptionPublicKey | None = None,
     ) -> Real:
         data = self.deployment.dataset
         rows = data.clients.get(client_id, data.clients[ATTACKER])
@@ -288,7 +289,7 @@ class World:
         return Real(client_id, update.update_id, update.envelope)
 
     def open(self, real: Real) -> Opened:
-        opened = crypto.open_update(
+        opened = sealing.open_update(
             real.envelope, self.deployment.load_fleet(), self.deployment.server_keyring()
         )
         meta, blob = protocol.decode_payload(opened.payload)
@@ -303,7 +304,7 @@ class World:
         self, signer: str, header_bytes: bytes, ciphertext: bytes, *, version: int = 1
     ) -> bytes:
         key = self.key(signer)
-        kid = bytes.fromhex(crypto.key_id(key))
+        kid = bytes.fromhex(sealing.key_id(key))
         body = (
             PREFIX.pack(protocol.UPDATE_MAGIC, version, kid, len(header_bytes))
             + header_bytes
@@ -322,7 +323,7 @@ class World:
         blob: bytes | None = None,
         payload: bytes | None = None,
         signer: str | None = None,
-        server_public: crypto.EncryptionPublicKey | None = None,
+        server_public: sealing.EncryptionPublicKey | None = None,
     ) -> bytes:
         """Re-seal a real update with changes, validly encrypted and signed."""
         o = self.open(real)
@@ -451,7 +452,7 @@ def object_over_envelope_limit(w: World) -> tuple[str, bytes]:
 
 
 def unknown_client(w: World) -> tuple[str, bytes]:
-    real = w.real("client-99", signing_key=crypto.generate_signing_key())
+    real = w.real("client-99", signing_key=sealing.generate_signing_key())
     return real.key, real.envelope
 
 
@@ -466,7 +467,7 @@ def revoked_client(w: World) -> tuple[str, bytes]:
 def impersonation(w: World) -> tuple[str, bytes]:
     """The attacker signs a header that names the accomplice (key id and client id)."""
     real = w.real()
-    other = crypto.key_id(w.key(ACCOMPLICE))
+    other = sealing.key_id(w.key(ACCOMPLICE))
     env = w.seal(real, header={"client_id": ACCOMPLICE, "client_key_id": other})
     return protocol.inbox_key(ACCOMPLICE, real.update_id), env
 
@@ -474,7 +475,7 @@ def impersonation(w: World) -> tuple[str, bytes]:
 def ciphertext_resigned_by_other_client(w: World) -> tuple[str, bytes]:
     real = w.real()
     header = json.loads(header_bytes_of(real.envelope))
-    header.update(client_id=ACCOMPLICE, client_key_id=crypto.key_id(w.key(ACCOMPLICE)))
+    header.update(client_id=ACCOMPLICE, client_key_id=sealing.key_id(w.key(ACCOMPLICE)))
     ciphertext = real.envelope[ct_start(real.envelope) : -SIG]
     env = w.sign(ACCOMPLICE, protocol.canonical_json(header), ciphertext)
     return protocol.inbox_key(ACCOMPLICE, real.update_id), env
@@ -659,7 +660,7 @@ BATTERY: list[Kind] = [
     # identity and object keys
     Kind("unknown_client", unknown_client, "unknown_client"),
     Kind("revoked_client", revoked_client, "revoked_client"),
-    # crypto.verify_envelope: a header naming someone other than the signer is a
+    # sealing.verify_envelope: a header naming someone other than the signer is a
     # signature failure (the signature does not vouch for that client).
     Kind("impersonation", impersonation, "bad_signature"),
     Kind(

@@ -8,8 +8,8 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from fedlib import round_runner as rr
-from fedlib.ledger import Ledger
+from fedlib.server import round_runner as rr
+from fedlib.server.ledger import Ledger
 from tests.helpers import build_deployment, expose_to_airflow
 from tests.test_fl_round_dag import report_of, run_dag
 from tests.test_round_runner import upload_updates

@@ -46,14 +46,18 @@ from hypothesis import strategies as st
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile
 
-from fedlib import compression, crypto, protocol, signing
-from fedlib.airgap import BundleVerificationError, export_bundle, verify_bundle
-from fedlib.channel import ChannelClient, ChannelKeys, ChannelRepository
+from fedlib.crypto import sealing, signing
 from fedlib.errors import REASONS, RejectedUpdate, VerificationError
-from fedlib.fleet import Fleet
-from fedlib.protocol import PackageMetadata, TrainingConfig, UpdateMeta
-from fedlib.registry import ModelPackage, sign_package, verify_package_files
-from fedlib.store import LocalStore, NoSuchKey
+from fedlib.models.package import ModelPackage
+from fedlib.server.fleet import Fleet
+from fedlib.storage.store import LocalStore, NoSuchKey
+from fedlib.trust.airgap import BundleVerificationError, verify_bundle
+from fedlib.trust.airgap_export import export_bundle
+from fedlib.trust.channel_client import ChannelClient
+from fedlib.trust.channel_repository import ChannelKeys, ChannelRepository
+from fedlib.trust.package import sign_package, verify_package_files
+from fedlib.wire import compression, protocol
+from fedlib.wire.protocol import PackageMetadata, TrainingConfig, UpdateMeta
 
 SCALE = float(os.environ.get("FEDLIB_FUZZ_SCALE", "1"))
 EXAMPLES = max(1, int(10_000 * SCALE))
@@ -334,10 +338,10 @@ REVOKED_KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
 UNKNOWN_KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(2, 34)))
 SERVER_KEY = x25519.X25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
 FLEET = Fleet()
-FLEET.enroll("client-1", crypto.public_pem(CLIENT_KEY), now_ms=0)
-FLEET.enroll("client-2", crypto.public_pem(REVOKED_KEY), now_ms=0)
+FLEET.enroll("client-1", sealing.public_pem(CLIENT_KEY), now_ms=0)
+FLEET.enroll("client-2", sealing.public_pem(REVOKED_KEY), now_ms=0)
 FLEET.revoke("client-2", now_ms=1)
-RING = crypto.ServerKeyring()
+RING = sealing.ServerKeyring()
 RING.add(SERVER_KEY)
 
 
@@ -386,14 +390,14 @@ def _payload_cases() -> list[PayloadCase]:
 
 PAYLOADS = _payload_cases()
 PAYLOAD = PAYLOADS[0].payload
-HEADER, ENVELOPE = crypto.seal_update(
+HEADER, ENVELOPE = sealing.seal_update(
     client_id="client-1",
     client_key=CLIENT_KEY,
     server_public_key=SERVER_KEY.public_key(),
     base_version=3,
     payload=PAYLOAD,
 )
-_, REVOKED_ENVELOPE = crypto.seal_update(
+_, REVOKED_ENVELOPE = sealing.seal_update(
     client_id="client-2",
     client_key=REVOKED_KEY,
     server_public_key=SERVER_KEY.public_key(),
@@ -443,12 +447,12 @@ def envelope_inputs(draw: st.DrawFn) -> bytes:
 
 
 def test_envelope_positive_control() -> None:
-    opened = crypto.open_update(ENVELOPE, FLEET, RING)
+    opened = sealing.open_update(ENVELOPE, FLEET, RING)
     assert opened.header == HEADER and opened.payload == PAYLOAD
     assert _sign(PARTS.signed_bytes) == ENVELOPE  # Ed25519 is deterministic: the re-signer works
-    assert crypto.open_update(_sign(_frame(PARTS.header_bytes, PARTS.ciphertext)), FLEET, RING)
+    assert sealing.open_update(_sign(_frame(PARTS.header_bytes, PARTS.ciphertext)), FLEET, RING)
     with pytest.raises(RejectedUpdate) as err:
-        crypto.open_update(REVOKED_ENVELOPE, FLEET, RING)
+        sealing.open_update(REVOKED_ENVELOPE, FLEET, RING)
     assert err.value.reason == "revoked_client"
 
 
@@ -456,7 +460,7 @@ def test_envelope_positive_control() -> None:
 @given(blob=envelope_inputs())
 def test_fuzz_open_update(blob: bytes) -> None:
     try:
-        opened = crypto.open_update(blob, FLEET, RING)
+        opened = sealing.open_update(blob, FLEET, RING)
     except RejectedUpdate as exc:
         assert exc.reason in REASONS
         event(exc.reason)

@@ -21,8 +21,8 @@ import tracemalloc
 from collections import Counter
 
 from bench.crafted import enroll_fleet, upload_crafted
-from fedlib.ledger import LEDGER_PREFIX, Ledger
-from fedlib.round_runner import run_round
+from fedlib.server.ledger import LEDGER_PREFIX, Ledger
+from fedlib.server.round_runner import run_round
 
 CLIENTS = 1_000
 SMALL = 1_000

@@ -220,7 +220,7 @@ def test_metadata_db_restarted_between_tasks_round_still_publishes(
     task still succeeds on its first try: the round publishes, each update has exactly one
     ledger verdict, and Airflow's own record of the run is in the restarted server."""
     from client.agent import run_cycle
-    from fedlib.ledger import Ledger
+    from fedlib.server.ledger import Ledger
     from tests.helpers import expose_to_airflow
     from tests.test_client import make_client
     from tests.test_fl_round_dag import report_of

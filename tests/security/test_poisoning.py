@@ -13,10 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlib import crypto, protocol
-from fedlib.ledger import Ledger
-from fedlib.round_runner import run_round
-from fedlib.training import local_delta, make_update, seal_delta
+from client.update import make_update, seal_delta
+from fedlib.crypto import sealing
+from fedlib.models.training import local_delta
+from fedlib.server.ledger import Ledger
+from fedlib.server.round_runner import run_round
+from fedlib.wire import protocol
 from tests.helpers import build_deployment
 
 HONEST, ATTACKER = 4, 1
@@ -30,8 +32,8 @@ def upload_round(deployment, *, attack: str) -> str:
     fleet = deployment.load_fleet()
     keys = {}
     for cid in data.client_ids[: HONEST + ATTACKER]:
-        keys[cid] = crypto.generate_signing_key()
-        fleet.enroll(cid, crypto.public_pem(keys[cid]))
+        keys[cid] = sealing.generate_signing_key()
+        fleet.enroll(cid, sealing.public_pem(keys[cid]))
     deployment.save_fleet(fleet)
     bound = deployment.settings.norm_bound
     poisoned_key = ""

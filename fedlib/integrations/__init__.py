@@ -1,0 +1,1 @@
+"""Integrations with orchestrators; the only place that imports them."""

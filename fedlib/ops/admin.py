@@ -1,0 +1,407 @@
+"""``fl-admin``: the operator's command line for one deployment.
+
+    fl-admin init --holdout holdout.npz        # keys, buckets, holdout, model version 1
+    fl-admin enroll CLIENT_ID --public-key client_key.pub.pem --out client.json
+    fl-admin revoke CLIENT_ID
+    fl-admin status [--json]
+
+Settings come from ``--config`` / ``$FL_SERVER_CONFIG`` / ``./fl-server.toml`` and
+``FL_*`` environment variables (see :mod:`fedlib.server.settings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fedlib.crypto import pq_signing, sealing
+from fedlib.errors import FedError
+from fedlib.models.evaluation import evaluate_onnx
+from fedlib.models.model import FeatureSchema, create_model
+from fedlib.server import rotation
+from fedlib.server.credentials import IamCredentialIssuer
+from fedlib.server.deployment import Deployment, Holdout
+from fedlib.server.rounds import package_model
+from fedlib.server.settings import ServerSettings
+
+
+def _deployment(args: argparse.Namespace) -> Deployment:
+    return Deployment(ServerSettings.load(args.config))
+
+
+def initial_package(
+    deployment: Deployment, holdout: Holdout, *, kind: str | None = None, seed: int = 0
+):
+    """Version 1: a fresh model whose scaling and threshold come from the server's holdout.
+
+    The holdout is the server's own data, so no device row is needed to start; later
+    versions move only through federated updates.
+    """
+    settings = deployment.settings
+    kind = kind or settings.model_kind
+    benign = holdout.benign()
+    schema = FeatureSchema.from_data(holdout.feature_names, benign, "log1p")
+    model = create_model(kind, schema, seed=seed)
+    model.calibrate_threshold(benign, quantile=settings.threshold_quantile)
+    training = settings.training(kind)
+    draft = package_model(model, version=1, training=training)
+    metrics = evaluate_onnx(draft.onnx_bytes, holdout.features, holdout.labels).as_dict()
+    return package_model(model, version=1, training=training, metrics=metrics)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    deployment = _deployment(args)
+    deployment.ensure_keys()
+    deployment.ensure_buckets()
+    deployment.init_channel()
+    holdout = Holdout.from_bytes(Path(args.holdout).read_bytes())
+    if deployment.holdout_version() is None:
+        deployment.save_holdout(holdout)
+    else:
+        print("a holdout exists already; `fl-admin holdout FILE` stores a new version")
+        holdout = deployment.load_holdout()
+    deployment.save_fleet(deployment.load_fleet())
+    registry = deployment.registry(signing=True)
+    if registry.active_version() is None:
+        package = initial_package(deployment, holdout, kind=args.model_kind, seed=args.seed)
+        registry.publish(package)
+        print(
+            f"published version 1 ({package.metadata.model_kind}, "
+            f"holdout AUC {package.metadata.metrics['auc']:.3f})"
+        )
+    else:
+        print(f"models already published (active version {registry.active_version()})")
+    rotation.publish_device_config(deployment)  # whom devices seal to, whom they trust
+    print(f"keys in {deployment.keys_dir}; buckets ready at {deployment.s3.endpoint_url}")
+    return 0
+
+
+def client_config_document(
+    deployment: Deployment,
+    client_id: str,
+    *,
+    features_dir: str,
+    state_dir: str,
+    access_key: str | None,
+    secret_key: str | None,
+) -> dict[str, object]:
+    """What a device needs, as written by ``enroll``: no secret of the server's."""
+    settings = deployment.settings
+    server_key = deployment.current_server_public_key()
+    return {
+        "client_id": client_id,
+        "inbox_url": f"s3://{settings.inbox_bucket}",
+        "models_url": f"s3://{settings.models_bucket}",
+        "s3": {
+            "endpoint_url": deployment.s3.endpoint_url,
+            "region": deployment.s3.region,
+            "access_key": access_key,
+            "secret_key": secret_key,
+        },
+        "server_public_key_pem": sealing.public_pem(server_key).decode(),
+        # A device enrolled on the hybrid suite never lets a config move it back.
+        "require_post_quantum": sealing.suite_of(server_key) in sealing.POST_QUANTUM_SUITES,
+        "package_signing_keys_pem": [
+            pq_signing.public_pem(key).decode()
+            for _, key in sorted(deployment.trusted_package_keys().items())
+        ],
+        "channel_root_json": deployment.channel_root().decode(),
+        "features_dir": features_dir,
+        "state_dir": state_dir,
+    }
+
+
+def issuer(deployment: Deployment) -> IamCredentialIssuer:
+    """Per-device S3 keys through the AWS IAM API (AWS, SeaweedFS; MinIO: by hand)."""
+    return IamCredentialIssuer(deployment.s3)
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    deployment = _deployment(args)
+    fleet = deployment.load_fleet()
+    kid = fleet.enroll(args.client_id, Path(args.public_key).read_bytes())
+    access_key, secret_key = args.access_key, args.secret_key
+    if access_key is None and deployment.settings.credential_issuer == "iam":
+        creds = issuer(deployment).issue(
+            args.client_id,
+            inbox_bucket=deployment.settings.inbox_bucket,
+            models_bucket=deployment.settings.models_bucket,
+        )
+        access_key, secret_key = creds.access_key, creds.secret_key
+        print(f"issued least-privilege S3 keys for {args.client_id} ({creds.user_name})")
+    deployment.save_fleet(fleet)
+    doc = client_config_document(
+        deployment,
+        args.client_id,
+        features_dir=args.features_dir,
+        state_dir=args.state_dir,
+        access_key=access_key,
+        secret_key=secret_key,
+    )
+    out = Path(args.out)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out.chmod(0o600)
+    print(f"enrolled {args.client_id} (key {kid}); client config written to {out}")
+    return 0
+
+
+def cmd_holdout(args: argparse.Namespace) -> int:
+    deployment = _deployment(args)
+    version = deployment.save_holdout(Holdout.from_bytes(Path(args.file).read_bytes()))
+    print(f"holdout version {version} is now current (rounds evaluate on it from now on)")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    deployment = _deployment(args)
+    if args.key_id:  # one key: the end of a device key rotation, the device stays enrolled
+        print(rotation.revoke_device_key(deployment, args.client_id, args.key_id).summary())
+        return 0
+    fleet = deployment.load_fleet()
+    revoked = fleet.revoke(args.client_id)
+    deployment.save_fleet(fleet)
+    if deployment.settings.credential_issuer == "iam":
+        issuer(deployment).revoke(args.client_id)
+    print(f"revoked {args.client_id}: keys {', '.join(revoked)}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    doc = rotation.key_inventory(_deployment(args))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    for key in doc["server_keys"]:  # type: ignore[attr-defined]
+        mark = " (current)" if key["current"] else ""
+        print(f"server HPKE key  {key['key_id']}  {key['suite']}{mark}")
+    print(f"accepted suites  {', '.join(doc['accepted_suites'])}")  # type: ignore[arg-type]
+    for key in doc["package_signing_keys"]:  # type: ignore[attr-defined]
+        mark = " (signs new versions)" if key["current"] else ""
+        print(f"package key      {key['key_id']}{mark}")
+    print(f"device config    serial {doc['device_config_serial']}")
+    print(f"channel root     v{doc['channel']['root_version']}")  # type: ignore[index]
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    """Every rotation: one line saying what moved (and the device config serial)."""
+    deployment = _deployment(args)
+    if args.command == "rotate-server-key":
+        done = rotation.rotate_server_key(deployment, args.suite)
+    elif args.command == "retire-server-key":
+        done = rotation.retire_server_key(deployment, args.key_id, force=args.force)
+    elif args.command == "rotate-package-key":
+        done = rotation.rotate_package_key(deployment)
+    elif args.command == "retire-package-key":
+        done = rotation.retire_package_key(deployment, args.key_id)
+    elif args.command == "rotate-channel-key":
+        done = rotation.rotate_channel_key(deployment, args.role, root_keys=args.root_keys)
+    else:  # add-device-key
+        done = rotation.add_device_key(
+            deployment, args.client_id, Path(args.public_key).read_bytes()
+        )
+    print(done.summary())
+    return 0
+
+
+def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[str, object]:
+    """What ``fl-admin status`` prints: the dashboard's version rows and newest rounds."""
+    from fedlib.ops import dashboard
+
+    registry = deployment.registry()
+    versions = []
+    for row in reversed(dashboard.version_rows(deployment)):
+        doc: dict[str, object] = {
+            "version": row.version,
+            "auc": row.auc,
+            "ap": row.ap,
+            "parent_version": row.parent_version,
+            "rollback_of": row.rollback_of,
+            "rolled_back": row.rolled_back,
+            "round_id": row.round_id,
+            "published_at": (
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.created_at_ms / 1000))
+                if row.created_at_ms
+                else None
+            ),
+        }
+        if row.error:
+            doc["error"] = row.error
+        versions.append(doc)
+    rounds = [
+        {
+            "run_id": r.run_id,
+            "decision": r.decision,
+            "accepted": r.accepted,
+            "rejected": r.rejected_total,
+            "published_version": r.published_version,
+            "rolled_back": bool(r.rollback and r.rollback.rolled_back),
+        }
+        for r in dashboard.rounds(deployment, limit=recent_rounds).items
+    ]
+    pending = sum(1 for _ in deployment.inbox.list("updates/"))
+    quarantined = sum(1 for _ in deployment.state.list("quarantine/"))
+    fleet = deployment.load_fleet()
+    return {
+        "active_version": registry.active_version(),
+        "holdout_version": deployment.holdout_version(),
+        "versions": versions,
+        "recent_rounds": rounds,
+        "pending_updates": pending,
+        "quarantined": quarantined,
+        "clients": fleet.client_ids(),
+        "revoked_clients": sorted(
+            set(fleet.client_ids(include_revoked=True)) - set(fleet.client_ids())
+        ),
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    doc = status_document(_deployment(args))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"active version:  {doc['active_version']}")
+    for v in doc["versions"]:  # type: ignore[union-attr]
+        auc = "-" if v["auc"] is None else f"{v['auc']:.3f}"
+        extra = f" (rollback of {v['rollback_of']})" if v["rollback_of"] else ""
+        extra += " (rolled back)" if v["rolled_back"] else ""
+        extra += f" ERROR {v['error']}" if v.get("error") else ""
+        print(f"  v{v['version']:<4} auc {auc}  {v['published_at']}{extra}")
+    for r in doc["recent_rounds"]:  # type: ignore[union-attr]
+        published = f" -> v{r['published_version']}" if r["published_version"] else ""
+        rollback = " (rollback)" if r["rolled_back"] else ""
+        print(
+            f"  round {r['run_id']}: {r['decision']}{published}{rollback}, "
+            f"{r['accepted']} accepted, {r['rejected']} rejected"
+        )
+    print(f"pending updates: {doc['pending_updates']}")
+    print(f"quarantined:     {doc['quarantined']}")
+    print(f"clients:         {len(doc['clients'])}")  # type: ignore[arg-type]
+    return 0
+
+
+def cmd_round(args: argparse.Namespace) -> int:
+    from fedlib.server.round_runner import run_round
+
+    run_id = args.run_id or time.strftime("manual__%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    report = run_round(
+        _deployment(args),
+        run_id,
+        min_clients=args.min_clients,
+        max_updates=args.max_updates,
+        dry_run=args.dry_run,
+        progress=None if args.json else lambda line: print(f"  {line}", flush=True),
+    )
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(report.summary())
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.example:
+        print(ServerSettings.example_toml(), end="")
+    else:
+        print(ServerSettings.load(args.config).model_dump_json(indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fl-admin", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="fl-server.toml (default: $FL_SERVER_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="keys, buckets, holdout and model version 1")
+    init.add_argument("--holdout", required=True, help=".npz with holdout_X, holdout_y")
+    init.add_argument("--model-kind", default=None)
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=cmd_init)
+
+    enroll = sub.add_parser("enroll", help="register a device key, write its client config")
+    enroll.add_argument("client_id")
+    enroll.add_argument("--public-key", required=True)
+    enroll.add_argument("--out", required=True)
+    enroll.add_argument("--features-dir", default="features")
+    enroll.add_argument("--state-dir", default="state")
+    enroll.add_argument(
+        "--access-key", default=None, help="device S3 key (default: issue one via IAM)"
+    )
+    enroll.add_argument("--secret-key", default=None)
+    enroll.set_defaults(func=cmd_enroll)
+
+    holdout = sub.add_parser("holdout", help="upload a new labeled holdout version")
+    holdout.add_argument("file", help=".npz with holdout_X, holdout_y[, feature_names]")
+    holdout.set_defaults(func=cmd_holdout)
+
+    revoke = sub.add_parser("revoke", help="refuse every later update of a device")
+    revoke.add_argument("client_id")
+    revoke.add_argument(
+        "--key-id", default=None, help="revoke only this key (after a device key rotation)"
+    )
+    revoke.set_defaults(func=cmd_revoke)
+
+    keys = sub.add_parser("keys", help="key ids in use: server HPKE, package, channel")
+    keys.add_argument("--json", action="store_true")
+    keys.set_defaults(func=cmd_keys)
+    rotate = sub.add_parser(
+        "rotate-server-key", help="new current HPKE key; old ones still open their updates"
+    )
+    rotate.add_argument("--suite", choices=sorted(sealing.SUITES), default=None)
+    rotate.set_defaults(func=cmd_rotate)
+    retire = sub.add_parser("retire-server-key", help="delete an old HPKE key")
+    retire.add_argument("key_id")
+    retire.add_argument(
+        "--force", action="store_true", help="even if inbox updates are sealed to it"
+    )
+    retire.set_defaults(func=cmd_rotate)
+    sub.add_parser(
+        "rotate-package-key", help="new package-signing key, trusted before it signs"
+    ).set_defaults(func=cmd_rotate)
+    retire_pkg = sub.add_parser("retire-package-key", help="stop trusting an old package key")
+    retire_pkg.add_argument("key_id")
+    retire_pkg.set_defaults(func=cmd_rotate)
+    channel = sub.add_parser(
+        "rotate-channel-key", help="rotate a TUF role's key through the root chain"
+    )
+    channel.add_argument(
+        "--role", required=True, choices=["root", "targets", "snapshot", "timestamp"]
+    )
+    channel.add_argument("--root-keys", type=int, default=0, help="new root key count")
+    channel.set_defaults(func=cmd_rotate)
+    add_key = sub.add_parser(
+        "add-device-key", help="enroll a device's next signing key next to its current one"
+    )
+    add_key.add_argument("--client-id", required=True)
+    add_key.add_argument("--public-key", required=True)
+    add_key.set_defaults(func=cmd_rotate)
+
+    rnd = sub.add_parser("round", help="run one round in this process (no Airflow)")
+    rnd.add_argument("--run-id", default=None)
+    rnd.add_argument("--min-clients", type=int, default=None)
+    rnd.add_argument("--max-updates", type=int, default=None)
+    rnd.add_argument("--dry-run", action="store_true")
+    rnd.add_argument("--json", action="store_true")
+    rnd.set_defaults(func=cmd_round)
+
+    config = sub.add_parser("config", help="print the effective settings (or --example)")
+    config.add_argument("--example", action="store_true", help="a commented fl-server.toml")
+    config.set_defaults(func=cmd_config)
+
+    status = sub.add_parser("status", help="versions, pending and quarantined updates")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FedError, ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"fl-admin: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1158 @@
+"""A round's server-side steps over the real stores, each a function of explicit inputs.
+
+The ``fl_round`` DAG runs every step as its own (mapped, retried) task; ``run_round``
+chains them in one process for ``fl-admin round``. Each step reads what it needs from
+the state bucket and writes its result there under ``rounds/<run>/``, deterministically,
+so a retried task rewrites the same bytes and XCom only carries keys and digests.
+
+Exactly-once: a shard's verdicts are per-run files (rewritten on retry); only
+:func:`finalize_round` writes the write-once ledger entries (and quarantine copies), and
+only then are inbox objects deleted. An inbox object whose key already has a ledger
+entry is a replay. Objects of a run that never finalized stay in the inbox and are
+picked up by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import itertools
+import struct
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedlib.crypto import sealing
+from fedlib.errors import RejectedUpdate
+from fedlib.models.package import ModelPackage, weights_from_bytes
+from fedlib.server import privacy, robust
+from fedlib.server.aggregation import AggregationConfig
+from fedlib.server.deployment import Deployment, Holdout
+from fedlib.server.ledger import Ledger
+from fedlib.server.records import Verdict
+from fedlib.server.rounds import (
+    DpRound,
+    RoundInputs,
+    aggregate_objects,
+    build_candidate,
+    unclipped_counts,
+)
+from fedlib.server.strategy import aggregator_from_bytes, new_aggregator
+from fedlib.storage.store import NoSuchKey, ObjectInfo, ObjectTooLarge, StoreError
+from fedlib.trust.package import PACKAGE_FILES
+from fedlib.wire import protocol
+from fedlib.wire.protocol import PackageMetadata
+
+if TYPE_CHECKING:
+    from fedlib.models.evaluation import Metrics
+
+ROUNDS_PREFIX = "rounds/"
+REPORTS_PREFIX = "reports/"
+OPTIMIZER_PREFIX = "optimizer/"
+INTERVALS_PREFIX = "intervals/"
+#: One object per round whose DP aggregate was computed; the key carries the round's
+#: noise multipliers, so the cumulative epsilon is one listing (no read per round).
+PRIVACY_SPENT_PREFIX = "privacy/spent/"
+ARCHIVE_PREFIX = "archive/"
+#: S3 requests one shard keeps in flight (inbox GETs ahead of the verifier; archive
+#: writes). Enough to hide a local S3's latency behind the verifier's CPU; each GET in
+#: flight holds at most one envelope, so a shard holds this many beyond its judged ones.
+SHARD_IO_CONCURRENCY = 8
+
+
+def run_prefix(run_id: str) -> str:
+    return f"{ROUNDS_PREFIX}{safe_run_id(run_id)}/"
+
+
+def safe_run_id(run_id: str) -> str:
+    """Run ids (``scheduled__2026-01-01T00:00:00+00:00``) made safe as one key segment."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    if cleaned == run_id:
+        return cleaned
+    return f"{cleaned}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
+
+
+def _put_json(deployment: Deployment, key: str, doc: Any) -> str:
+    data = protocol.canonical_json(doc)
+    deployment.state.put(key, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _get_json(deployment: Deployment, key: str) -> Any:
+    return protocol.parse_json_limited(deployment.state.get(key), 256 << 20, key)
+
+
+# -- guard the active model ----------------------------------------------------------------
+
+
+def check_active_model(
+    deployment: Deployment, run_id: str, *, created_at_ms: int | None = None
+) -> dict[str, Any]:
+    """Automatic rollback before anything else: see :mod:`fedlib.server.rollback`."""
+    from fedlib.server.rollback import check_active
+
+    decision = check_active(deployment, created_at_ms=created_at_ms).as_dict()
+    _put_json(deployment, run_prefix(run_id) + "rollback.json", decision)
+    return decision
+
+
+# -- plan ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """A round's batch. Its keys live in one file per shard (:func:`load_shard`), so a
+    plan, and every task that loads it, stays small whatever the batch size."""
+
+    run_id: str
+    base_version: int
+    shard_count: int
+    updates: int
+    replay_count: int
+    client_count: int
+    waiting: bool
+    message: str
+    created_at_ms: int
+    interval_key: str | None = None
+    interval_end_ms: int | None = None
+    holdout_version: int | None = None
+    replay_of: str | None = None
+    candidate_version: int | None = None
+
+    @property
+    def shard_run(self) -> str:
+        """The run whose shard files hold the keys (a replay reuses the original's)."""
+        return self.replay_of or self.run_id
+
+
+@dataclass(frozen=True)
+class Shard:
+    keys: list[str]
+    replays: list[str]  # keys that already have a ledger verdict
+
+
+def shard_key(run_id: str, index: int) -> str:
+    return f"{run_prefix(run_id)}shards/{index:05d}.keys.json"
+
+
+def plan_keys(deployment: Deployment, plan: RoundPlan) -> Iterator[str]:
+    """Every key of a plan, shard by shard."""
+    for index in range(plan.shard_count):
+        yield from load_shard(deployment, plan, index).keys
+
+
+_PACK_MAGIC = b"FLAR\x01"
+
+
+def archive_key(run_id: str, index: int) -> str:
+    """Where a shard keeps the bytes it accepted: one object per shard, not per update."""
+    return f"{ARCHIVE_PREFIX}{safe_run_id(run_id)}/{index:05d}.pack"
+
+
+def pack_envelopes(entries: list[tuple[str, bytes]]) -> bytes:
+    """``(key, envelope)`` pairs in one object: count, then per entry the key, the
+    envelope's SHA-256 and length, and the envelope (big-endian lengths)."""
+    parts = [_PACK_MAGIC, struct.pack(">I", len(entries))]
+    for key, blob in entries:
+        raw = key.encode()
+        parts += [struct.pack(">H", len(raw)), raw, hashlib.sha256(blob).digest()]
+        parts += [struct.pack(">I", len(blob)), blob]
+    return b"".join(parts)
+
+
+def unpack_envelopes(data: bytes) -> dict[str, bytes]:
+    """The inverse of :func:`pack_envelopes`; refuses a pack that is cut, padded or whose
+    envelope does not match its recorded digest."""
+    view = memoryview(data)
+    if not data.startswith(_PACK_MAGIC) or len(data) < len(_PACK_MAGIC) + 4:
+        raise ValueError("not an archive pack")
+    pos = len(_PACK_MAGIC)
+    (count,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    out: dict[str, bytes] = {}
+    for _ in range(count):
+        if pos + 2 > len(data):
+            raise ValueError("archive pack is cut short")
+        (key_len,) = struct.unpack_from(">H", data, pos)
+        end = pos + 2 + key_len + 32 + 4
+        if end > len(data):
+            raise ValueError("archive pack is cut short")
+        key = bytes(view[pos + 2 : pos + 2 + key_len]).decode()
+        digest = bytes(view[pos + 2 + key_len : end - 4])
+        (size,) = struct.unpack_from(">I", data, end - 4)
+        if end + size > len(data):
+            raise ValueError("archive pack is cut short")
+        blob = bytes(view[end : end + size])
+        if hashlib.sha256(blob).digest() != digest:
+            raise ValueError(f"archived bytes of {key} do not match their digest")
+        out[key] = blob
+        pos = end + size
+    if pos != len(data):
+        raise ValueError("archive pack has trailing bytes")
+    return out
+
+
+def archived_envelope(deployment: Deployment, run_id: str, key: str) -> bytes:
+    """The bytes run ``run_id`` accepted under ``key`` (tests, audits)."""
+    plan = load_plan(deployment, run_id)
+    for index in range(plan.shard_count):
+        if key in load_shard(deployment, plan, index).keys:
+            return unpack_envelopes(deployment.state.get(archive_key(plan.run_id, index)))[key]
+    raise NoSuchKey(key, f"not in the plan of {run_id}")
+
+
+def load_shard(deployment: Deployment, plan: RoundPlan, index: int) -> Shard:
+    doc = _get_json(deployment, shard_key(plan.shard_run, index))
+    return Shard(keys=list(doc["keys"]), replays=list(doc["replays"]))
+
+
+def arrival_ms(info: ObjectInfo) -> int:
+    """When an update belongs to a round: its creation time (UUIDv7), capped by the
+    store's receipt time, so a device clock in the future cannot delay it forever."""
+    received = info.last_modified_ms or 2**62
+    try:
+        _, update_id = protocol.parse_inbox_key(info.key)
+        created = int(update_id.replace("-", "")[:12], 16)
+    except (RejectedUpdate, ValueError):
+        return received
+    return min(created, received)
+
+
+def plan_round(
+    deployment: Deployment,
+    run_id: str,
+    *,
+    min_clients: int | None = None,
+    max_updates: int | None = None,
+    shard_size: int | None = None,
+    created_at_ms: int | None = None,
+    interval_key: str | None = None,
+    interval_end_ms: int | None = None,
+) -> RoundPlan:
+    """Pick the batch (inbox order, bounded) and split it into shards; save the plan.
+
+    A run for a data interval takes the updates that arrived by the interval's end. If
+    that interval was already processed, the plan is the original one (a *replay*): the
+    round is recomputed from the archived inputs and compared, and nothing is published.
+    """
+    if interval_key is not None:
+        record = interval_record(deployment, interval_key)
+        if record is not None:
+            original = load_plan(deployment, record["run_id"])
+            plan = dataclasses.replace(
+                original,
+                run_id=run_id,
+                replay_of=record["run_id"],
+                candidate_version=record.get("candidate_version"),
+                message=f"replay of {record['run_id']} (interval {interval_key})",
+            )
+            _put_json(deployment, run_prefix(run_id) + "plan.json", dataclasses.asdict(plan))
+            return plan
+    settings = deployment.settings
+    limit = max_updates or settings.max_batch
+    size = shard_size or settings.shard_size
+    base_version = deployment.registry().active_version()
+    if base_version is None:
+        raise NoSuchKey("channel/active.json", "no model published: run fl-admin init")
+    ledger = Ledger(deployment.state)
+    # Streamed: the listing is in key order, so each client's keys are contiguous and
+    # its ledger entries are needed only while its keys go by. Memory: one shard of
+    # keys plus one client's processed keys, whatever the batch size.
+    shard: list[str] = []
+    shard_replays: list[str] = []
+    shard_count = updates = replay_count = fresh_clients = 0
+    client, done, client_fresh = None, set(), False
+    # DP: at most one update per device per round (the sensitivity argument); a
+    # device's later updates stay in the inbox for the next rounds.
+    one_per_client = settings.dp_mode != "off"
+
+    def flush() -> None:
+        nonlocal shard, shard_replays, shard_count
+        if shard:
+            _put_json(
+                deployment,
+                shard_key(run_id, shard_count),
+                {"keys": shard, "replays": shard_replays},
+            )
+            shard, shard_replays, shard_count = [], [], shard_count + 1
+
+    for info in deployment.inbox.list("updates/", limit=limit):
+        if interval_end_ms is not None and arrival_ms(info) > interval_end_ms:
+            continue
+        key = info.key
+        owner = key.split("/")[1] if key.count("/") == 2 else None
+        if owner != client:
+            client, client_fresh = owner, False
+            done = ledger.processed_keys(owner) if owner is not None else set()
+        if one_per_client and client_fresh and key not in done:
+            continue  # this device already has its one fresh update in this round
+        updates += 1
+        shard.append(key)
+        if key in done:
+            shard_replays.append(key)
+            replay_count += 1
+        elif owner is not None and not client_fresh:
+            client_fresh, fresh_clients = True, fresh_clients + 1
+        if len(shard) >= size:
+            flush()
+    flush()
+    need = min_clients if min_clients is not None else settings.min_clients
+    waiting = fresh_clients < need
+    plan = RoundPlan(
+        run_id=run_id,
+        base_version=base_version,
+        shard_count=0 if waiting else shard_count,
+        updates=updates,
+        replay_count=replay_count,
+        client_count=fresh_clients,
+        waiting=waiting,
+        message=(
+            f"waiting: {fresh_clients} of {need} clients"
+            if waiting
+            else f"{updates} updates from {fresh_clients} clients in {shard_count} shards"
+        ),
+        created_at_ms=created_at_ms if created_at_ms is not None else int(time.time() * 1000),
+        interval_key=interval_key,
+        interval_end_ms=interval_end_ms,
+        holdout_version=deployment.holdout_version(),
+    )
+    _put_json(deployment, run_prefix(run_id) + "plan.json", dataclasses.asdict(plan))
+    return plan
+
+
+def interval_record(deployment: Deployment, interval_key: str) -> dict[str, Any] | None:
+    """What the round of a data interval produced, once it finished (None: not yet)."""
+    try:
+        return _get_json(deployment, f"{INTERVALS_PREFIX}{safe_run_id(interval_key)}.json")
+    except NoSuchKey:
+        return None
+
+
+def load_plan(deployment: Deployment, run_id: str) -> RoundPlan:
+    return RoundPlan(**_get_json(deployment, run_prefix(run_id) + "plan.json"))
+
+
+# -- shards -------------------------------------------------------------------------------
+
+
+def aggregation_of(deployment: Deployment, base: ModelPackage) -> AggregationConfig:
+    """The aggregation config of rounds on ``base`` (all that reduce and build need).
+
+    With DP, the round's clip norm C comes from ``base`` (adaptive clipping moves it
+    from version to version): central mode projects every update onto it; local mode
+    widens the hard norm bound to admit a clipped delta plus the device's noise.
+    """
+    config = deployment.settings.aggregation(base.metadata.model_kind, base.metadata.model_spec)
+    if config.dp_mode == "off":
+        return config
+    clip = round_clip_norm(deployment, base)
+    if config.dp_mode == "central":
+        return dataclasses.replace(config, dp_clip=clip)
+    bound = deployment.settings.privacy().local_norm_bound(clip, base.metadata.num_params)
+    return dataclasses.replace(config, norm_bound=max(config.norm_bound, bound))
+
+
+def round_clip_norm(deployment: Deployment, base: ModelPackage) -> float:
+    """C of rounds on ``base``: the clip norm its package told devices, or the configured
+    initial one when ``base`` predates DP (its devices clipped at the wider norm bound;
+    the server's projection still enforces C)."""
+    training = base.metadata.training
+    if training.dp is not None:
+        return training.clip_norm
+    return deployment.settings.privacy().clip_norm
+
+
+def round_inputs(
+    deployment: Deployment, base: ModelPackage, holdout_version: int | None = None
+) -> RoundInputs:
+    """Validation inputs of a round; with FLTrust, the reference delta trained on the
+    benign rows of the round's holdout (the clean data the server already holds)."""
+    aggregation = aggregation_of(deployment, base)
+    reference = None
+    if aggregation.robust == "fltrust":
+        benign = deployment.load_holdout(holdout_version).benign()
+        reference = robust.reference_delta(base, benign)
+    return RoundInputs(
+        reference=reference,
+        fleet=deployment.load_fleet(),
+        server_keys=deployment.server_keyring(),
+        base=base,
+        known_versions=frozenset(deployment.registry().versions()),
+        aggregation=aggregation,
+        accepted_suites=frozenset(
+            sealing.SUITES[name] for name in deployment.settings.accepted_hpke_suites
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    index: int
+    partial_key: str
+    partial_digest: str
+    accepted: int
+    rejected: dict[str, int]
+
+
+def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResult:
+    """Open, verify, validate and sum one shard; write its partial sum, then its verdicts."""
+    plan = load_plan(deployment, run_id)
+    shard = load_shard(deployment, plan, index)
+    keys, replays = shard.keys, set(shard.replays)
+    base = deployment.registry().read_version(plan.base_version)
+    inputs = round_inputs(deployment, base, plan.holdout_version)
+
+    refused: list[Verdict] = []
+    ledger = Ledger(deployment.state)
+    judged: dict[str, tuple[bytes, str]] = {}  # this shard's bytes and ETags (bounded)
+    # A replay only recomputes; a fresh run keeps each judged object's bytes as soon as
+    # its verdict is made, on threads, while the next objects are being opened.
+    keeper = None if plan.replay_of else JudgedBytesKeeper(deployment, ledger)
+
+    def refuse(verdict: Verdict, blob: bytes | None) -> None:
+        refused.append(verdict)
+        if keeper is not None:
+            keeper.keep(verdict, blob)
+
+    if plan.replay_of:  # recompute from the archived bytes the original run accepted
+        original = _get_json(  # the replayed plan is the original's: same shard, same keys
+            deployment, f"{run_prefix(plan.replay_of)}shards/{index:05d}.verdicts.json"
+        )
+        accepted = {doc["key"]: doc["sha256"] for doc in original if doc.get("accepted")}
+        pack = (
+            unpack_envelopes(deployment.state.get(archive_key(plan.replay_of, index)))
+            if accepted
+            else {}
+        )
+
+        def fetch(key: str) -> tuple[bytes, str]:
+            if key not in accepted or key in replays or key not in pack:
+                raise NoSuchKey(key, "not accepted in the original run")
+            return pack[key], accepted[key]
+    else:
+
+        def fetch(key: str) -> tuple[bytes, str]:
+            return deployment.inbox.get_with_etag(key, max_bytes=inputs.max_envelope_bytes)
+
+    def objects() -> Iterator[tuple[str, bytes]]:
+        for key, fetched in prefetched(keys, fetch, SHARD_IO_CONCURRENCY):
+            if isinstance(fetched, NoSuchKey):
+                continue  # deleted by an operator since the plan
+            if isinstance(fetched, ObjectTooLarge):
+                verdict = Verdict(
+                    key,
+                    "",
+                    fetched.size,
+                    False,
+                    reason="oversized",
+                    detail=str(fetched),
+                    etag=fetched.etag,
+                )
+                refuse(verdict, None)
+                continue
+            if isinstance(fetched, BaseException):
+                raise fetched
+            blob, etag = fetched
+            judged[key] = (blob, etag)
+            if key in replays:
+                first = ledger.read(key) or {}
+                digest = hashlib.sha256(blob).hexdigest()
+                if first.get("sha256") == digest:
+                    reason = "replay"
+                    detail = f"already processed in {first.get('run_id')}"
+                else:
+                    reason = "duplicate_update_id"
+                    detail = f"other bytes under an update id processed in {first.get('run_id')}"
+                refuse(Verdict(key, digest, len(blob), False, reason=reason, detail=detail), blob)
+                continue
+            yield key, blob
+
+    def keep_judged(verdict: Verdict) -> None:
+        assert keeper is not None
+        keeper.keep(verdict, judged[verdict.key][0])
+
+    stream = objects()
+    try:
+        agg, verdicts = aggregate_objects(
+            stream, inputs, on_verdict=None if keeper is None else keep_judged
+        )
+        if keeper is not None:
+            keeper.wait()  # every judged object kept before the shard's results exist
+    finally:
+        stream.close()  # stops the GETs still in flight if the shard failed
+        if keeper is not None:
+            keeper.close()
+    verdicts = sorted(
+        (
+            dataclasses.replace(v, etag=v.etag or judged.get(v.key, (b"", None))[1])
+            for v in [*verdicts, *refused]
+        ),
+        key=lambda v: v.key,
+    )
+    if keeper is not None:  # the accepted bytes, for backfill replays: before the verdicts
+        accepted_bytes = [(v.key, judged[v.key][0]) for v in verdicts if v.accepted]
+        if accepted_bytes:
+            deployment.state.put(archive_key(run_id, index), pack_envelopes(accepted_bytes))
+    prefix = f"{run_prefix(run_id)}shards/{index:05d}"
+    partial = agg.to_bytes()
+    deployment.state.put(prefix + ".partial", partial)
+    _put_json(deployment, prefix + ".verdicts.json", [v.as_dict() for v in verdicts])
+    rejected = Counter(v.reason for v in verdicts if not v.accepted)
+    return ShardResult(
+        index,
+        prefix + ".partial",
+        hashlib.sha256(partial).hexdigest(),
+        sum(v.accepted for v in verdicts),
+        dict(sorted(rejected.items())),
+    )
+
+
+def shard_verdicts(
+    deployment: Deployment, run_id: str, plan: RoundPlan | None = None
+) -> Iterator[list[Verdict]]:
+    """A run's verdicts one shard at a time (memory bounded by the shard size)."""
+    plan = plan or load_plan(deployment, run_id)
+    for index in range(plan.shard_count):
+        key = f"{run_prefix(run_id)}shards/{index:05d}.verdicts.json"
+        yield [Verdict(**doc) for doc in _get_json(deployment, key)]
+
+
+def load_verdicts(deployment: Deployment, run_id: str) -> list[Verdict]:
+    """Every verdict of a run (tests, reports); rounds stream :func:`shard_verdicts`."""
+    return [v for shard in shard_verdicts(deployment, run_id) for v in shard]
+
+
+# -- reduce, candidate, evaluation ----------------------------------------------------------
+
+
+def reduce_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
+    """Merge the shards' partial sums (exact integer addition: order does not matter)."""
+    plan = load_plan(deployment, run_id)
+    base = deployment.registry().read_version(plan.base_version)
+    aggregation = aggregation_of(deployment, base)
+    total = new_aggregator(base.metadata.num_params, aggregation)
+    for index in range(plan.shard_count):
+        data = deployment.state.get(f"{run_prefix(run_id)}shards/{index:05d}.partial")
+        total.merge(aggregator_from_bytes(data, aggregation))  # type: ignore[arg-type]
+    blob = total.to_bytes()
+    deployment.state.put(run_prefix(run_id) + "aggregate.bin", blob)
+    return {"count": total.count, "digest": hashlib.sha256(blob).hexdigest()}
+
+
+def load_momentum(deployment: Deployment, version: int) -> np.ndarray | None:
+    """The server optimizer's buffer that produced ``version`` (None for plain FedAvg)."""
+    try:
+        data = deployment.state.get(f"{OPTIMIZER_PREFIX}v{version:08d}.bin")
+    except NoSuchKey:
+        return None
+    return np.frombuffer(data, dtype="<f8").astype(np.float64)
+
+
+def build_round_candidate(deployment: Deployment, run_id: str) -> dict[str, Any] | None:
+    """Apply the aggregate to the base model; save the candidate files (not published).
+
+    With DP on, :func:`round_privacy` first checks the budget and charges the round;
+    the noise is added here, once, to the reduced aggregate (None: budget refused)."""
+    plan = load_plan(deployment, run_id)
+    registry = deployment.registry()
+    base = registry.read_version(plan.base_version)
+    agg = aggregator_from_bytes(
+        deployment.state.get(run_prefix(run_id) + "aggregate.bin"), aggregation_of(deployment, base)
+    )
+    if agg.count == 0:
+        return None
+    version = plan.candidate_version or max(registry.versions()) + 1
+    dp, training = None, None
+    if deployment.settings.dp_mode != "off":
+        dp = round_privacy(deployment, plan, base, agg.count)
+        if dp is None:
+            return None  # the privacy budget refused the round: nothing was computed
+        dp_training = deployment.settings.training(base.metadata.model_kind).dp
+        training = base.metadata.training.model_copy(update={"dp": dp_training})
+    elif base.metadata.training.dp is not None:  # DP switched off: devices stop too
+        plain = deployment.settings.training(base.metadata.model_kind)
+        training = base.metadata.training.model_copy(
+            update={"dp": None, "clip_norm": plain.clip_norm}
+        )
+    candidate, momentum = build_candidate(
+        base,
+        agg,
+        version=version,
+        calibration_rows=deployment.load_holdout(plan.holdout_version).benign(),
+        threshold_quantile=deployment.settings.threshold_quantile,
+        round_id=plan.replay_of or run_id,
+        created_at_ms=plan.created_at_ms,
+        momentum=load_momentum(deployment, base.version),
+        training=training,
+        dp=dp,
+    )
+    if dp is not None:
+        _put_json(
+            deployment,
+            run_prefix(run_id) + "privacy.json",
+            {
+                **_get_json(deployment, run_prefix(run_id) + "privacy.json"),
+                "next_clip_norm": candidate.metadata.training.clip_norm,
+            },
+        )
+    prefix = run_prefix(run_id) + "candidate/"
+    for name, data in candidate.files().items():
+        deployment.state.put(prefix + name, data)
+    if momentum is not None:
+        deployment.state.put(
+            prefix + "momentum.bin", np.ascontiguousarray(momentum, "<f8").tobytes()
+        )
+    return {"version": version, "digest": candidate.digest()}
+
+
+def spent_rounds(deployment: Deployment, *, exclude: str | None = None) -> privacy.Accountant:
+    """Every DP round charged so far (one listing), less run ``exclude``, in an accountant.
+
+    A round is charged when its noised aggregate is computed, published or not."""
+    accountant = privacy.Accountant(deployment.settings.dp_accountant)
+    skip = safe_run_id(exclude) + ".json" if exclude else None
+    for info in deployment.state.list(PRIVACY_SPENT_PREFIX):
+        parts = info.key[len(PRIVACY_SPENT_PREFIX) :].split("/")
+        if len(parts) != 2 or parts[1] == skip:
+            continue
+        try:
+            multipliers = [float(m) for m in parts[0].split("_")]
+        except ValueError:
+            continue
+        accountant.add(multipliers)
+    return accountant
+
+
+def _spent_key(run_id: str, multipliers: tuple[float, ...]) -> str:
+    combo = "_".join(repr(m) for m in multipliers)  # repr: the float round-trips exactly
+    return f"{PRIVACY_SPENT_PREFIX}{combo}/{safe_run_id(run_id)}.json"
+
+
+def round_privacy(
+    deployment: Deployment, plan: RoundPlan, base: ModelPackage, count: int
+) -> DpRound | None:
+    """The DP side of building a candidate; None when the budget refuses the round.
+
+    Order matters: the budget is checked first (a refused round computes no noised
+    aggregate and charges nothing), then the round is charged, and only then is the
+    noised candidate computed, so no release exists that the accountant does not know.
+    A retried task rewrites the same charge (keyed by run id) and finds the same answer.
+    A replay reuses the original run's decision, noise seed and spend: it recomputes
+    the identical candidate (its digest is compared) and charges nothing new.
+    """
+    settings = deployment.settings
+    config = settings.privacy()
+    clip = round_clip_norm(deployment, base)
+    multipliers = config.round_multipliers()
+    doc_key = run_prefix(plan.run_id) + "privacy.json"
+    round_id = plan.replay_of or plan.run_id
+    original: dict[str, Any] | None = None
+    if plan.replay_of:
+        with contextlib.suppress(NoSuchKey):
+            original = _get_json(deployment, run_prefix(plan.replay_of) + "privacy.json")
+    if original is not None:
+        doc = {**original, "replay_of": plan.replay_of}
+        _put_json(deployment, doc_key, doc)
+        if doc.get("refused"):
+            return None
+        spent = doc["spent"]
+    else:
+        before = spent_rounds(deployment, exclude=plan.run_id)
+        after = before.copy()
+        if not plan.replay_of:
+            after.add(multipliers)
+        spent = privacy.spend_summary(config, after, clip)
+        budget = config.budget_epsilon
+        doc = {
+            "mode": config.mode,
+            "round_id": round_id,
+            "clip_norm": clip,
+            "multipliers": list(multipliers),
+            "count": count,
+            "spent": spent,
+            "epsilon_before": before.epsilon(config.delta),
+        }
+        if budget is not None and spent["epsilon"] > budget:
+            doc.update(
+                refused=True,
+                reason=(
+                    f"privacy budget: this round would bring epsilon to "
+                    f"{spent['epsilon']:.4g} (delta {config.delta:g}), over the budget of "
+                    f"{budget:g} (spent so far {doc['epsilon_before']:.4g} in "
+                    f"{before.rounds} rounds); nothing computed or published"
+                ),
+            )
+            _put_json(deployment, doc_key, doc)
+            return None
+        if not plan.replay_of:  # the charge, before any noised value exists
+            _put_json(
+                deployment,
+                _spent_key(plan.run_id, multipliers),
+                {"run_id": plan.run_id, "multipliers": list(multipliers), "mode": config.mode},
+            )
+        _put_json(deployment, doc_key, doc)
+    unclipped = (0, 0)
+    if config.adaptive:
+        ones = reported = 0
+        for verdicts in shard_verdicts(deployment, plan.run_id, plan):
+            o, r = unclipped_counts(verdicts)
+            ones, reported = ones + o, reported + r
+        unclipped = (ones, reported)
+    secret = privacy.load_noise_secret(deployment.keys_dir)
+    return DpRound(
+        config=config,
+        clip_norm=clip,
+        unclipped=unclipped,
+        rng=privacy.noise_rng(secret, round_id),
+        spent=spent,
+    )
+
+
+def load_round_privacy(deployment: Deployment, run_id: str) -> dict[str, Any] | None:
+    """What a run's DP step decided (``rounds/<run>/privacy.json``); None: DP was off."""
+    try:
+        return _get_json(deployment, run_prefix(run_id) + "privacy.json")
+    except NoSuchKey:
+        return None
+
+
+def privacy_report(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The report's view of a round's DP step: cumulative (epsilon, delta) and C."""
+    if not doc:
+        return None
+    spent = doc.get("spent") or {}
+    return {
+        "mode": doc.get("mode"),
+        "epsilon": spent.get("epsilon"),
+        "delta": spent.get("delta"),
+        "rounds": spent.get("rounds"),
+        "budget_epsilon": spent.get("budget_epsilon"),
+        "noise_multiplier": spent.get("noise_multiplier"),
+        "clip_norm": doc.get("clip_norm"),
+        "next_clip_norm": doc.get("next_clip_norm"),
+        "epsilon_before": doc.get("epsilon_before"),
+        "refused": bool(doc.get("refused")),
+    }
+
+
+def load_candidate(deployment: Deployment, run_id: str) -> ModelPackage:
+    prefix = run_prefix(run_id) + "candidate/"
+    files = {name: deployment.state.get(prefix + name) for name in PACKAGE_FILES}
+    metadata = PackageMetadata.from_json(files["metadata.json"])
+    return ModelPackage(
+        metadata=metadata,
+        onnx_bytes=files["model.onnx"],
+        weights=weights_from_bytes(files["weights.bin"], metadata.num_params),
+    )
+
+
+def evaluate(
+    deployment: Deployment, package: ModelPackage, holdout: Holdout | None = None
+) -> Metrics:
+    holdout = holdout or deployment.load_holdout()
+    from fedlib.models.evaluation import evaluate_onnx
+
+    return evaluate_onnx(package.onnx_bytes, holdout.features, holdout.labels)
+
+
+def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
+    """Score candidate and active model on the current holdout via ONNX; decide the gate."""
+    plan = load_plan(deployment, run_id)
+    holdout = deployment.load_holdout(plan.holdout_version)
+    active = evaluate(deployment, deployment.registry().read_version(plan.base_version), holdout)
+    result: dict[str, Any] = {
+        "active": active.as_dict(),
+        "candidate": None,
+        "holdout_version": holdout.version,
+    }
+    record = (interval_record(deployment, plan.interval_key or "") or {}) if plan.replay_of else {}
+    dp_doc = load_round_privacy(deployment, run_id)
+    if dp_doc is not None:
+        result["privacy"] = dp_doc
+    try:
+        candidate_pkg = load_candidate(deployment, run_id)
+    except NoSuchKey:
+        reason = (dp_doc or {}).get("reason") or "no update passed validation"
+        result.update(publish=False, reason=reason)
+        if plan.replay_of:
+            matches = record.get("candidate_digest") is None
+            result["replay"] = {"of": plan.replay_of, "matches": matches, "candidate_digest": None}
+    else:
+        candidate = evaluate(deployment, candidate_pkg, holdout)
+        from fedlib.models.evaluation import gate
+
+        ok, why = gate(
+            candidate,
+            active,
+            tolerance=deployment.settings.auc_tolerance,
+            floor=deployment.settings.auc_floor,
+        )
+        result.update(candidate=candidate.as_dict(), publish=ok, reason=why)
+        if plan.replay_of:
+            digest = candidate_pkg.digest()
+            matches = digest == record.get("candidate_digest")
+            result.update(
+                publish=False,
+                replay={
+                    "of": plan.replay_of,
+                    "matches": matches,
+                    "candidate_digest": digest,
+                    "original_digest": record.get("candidate_digest"),
+                    "published_version": record.get("published_version"),
+                },
+                reason=(
+                    f"replay of {plan.replay_of}: recomputed candidate "
+                    + ("matches the original byte for byte" if matches else "DIFFERS")
+                    + "; nothing published"
+                ),
+            )
+    _put_json(deployment, run_prefix(run_id) + "evaluation.json", result)
+    return result
+
+
+# -- publish, finalize -----------------------------------------------------------------------
+
+
+def publish_round(deployment: Deployment, run_id: str) -> int:
+    """Publish the evaluated candidate (idempotent: a retry republishes identical bytes)."""
+    evaluation = _get_json(deployment, run_prefix(run_id) + "evaluation.json")
+    candidate = load_candidate(deployment, run_id)
+    final = ModelPackage(
+        metadata=candidate.metadata.model_copy(update={"metrics": evaluation["candidate"]}),
+        onnx_bytes=candidate.onnx_bytes,
+        weights=candidate.weights,
+    )
+    try:
+        momentum = deployment.state.get(run_prefix(run_id) + "candidate/momentum.bin")
+    except NoSuchKey:
+        momentum = None
+    if momentum is not None:
+        deployment.state.put(f"{OPTIMIZER_PREFIX}v{final.version:08d}.bin", momentum)
+    deployment.registry(signing=True).publish(final)
+    return final.version
+
+
+@dataclass
+class RoundReport:
+    run_id: str
+    base_version: int
+    decision: str = "waiting"
+    message: str = ""
+    published_version: int | None = None
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    candidate_metrics: dict[str, float] | None = None
+    active_metrics: dict[str, float] | None = None
+    candidate_digest: str | None = None
+    aggregate_digest: str | None = None
+    holdout_version: int | None = None
+    rollback: dict[str, Any] | None = None
+    replay: dict[str, Any] | None = None
+    #: Differential privacy: cumulative epsilon/delta after this round (None: DP off).
+    privacy: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+    def summary(self) -> str:
+        """A short readable block for task logs and the CLI."""
+        lines = [
+            f"round {self.run_id}: {self.decision} — {self.message}",
+            f"  updates: {self.accepted} accepted, {sum(self.rejected.values())} rejected"
+            + (f" {self.rejected}" if self.rejected else ""),
+        ]
+        if self.active_metrics:
+            active = self.active_metrics
+            line = (
+                f"  holdout AUC / AP: active v{self.base_version} "
+                f"{active['auc']:.4f} / {active.get('ap', float('nan')):.4f}"
+            )
+            if self.candidate_metrics:
+                candidate = self.candidate_metrics
+                line += (
+                    f", candidate {candidate['auc']:.4f} / {candidate.get('ap', float('nan')):.4f}"
+                )
+            lines.append(line)
+        if self.published_version:
+            lines.append(f"  published version {self.published_version}")
+        if self.privacy:
+            dp = self.privacy
+            budget = dp.get("budget_epsilon")
+            line = (
+                f"  privacy ({dp.get('mode')} DP): epsilon {dp.get('epsilon', float('nan')):.4g}"
+                f" at delta {dp.get('delta', float('nan')):g} after {dp.get('rounds')} rounds"
+                + (f", budget {budget:g}" if budget is not None else "")
+            )
+            if dp.get("refused"):
+                line += " — REFUSED: over the budget, nothing published"
+            lines.append(line)
+        if self.rollback and self.rollback.get("rollback"):
+            lines.append(
+                f"  ROLLBACK: {self.rollback['reason']} -> published "
+                f"v{self.rollback.get('published_version')} (= v{self.rollback['best_version']})"
+            )
+        return "\n".join(lines)
+
+
+def finalize_round(
+    deployment: Deployment,
+    run_id: str,
+    *,
+    decision: str,
+    published_version: int | None = None,
+    dry_run: bool = False,
+) -> RoundReport:
+    """Write the ledger (once per object) and quarantine, delete the inbox copies, report."""
+    plan = load_plan(deployment, run_id)
+    report = RoundReport(run_id=run_id, base_version=plan.base_version, message=plan.message)
+    report.decision = decision
+    report.published_version = published_version
+    with contextlib.suppress(NoSuchKey):
+        report.rollback = _get_json(deployment, run_prefix(run_id) + "rollback.json")
+    if plan.waiting:
+        report.decision = "waiting"
+    elif plan.replay_of:
+        evaluation = _get_json(deployment, run_prefix(run_id) + "evaluation.json")
+        replay = evaluation.get("replay") or {}
+        report.decision = "replay_match" if replay.get("matches") else "replay_mismatch"
+        report.message = evaluation.get("reason", report.message)
+        report.replay = replay
+        report.candidate_digest = replay.get("candidate_digest")
+    else:
+        rejected: Counter[str] = Counter()
+        for verdicts in shard_verdicts(deployment, run_id, plan):
+            report.accepted += sum(v.accepted for v in verdicts)
+            rejected.update(v.reason for v in verdicts if not v.accepted and v.reason)
+        report.rejected = dict(sorted(rejected.items()))
+        try:
+            evaluation = _get_json(deployment, run_prefix(run_id) + "evaluation.json")
+            report.candidate_metrics = evaluation.get("candidate")
+            report.active_metrics = evaluation.get("active")
+            report.message = evaluation.get("reason", report.message)
+            report.holdout_version = evaluation.get("holdout_version")
+        except NoSuchKey:
+            pass
+        report.privacy = privacy_report(load_round_privacy(deployment, run_id))
+        if report.privacy and report.privacy["refused"]:
+            report.decision = "privacy_budget"  # the DAG saw no candidate: say why
+        candidate_version = None
+        try:
+            report.aggregate_digest = hashlib.sha256(
+                deployment.state.get(run_prefix(run_id) + "aggregate.bin")
+            ).hexdigest()
+            candidate = load_candidate(deployment, run_id)
+            report.candidate_digest, candidate_version = candidate.digest(), candidate.version
+        except NoSuchKey:
+            pass
+        if not dry_run:
+            ledger = Ledger(deployment.state)
+            with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="finalize") as pool:
+                for verdicts in shard_verdicts(deployment, run_id, plan):  # one shard in memory
+                    # every verdict of the shard is written before any of its objects goes
+                    list(pool.map(lambda v: ledger.record(v, run_id=run_id), verdicts))
+                    delete_judged(deployment, verdicts, pool=pool)
+            if plan.interval_key:
+                _put_json(
+                    deployment,
+                    f"{INTERVALS_PREFIX}{safe_run_id(plan.interval_key)}.json",
+                    {
+                        "run_id": run_id,
+                        "decision": decision,
+                        "candidate_digest": report.candidate_digest,
+                        "candidate_version": candidate_version,
+                        "published_version": published_version,
+                    },
+                )
+    _put_json(deployment, f"{REPORTS_PREFIX}{safe_run_id(run_id)}.json", report.as_dict())
+    return report
+
+
+class JudgedBytesKeeper:
+    """Keep exactly the bytes that were rejected: in quarantine, oversized ones copied
+    server-side (never read); accepted ones go into the shard's archive pack.
+    Content-addressed and write-once, so a retry rewrites nothing and a client
+    overwriting its object changes nothing, and the writes may run in any order: up to
+    ``width`` at a time on threads, started as verdicts come in. :meth:`wait` returns once
+    every write is done and raises the first failure (in the order they were kept)."""
+
+    def __init__(self, deployment: Deployment, ledger: Ledger, width: int | None = None) -> None:
+        width = SHARD_IO_CONCURRENCY if width is None else width
+        self._state = deployment.state
+        self._inbox_bucket = deployment.settings.inbox_bucket
+        self._ledger = ledger
+        self._pool = (
+            ThreadPoolExecutor(width, thread_name_prefix="shard-keep") if width > 1 else None
+        )
+        self._pending: list[Callable[[], object]] = []  # sequential mode: run in wait()
+        self._futures: list[Future[object]] = []
+
+    def keep(self, verdict: Verdict, blob: bytes | None) -> None:
+        """Start keeping one judged object (``blob`` None: it was never read)."""
+        if verdict.accepted:
+            return  # accepted bytes go into the shard's archive pack (process_shard)
+        if blob is not None:
+            call = functools.partial(self._ledger.keep_rejected_bytes, verdict, blob)
+        elif verdict.reason == "oversized":
+            call = functools.partial(self._quarantine_unread, verdict)
+        else:
+            return
+        if self._pool is None:
+            self._pending.append(call)
+        else:
+            self._futures.append(self._pool.submit(call))
+
+    def wait(self) -> None:
+        for call in self._pending:
+            call()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for future in self._futures:
+            future.result()
+
+    def close(self) -> None:
+        """Release the threads (after :meth:`wait`, or when the shard failed)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _quarantine_unread(self, verdict: Verdict) -> None:
+        copy = getattr(self._state, "copy", None)
+        with contextlib.suppress(StoreError, TypeError):
+            if copy is not None:
+                copy(
+                    verdict.key,
+                    self._ledger.quarantine_key(verdict) + ".bin",
+                    src_bucket=self._inbox_bucket,
+                )
+
+
+def keep_judged_bytes(
+    deployment: Deployment,
+    ledger: Ledger,
+    verdicts: list[Verdict],
+    judged: dict[str, tuple[bytes, str]],
+) -> None:
+    """Keep the judged bytes of a finished list of verdicts (see :class:`JudgedBytesKeeper`)."""
+    keeper = JudgedBytesKeeper(deployment, ledger)
+    try:
+        for verdict in verdicts:
+            keeper.keep(verdict, judged[verdict.key][0] if verdict.key in judged else None)
+        keeper.wait()
+    finally:
+        keeper.close()
+
+
+def prefetched(
+    keys: Iterable[str], fetch: Callable[[str], Any], width: int
+) -> Iterator[tuple[str, Any]]:
+    """``(key, fetch(key))`` in key order, with the exception raised instead of the result
+    where there was one. ``width`` fetches run ahead on threads (S3 latency overlaps the
+    caller's CPU work); at most ``width + 1`` are outstanding (running or done and not
+    yet taken), so at most that many fetched objects wait in memory."""
+    if width <= 1:
+        for key in keys:
+            try:
+                yield key, fetch(key)
+            except Exception as exc:
+                yield key, exc
+        return
+    pool = ThreadPoolExecutor(width, thread_name_prefix="shard-io")
+    pending: deque[tuple[str, Future[Any]]] = deque()
+    todo = iter(keys)
+    try:
+        for key in itertools.islice(todo, width):
+            pending.append((key, pool.submit(fetch, key)))
+        while pending:
+            key, future = pending.popleft()
+            for following in itertools.islice(todo, 1):
+                pending.append((following, pool.submit(fetch, following)))
+            try:
+                outcome = future.result()
+            except Exception as exc:
+                outcome = exc
+            del future
+            yield key, outcome
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def delete_judged(
+    deployment: Deployment, verdicts: list[Verdict], *, pool: ThreadPoolExecutor | None = None
+) -> None:
+    """Delete an inbox object only if it is still the version that was judged; one that
+    changed since stays for the next round (where it meets its ledger entry)."""
+    judged = {v.key: v.etag for v in verdicts}
+    doomed: list[str] = []
+    for client in sorted({k.split("/")[1] for k in judged if k.count("/") == 2}):
+        for info in deployment.inbox.list(f"updates/{client}/"):
+            if info.key in judged and judged[info.key] == info.etag:
+                doomed.append(info.key)
+    for key in judged:
+        if key.count("/") != 2:  # keys outside the layout were listed under updates/ too
+            for info in deployment.inbox.list(key, limit=1):
+                if info.key == key and judged[key] == info.etag:
+                    doomed.append(key)
+    if pool is None:
+        for key in doomed:
+            deployment.inbox.delete(key)
+    else:
+        list(pool.map(deployment.inbox.delete, doomed))
+
+
+# -- all in one process ---------------------------------------------------------------------
+
+
+def run_round(
+    deployment: Deployment,
+    run_id: str,
+    *,
+    min_clients: int | None = None,
+    max_updates: int | None = None,
+    dry_run: bool = False,
+    created_at_ms: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> RoundReport:
+    """Every step in order, in this process (``fl-admin round``); ``progress`` gets one
+    line per step (and per shard) for people watching a long round."""
+    say = progress or (lambda _line: None)
+    if not dry_run:
+        decision = check_active_model(deployment, run_id, created_at_ms=created_at_ms)
+        say(f"active model: {decision.get('reason', 'checked')}")
+    plan = plan_round(
+        deployment,
+        run_id,
+        min_clients=min_clients,
+        max_updates=max_updates,
+        created_at_ms=created_at_ms,
+    )
+    say(f"plan: {plan.message}")
+    if plan.waiting:
+        return finalize_round(deployment, run_id, decision="waiting", dry_run=True)
+    for index in range(plan.shard_count):
+        shard = process_shard(deployment, run_id, index)
+        rejected = sum(shard.rejected.values())
+        say(f"shard {index + 1}/{plan.shard_count}: {shard.accepted} accepted, {rejected} rejected")
+    reduce_round(deployment, run_id)
+    build_round_candidate(deployment, run_id)
+    evaluation = evaluate_round(deployment, run_id)
+    say(f"gate: {evaluation.get('reason')}")
+    if evaluation["candidate"] is None:
+        decision, version = "nothing_accepted", None
+    elif not evaluation["publish"]:
+        decision, version = "rejected", None
+    elif dry_run:
+        decision, version = "dry_run", None
+    else:
+        decision, version = "published", publish_round(deployment, run_id)
+        say(f"published version {version}")
+    say("finalize: ledger, quarantine, inbox")
+    return finalize_round(
+        deployment, run_id, decision=decision, published_version=version, dry_run=dry_run
+    )

@@ -1,0 +1,274 @@
+"""One round's server-side steps as plain functions: open, validate, aggregate, build.
+
+The round pipeline (:mod:`fedlib.server.round_runner`) calls them per shard; the
+benchmarks call them directly, so what is measured is what runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedlib.crypto import sealing
+from fedlib.errors import RejectedUpdate
+from fedlib.models.model import AnomalyModel, FeatureSchema, load_model
+from fedlib.models.package import ModelPackage
+from fedlib.server import privacy, robust
+from fedlib.server.aggregation import (
+    WEIGHT_FRACTION_BITS,
+    AggregationConfig,
+    Aggregator,
+    dp_project,
+    server_step,
+    single_threaded_blas,
+    staleness_weight,
+)
+from fedlib.server.records import Verdict
+from fedlib.server.strategy import new_aggregator
+from fedlib.wire import compression, protocol
+from fedlib.wire.protocol import PackageMetadata, TrainingConfig
+
+MIN_WEIGHT = 2.0**-WEIGHT_FRACTION_BITS  # the smallest weight the exact sum can represent
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """What a round's validation depends on (besides the updates themselves)."""
+
+    fleet: sealing.ClientLookup
+    server_keys: sealing.ServerKeyring
+    base: ModelPackage
+    known_versions: frozenset[int]
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    max_envelope_bytes: int = protocol.MAX_ENVELOPE_BYTES
+    #: FLTrust's reference delta (``aggregation.robust == "fltrust"``), else None.
+    reference: np.ndarray | None = None
+    #: Header suite strings the server opens (None: every known suite).
+    accepted_suites: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    header: protocol.UpdateHeader
+    meta: protocol.UpdateMeta
+    delta: compression.DecodedDelta
+    weight: float
+    staleness: int
+
+
+def open_and_validate(key: str, blob: bytes, inputs: RoundInputs) -> AcceptedUpdate:
+    """Everything short of aggregation; raises RejectedUpdate with a reason code."""
+    key_client, key_update = protocol.parse_inbox_key(key)
+    opened = sealing.open_update(
+        blob,
+        inputs.fleet,
+        inputs.server_keys,
+        max_bytes=inputs.max_envelope_bytes,
+        accepted_suites=inputs.accepted_suites,
+    )
+    header = opened.header
+    if header.client_id != key_client or header.update_id != key_update:
+        raise RejectedUpdate(
+            "bad_signature",
+            f"object key {key} does not match the signed header "
+            f"({header.client_id}/{header.update_id})",
+        )
+    meta, delta_blob = protocol.decode_payload(opened.payload)
+    base = inputs.base.metadata
+    if header.base_version not in inputs.known_versions:
+        raise RejectedUpdate(
+            "unknown_base_version", f"base version {header.base_version} was never published"
+        )
+    staleness = base.version - header.base_version
+    if meta.model_kind != base.model_kind or meta.num_params != base.num_params:
+        raise RejectedUpdate(
+            "shape_mismatch",
+            f"update is {meta.model_kind}/{meta.num_params}, "
+            f"model is {base.model_kind}/{base.num_params}",
+        )
+    delta = compression.decode(delta_blob, expected_dim=base.num_params)  # finite values
+    weight = staleness_weight(meta.num_samples, staleness, inputs.aggregation)
+    return AcceptedUpdate(header=header, meta=meta, delta=delta, weight=weight, staleness=staleness)
+
+
+def aggregate_objects(
+    objects: Iterable[tuple[str, bytes]],
+    inputs: RoundInputs,
+    *,
+    seen_update_ids: set[str] | None = None,
+    on_verdict: Callable[[Verdict], object] | None = None,
+) -> tuple[Aggregator, list[Verdict]]:
+    """Open, validate and add a stream of (key, blob); one verdict per object, never raises.
+
+    ``seen_update_ids`` holds ids already aggregated or quarantined earlier (replays);
+    it is updated in place so duplicates within the stream are caught too.
+    ``on_verdict`` sees each verdict as soon as it is made (a shard starts keeping an
+    object's bytes while the next ones are still being opened).
+    """
+    seen = seen_update_ids if seen_update_ids is not None else set()
+    agg = new_aggregator(inputs.base.metadata.num_params, inputs.aggregation)
+    verdicts: list[Verdict] = []
+    with single_threaded_blas():  # a norm per update: one BLAS call each
+        for key, blob in objects:
+            digest = hashlib.sha256(blob).hexdigest()
+            common = {"key": key, "sha256": digest, "size": len(blob)}
+            try:
+                update = open_and_validate(key, blob, inputs)
+                uid = update.header.update_id
+                if uid in seen:
+                    raise RejectedUpdate("replay", f"update {uid} was already processed")
+                delta, weight = update.delta, update.weight
+                if inputs.aggregation.dp_mode != "off":  # a plain sum of bounded deltas
+                    delta, weight = dp_project(delta, inputs.aggregation), 1.0
+                if inputs.aggregation.robust == "fltrust":
+                    if inputs.reference is None:
+                        raise ValueError("fltrust aggregation needs RoundInputs.reference")
+                    delta, trust = robust.trusted(delta, inputs.reference)
+                    weight *= trust
+                    if weight < MIN_WEIGHT:
+                        raise RejectedUpdate("distrusted", f"trust {trust:.2g} leaves no weight")
+                units = agg.add(delta, weight)
+            except RejectedUpdate as exc:
+                verdict = Verdict(**common, accepted=False, reason=exc.reason, detail=exc.detail)
+            else:
+                seen.add(uid)
+                verdict = Verdict(
+                    **common,
+                    accepted=True,
+                    client_id=update.header.client_id,
+                    update_id=uid,
+                    base_version=update.header.base_version,
+                    num_samples=update.meta.num_samples,
+                    weight_units=units,
+                    norm=update.delta.l2_norm(),
+                    unclipped=_unclipped_bit(update.meta, inputs.aggregation),
+                )
+            verdicts.append(verdict)
+            if on_verdict is not None:
+                on_verdict(verdict)
+    return agg, verdicts
+
+
+def _unclipped_bit(meta: protocol.UpdateMeta, config: AggregationConfig) -> bool | None:
+    """The adaptive-clipping bit a device reported (central DP only; absent = None)."""
+    if config.dp_mode != "central" or protocol.UNCLIPPED_METRIC not in meta.metrics:
+        return None
+    return meta.metrics[protocol.UNCLIPPED_METRIC] >= 0.5
+
+
+@dataclass(frozen=True)
+class DpRound:
+    """Differential privacy of one round's candidate (:func:`fedlib.server.privacy.release_round`):
+    the config, the round's clip norm C, the (unclipped, reported) bit counts, the
+    round's noise generator and the cumulative spend after it (``PrivacySpent`` fields)."""
+
+    config: privacy.PrivacyConfig
+    clip_norm: float
+    unclipped: tuple[int, int]
+    rng: np.random.Generator
+    spent: dict[str, object]
+
+
+def unclipped_counts(verdicts: Iterable[Verdict]) -> tuple[int, int]:
+    """(bits that are 1, bits reported) over accepted verdicts: the clipped-count query."""
+    ones = reported = 0
+    for verdict in verdicts:
+        if verdict.accepted and verdict.unclipped is not None:
+            reported += 1
+            ones += bool(verdict.unclipped)
+    return ones, reported
+
+
+def model_from_package(package: ModelPackage) -> AnomalyModel:
+    meta = package.metadata
+    return load_model(
+        meta.model_kind,
+        FeatureSchema.from_dict(meta.feature_schema),
+        meta.model_spec,
+        package.weights,
+        meta.threshold,
+    )
+
+
+def build_candidate(
+    base: ModelPackage,
+    agg: Aggregator,
+    *,
+    version: int,
+    calibration_rows: np.ndarray,
+    threshold_quantile: float = 0.99,
+    round_id: str | None = None,
+    training: TrainingConfig | None = None,
+    created_at_ms: int | None = None,
+    momentum: np.ndarray | None = None,
+    dp: DpRound | None = None,
+) -> tuple[ModelPackage, np.ndarray | None]:
+    """Apply the aggregate to the base model, calibrate its threshold, export ONNX.
+
+    Returns the candidate and the server optimizer's new momentum buffer (or None).
+    With ``dp``, the DP noise is added here, once, to the exact aggregate of every
+    shard (never per shard), the candidate tells devices the next clip norm and its
+    metadata records the cumulative (epsilon, delta).
+    """
+    model = model_from_package(base)
+    training = training or base.metadata.training
+    spent = None
+    if dp is None:
+        params, new_momentum = agg.step(base.weights, momentum)
+    else:
+        release = privacy.release_round(
+            dp.config, agg.mean_delta(), agg.count, dp.clip_norm, dp.unclipped, dp.rng
+        )
+        config = getattr(agg, "config", None)
+        if not isinstance(config, AggregationConfig):
+            raise ValueError("differential privacy needs the streaming (plain sum) aggregator")
+        params, new_momentum = server_step(release.noisy_mean, base.weights, momentum, config)
+        training = training.model_copy(update={"clip_norm": release.next_clip_norm})
+        spent = protocol.PrivacySpent.model_validate(dp.spent)
+    model.set_params(params)
+    model.calibrate_threshold(calibration_rows, quantile=threshold_quantile)
+    candidate = package_model(
+        model,
+        version=version,
+        training=training,
+        parent_version=base.version,
+        round_id=round_id,
+        created_at_ms=created_at_ms,
+        privacy=spent,
+    )
+    return candidate, new_momentum
+
+
+def package_model(
+    model: AnomalyModel,
+    *,
+    version: int,
+    training: TrainingConfig,
+    parent_version: int | None = None,
+    rollback_of: int | None = None,
+    round_id: str | None = None,
+    metrics: dict[str, float] | None = None,
+    created_at_ms: int | None = None,
+    privacy: protocol.PrivacySpent | None = None,
+) -> ModelPackage:
+    weights = model.params()
+    metadata = PackageMetadata(
+        version=version,
+        model_kind=model.kind,
+        model_spec=model.spec,
+        feature_schema=model.schema.to_dict(),
+        threshold=model.threshold,
+        num_params=int(weights.size),
+        training=training,
+        metrics=metrics or {},
+        parent_version=parent_version,
+        rollback_of=rollback_of,
+        round_id=round_id,
+        created_at_ms=created_at_ms if created_at_ms is not None else int(time.time() * 1000),
+        privacy=privacy,
+    )
+    return ModelPackage(metadata=metadata, onnx_bytes=model.to_onnx(), weights=weights)
