@@ -183,7 +183,7 @@ def build_deployment(s3: Any, workdir: Path, params: int, seed: int) -> tuple[An
 
 def clear_archive(dep: Any) -> int:
     """Delete the ``archive/`` copies of earlier runs, so the next run writes them all."""
-    from fedlib.server.round_runner import ARCHIVE_PREFIX
+    from fedlib.server.state_keys import ARCHIVE as ARCHIVE_PREFIX
 
     keys = [info.key for info in dep.state.list(ARCHIVE_PREFIX)]
     with ThreadPoolExecutor(UPLOAD_THREADS) as pool:

@@ -303,11 +303,11 @@ def init_deployment(home: Path, server: Any, shard_size: int, max_batch: int) ->
 
 def ledger_keys(deployment: Any) -> set[str]:
     """Inbox keys that have a ledger verdict (one object per key, write-once)."""
-    from fedlib.server.ledger import LEDGER_PREFIX
+    from fedlib.server import state_keys
 
     return {
-        "updates/" + info.key[len(LEDGER_PREFIX) : -len(".json")]
-        for info in deployment.state.list(LEDGER_PREFIX)
+        state_keys.inbox_key_of_ledger_entry(info.key)
+        for info in deployment.state.list(state_keys.LEDGER)
     }
 
 
@@ -347,7 +347,7 @@ def measure(
     timeout: float,
 ) -> dict[str, Any]:
     """Fill the inbox, run ``fl_round`` with ``workers`` task processes, check the books."""
-    from fedlib.server.round_runner import REPORTS_PREFIX, safe_run_id
+    from fedlib.server.state_keys import RunKeys
 
     before = ledger_keys(deployment)
     t0 = time.perf_counter()
@@ -365,7 +365,7 @@ def measure(
         failed = sorted({t["task_id"] for t in tis if t["state"] not in ("success", "skipped")})
         raise RuntimeError(f"{DAG_ID} run {run['dag_run_id']} ended {state}; tasks {failed}")
     run_id = run["dag_run_id"]
-    report = json.loads(deployment.state.get(f"{REPORTS_PREFIX}{safe_run_id(run_id)}.json"))
+    report = json.loads(deployment.state.get(RunKeys(run_id).report))
     judged = ledger_keys(deployment) - before
     left = [info.key for info in deployment.inbox.list("updates/")]
     shards = [t for t in tis if t["task_id"] == "process_shard"]

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 
 from fedlib.integrations.airflow import runtime
 
-MODEL_ASSET = Asset(name="fl_model", uri="dadm-fl://model/active")
+MODEL_ASSET = runtime.MODEL_ASSET
 
 
 @dag(

@@ -37,13 +37,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import Asset, Param, TriggerRule, dag, get_current_context, task
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 
 from fedlib.integrations.airflow import runtime
 
 SETTINGS = runtime.settings()
-# One logical asset per deployment ("the published model"), whatever the bucket is called.
-MODEL_ASSET = Asset(name="fl_model", uri="dadm-fl://model/active")
+MODEL_ASSET = runtime.MODEL_ASSET
 
 
 @dag(
@@ -80,92 +79,75 @@ MODEL_ASSET = Asset(name="fl_model", uri="dadm-fl://model/active")
     },
 )
 def fl_round() -> None:
+    """Tasks are the steps of :data:`fedlib.server.pipeline.STEPS`, in that order."""
+
     @task(outlets=[MODEL_ASSET])
     def check_active() -> dict:
-        """Automatic rollback: re-score the active model on the current holdout first."""
         ctx = get_current_context()
-        decision = runtime.round_runner().check_active_model(
-            runtime.deployment(), ctx["run_id"], created_at_ms=runtime.run_timestamp_ms(ctx)
-        )
-        runtime.log.info("active model check: %s", decision["reason"])
-        if decision.get("published_version"):
+        decision = pipeline().check_active(runtime.deployment(), runtime.round_run(ctx))
+        runtime.log.info("active model check: %s", decision.reason)
+        if decision.published_version is not None:
             ctx["outlet_events"][MODEL_ASSET].extra = {
-                "version": decision["published_version"],
+                "version": decision.published_version,
                 "run_id": ctx["run_id"],
-                "rollback_of": decision["best_version"],
-                "auc": decision["best_auc"],
+                "rollback_of": decision.best_version,
+                "auc": decision.best_auc,
             }
-        return decision
+        return decision.to_doc()
 
     @task
     def refresh_channel() -> list[str]:
-        """Re-sign the channel's timestamp/snapshot before they expire (devices refuse
-        expired metadata: without this, a quiet week would look like a freeze attack)."""
-        from fedlib.trust.channel_repository import ChannelRepository
-
-        deployment = runtime.deployment()
-        renewed = ChannelRepository(
-            deployment.models, deployment.channel_keys()
-        ).refresh_timestamp()
+        ctx = get_current_context()
+        renewed = pipeline().refresh_channel(runtime.deployment(), runtime.round_run(ctx))
         runtime.log.info("channel metadata re-signed: %s", renewed or "none due")
         return renewed
 
     @task
     def plan() -> list[int]:
         ctx = get_current_context()
-        params = ctx["params"]
-        interval_key, interval_end_ms = runtime.run_interval(ctx)
-        result = runtime.round_runner().plan_round(
-            runtime.deployment(),
-            ctx["run_id"],
-            min_clients=params.get("min_clients"),
-            max_updates=params.get("max_updates"),
-            created_at_ms=runtime.run_timestamp_ms(ctx),
-            interval_key=interval_key,
-            interval_end_ms=interval_end_ms,
-        )
+        result = pipeline().plan(runtime.deployment(), runtime.round_run(ctx))
         runtime.log.info("plan: %s", result.message)
-        return list(range(result.shard_count))
+        return [] if result.waiting else list(range(result.shard_count))
 
     @task(max_active_tis_per_dagrun=8)
     def process_shard(index: int) -> dict:
-        result = runtime.round_runner().process_shard(
-            runtime.deployment(), get_current_context()["run_id"], index
-        )
+        ctx = get_current_context()
+        result = pipeline().process_shard(runtime.deployment(), runtime.round_run(ctx), index)
         runtime.log.info(
             "shard %d: %d accepted, rejected %s", index, result.accepted, result.rejected
         )
-        return {"index": index, "digest": result.partial_digest, "accepted": result.accepted}
+        return result.to_doc()
 
     @task
     def reduce(shards: list[dict]) -> dict:
-        return runtime.round_runner().reduce_round(
-            runtime.deployment(), get_current_context()["run_id"]
-        )
+        ctx = get_current_context()
+        return pipeline().reduce(runtime.deployment(), runtime.round_run(ctx)).to_doc()
 
     @task
     def build_candidate(aggregate: dict) -> dict | None:
-        return runtime.round_runner().build_round_candidate(
-            runtime.deployment(), get_current_context()["run_id"]
-        )
+        ctx = get_current_context()
+        candidate = pipeline().build_candidate(runtime.deployment(), runtime.round_run(ctx))
+        return None if candidate is None else candidate.to_doc()
 
     @task
     def evaluate(candidate: dict | None) -> dict:
-        return runtime.round_runner().evaluate_round(
-            runtime.deployment(), get_current_context()["run_id"]
-        )
+        ctx = get_current_context()
+        evaluation = pipeline().evaluate(runtime.deployment(), runtime.round_run(ctx))
+        runtime.log.info("evaluation: %s", evaluation.reason)
+        return evaluation.to_doc()
 
     @task.branch
     def gate(evaluation: dict) -> str:
-        dry_run = get_current_context()["params"].get("dry_run")
-        runtime.log.info("gate: %s", evaluation.get("reason"))
-        return "publish" if evaluation.get("publish") and not dry_run else "finalize"
+        ctx = get_current_context()
+        decision = pipeline().gate(runtime.deployment(), runtime.round_run(ctx))
+        runtime.log.info("gate: %s", decision.value)
+        return "publish" if decision.value == "published" else "finalize"
 
     @task(outlets=[MODEL_ASSET])
     def publish() -> int:
         ctx = get_current_context()
         deployment = runtime.deployment()
-        version = runtime.round_runner().publish_round(deployment, ctx["run_id"])
+        version = pipeline().publish(deployment, runtime.round_run(ctx))
         metrics = deployment.registry().read_version(version).metadata.metrics
         ctx["outlet_events"][MODEL_ASSET].extra = {
             "version": version,
@@ -177,45 +159,30 @@ def fl_round() -> None:
         return version
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
-    def finalize(published: int | None = None) -> dict:
+    def finalize() -> dict:
         ctx = get_current_context()
-        deployment = runtime.deployment()
-        run_id = ctx["run_id"]
-        plan_doc = runtime.round_runner().load_plan(deployment, run_id)
-        dry_run = bool(ctx["params"].get("dry_run"))
-        if plan_doc.waiting:
-            decision = "waiting"
-        elif published:
-            decision = "published"
-        else:
-            evaluation = ctx["ti"].xcom_pull(task_ids="evaluate") or {}
-            if evaluation.get("candidate") is None:
-                decision = "nothing_accepted"
-            elif not evaluation.get("publish"):
-                decision = "rejected"
-            else:
-                decision = "dry_run" if dry_run else "not_published"
-        report = runtime.round_runner().finalize_round(
-            deployment,
-            run_id,
-            decision=decision,
-            published_version=published,
-            dry_run=dry_run or plan_doc.waiting,
-        )
+        report = pipeline().finalize(runtime.deployment(), runtime.round_run(ctx))
         runtime.log.info("round summary\n%s", report.summary())
-        return report.as_dict()
+        return report.to_doc()
 
     guard = check_active()
     shards = plan()
     guard >> refresh_channel() >> shards
     results = process_shard.expand(index=shards)
-    evaluation = evaluate(build_candidate(reduce(results)))
-    branch = gate(evaluation)
+    branch = gate(evaluate(build_candidate(reduce(results))))
     published = publish()
-    branch >> published
-    done = finalize(published)
+    done = finalize()
+    branch >> published >> done
     branch >> done
     shards >> done
+
+
+def pipeline():
+    """The round's steps (:mod:`fedlib.server.pipeline`); imported inside tasks to keep
+    DAG parsing fast."""
+    from fedlib.server import pipeline as module
+
+    return module
 
 
 fl_round()

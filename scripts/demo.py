@@ -295,11 +295,11 @@ def start_airflow(home: Path, env: dict[str, str], server: dict) -> Airflow:
 def report(args: argparse.Namespace) -> int:
     """Print a round's report from the state bucket (runs with the demo's environment)."""
     from fedlib.server.deployment import Deployment
-    from fedlib.server.round_runner import REPORTS_PREFIX, safe_run_id
     from fedlib.server.settings import ServerSettings
+    from fedlib.server.state_keys import RunKeys
 
     deployment = Deployment(ServerSettings.load())
-    print(deployment.state.get(f"{REPORTS_PREFIX}{safe_run_id(args.run_id)}.json").decode())
+    print(deployment.state.get(RunKeys(args.run_id).report).decode())
     return 0
 
 

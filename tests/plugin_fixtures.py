@@ -47,7 +47,7 @@ def build_history(deployment: Any) -> History:
     """Four rounds over real S3: published, published with refused updates, rejected by
     the gate, and a waiting round whose first step rolls back a degraded model."""
     from fedlib.crypto import sealing
-    from fedlib.server.round_runner import run_round
+    from fedlib.server.pipeline import run_round
     from tests.test_rollback import publish_degraded
     from tests.test_round_runner import enroll, forged_payload_update, upload_updates
 

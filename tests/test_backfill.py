@@ -53,8 +53,8 @@ def test_missed_intervals_in_order_then_a_replay_publishes_nothing(airflow_deplo
     assert (r2["decision"], r2["published_version"]) == ("published", 3), r2
     assert r2["base_version"] == 2
     ledger = Ledger(dep.state)
-    assert {ledger.read(k)["run_id"] for k in first} == {run1.run_id}
-    assert {ledger.read(k)["run_id"] for k in second} == {run2.run_id}
+    assert {ledger.read(k).run_id for k in first} == {run1.run_id}
+    assert {ledger.read(k).run_id for k in second} == {run2.run_id}
 
     # a backfill over an interval already processed: recomputed, compared, not republished
     again = run_dag(dagbag, l1)
@@ -64,4 +64,4 @@ def test_missed_intervals_in_order_then_a_replay_publishes_nothing(airflow_deplo
     assert report["replay"]["candidate_digest"] == r1["candidate_digest"]
     assert report["published_version"] is None
     assert dep.registry().versions() == [1, 2, 3] and dep.registry().active_version() == 3
-    assert {ledger.read(k)["run_id"] for k in first} == {run1.run_id}  # counted once
+    assert {ledger.read(k).run_id for k in first} == {run1.run_id}  # counted once

@@ -33,3 +33,19 @@ def test_fl_round_shape(dagbag):
         "publish",
         "finalize",
     }
+
+
+def test_fl_round_tasks_are_the_pipeline_steps_in_order(dagbag):
+    """One definition of the round: the DAG's tasks, in dependency order, are
+    ``fedlib.server.pipeline.STEPS`` (what ``fl-admin round`` runs), and each task's code
+    calls the step of its name."""
+    import inspect
+
+    from fedlib.server.pipeline import STEPS
+
+    dag = dagbag.dags["fl_round"]
+    order = [task.task_id for task in dag.topological_sort()]
+    assert order == [step.name for step in STEPS]
+    for task in dag.tasks:
+        source = inspect.getsource(task.python_callable)
+        assert f"pipeline().{task.task_id}(" in source, task.task_id

@@ -10,7 +10,7 @@ import pytest
 from client.agent import run_cycle
 from fedlib.crypto import sealing
 from fedlib.server.ledger import Ledger
-from fedlib.server.round_runner import REPORTS_PREFIX, safe_run_id
+from fedlib.server.state_keys import RunKeys
 from fedlib.wire import protocol
 from tests.test_client import make_client
 from tests.test_round_runner import enroll, forged_payload_update, upload_updates
@@ -28,7 +28,7 @@ def run_dag(dagbag, when: datetime, **conf):
 def report_of(deployment, dag_run) -> dict:
     import json
 
-    return json.loads(deployment.state.get(f"{REPORTS_PREFIX}{safe_run_id(dag_run.run_id)}.json"))
+    return json.loads(deployment.state.get(RunKeys(dag_run.run_id).report))
 
 
 def model_asset_events(run_id: str) -> list[dict]:
@@ -146,7 +146,7 @@ def test_bad_updates_quarantined_and_late_upload_goes_to_next_round(
     ledger = Ledger(dep.state)
     for key, reason in expected.items():
         verdict = ledger.read(key)
-        assert verdict and verdict["reason"] == reason, (key, verdict)
+        assert verdict and verdict.reason == reason, (key, verdict)
         assert any(i.key.endswith(".bin") for i in dep.state.list("quarantine/" + key[8:]))
     assert listener.key and listener.key.split("/")[1] == late_client
     assert ledger.read(listener.key) is None  # not in the first round...
@@ -161,8 +161,8 @@ def test_bad_updates_quarantined_and_late_upload_goes_to_next_round(
     report2 = report_of(dep, second)
     assert report2["accepted"] == 2, report2
     assert report2["rejected"] == {"duplicate_update_id": 1, "replay": 1}, report2
-    assert ledger.read(listener.key)["run_id"] == second.run_id  # ...but in the next one
-    assert ledger.read(k0)["run_id"] == first.run_id  # the first verdict stands
+    assert ledger.read(listener.key).run_id == second.run_id  # ...but in the next one
+    assert ledger.read(k0).run_id == first.run_id  # the first verdict stands
     assert list(dep.inbox.list("updates/")) == []
 
 
@@ -215,4 +215,4 @@ def test_stale_update_is_quarantined_as_too_stale(airflow_deployment, dagbag, mo
     report = report_of(dep, dag_run)
     assert report["accepted"] == 2 and report["rejected"] == {"too_stale": 1}, report
     (key,) = stale_key
-    assert Ledger(dep.state).read(key)["reason"] == "too_stale"
+    assert Ledger(dep.state).read(key).reason == "too_stale"

@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from fedlib.crypto import sealing
-from fedlib.server import privacy
+from fedlib.server import privacy, state_keys
 from fedlib.server.aggregation import AggregationConfig, dp_project
 from fedlib.server.ledger import Ledger
 from fedlib.server.privacy import Accountant, PrivacyConfig, calibrate_noise
@@ -322,7 +322,7 @@ def test_dp_rounds_record_cumulative_epsilon_in_metadata_and_report(
     s3_config, tmp_path, small_dataset
 ):
     from fedlib.ops import dashboard
-    from fedlib.server.round_runner import run_round
+    from fedlib.server.pipeline import run_round
 
     dep = _dp_deployment(s3_config, tmp_path, small_dataset)
     v1 = dep.registry().read_active().metadata
@@ -338,11 +338,11 @@ def test_dp_rounds_record_cumulative_epsilon_in_metadata_and_report(
     assert meta.privacy is not None and meta.privacy.rounds == 1
     assert meta.privacy.epsilon == pytest.approx(one_round)
     assert meta.privacy.delta == DELTA and meta.privacy.clip_norm == 1.0
-    assert first.privacy["epsilon"] == pytest.approx(one_round)
+    assert first.privacy.epsilon == pytest.approx(one_round)
     assert "privacy (central DP): epsilon" in first.summary()
     # adaptive clipping: the next C travels to the devices in the signed package
     assert meta.training.clip_norm != 1.0 and meta.training.dp.mode == "central"
-    assert first.privacy["next_clip_norm"] == meta.training.clip_norm
+    assert first.privacy.next_clip_norm == meta.training.clip_norm
 
     _upload(dep, range(4), seed=10)
     second = run_round(dep, "dp-2")
@@ -368,7 +368,9 @@ def test_dp_rounds_record_cumulative_epsilon_in_metadata_and_report(
 
 
 def test_budget_stops_publishing_without_losing_updates(s3_config, tmp_path, small_dataset):
-    from fedlib.server.round_runner import PRIVACY_SPENT_PREFIX, load_verdicts, run_round
+    from fedlib.server.pipeline import run_round
+    from fedlib.server.round_runner import load_verdicts
+    from fedlib.server.state_keys import PRIVACY_SPENT as PRIVACY_SPENT_PREFIX
 
     multipliers = (1.0,)
     one, two = (Accountant().add(multipliers, k).epsilon(DELTA) for k in (1, 2))
@@ -381,20 +383,20 @@ def test_budget_stops_publishing_without_losing_updates(s3_config, tmp_path, sma
     )
     _upload(dep, range(3))
     first = run_round(dep, "b-1")
-    assert first.decision == "published" and first.privacy["epsilon"] == pytest.approx(one)
+    assert first.decision == "published" and first.privacy.epsilon == pytest.approx(one)
 
     sent = _upload(dep, range(3), seed=20)
     second = run_round(dep, "b-2")
     assert second.decision == "privacy_budget"
     assert "privacy budget" in second.message and "nothing computed or published" in second.message
-    assert second.privacy["refused"] and second.published_version is None
+    assert second.privacy.refused and second.published_version is None
     assert "REFUSED" in second.summary()
     assert dep.registry().active_version() == first.published_version
     # nothing lost: every update has exactly one verdict (accepted), none is left behind
     verdicts = load_verdicts(dep, "b-2")
     assert sorted(v.key for v in verdicts) == sorted(sent) and all(v.accepted for v in verdicts)
     ledger = Ledger(dep.state)
-    assert all(ledger.read(k)["run_id"] == "b-2" for k in sent)
+    assert all(ledger.read(k).run_id == "b-2" for k in sent)
     assert list(dep.inbox.list("updates/")) == []
     # the refused round computed nothing and was not charged
     assert [i.key for i in dep.state.list("rounds/b-2/candidate/")] == []
@@ -428,15 +430,16 @@ def test_a_device_counts_once_per_round_and_a_replay_reproduces_the_noise(
 
     replay_plan, evaluation = run("r-replay")
     assert replay_plan.replay_of == "r-1"
-    assert evaluation["replay"]["matches"], evaluation["replay"]
-    assert evaluation["replay"]["candidate_digest"] == report.candidate_digest
-    assert len(list(dep.state.list(rr.PRIVACY_SPENT_PREFIX))) == 1  # a replay is not charged
+    assert evaluation.replay is not None and evaluation.replay.matches, evaluation.replay
+    assert evaluation.replay.candidate_digest == report.candidate_digest
+    assert len(list(dep.state.list(state_keys.PRIVACY_SPENT))) == 1  # a replay is not charged
 
 
 def test_local_mode_round_takes_noised_updates_and_charges_each_device(
     s3_config, tmp_path, small_dataset
 ):
-    from fedlib.server.round_runner import load_verdicts, run_round
+    from fedlib.server.pipeline import run_round
+    from fedlib.server.round_runner import load_verdicts
 
     dep = _dp_deployment(
         s3_config,

@@ -108,3 +108,30 @@ def test_fl_rollback_dag(airflow_deployment, dagbag):
     assert done.state == "success"
     assert dep.registry().active_version() == 3
     assert dep.registry().read_version(3).metadata.rollback_of == 1
+
+
+def test_a_dry_run_publishes_nothing_not_even_a_due_rollback(airflow_deployment, dagbag):
+    """The DAG's dry run and ``fl-admin round --dry-run`` report the rollback that is due
+    and publish nothing (the drift this test pins: the DAG used to publish it)."""
+    from fedlib.server.pipeline import run_round
+
+    dep = airflow_deployment
+    bad = publish_degraded(dep)
+    versions = dep.registry().versions()
+
+    dag_run = run_dag(dagbag, T0.replace(hour=3), dry_run=True)
+    assert dag_run.state == "success"
+    rollback = report_of(dep, dag_run)["rollback"]
+    assert rollback["rollback"] and rollback["dry_run"] is True, rollback
+    assert rollback["published_version"] is None
+    assert dep.registry().versions() == versions
+    assert dep.registry().active_version() == bad.version
+
+    report = run_round(dep, "dry-cli", dry_run=True)
+    assert report.rollback is not None and report.rollback.rollback
+    assert report.rollback.published_version is None
+    assert "not published: dry run" in report.summary()
+    assert dep.registry().versions() == versions
+
+    report = run_round(dep, "real-cli")  # without dry run, the same check rolls back
+    assert report.rollback is not None and report.rollback.published_version == bad.version + 1

@@ -9,7 +9,7 @@ import numpy as np
 from client.update import make_update
 from fedlib.crypto import sealing
 from fedlib.server.ledger import Ledger
-from fedlib.server.round_runner import run_round
+from fedlib.server.pipeline import run_round
 from fedlib.wire import compression, protocol
 
 
@@ -112,19 +112,19 @@ def test_bad_updates_are_quarantined_good_ones_aggregated(deployment):
     ledger = Ledger(deployment.state)
     for object_key, reason in bad.items():
         verdict = ledger.read(object_key)
-        assert verdict is not None and verdict["accepted"] is False
-        assert verdict["reason"] == reason, (object_key, verdict)
+        assert verdict is not None and verdict.accepted is False
+        assert verdict.reason == reason, (object_key, verdict)
         quarantined = [i.key for i in deployment.state.list("quarantine/" + object_key[8:])]
         assert any(k.endswith(".bin") for k in quarantined)
     for object_key in good:
-        assert ledger.read(object_key)["accepted"] is True
+        assert ledger.read(object_key).accepted is True
 
     # replay: the same accepted envelope uploaded again after its round
     deployment.inbox.put(k0, env0)
     upload_updates(deployment, 2, seed=50)  # two fresh clients' worth of updates
     replay_round = run_round(deployment, "run-replay")
     assert replay_round.rejected.get("replay") == 1
-    assert ledger.read(k0)["accepted"] is True  # the first verdict stands
+    assert ledger.read(k0).accepted is True  # the first verdict stands
 
 
 def test_an_object_overwritten_after_judgment_is_neither_lost_nor_miscounted(deployment):
@@ -144,7 +144,7 @@ def test_an_object_overwritten_after_judgment_is_neither_lost_nor_miscounted(dep
     rr.finalize_round(deployment, "r-a", decision="rejected")
 
     verdict = Ledger(deployment.state).read(key)
-    assert verdict["accepted"] and verdict["sha256"] == hashlib.sha256(original).hexdigest()
+    assert verdict.accepted and verdict.sha256 == hashlib.sha256(original).hexdigest()
     archived = rr.archived_envelope(deployment, "r-a", key)
     assert archived == original
     assert [i.key for i in deployment.inbox.list("updates/")] == [key]  # not deleted
@@ -169,3 +169,22 @@ def test_archive_pack_round_trips_and_refuses_tampering():
     for bad in (data[:-1], data + b"\x00", bytes(flipped), b"FLPS" + data[4:]):
         with pytest.raises(ValueError):
             unpack_envelopes(bad)
+
+
+def test_run_round_refreshes_the_channel_like_the_dag(deployment):
+    """``fl-admin round`` re-signs channel metadata that is about to expire, as the DAG's
+    ``refresh_channel`` task does (devices refuse expired metadata)."""
+    from datetime import timedelta
+
+    from fedlib.trust.channel_layout import Expiry
+    from fedlib.trust.channel_repository import ChannelRepository
+
+    short = ChannelRepository(
+        deployment.models, deployment.channel_keys(), expiry=Expiry(timestamp=timedelta(minutes=1))
+    )
+    short.refresh_timestamp(force=True)  # a timestamp that expires in a minute: due
+    before = short.status()
+    report = run_round(deployment, "refresh-1")  # nothing pending: waits, still refreshes
+    assert report.decision == "waiting"
+    after = ChannelRepository(deployment.models, deployment.channel_keys()).status()
+    assert after.timestamp_version == before.timestamp_version + 1

@@ -285,7 +285,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_round(args: argparse.Namespace) -> int:
-    from fedlib.server.round_runner import run_round
+    from fedlib.server.pipeline import run_round
 
     run_id = args.run_id or time.strftime("manual__%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report = run_round(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
 import math
 import threading
 from collections import OrderedDict
@@ -24,13 +23,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from fedlib.errors import RejectedUpdate
+from fedlib.server import state_keys
 from fedlib.server.deployment import Deployment
 from fedlib.server.ledger import Ledger
-from fedlib.server.records import Verdict
+from fedlib.server.records import (
+    RecordError,
+    RollbackDecision,
+    RoundPlan,
+    RoundReport,
+    ShardVerdicts,
+    Verdict,
+)
 from fedlib.server.registry import ModelRegistry
-from fedlib.server.round_runner import REPORTS_PREFIX, run_prefix, safe_run_id
+from fedlib.server.state_keys import RunKeys
 from fedlib.storage.store import NoSuchKey, ObjectInfo
 from fedlib.trust.package import SIGNATURE_FILE
+from fedlib.wire import protocol
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -86,17 +95,17 @@ class RollbackInfo:
     published_version: int | None = None
 
     @classmethod
-    def from_report(cls, doc: Any) -> RollbackInfo | None:
-        if not isinstance(doc, dict):
+    def of(cls, decision: RollbackDecision | None) -> RollbackInfo | None:
+        if decision is None:
             return None
         return cls(
-            rolled_back=bool(doc.get("rollback")),
-            reason=str(doc.get("reason") or ""),
-            active_version=_int_or_none(doc.get("active_version")),
-            active_auc=_float_or_none(doc.get("active_auc")),
-            best_version=_int_or_none(doc.get("best_version")),
-            best_auc=_float_or_none(doc.get("best_auc")),
-            published_version=_int_or_none(doc.get("published_version")),
+            rolled_back=decision.rollback,
+            reason=decision.reason,
+            active_version=decision.active_version,
+            active_auc=_float_or_none(decision.active_auc),
+            best_version=decision.best_version,
+            best_auc=_float_or_none(decision.best_auc),
+            published_version=decision.published_version,
         )
 
 
@@ -198,19 +207,16 @@ def to_jsonable(item: Any) -> Any:
     return item
 
 
-def _int_or_none(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def _float_or_none(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
 
 
-def _metrics(doc: Any) -> dict[str, float] | None:
-    if not isinstance(doc, dict):
+def _metrics(metrics: Any) -> dict[str, float] | None:
+    if metrics is None:
         return None
+    doc = metrics.model_dump()
     return {str(k): float(v) for k, v in doc.items() if _float_or_none(v) is not None}
 
 
@@ -218,10 +224,6 @@ def clamp_page(limit: int | None, offset: int | None) -> tuple[int, int]:
     """Bounded paging parameters: 1 <= limit <= MAX_LIMIT, offset >= 0."""
     limit = DEFAULT_LIMIT if limit is None else max(1, min(int(limit), MAX_LIMIT))
     return limit, max(0, int(offset or 0))
-
-
-def _read_json(deployment: Deployment, key: str) -> Any:
-    return json.loads(deployment.state.get(key, max_bytes=MAX_JSON_BYTES))
 
 
 def _parallel(fn: Callable[[T], Any], items: Sequence[T]) -> list[Any]:
@@ -236,54 +238,64 @@ def _parallel(fn: Callable[[T], Any], items: Sequence[T]) -> list[Any]:
 
 def report_objects(deployment: Deployment) -> list[ObjectInfo]:
     """Every round report, newest first (by when it was written; run id breaks ties)."""
-    infos = [i for i in deployment.state.list(REPORTS_PREFIX) if i.key.endswith(".json")]
+    infos = [
+        i
+        for i in deployment.state.list(state_keys.REPORTS)
+        if state_keys.report_run_name(i.key) is not None
+    ]
     infos.sort(key=lambda i: (i.last_modified_ms, i.key), reverse=True)
     return infos
 
 
 def _round_row(deployment: Deployment, info: ObjectInfo) -> RoundRow | None:
-    name = info.key[len(REPORTS_PREFIX) : -len(".json")]
+    name = state_keys.report_run_name(info.key) or info.key
     try:
-        doc = _read_json(deployment, info.key)
+        data = deployment.state.get(info.key, max_bytes=MAX_JSON_BYTES)
     except NoSuchKey:  # deleted between listing and reading
         return None
-    except ValueError as exc:  # shown, not hidden
-        doc = {"run_id": name, "decision": "unreadable", "message": f"{info.key}: {exc}"}
-    run_id = str(doc.get("run_id") or name)
     try:
-        plan = _read_json(deployment, run_prefix(run_id) + "plan.json")
-    except (NoSuchKey, ValueError):
-        plan = {}
-    rejected = doc.get("rejected") if isinstance(doc.get("rejected"), dict) else {}
+        report = RoundReport.from_json(data, what=info.key)
+    except RecordError as exc:  # shown, not hidden
+        return RoundRow(
+            run_id=name,
+            decision="unreadable",
+            message=str(exc),
+            base_version=None,
+            accepted=0,
+            rejected={},
+            candidate_metrics=None,
+            active_metrics=None,
+            published_version=None,
+            rollback=None,
+            created_at_ms=None,
+            finished_at_ms=info.last_modified_ms,
+        )
+    plan: RoundPlan | None
+    try:
+        plan = RoundPlan.from_json(deployment.state.get(RunKeys(report.run_id).plan))
+    except (NoSuchKey, RecordError):
+        plan = None
+    privacy = report.privacy
     return RoundRow(
-        run_id=run_id,
-        decision=str(doc.get("decision") or "unknown"),
-        message=str(doc.get("message") or ""),
-        base_version=_int_or_none(doc.get("base_version")),
-        accepted=int(doc.get("accepted") or 0),
-        rejected={str(k): int(v) for k, v in sorted(rejected.items())},
-        candidate_metrics=_metrics(doc.get("candidate_metrics")),
-        active_metrics=_metrics(doc.get("active_metrics")),
-        published_version=_int_or_none(doc.get("published_version")),
-        rollback=RollbackInfo.from_report(doc.get("rollback")),
-        created_at_ms=_int_or_none(plan.get("created_at_ms")),
+        run_id=report.run_id,
+        decision=report.decision.value,
+        message=report.message,
+        base_version=report.base_version,
+        accepted=report.accepted,
+        rejected=dict(sorted(report.rejected.items())),
+        candidate_metrics=_metrics(report.candidate_metrics),
+        active_metrics=_metrics(report.active_metrics),
+        published_version=report.published_version,
+        rollback=RollbackInfo.of(report.rollback),
+        created_at_ms=plan.created_at_ms if plan else None,
         finished_at_ms=info.last_modified_ms,
-        holdout_version=_int_or_none(doc.get("holdout_version")),
-        replay_of=plan.get("replay_of") if isinstance(plan.get("replay_of"), str) else None,
-        **_privacy_fields(doc.get("privacy")),
+        holdout_version=report.holdout_version,
+        replay_of=plan.replay_of if plan else None,
+        privacy_epsilon=_float_or_none(privacy.epsilon) if privacy else None,
+        privacy_delta=_float_or_none(privacy.delta) if privacy else None,
+        privacy_budget=_float_or_none(privacy.budget_epsilon) if privacy else None,
+        privacy_refused=privacy.refused if privacy else False,
     )
-
-
-def _privacy_fields(doc: Any) -> dict[str, Any]:
-    """RoundRow's DP columns from a report's ``privacy`` block (absent: DP was off)."""
-    if not isinstance(doc, dict):
-        return {}
-    return {
-        "privacy_epsilon": _float_or_none(doc.get("epsilon")),
-        "privacy_delta": _float_or_none(doc.get("delta")),
-        "privacy_budget": _float_or_none(doc.get("budget_epsilon")),
-        "privacy_refused": bool(doc.get("refused")),
-    }
 
 
 def rounds(
@@ -301,7 +313,7 @@ def rounds(
 
 def round_detail(deployment: Deployment, run_id: str) -> RoundRow | None:
     """One round by its Airflow run id (None: no report, e.g. still running or waiting)."""
-    key = f"{REPORTS_PREFIX}{safe_run_id(run_id)}.json"
+    key = RunKeys(run_id).report
     for info in deployment.state.list(key, limit=1):
         if info.key == key:
             return _round_row(deployment, info)
@@ -429,26 +441,25 @@ def versions(
 # -- quarantine ----------------------------------------------------------------------------------
 
 
-def _run_verdicts(deployment: Deployment, run_id: str) -> list[dict[str, Any]] | None:
+def _run_verdicts(deployment: Deployment, run_id: str) -> list[Verdict] | None:
     """The verdicts a run's shards wrote (its own index of what it judged)."""
-    prefix = run_prefix(run_id)
+    keys = RunKeys(run_id)
     try:
-        plan = _read_json(deployment, prefix + "plan.json")
+        plan = RoundPlan.from_json(deployment.state.get(keys.plan), what=keys.plan)
     except NoSuchKey:
         return None
-    docs: list[dict[str, Any]] = []
-    count = plan.get("shard_count", len(plan.get("shards") or []))  # older plans: key lists
-    for index in range(int(count)):
+    verdicts: list[Verdict] = []
+    for index in range(plan.shard_count):
+        key = keys.shard_verdicts(index)
         try:
-            docs.extend(_read_json(deployment, f"{prefix}shards/{index:05d}.verdicts.json"))
+            data = deployment.state.get(key, max_bytes=MAX_JSON_BYTES)
         except NoSuchKey:  # a shard that never finished
             continue
-    return docs
+        verdicts.extend(ShardVerdicts.from_json(data, what=key).verdicts)
+    return verdicts
 
 
-def _quarantine_row(ledger: Ledger, doc: dict[str, Any]) -> QuarantineRow:
-    known = {f.name for f in dataclasses.fields(Verdict)}
-    verdict = Verdict(**{k: v for k, v in doc.items() if k in known})
+def _quarantine_row(ledger: Ledger, verdict: Verdict) -> QuarantineRow:
     qkey = ledger.quarantine_key(verdict)
     times = {
         info.key[len(qkey) :]: info.last_modified_ms
@@ -470,8 +481,10 @@ def _quarantine_row(ledger: Ledger, doc: dict[str, Any]) -> QuarantineRow:
 
 
 def _client_of(key: str) -> str | None:
-    parts = key.split("/")
-    return parts[1] if len(parts) == 3 and parts[0] == "updates" else None
+    try:
+        return protocol.parse_inbox_key(key)[0]
+    except RejectedUpdate:
+        return None
 
 
 def quarantine(
@@ -486,10 +499,10 @@ def quarantine(
     None when the run has no plan (unknown run id).
     """
     limit, offset = clamp_page(limit, offset)
-    docs = _run_verdicts(deployment, run_id)
-    if docs is None:
+    verdicts = _run_verdicts(deployment, run_id)
+    if verdicts is None:
         return None
-    refused = sorted((d for d in docs if not d.get("accepted")), key=lambda d: str(d.get("key")))
+    refused = sorted((v for v in verdicts if not v.accepted), key=lambda v: v.key)
     ledger = Ledger(deployment.state)
     window = refused[offset : offset + limit]
     return Page(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, mldsa, x25519
 from fedlib.crypto import pq_signing, sealing, signing
 from fedlib.crypto.signing import key_id as signing_key_id
 from fedlib.files import atomic_write
-from fedlib.server import privacy
+from fedlib.server import privacy, state_keys
 from fedlib.server.fleet import Fleet
+from fedlib.server.records import HoldoutPointer
 from fedlib.server.registry import ModelRegistry
 from fedlib.server.settings import ServerSettings
 from fedlib.storage.store import NoSuchKey, ObjectStore, S3Config, S3Store
@@ -38,8 +38,6 @@ def signing_private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-FLEET_KEY = "fleet/fleet.json"
-HOLDOUT_POINTER = "holdout/current.json"
 PACKAGE_KEY_FILE = "package-signing-p256.pem"  # OpenSSF model-signing (ECDSA P-256)
 PACKAGE_PQ_KEY_FILE = "package-signing-mldsa65.pem"  # hybrid signatures (ML-DSA-65)
 CHANNEL_KEYS_DIR = "channel"  # TUF roles; root keys belong offline in production
@@ -303,38 +301,39 @@ class Deployment:
 
     def load_fleet(self) -> Fleet:
         try:
-            return Fleet.from_json(self.state.get(FLEET_KEY))
+            return Fleet.from_json(self.state.get(state_keys.FLEET))
         except NoSuchKey:
             return Fleet()
 
     def save_fleet(self, fleet: Fleet) -> None:
-        self.state.put(FLEET_KEY, fleet.to_json())
+        self.state.put(state_keys.FLEET, fleet.to_json())
 
     def holdout_version(self) -> int | None:
         try:
-            pointer = json.loads(self.state.get(HOLDOUT_POINTER, max_bytes=4096))
+            return self._holdout_pointer(None).version
         except NoSuchKey:
             return None
-        return int(pointer["version"])
+
+    def _holdout_pointer(self, version: int | None) -> HoldoutPointer:
+        key = state_keys.HOLDOUT_POINTER if version is None else state_keys.holdout_pointer(version)
+        return HoldoutPointer.from_json(self.state.get(key, max_bytes=4096), what=key)
 
     def load_holdout(self, version: int | None = None) -> Holdout:
         """A holdout version (default: current), checked against the digest recorded for it."""
-        pointer = json.loads(self.state.get(HOLDOUT_POINTER, max_bytes=4096))
-        if version is not None and version != pointer["version"]:
-            pointer = json.loads(self.state.get(f"holdout/v{version:06d}.json", max_bytes=4096))
-        data = self.state.get(pointer["key"])
-        if hashlib.sha256(data).hexdigest() != pointer["sha256"]:
-            raise ValueError(f"holdout {pointer['key']} does not match its recorded digest")
+        pointer = self._holdout_pointer(version)
+        data = self.state.get(pointer.key)
+        if hashlib.sha256(data).hexdigest() != pointer.sha256:
+            raise ValueError(f"holdout {pointer.key} does not match its recorded digest")
         holdout = Holdout.from_bytes(data)
-        return dataclasses.replace(holdout, version=int(pointer["version"]))
+        return dataclasses.replace(holdout, version=pointer.version)
 
     def save_holdout(self, holdout: Holdout) -> int:
         """Store a new holdout version (write-once) and make it current; returns its number."""
         version = (self.holdout_version() or 0) + 1
         data = holdout.to_bytes()
-        key = f"holdout/v{version:06d}.npz"
+        key = state_keys.holdout_data(version)
         self.state.put(key, data, if_absent=True)
-        pointer = {"version": version, "key": key, "sha256": hashlib.sha256(data).hexdigest()}
-        self.state.put(f"holdout/v{version:06d}.json", json.dumps(pointer).encode(), if_absent=True)
-        self.state.put(HOLDOUT_POINTER, json.dumps(pointer).encode())
+        pointer = HoldoutPointer(version=version, key=key, sha256=hashlib.sha256(data).hexdigest())
+        self.state.put(state_keys.holdout_pointer(version), pointer.to_json(), if_absent=True)
+        self.state.put(state_keys.HOLDOUT_POINTER, pointer.to_json())
         return version

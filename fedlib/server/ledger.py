@@ -9,25 +9,12 @@ a verdict is a replay: it is quarantined as such and never counted again.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 
 from fedlib.errors import ObjectExists
-from fedlib.server.records import Verdict
+from fedlib.server import state_keys
+from fedlib.server.records import LedgerEntry, Verdict
 from fedlib.storage.store import NoSuchKey, ObjectStore
-from fedlib.wire import protocol
-
-LEDGER_PREFIX = "ledger/"
-QUARANTINE_PREFIX = "quarantine/"
-
-
-def _safe(key: str) -> str:
-    """A ledger name for any inbox key (inbox keys are already safe; others are hashed)."""
-    try:
-        client_id, update_id = protocol.parse_inbox_key(key)
-    except Exception:
-        return "_other/" + hashlib.sha256(key.encode()).hexdigest()
-    return f"{client_id}/{update_id}"
 
 
 class Ledger:
@@ -35,7 +22,7 @@ class Ledger:
         self.state = state
 
     def verdict_key(self, inbox_key: str) -> str:
-        return f"{LEDGER_PREFIX}{_safe(inbox_key)}.json"
+        return state_keys.ledger_entry(inbox_key)
 
     def has_verdict(self, inbox_key: str) -> bool:
         return self.state.exists(self.verdict_key(inbox_key))
@@ -43,20 +30,19 @@ class Ledger:
     def processed_keys(self, client_id: str | None = None) -> set[str]:
         """Inbox keys that already have a verdict (of one client, or of everyone)."""
         keys = set()
-        prefix = LEDGER_PREFIX + (f"{client_id}/" if client_id else "")
-        for info in self.state.list(prefix):
-            name = info.key[len(LEDGER_PREFIX) : -len(".json")]
-            if not name.startswith("_other/") and info.key.endswith(".json"):
-                keys.add("updates/" + name)
+        for info in self.state.list(state_keys.ledger_client_prefix(client_id)):
+            inbox_key = state_keys.inbox_key_of_ledger_entry(info.key)
+            if inbox_key is not None:
+                keys.add(inbox_key)
         return keys
 
     def quarantine_key(self, verdict: Verdict) -> str:
         """Where a rejected object's judged bytes live (content-addressed, write-once)."""
-        return f"{QUARANTINE_PREFIX}{_safe(verdict.key)}/{(verdict.sha256 or 'unread')[:16]}"
+        return state_keys.quarantine_base(verdict.key, verdict.sha256)
 
     def keep_rejected_bytes(self, verdict: Verdict, blob: bytes) -> None:
         """Store the bytes that were judged, at judgment time (retries rewrite the same)."""
-        self._put_once(self.quarantine_key(verdict) + ".bin", blob)
+        self._put_once(state_keys.quarantine_bytes(verdict.key, verdict.sha256), blob)
 
     def record(self, verdict: Verdict, *, run_id: str) -> bool:
         """Write the verdict once (and a rejected one's reason beside its bytes).
@@ -64,21 +50,22 @@ class Ledger:
         Returns False when a verdict already existed (a retried task): the first one
         stands, so nothing is counted twice.
         """
-        doc = protocol.canonical_json({**verdict.as_dict(), "run_id": run_id})
+        entry = LedgerEntry(**verdict.model_dump(), run_id=run_id)
+        doc = entry.to_json()
         if not verdict.accepted:
-            self._put_once(self.quarantine_key(verdict) + ".reason.json", doc)
+            self._put_once(state_keys.quarantine_reason(verdict.key, verdict.sha256), doc)
         return self._put_once(self.verdict_key(verdict.key), doc)
 
-    def read(self, inbox_key: str) -> dict[str, object] | None:
+    def read(self, inbox_key: str) -> LedgerEntry | None:
         try:
-            data = self.state.get(self.verdict_key(inbox_key))
+            data = self.state.get(self.verdict_key(inbox_key), max_bytes=1 << 20)
         except NoSuchKey:
             return None
-        return protocol.parse_json_limited(data, 1 << 20, "verdict")
+        return LedgerEntry.from_json(data, what=self.verdict_key(inbox_key))
 
-    def verdicts(self) -> Iterable[dict[str, object]]:
-        for info in self.state.list(LEDGER_PREFIX):
-            yield protocol.parse_json_limited(self.state.get(info.key), 1 << 20, "verdict")
+    def verdicts(self) -> Iterable[LedgerEntry]:
+        for info in self.state.list(state_keys.LEDGER):
+            yield LedgerEntry.from_json(self.state.get(info.key, max_bytes=1 << 20), what=info.key)
 
     def _put_once(self, key: str, data: bytes) -> bool:
         try:

@@ -1,13 +1,147 @@
-"""Typed records of a round that cross a task boundary or live in the state bucket."""
+"""Typed records of a round: every document that crosses a task boundary or lives in the
+state bucket, and the round's :class:`Decision`.
+
+Each stored record carries a ``schema`` string with a format version
+(``dadm.<record>.v1``). Documents written before the field existed have none: they read
+as version 1, which is what they are (``tests/fixtures/state-v0`` holds real ones, and a
+test reads every one of them). A record refuses fields it does not know, so a typo or a
+document of another kind is an error, not a silent default. One function writes the
+bytes (:meth:`Record.to_json`: canonical JSON, so a retried task rewrites identical
+bytes) and one reads them (:meth:`Record.from_json`: size-limited, strict JSON).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedlib.wire import protocol
+from fedlib.wire.protocol import PrivacySpent
+
+#: Largest state document a reader accepts (a shard's verdicts are the largest).
+MAX_RECORD_BYTES = 256 << 20
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """What happened to one inbox object; the ledger stores one per update, once."""
+class RecordError(ValueError):
+    """A stored document that is not the record it should be."""
+
+
+class Decision(enum.StrEnum):
+    """How a round ended: one value per outcome, decided by ``pipeline.decide`` only."""
+
+    PUBLISHED = "published"  #: the candidate passed the gate and was published
+    REJECTED = "rejected"  #: the gate refused the candidate
+    WAITING = "waiting"  #: fewer than ``min_clients`` devices had pending updates
+    NOTHING_ACCEPTED = "nothing_accepted"  #: no update passed validation
+    DRY_RUN = "dry_run"  #: evaluated and reported; nothing published or consumed
+    PRIVACY_BUDGET = "privacy_budget"  #: the DP budget refused the round
+    REPLAY_MATCH = "replay_match"  #: a re-run interval recomputed the same candidate
+    REPLAY_MISMATCH = "replay_mismatch"  #: ... and a different one (a bug or tampering)
+    #: Written by the DAG before one function decided rounds (a publish the gate allowed
+    #: that did not happen); read in old reports, never decided now.
+    NOT_PUBLISHED = "not_published"
+
+
+class Record(BaseModel):
+    """Base of the stored records: frozen, unknown fields refused, canonical bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def to_json(self) -> bytes:
+        return protocol.canonical_json(self.to_doc())
+
+    def to_doc(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    @classmethod
+    def from_doc(cls, doc: Any, *, what: str | None = None) -> Self:
+        try:
+            return cls.model_validate(doc)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            raise RecordError(f"{what or cls.__name__}: {where}: {err.get('msg')}") from None
+
+    @classmethod
+    def from_json(cls, data: bytes, *, what: str | None = None) -> Self:
+        doc = protocol.parse_json_limited(data, MAX_RECORD_BYTES, what or cls.__name__)
+        return cls.from_doc(doc, what=what)
+
+
+def _schema(name: str) -> Any:
+    """The ``schema`` field of a record (absent in documents older than the field)."""
+    return Field(default=name, alias="schema")
+
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Metrics(Record):
+    """Holdout metrics of one model: ROC-AUC, average precision, and TPR/FPR at the
+    model's own threshold (``n`` rows, ``n_anomalies`` of them anomalies)."""
+
+    auc: float
+    ap: float
+    tpr: float
+    fpr: float
+    n: float
+    n_anomalies: float
+
+
+class HoldoutPointer(Record):
+    """Which holdout a version number means (``holdout/current.json``, ``holdout/vN.json``):
+    the data object and the digest it must have."""
+
+    schema_: Literal["dadm.holdout-pointer.v1"] = _schema("dadm.holdout-pointer.v1")
+    version: int
+    key: str
+    sha256: Sha256
+
+
+# -- plan -------------------------------------------------------------------------------------
+
+
+class RoundPlan(Record):
+    """A round's batch (``rounds/<run>/plan.json``). Its keys live in one file per shard
+    (:class:`ShardKeys`), so a plan stays small whatever the batch size."""
+
+    schema_: Literal["dadm.round-plan.v1"] = _schema("dadm.round-plan.v1")
+    run_id: str
+    base_version: int
+    shard_count: int
+    updates: int
+    replay_count: int
+    client_count: int
+    waiting: bool
+    message: str
+    created_at_ms: int
+    interval_key: str | None = None
+    interval_end_ms: int | None = None
+    holdout_version: int | None = None
+    replay_of: str | None = None
+    candidate_version: int | None = None
+
+    @property
+    def shard_run(self) -> str:
+        """The run whose shard files hold the keys (a replay reuses the original's)."""
+        return self.replay_of or self.run_id
+
+
+class ShardKeys(Record):
+    """The inbox keys of one shard, and which of them already had a ledger verdict."""
+
+    schema_: Literal["dadm.shard-keys.v1"] = _schema("dadm.shard-keys.v1")
+    keys: list[str]
+    replays: list[str]
+
+
+# -- verdicts -----------------------------------------------------------------------------------
+
+
+class Verdict(Record):
+    """What happened to one inbox object; the ledger stores one per object, once."""
 
     key: str
     sha256: str
@@ -25,5 +159,247 @@ class Verdict:
     #: DP adaptive clipping: the device's bit "norm <= C before clipping" (None: absent).
     unclipped: bool | None = None
 
-    def as_dict(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+    def as_dict(self) -> dict[str, Any]:
+        """The stored form: fields that are set (verdicts are many; absent means None)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def to_doc(self) -> dict[str, Any]:
+        return self.as_dict()
+
+
+class LedgerEntry(Verdict):
+    """A verdict as the ledger keeps it (``ledger/...json``): with the run that wrote it."""
+
+    schema_: Literal["dadm.verdict.v1"] = _schema("dadm.verdict.v1")
+    run_id: str
+
+
+class ShardVerdicts(Record):
+    """A shard's verdicts (``rounds/<run>/shards/NNNNN.verdicts.json``), sorted by key.
+
+    Written before the change as a bare JSON list: :meth:`from_doc` reads that too."""
+
+    schema_: Literal["dadm.shard-verdicts.v1"] = _schema("dadm.shard-verdicts.v1")
+    verdicts: list[Verdict]
+
+    @classmethod
+    def from_doc(cls, doc: Any, *, what: str | None = None) -> Self:
+        if isinstance(doc, list):  # format of the first release
+            doc = {"verdicts": doc}
+        return super().from_doc(doc, what=what)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"schema": self.schema_, "verdicts": [v.as_dict() for v in self.verdicts]}
+
+
+# -- step results (XCom) --------------------------------------------------------------------
+
+
+class ShardResult(Record):
+    """What a shard task returns (XCom): where its partial sum is and what it judged."""
+
+    index: int
+    partial_key: str
+    partial_digest: Sha256
+    accepted: int
+    rejected: dict[str, int]
+
+
+class AggregateResult(Record):
+    """The reduced aggregate of a round: how many updates it sums, and its digest."""
+
+    count: int
+    digest: Sha256
+
+
+class CandidateResult(Record):
+    """A built (not yet published) candidate: its version and content digest."""
+
+    version: int
+    digest: Sha256
+
+
+# -- rollback, privacy, evaluation ----------------------------------------------------------
+
+
+class RollbackDecision(Record):
+    """The automatic rollback check at the start of a round (``rounds/<run>/rollback.json``)."""
+
+    schema_: Literal["dadm.rollback-check.v1"] = _schema("dadm.rollback-check.v1")
+    active_version: int
+    active_auc: float
+    best_version: int
+    best_auc: float
+    rollback: bool
+    reason: str
+    published_version: int | None = None
+    #: True when the check ran without publishing (a dry run): a rollback it calls for
+    #: was reported, not made.
+    dry_run: bool = False
+
+
+class PrivacyRecord(Record):
+    """What a round's DP step decided (``rounds/<run>/privacy.json``)."""
+
+    schema_: Literal["dadm.round-privacy.v1"] = _schema("dadm.round-privacy.v1")
+    mode: Literal["central", "local"]
+    round_id: str
+    clip_norm: float
+    multipliers: list[float]
+    count: int
+    spent: PrivacySpent
+    epsilon_before: float
+    refused: bool = False
+    reason: str | None = None
+    next_clip_norm: float | None = None
+    replay_of: str | None = None
+
+
+class PrivacyCharge(Record):
+    """One DP round charged against the budget (``privacy/spent/<multipliers>/<run>.json``)."""
+
+    schema_: Literal["dadm.privacy-charge.v1"] = _schema("dadm.privacy-charge.v1")
+    run_id: str
+    multipliers: list[float]
+    mode: Literal["central", "local"]
+
+
+class ReplayCheck(Record):
+    """A re-run interval's comparison of its recomputed candidate with the original."""
+
+    of: str
+    matches: bool
+    candidate_digest: str | None = None
+    original_digest: str | None = None
+    published_version: int | None = None
+
+
+class Evaluation(Record):
+    """Candidate and active model on the round's holdout, and the gate's verdict
+    (``rounds/<run>/evaluation.json``)."""
+
+    schema_: Literal["dadm.round-evaluation.v1"] = _schema("dadm.round-evaluation.v1")
+    active: Metrics
+    candidate: Metrics | None = None
+    holdout_version: int | None = None
+    publish: bool
+    reason: str
+    privacy: PrivacyRecord | None = None
+    replay: ReplayCheck | None = None
+
+
+class IntervalRecord(Record):
+    """What the round of a data interval produced (``intervals/<interval>.json``)."""
+
+    schema_: Literal["dadm.interval.v1"] = _schema("dadm.interval.v1")
+    run_id: str
+    decision: Decision
+    candidate_digest: str | None = None
+    candidate_version: int | None = None
+    published_version: int | None = None
+
+
+class PrivacySummary(Record):
+    """The report's view of a round's DP step: cumulative (epsilon, delta) and C."""
+
+    mode: Literal["central", "local"] | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    rounds: int | None = None
+    budget_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    clip_norm: float | None = None
+    next_clip_norm: float | None = None
+    epsilon_before: float | None = None
+    refused: bool = False
+
+    @classmethod
+    def of(cls, record: PrivacyRecord | None) -> PrivacySummary | None:
+        if record is None:
+            return None
+        spent = record.spent
+        return cls(
+            mode=record.mode,
+            epsilon=spent.epsilon,
+            delta=spent.delta,
+            rounds=spent.rounds,
+            budget_epsilon=spent.budget_epsilon,
+            noise_multiplier=spent.noise_multiplier,
+            clip_norm=record.clip_norm,
+            next_clip_norm=record.next_clip_norm,
+            epsilon_before=record.epsilon_before,
+            refused=record.refused,
+        )
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+class RoundReport(Record):
+    """A finished round (``reports/<run>.json``): what the rounds page, ``fl-admin status``
+    and the task log's summary show."""
+
+    schema_: Literal["dadm.round-report.v1"] = _schema("dadm.round-report.v1")
+    run_id: str
+    base_version: int
+    decision: Decision
+    message: str = ""
+    published_version: int | None = None
+    accepted: int = 0
+    rejected: dict[str, int] = Field(default_factory=dict)
+    candidate_metrics: Metrics | None = None
+    active_metrics: Metrics | None = None
+    candidate_digest: str | None = None
+    aggregate_digest: str | None = None
+    holdout_version: int | None = None
+    rollback: RollbackDecision | None = None
+    replay: ReplayCheck | None = None
+    #: Differential privacy: cumulative epsilon/delta after this round (None: DP off).
+    privacy: PrivacySummary | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.to_doc()
+
+    def summary(self) -> str:
+        """A short readable block for task logs and the CLI."""
+        lines = [
+            f"round {self.run_id}: {self.decision.value} — {self.message}",
+            f"  updates: {self.accepted} accepted, {sum(self.rejected.values())} rejected"
+            + (f" {self.rejected}" if self.rejected else ""),
+        ]
+        if self.active_metrics:
+            active = self.active_metrics
+            line = (
+                f"  holdout AUC / AP: active v{self.base_version} "
+                f"{active.auc:.4f} / {active.ap:.4f}"
+            )
+            if self.candidate_metrics:
+                candidate = self.candidate_metrics
+                line += f", candidate {candidate.auc:.4f} / {candidate.ap:.4f}"
+            lines.append(line)
+        if self.published_version:
+            lines.append(f"  published version {self.published_version}")
+        if self.privacy:
+            dp = self.privacy
+            line = (
+                f"  privacy ({dp.mode} DP): epsilon {_num(dp.epsilon, '.4g')}"
+                f" at delta {_num(dp.delta, 'g')} after {dp.rounds} rounds"
+                + (f", budget {dp.budget_epsilon:g}" if dp.budget_epsilon is not None else "")
+            )
+            if dp.refused:
+                line += " — REFUSED: over the budget, nothing published"
+            lines.append(line)
+        rollback = self.rollback
+        if rollback and rollback.rollback:
+            if rollback.published_version is not None:
+                lines.append(
+                    f"  ROLLBACK: {rollback.reason} -> published "
+                    f"v{rollback.published_version} (= v{rollback.best_version})"
+                )
+            else:
+                lines.append(f"  ROLLBACK due (not published: dry run): {rollback.reason}")
+        return "\n".join(lines)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)

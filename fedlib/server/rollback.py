@@ -14,11 +14,11 @@ or below the best of them by more than the tolerance, the best one is republishe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from fedlib.models.evaluation import Metrics, evaluate_onnx
 from fedlib.models.package import ModelPackage
 from fedlib.server.deployment import Deployment, Holdout
+from fedlib.server.records import RollbackDecision
 from fedlib.server.registry import ModelRegistry
 
 RECENT_VERSIONS = 20  # how far back automatic rollback looks for a known-good model
@@ -26,20 +26,6 @@ RECENT_VERSIONS = 20  # how far back automatic rollback looks for a known-good m
 
 class RollbackRefused(ValueError):
     """A rollback request that makes no sense (unknown, bad or active target)."""
-
-
-@dataclass(frozen=True)
-class RollbackDecision:
-    active_version: int
-    active_auc: float
-    best_version: int
-    best_auc: float
-    rollback: bool
-    reason: str
-    published_version: int | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        return dict(self.__dict__)
 
 
 def packages(registry: ModelRegistry, versions: list[int]) -> dict[int, ModelPackage]:
@@ -131,19 +117,29 @@ def check_active(
         )
     else:
         return RollbackDecision(
-            active,
-            active_auc,
-            best,
-            best_auc,
-            False,
-            f"active v{active} AUC {active_auc:.4f} holds",
+            active_version=active,
+            active_auc=active_auc,
+            best_version=best,
+            best_auc=best_auc,
+            rollback=False,
+            reason=f"active v{active} AUC {active_auc:.4f} holds",
+            dry_run=not publish,
         )
     published = None
     if publish and best != active:
         published = _publish_rollback(
             deployment, pkgs[best], active, f"automatic: {reason}", scores[best], created_at_ms
         )
-    return RollbackDecision(active, active_auc, best, best_auc, True, reason, published)
+    return RollbackDecision(
+        active_version=active,
+        active_auc=active_auc,
+        best_version=best,
+        best_auc=best_auc,
+        rollback=True,
+        reason=reason,
+        published_version=published,
+        dry_run=not publish,
+    )
 
 
 def manual_rollback(deployment: Deployment, to_version: int, reason: str) -> int:

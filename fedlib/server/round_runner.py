@@ -1,9 +1,11 @@
 """A round's server-side steps over the real stores, each a function of explicit inputs.
 
-The ``fl_round`` DAG runs every step as its own (mapped, retried) task; ``run_round``
-chains them in one process for ``fl-admin round``. Each step reads what it needs from
-the state bucket and writes its result there under ``rounds/<run>/``, deterministically,
-so a retried task rewrites the same bytes and XCom only carries keys and digests.
+:mod:`fedlib.server.pipeline` orders them (the ``fl_round`` DAG runs each as its own,
+mapped and retried, task; ``fl-admin round`` runs them in one process). Each step reads
+what it needs from the state bucket and writes its result there as a typed record
+(:mod:`fedlib.server.records`, keys from :mod:`fedlib.server.state_keys`),
+deterministically, so a retried task rewrites the same bytes and XCom only carries keys
+and digests.
 
 Exactly-once: a shard's verdicts are per-run files (rewritten on retry); only
 :func:`finalize_round` writes the write-once ledger entries (and quarantine copies), and
@@ -24,19 +26,37 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from fedlib.crypto import sealing
 from fedlib.errors import RejectedUpdate
 from fedlib.models.package import ModelPackage, weights_from_bytes
-from fedlib.server import privacy, robust
+from fedlib.server import privacy, robust, state_keys
 from fedlib.server.aggregation import AggregationConfig
 from fedlib.server.deployment import Deployment, Holdout
 from fedlib.server.ledger import Ledger
-from fedlib.server.records import Verdict
+from fedlib.server.records import (
+    AggregateResult,
+    CandidateResult,
+    Decision,
+    Evaluation,
+    IntervalRecord,
+    Metrics,
+    PrivacyCharge,
+    PrivacyRecord,
+    PrivacySummary,
+    Record,
+    ReplayCheck,
+    RollbackDecision,
+    RoundPlan,
+    RoundReport,
+    ShardKeys,
+    ShardResult,
+    ShardVerdicts,
+    Verdict,
+)
 from fedlib.server.rounds import (
     DpRound,
     RoundInputs,
@@ -44,6 +64,7 @@ from fedlib.server.rounds import (
     build_candidate,
     unclipped_counts,
 )
+from fedlib.server.state_keys import RunKeys
 from fedlib.server.strategy import aggregator_from_bytes, new_aggregator
 from fedlib.storage.store import NoSuchKey, ObjectInfo, ObjectTooLarge, StoreError
 from fedlib.trust.package import PACKAGE_FILES
@@ -51,95 +72,33 @@ from fedlib.wire import protocol
 from fedlib.wire.protocol import PackageMetadata
 
 if TYPE_CHECKING:
-    from fedlib.models.evaluation import Metrics
+    from fedlib.models.evaluation import Metrics as ScoredMetrics
 
-ROUNDS_PREFIX = "rounds/"
-REPORTS_PREFIX = "reports/"
-OPTIMIZER_PREFIX = "optimizer/"
-INTERVALS_PREFIX = "intervals/"
-#: One object per round whose DP aggregate was computed; the key carries the round's
-#: noise multipliers, so the cumulative epsilon is one listing (no read per round).
-PRIVACY_SPENT_PREFIX = "privacy/spent/"
-ARCHIVE_PREFIX = "archive/"
 #: S3 requests one shard keeps in flight (inbox GETs ahead of the verifier; archive
 #: writes). Enough to hide a local S3's latency behind the verifier's CPU; each GET in
 #: flight holds at most one envelope, so a shard holds this many beyond its judged ones.
 SHARD_IO_CONCURRENCY = 8
 
-
-def run_prefix(run_id: str) -> str:
-    return f"{ROUNDS_PREFIX}{safe_run_id(run_id)}/"
+R = TypeVar("R", bound=Record)
 
 
-def safe_run_id(run_id: str) -> str:
-    """Run ids (``scheduled__2026-01-01T00:00:00+00:00``) made safe as one key segment."""
-    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-    if cleaned == run_id:
-        return cleaned
-    return f"{cleaned}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
+def put_record(deployment: Deployment, key: str, record: Record) -> None:
+    deployment.state.put(key, record.to_json())
 
 
-def _put_json(deployment: Deployment, key: str, doc: Any) -> str:
-    data = protocol.canonical_json(doc)
-    deployment.state.put(key, data)
-    return hashlib.sha256(data).hexdigest()
+def get_record(deployment: Deployment, key: str, kind: type[R]) -> R:
+    return kind.from_json(deployment.state.get(key), what=key)
 
 
-def _get_json(deployment: Deployment, key: str) -> Any:
-    return protocol.parse_json_limited(deployment.state.get(key), 256 << 20, key)
-
-
-# -- guard the active model ----------------------------------------------------------------
-
-
-def check_active_model(
-    deployment: Deployment, run_id: str, *, created_at_ms: int | None = None
-) -> dict[str, Any]:
-    """Automatic rollback before anything else: see :mod:`fedlib.server.rollback`."""
-    from fedlib.server.rollback import check_active
-
-    decision = check_active(deployment, created_at_ms=created_at_ms).as_dict()
-    _put_json(deployment, run_prefix(run_id) + "rollback.json", decision)
-    return decision
+def find_record(deployment: Deployment, key: str, kind: type[R]) -> R | None:
+    """The record at ``key``, or None when there is none (a step that did not run)."""
+    try:
+        return get_record(deployment, key, kind)
+    except NoSuchKey:
+        return None
 
 
 # -- plan ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """A round's batch. Its keys live in one file per shard (:func:`load_shard`), so a
-    plan, and every task that loads it, stays small whatever the batch size."""
-
-    run_id: str
-    base_version: int
-    shard_count: int
-    updates: int
-    replay_count: int
-    client_count: int
-    waiting: bool
-    message: str
-    created_at_ms: int
-    interval_key: str | None = None
-    interval_end_ms: int | None = None
-    holdout_version: int | None = None
-    replay_of: str | None = None
-    candidate_version: int | None = None
-
-    @property
-    def shard_run(self) -> str:
-        """The run whose shard files hold the keys (a replay reuses the original's)."""
-        return self.replay_of or self.run_id
-
-
-@dataclass(frozen=True)
-class Shard:
-    keys: list[str]
-    replays: list[str]  # keys that already have a ledger verdict
-
-
-def shard_key(run_id: str, index: int) -> str:
-    return f"{run_prefix(run_id)}shards/{index:05d}.keys.json"
 
 
 def plan_keys(deployment: Deployment, plan: RoundPlan) -> Iterator[str]:
@@ -149,11 +108,6 @@ def plan_keys(deployment: Deployment, plan: RoundPlan) -> Iterator[str]:
 
 
 _PACK_MAGIC = b"FLAR\x01"
-
-
-def archive_key(run_id: str, index: int) -> str:
-    """Where a shard keeps the bytes it accepted: one object per shard, not per update."""
-    return f"{ARCHIVE_PREFIX}{safe_run_id(run_id)}/{index:05d}.pack"
 
 
 def pack_envelopes(entries: list[tuple[str, bytes]]) -> bytes:
@@ -204,13 +158,12 @@ def archived_envelope(deployment: Deployment, run_id: str, key: str) -> bytes:
     plan = load_plan(deployment, run_id)
     for index in range(plan.shard_count):
         if key in load_shard(deployment, plan, index).keys:
-            return unpack_envelopes(deployment.state.get(archive_key(plan.run_id, index)))[key]
+            return unpack_envelopes(deployment.state.get(RunKeys(plan.run_id).archive(index)))[key]
     raise NoSuchKey(key, f"not in the plan of {run_id}")
 
 
-def load_shard(deployment: Deployment, plan: RoundPlan, index: int) -> Shard:
-    doc = _get_json(deployment, shard_key(plan.shard_run, index))
-    return Shard(keys=list(doc["keys"]), replays=list(doc["replays"]))
+def load_shard(deployment: Deployment, plan: RoundPlan, index: int) -> ShardKeys:
+    return get_record(deployment, RunKeys(plan.shard_run).shard_keys(index), ShardKeys)
 
 
 def arrival_ms(info: ObjectInfo) -> int:
@@ -245,15 +198,16 @@ def plan_round(
     if interval_key is not None:
         record = interval_record(deployment, interval_key)
         if record is not None:
-            original = load_plan(deployment, record["run_id"])
-            plan = dataclasses.replace(
-                original,
-                run_id=run_id,
-                replay_of=record["run_id"],
-                candidate_version=record.get("candidate_version"),
-                message=f"replay of {record['run_id']} (interval {interval_key})",
+            original = load_plan(deployment, record.run_id)
+            plan = original.model_copy(
+                update={
+                    "run_id": run_id,
+                    "replay_of": record.run_id,
+                    "candidate_version": record.candidate_version,
+                    "message": f"replay of {record.run_id} (interval {interval_key})",
+                }
             )
-            _put_json(deployment, run_prefix(run_id) + "plan.json", dataclasses.asdict(plan))
+            put_record(deployment, RunKeys(run_id).plan, plan)
             return plan
     settings = deployment.settings
     limit = max_updates or settings.max_batch
@@ -276,10 +230,10 @@ def plan_round(
     def flush() -> None:
         nonlocal shard, shard_replays, shard_count
         if shard:
-            _put_json(
+            put_record(
                 deployment,
-                shard_key(run_id, shard_count),
-                {"keys": shard, "replays": shard_replays},
+                RunKeys(run_id).shard_keys(shard_count),
+                ShardKeys(keys=shard, replays=shard_replays),
             )
             shard, shard_replays, shard_count = [], [], shard_count + 1
 
@@ -323,20 +277,17 @@ def plan_round(
         interval_end_ms=interval_end_ms,
         holdout_version=deployment.holdout_version(),
     )
-    _put_json(deployment, run_prefix(run_id) + "plan.json", dataclasses.asdict(plan))
+    put_record(deployment, RunKeys(run_id).plan, plan)
     return plan
 
 
-def interval_record(deployment: Deployment, interval_key: str) -> dict[str, Any] | None:
+def interval_record(deployment: Deployment, interval_key: str) -> IntervalRecord | None:
     """What the round of a data interval produced, once it finished (None: not yet)."""
-    try:
-        return _get_json(deployment, f"{INTERVALS_PREFIX}{safe_run_id(interval_key)}.json")
-    except NoSuchKey:
-        return None
+    return find_record(deployment, state_keys.interval(interval_key), IntervalRecord)
 
 
 def load_plan(deployment: Deployment, run_id: str) -> RoundPlan:
-    return RoundPlan(**_get_json(deployment, run_prefix(run_id) + "plan.json"))
+    return get_record(deployment, RunKeys(run_id).plan, RoundPlan)
 
 
 # -- shards -------------------------------------------------------------------------------
@@ -392,15 +343,6 @@ def round_inputs(
     )
 
 
-@dataclass(frozen=True)
-class ShardResult:
-    index: int
-    partial_key: str
-    partial_digest: str
-    accepted: int
-    rejected: dict[str, int]
-
-
 def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResult:
     """Open, verify, validate and sum one shard; write its partial sum, then its verdicts."""
     plan = load_plan(deployment, run_id)
@@ -422,15 +364,10 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
             keeper.keep(verdict, blob)
 
     if plan.replay_of:  # recompute from the archived bytes the original run accepted
-        original = _get_json(  # the replayed plan is the original's: same shard, same keys
-            deployment, f"{run_prefix(plan.replay_of)}shards/{index:05d}.verdicts.json"
-        )
-        accepted = {doc["key"]: doc["sha256"] for doc in original if doc.get("accepted")}
-        pack = (
-            unpack_envelopes(deployment.state.get(archive_key(plan.replay_of, index)))
-            if accepted
-            else {}
-        )
+        original = RunKeys(plan.replay_of)  # the replayed plan is the original's: same keys
+        judged_then = get_record(deployment, original.shard_verdicts(index), ShardVerdicts)
+        accepted = {v.key: v.sha256 for v in judged_then.verdicts if v.accepted}
+        pack = unpack_envelopes(deployment.state.get(original.archive(index))) if accepted else {}
 
         def fetch(key: str) -> tuple[bytes, str]:
             if key not in accepted or key in replays or key not in pack:
@@ -447,10 +384,10 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
                 continue  # deleted by an operator since the plan
             if isinstance(fetched, ObjectTooLarge):
                 verdict = Verdict(
-                    key,
-                    "",
-                    fetched.size,
-                    False,
+                    key=key,
+                    sha256="",
+                    size=fetched.size,
+                    accepted=False,
                     reason="oversized",
                     detail=str(fetched),
                     etag=fetched.etag,
@@ -462,15 +399,24 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
             blob, etag = fetched
             judged[key] = (blob, etag)
             if key in replays:
-                first = ledger.read(key) or {}
+                first = ledger.read(key)
+                first_run = first.run_id if first else None
                 digest = hashlib.sha256(blob).hexdigest()
-                if first.get("sha256") == digest:
+                if first is not None and first.sha256 == digest:
                     reason = "replay"
-                    detail = f"already processed in {first.get('run_id')}"
+                    detail = f"already processed in {first_run}"
                 else:
                     reason = "duplicate_update_id"
-                    detail = f"other bytes under an update id processed in {first.get('run_id')}"
-                refuse(Verdict(key, digest, len(blob), False, reason=reason, detail=detail), blob)
+                    detail = f"other bytes under an update id processed in {first_run}"
+                verdict = Verdict(
+                    key=key,
+                    sha256=digest,
+                    size=len(blob),
+                    accepted=False,
+                    reason=reason,
+                    detail=detail,
+                )
+                refuse(verdict, blob)
                 continue
             yield key, blob
 
@@ -491,26 +437,26 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
             keeper.close()
     verdicts = sorted(
         (
-            dataclasses.replace(v, etag=v.etag or judged.get(v.key, (b"", None))[1])
+            v if v.etag else v.model_copy(update={"etag": judged.get(v.key, (b"", None))[1]})
             for v in [*verdicts, *refused]
         ),
         key=lambda v: v.key,
     )
+    keys = RunKeys(run_id)
     if keeper is not None:  # the accepted bytes, for backfill replays: before the verdicts
         accepted_bytes = [(v.key, judged[v.key][0]) for v in verdicts if v.accepted]
         if accepted_bytes:
-            deployment.state.put(archive_key(run_id, index), pack_envelopes(accepted_bytes))
-    prefix = f"{run_prefix(run_id)}shards/{index:05d}"
+            deployment.state.put(keys.archive(index), pack_envelopes(accepted_bytes))
     partial = agg.to_bytes()
-    deployment.state.put(prefix + ".partial", partial)
-    _put_json(deployment, prefix + ".verdicts.json", [v.as_dict() for v in verdicts])
-    rejected = Counter(v.reason for v in verdicts if not v.accepted)
+    deployment.state.put(keys.shard_partial(index), partial)
+    put_record(deployment, keys.shard_verdicts(index), ShardVerdicts(verdicts=verdicts))
+    rejected = Counter(v.reason or "unknown" for v in verdicts if not v.accepted)
     return ShardResult(
-        index,
-        prefix + ".partial",
-        hashlib.sha256(partial).hexdigest(),
-        sum(v.accepted for v in verdicts),
-        dict(sorted(rejected.items())),
+        index=index,
+        partial_key=keys.shard_partial(index),
+        partial_digest=hashlib.sha256(partial).hexdigest(),
+        accepted=sum(v.accepted for v in verdicts),
+        rejected=dict(sorted(rejected.items())),
     )
 
 
@@ -519,9 +465,9 @@ def shard_verdicts(
 ) -> Iterator[list[Verdict]]:
     """A run's verdicts one shard at a time (memory bounded by the shard size)."""
     plan = plan or load_plan(deployment, run_id)
+    keys = RunKeys(run_id)
     for index in range(plan.shard_count):
-        key = f"{run_prefix(run_id)}shards/{index:05d}.verdicts.json"
-        yield [Verdict(**doc) for doc in _get_json(deployment, key)]
+        yield get_record(deployment, keys.shard_verdicts(index), ShardVerdicts).verdicts
 
 
 def load_verdicts(deployment: Deployment, run_id: str) -> list[Verdict]:
@@ -532,30 +478,31 @@ def load_verdicts(deployment: Deployment, run_id: str) -> list[Verdict]:
 # -- reduce, candidate, evaluation ----------------------------------------------------------
 
 
-def reduce_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
+def reduce_round(deployment: Deployment, run_id: str) -> AggregateResult:
     """Merge the shards' partial sums (exact integer addition: order does not matter)."""
     plan = load_plan(deployment, run_id)
+    keys = RunKeys(run_id)
     base = deployment.registry().read_version(plan.base_version)
     aggregation = aggregation_of(deployment, base)
     total = new_aggregator(base.metadata.num_params, aggregation)
     for index in range(plan.shard_count):
-        data = deployment.state.get(f"{run_prefix(run_id)}shards/{index:05d}.partial")
+        data = deployment.state.get(keys.shard_partial(index))
         total.merge(aggregator_from_bytes(data, aggregation))  # type: ignore[arg-type]
     blob = total.to_bytes()
-    deployment.state.put(run_prefix(run_id) + "aggregate.bin", blob)
-    return {"count": total.count, "digest": hashlib.sha256(blob).hexdigest()}
+    deployment.state.put(keys.aggregate, blob)
+    return AggregateResult(count=total.count, digest=hashlib.sha256(blob).hexdigest())
 
 
 def load_momentum(deployment: Deployment, version: int) -> np.ndarray | None:
     """The server optimizer's buffer that produced ``version`` (None for plain FedAvg)."""
     try:
-        data = deployment.state.get(f"{OPTIMIZER_PREFIX}v{version:08d}.bin")
+        data = deployment.state.get(state_keys.optimizer(version))
     except NoSuchKey:
         return None
     return np.frombuffer(data, dtype="<f8").astype(np.float64)
 
 
-def build_round_candidate(deployment: Deployment, run_id: str) -> dict[str, Any] | None:
+def build_round_candidate(deployment: Deployment, run_id: str) -> CandidateResult | None:
     """Apply the aggregate to the base model; save the candidate files (not published).
 
     With DP on, :func:`round_privacy` first checks the budget and charges the round;
@@ -563,8 +510,9 @@ def build_round_candidate(deployment: Deployment, run_id: str) -> dict[str, Any]
     plan = load_plan(deployment, run_id)
     registry = deployment.registry()
     base = registry.read_version(plan.base_version)
+    keys = RunKeys(run_id)
     agg = aggregator_from_bytes(
-        deployment.state.get(run_prefix(run_id) + "aggregate.bin"), aggregation_of(deployment, base)
+        deployment.state.get(keys.aggregate), aggregation_of(deployment, base)
     )
     if agg.count == 0:
         return None
@@ -594,22 +542,18 @@ def build_round_candidate(deployment: Deployment, run_id: str) -> dict[str, Any]
         dp=dp,
     )
     if dp is not None:
-        _put_json(
-            deployment,
-            run_prefix(run_id) + "privacy.json",
-            {
-                **_get_json(deployment, run_prefix(run_id) + "privacy.json"),
-                "next_clip_norm": candidate.metadata.training.clip_norm,
-            },
+        recorded = get_record(deployment, keys.privacy, PrivacyRecord)
+        next_clip = candidate.metadata.training.clip_norm
+        put_record(
+            deployment, keys.privacy, recorded.model_copy(update={"next_clip_norm": next_clip})
         )
-    prefix = run_prefix(run_id) + "candidate/"
     for name, data in candidate.files().items():
-        deployment.state.put(prefix + name, data)
+        deployment.state.put(keys.candidate(name), data)
     if momentum is not None:
         deployment.state.put(
-            prefix + "momentum.bin", np.ascontiguousarray(momentum, "<f8").tobytes()
+            keys.candidate("momentum.bin"), np.ascontiguousarray(momentum, "<f8").tobytes()
         )
-    return {"version": version, "digest": candidate.digest()}
+    return CandidateResult(version=version, digest=candidate.digest())
 
 
 def spent_rounds(deployment: Deployment, *, exclude: str | None = None) -> privacy.Accountant:
@@ -617,22 +561,13 @@ def spent_rounds(deployment: Deployment, *, exclude: str | None = None) -> priva
 
     A round is charged when its noised aggregate is computed, published or not."""
     accountant = privacy.Accountant(deployment.settings.dp_accountant)
-    skip = safe_run_id(exclude) + ".json" if exclude else None
-    for info in deployment.state.list(PRIVACY_SPENT_PREFIX):
-        parts = info.key[len(PRIVACY_SPENT_PREFIX) :].split("/")
-        if len(parts) != 2 or parts[1] == skip:
+    skip = state_keys.safe_segment(exclude) if exclude else None
+    for info in deployment.state.list(state_keys.PRIVACY_SPENT):
+        charge = state_keys.parse_privacy_charge(info.key)
+        if charge is None or charge[0] == skip:
             continue
-        try:
-            multipliers = [float(m) for m in parts[0].split("_")]
-        except ValueError:
-            continue
-        accountant.add(multipliers)
+        accountant.add(charge[1])
     return accountant
-
-
-def _spent_key(run_id: str, multipliers: tuple[float, ...]) -> str:
-    combo = "_".join(repr(m) for m in multipliers)  # repr: the float round-trips exactly
-    return f"{PRIVACY_SPENT_PREFIX}{combo}/{safe_run_id(run_id)}.json"
 
 
 def round_privacy(
@@ -651,18 +586,18 @@ def round_privacy(
     config = settings.privacy()
     clip = round_clip_norm(deployment, base)
     multipliers = config.round_multipliers()
-    doc_key = run_prefix(plan.run_id) + "privacy.json"
+    record_key = RunKeys(plan.run_id).privacy
     round_id = plan.replay_of or plan.run_id
-    original: dict[str, Any] | None = None
-    if plan.replay_of:
-        with contextlib.suppress(NoSuchKey):
-            original = _get_json(deployment, run_prefix(plan.replay_of) + "privacy.json")
+    original = (
+        find_record(deployment, RunKeys(plan.replay_of).privacy, PrivacyRecord)
+        if plan.replay_of
+        else None
+    )
     if original is not None:
-        doc = {**original, "replay_of": plan.replay_of}
-        _put_json(deployment, doc_key, doc)
-        if doc.get("refused"):
+        record = original.model_copy(update={"replay_of": plan.replay_of})
+        put_record(deployment, record_key, record)
+        if record.refused:
             return None
-        spent = doc["spent"]
     else:
         before = spent_rounds(deployment, exclude=plan.run_id)
         after = before.copy()
@@ -670,34 +605,35 @@ def round_privacy(
             after.add(multipliers)
         spent = privacy.spend_summary(config, after, clip)
         budget = config.budget_epsilon
-        doc = {
-            "mode": config.mode,
-            "round_id": round_id,
-            "clip_norm": clip,
-            "multipliers": list(multipliers),
-            "count": count,
-            "spent": spent,
-            "epsilon_before": before.epsilon(config.delta),
-        }
-        if budget is not None and spent["epsilon"] > budget:
-            doc.update(
-                refused=True,
-                reason=(
-                    f"privacy budget: this round would bring epsilon to "
-                    f"{spent['epsilon']:.4g} (delta {config.delta:g}), over the budget of "
-                    f"{budget:g} (spent so far {doc['epsilon_before']:.4g} in "
-                    f"{before.rounds} rounds); nothing computed or published"
-                ),
+        record = PrivacyRecord(
+            mode=config.mode,
+            round_id=round_id,
+            clip_norm=clip,
+            multipliers=list(multipliers),
+            count=count,
+            spent=spent,
+            epsilon_before=before.epsilon(config.delta),
+        )
+        if budget is not None and record.spent.epsilon > budget:
+            reason = (
+                f"privacy budget: this round would bring epsilon to "
+                f"{record.spent.epsilon:.4g} (delta {config.delta:g}), over the budget of "
+                f"{budget:g} (spent so far {record.epsilon_before:.4g} in "
+                f"{before.rounds} rounds); nothing computed or published"
             )
-            _put_json(deployment, doc_key, doc)
+            put_record(
+                deployment,
+                record_key,
+                record.model_copy(update={"refused": True, "reason": reason}),
+            )
             return None
         if not plan.replay_of:  # the charge, before any noised value exists
-            _put_json(
+            put_record(
                 deployment,
-                _spent_key(plan.run_id, multipliers),
-                {"run_id": plan.run_id, "multipliers": list(multipliers), "mode": config.mode},
+                state_keys.privacy_charge(plan.run_id, multipliers),
+                PrivacyCharge(run_id=plan.run_id, multipliers=list(multipliers), mode=config.mode),
             )
-        _put_json(deployment, doc_key, doc)
+        put_record(deployment, record_key, record)
     unclipped = (0, 0)
     if config.adaptive:
         ones = reported = 0
@@ -711,40 +647,18 @@ def round_privacy(
         clip_norm=clip,
         unclipped=unclipped,
         rng=privacy.noise_rng(secret, round_id),
-        spent=spent,
+        spent=record.spent.model_dump(),
     )
 
 
-def load_round_privacy(deployment: Deployment, run_id: str) -> dict[str, Any] | None:
-    """What a run's DP step decided (``rounds/<run>/privacy.json``); None: DP was off."""
-    try:
-        return _get_json(deployment, run_prefix(run_id) + "privacy.json")
-    except NoSuchKey:
-        return None
-
-
-def privacy_report(doc: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The report's view of a round's DP step: cumulative (epsilon, delta) and C."""
-    if not doc:
-        return None
-    spent = doc.get("spent") or {}
-    return {
-        "mode": doc.get("mode"),
-        "epsilon": spent.get("epsilon"),
-        "delta": spent.get("delta"),
-        "rounds": spent.get("rounds"),
-        "budget_epsilon": spent.get("budget_epsilon"),
-        "noise_multiplier": spent.get("noise_multiplier"),
-        "clip_norm": doc.get("clip_norm"),
-        "next_clip_norm": doc.get("next_clip_norm"),
-        "epsilon_before": doc.get("epsilon_before"),
-        "refused": bool(doc.get("refused")),
-    }
+def load_round_privacy(deployment: Deployment, run_id: str) -> PrivacyRecord | None:
+    """What a run's DP step decided; None: DP was off (or the step did not run)."""
+    return find_record(deployment, RunKeys(run_id).privacy, PrivacyRecord)
 
 
 def load_candidate(deployment: Deployment, run_id: str) -> ModelPackage:
-    prefix = run_prefix(run_id) + "candidate/"
-    files = {name: deployment.state.get(prefix + name) for name in PACKAGE_FILES}
+    keys = RunKeys(run_id)
+    files = {name: deployment.state.get(keys.candidate(name)) for name in PACKAGE_FILES}
     metadata = PackageMetadata.from_json(files["metadata.json"])
     return ModelPackage(
         metadata=metadata,
@@ -755,66 +669,77 @@ def load_candidate(deployment: Deployment, run_id: str) -> ModelPackage:
 
 def evaluate(
     deployment: Deployment, package: ModelPackage, holdout: Holdout | None = None
-) -> Metrics:
+) -> ScoredMetrics:
     holdout = holdout or deployment.load_holdout()
     from fedlib.models.evaluation import evaluate_onnx
 
     return evaluate_onnx(package.onnx_bytes, holdout.features, holdout.labels)
 
 
-def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
-    """Score candidate and active model on the current holdout via ONNX; decide the gate."""
+def _metrics(scored: ScoredMetrics) -> Metrics:
+    return Metrics(**scored.as_dict())
+
+
+def evaluate_round(deployment: Deployment, run_id: str) -> Evaluation:
+    """Score candidate and active model on the round's holdout via ONNX; the gate's verdict."""
     plan = load_plan(deployment, run_id)
     holdout = deployment.load_holdout(plan.holdout_version)
     active = evaluate(deployment, deployment.registry().read_version(plan.base_version), holdout)
-    result: dict[str, Any] = {
-        "active": active.as_dict(),
-        "candidate": None,
-        "holdout_version": holdout.version,
-    }
-    record = (interval_record(deployment, plan.interval_key or "") or {}) if plan.replay_of else {}
-    dp_doc = load_round_privacy(deployment, run_id)
-    if dp_doc is not None:
-        result["privacy"] = dp_doc
+    original = interval_record(deployment, plan.interval_key or "") if plan.replay_of else None
+    dp_record = load_round_privacy(deployment, run_id)
+    candidate: Metrics | None = None
+    replay: ReplayCheck | None = None
     try:
         candidate_pkg = load_candidate(deployment, run_id)
     except NoSuchKey:
-        reason = (dp_doc or {}).get("reason") or "no update passed validation"
-        result.update(publish=False, reason=reason)
+        publish = False
+        reason = (dp_record.reason if dp_record else None) or "no update passed validation"
         if plan.replay_of:
-            matches = record.get("candidate_digest") is None
-            result["replay"] = {"of": plan.replay_of, "matches": matches, "candidate_digest": None}
+            matches = original is None or original.candidate_digest is None
+            replay = ReplayCheck(of=plan.replay_of, matches=matches)
     else:
-        candidate = evaluate(deployment, candidate_pkg, holdout)
+        scored = evaluate(deployment, candidate_pkg, holdout)
         from fedlib.models.evaluation import gate
 
-        ok, why = gate(
-            candidate,
+        publish, reason = gate(
+            scored,
             active,
             tolerance=deployment.settings.auc_tolerance,
             floor=deployment.settings.auc_floor,
         )
-        result.update(candidate=candidate.as_dict(), publish=ok, reason=why)
+        candidate = _metrics(scored)
         if plan.replay_of:
             digest = candidate_pkg.digest()
-            matches = digest == record.get("candidate_digest")
-            result.update(
-                publish=False,
-                replay={
-                    "of": plan.replay_of,
-                    "matches": matches,
-                    "candidate_digest": digest,
-                    "original_digest": record.get("candidate_digest"),
-                    "published_version": record.get("published_version"),
-                },
-                reason=(
-                    f"replay of {plan.replay_of}: recomputed candidate "
-                    + ("matches the original byte for byte" if matches else "DIFFERS")
-                    + "; nothing published"
-                ),
+            original_digest = original.candidate_digest if original else None
+            matches = digest == original_digest
+            replay = ReplayCheck(
+                of=plan.replay_of,
+                matches=matches,
+                candidate_digest=digest,
+                original_digest=original_digest,
+                published_version=original.published_version if original else None,
             )
-    _put_json(deployment, run_prefix(run_id) + "evaluation.json", result)
-    return result
+            publish = False
+            reason = (
+                f"replay of {plan.replay_of}: recomputed candidate "
+                + ("matches the original byte for byte" if matches else "DIFFERS")
+                + "; nothing published"
+            )
+    evaluation = Evaluation(
+        active=_metrics(active),
+        candidate=candidate,
+        holdout_version=holdout.version,
+        publish=publish,
+        reason=reason,
+        privacy=dp_record,
+        replay=replay,
+    )
+    put_record(deployment, RunKeys(run_id).evaluation, evaluation)
+    return evaluation
+
+
+def load_evaluation(deployment: Deployment, run_id: str) -> Evaluation | None:
+    return find_record(deployment, RunKeys(run_id).evaluation, Evaluation)
 
 
 # -- publish, finalize -----------------------------------------------------------------------
@@ -822,136 +747,89 @@ def evaluate_round(deployment: Deployment, run_id: str) -> dict[str, Any]:
 
 def publish_round(deployment: Deployment, run_id: str) -> int:
     """Publish the evaluated candidate (idempotent: a retry republishes identical bytes)."""
-    evaluation = _get_json(deployment, run_prefix(run_id) + "evaluation.json")
+    keys = RunKeys(run_id)
+    evaluation = get_record(deployment, keys.evaluation, Evaluation)
+    if evaluation.candidate is None or not evaluation.publish:
+        raise ValueError(f"run {run_id}: the gate did not pass a candidate; nothing to publish")
     candidate = load_candidate(deployment, run_id)
     final = ModelPackage(
-        metadata=candidate.metadata.model_copy(update={"metrics": evaluation["candidate"]}),
+        metadata=candidate.metadata.model_copy(
+            update={"metrics": evaluation.candidate.model_dump()}
+        ),
         onnx_bytes=candidate.onnx_bytes,
         weights=candidate.weights,
     )
     try:
-        momentum = deployment.state.get(run_prefix(run_id) + "candidate/momentum.bin")
+        momentum = deployment.state.get(keys.candidate("momentum.bin"))
     except NoSuchKey:
         momentum = None
     if momentum is not None:
-        deployment.state.put(f"{OPTIMIZER_PREFIX}v{final.version:08d}.bin", momentum)
+        deployment.state.put(state_keys.optimizer(final.version), momentum)
     deployment.registry(signing=True).publish(final)
     return final.version
-
-
-@dataclass
-class RoundReport:
-    run_id: str
-    base_version: int
-    decision: str = "waiting"
-    message: str = ""
-    published_version: int | None = None
-    accepted: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    candidate_metrics: dict[str, float] | None = None
-    active_metrics: dict[str, float] | None = None
-    candidate_digest: str | None = None
-    aggregate_digest: str | None = None
-    holdout_version: int | None = None
-    rollback: dict[str, Any] | None = None
-    replay: dict[str, Any] | None = None
-    #: Differential privacy: cumulative epsilon/delta after this round (None: DP off).
-    privacy: dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        return dict(self.__dict__)
-
-    def summary(self) -> str:
-        """A short readable block for task logs and the CLI."""
-        lines = [
-            f"round {self.run_id}: {self.decision} — {self.message}",
-            f"  updates: {self.accepted} accepted, {sum(self.rejected.values())} rejected"
-            + (f" {self.rejected}" if self.rejected else ""),
-        ]
-        if self.active_metrics:
-            active = self.active_metrics
-            line = (
-                f"  holdout AUC / AP: active v{self.base_version} "
-                f"{active['auc']:.4f} / {active.get('ap', float('nan')):.4f}"
-            )
-            if self.candidate_metrics:
-                candidate = self.candidate_metrics
-                line += (
-                    f", candidate {candidate['auc']:.4f} / {candidate.get('ap', float('nan')):.4f}"
-                )
-            lines.append(line)
-        if self.published_version:
-            lines.append(f"  published version {self.published_version}")
-        if self.privacy:
-            dp = self.privacy
-            budget = dp.get("budget_epsilon")
-            line = (
-                f"  privacy ({dp.get('mode')} DP): epsilon {dp.get('epsilon', float('nan')):.4g}"
-                f" at delta {dp.get('delta', float('nan')):g} after {dp.get('rounds')} rounds"
-                + (f", budget {budget:g}" if budget is not None else "")
-            )
-            if dp.get("refused"):
-                line += " — REFUSED: over the budget, nothing published"
-            lines.append(line)
-        if self.rollback and self.rollback.get("rollback"):
-            lines.append(
-                f"  ROLLBACK: {self.rollback['reason']} -> published "
-                f"v{self.rollback.get('published_version')} (= v{self.rollback['best_version']})"
-            )
-        return "\n".join(lines)
 
 
 def finalize_round(
     deployment: Deployment,
     run_id: str,
     *,
-    decision: str,
+    decision: Decision,
     published_version: int | None = None,
-    dry_run: bool = False,
+    consume: bool = True,
 ) -> RoundReport:
-    """Write the ledger (once per object) and quarantine, delete the inbox copies, report."""
+    """Write the ledger (once per object) and quarantine, delete the inbox copies, report.
+
+    ``decision`` comes from :func:`fedlib.server.pipeline.decide`; ``consume`` False (a
+    dry run, or a waiting round) writes the report only: no verdict, nothing deleted."""
     plan = load_plan(deployment, run_id)
-    report = RoundReport(run_id=run_id, base_version=plan.base_version, message=plan.message)
-    report.decision = decision
-    report.published_version = published_version
-    with contextlib.suppress(NoSuchKey):
-        report.rollback = _get_json(deployment, run_prefix(run_id) + "rollback.json")
-    if plan.waiting:
-        report.decision = "waiting"
-    elif plan.replay_of:
-        evaluation = _get_json(deployment, run_prefix(run_id) + "evaluation.json")
-        replay = evaluation.get("replay") or {}
-        report.decision = "replay_match" if replay.get("matches") else "replay_mismatch"
-        report.message = evaluation.get("reason", report.message)
-        report.replay = replay
-        report.candidate_digest = replay.get("candidate_digest")
+    keys = RunKeys(run_id)
+    evaluation = load_evaluation(deployment, run_id)
+    fields: dict[str, Any] = {
+        "run_id": run_id,
+        "base_version": plan.base_version,
+        "decision": decision,
+        "message": plan.message,
+        "published_version": published_version,
+        "rollback": find_record(deployment, keys.rollback, RollbackDecision),
+    }
+    if evaluation is not None:
+        fields.update(
+            candidate_metrics=evaluation.candidate,
+            active_metrics=evaluation.active,
+            message=evaluation.reason,
+            holdout_version=evaluation.holdout_version,
+        )
+    if plan.replay_of:
+        replay = evaluation.replay if evaluation else None
+        fields.update(
+            replay=replay,
+            candidate_digest=replay.candidate_digest if replay else None,
+            active_metrics=None,
+            candidate_metrics=None,
+            holdout_version=None,
+        )
+        report = RoundReport(**fields)
+    elif plan.waiting:
+        report = RoundReport(**fields)
     else:
-        rejected: Counter[str] = Counter()
+        accepted, rejected = 0, Counter[str]()
         for verdicts in shard_verdicts(deployment, run_id, plan):
-            report.accepted += sum(v.accepted for v in verdicts)
+            accepted += sum(v.accepted for v in verdicts)
             rejected.update(v.reason for v in verdicts if not v.accepted and v.reason)
-        report.rejected = dict(sorted(rejected.items()))
-        try:
-            evaluation = _get_json(deployment, run_prefix(run_id) + "evaluation.json")
-            report.candidate_metrics = evaluation.get("candidate")
-            report.active_metrics = evaluation.get("active")
-            report.message = evaluation.get("reason", report.message)
-            report.holdout_version = evaluation.get("holdout_version")
-        except NoSuchKey:
-            pass
-        report.privacy = privacy_report(load_round_privacy(deployment, run_id))
-        if report.privacy and report.privacy["refused"]:
-            report.decision = "privacy_budget"  # the DAG saw no candidate: say why
         candidate_version = None
-        try:
-            report.aggregate_digest = hashlib.sha256(
-                deployment.state.get(run_prefix(run_id) + "aggregate.bin")
+        with contextlib.suppress(NoSuchKey):
+            fields["aggregate_digest"] = hashlib.sha256(
+                deployment.state.get(keys.aggregate)
             ).hexdigest()
             candidate = load_candidate(deployment, run_id)
-            report.candidate_digest, candidate_version = candidate.digest(), candidate.version
-        except NoSuchKey:
-            pass
-        if not dry_run:
+            fields["candidate_digest"], candidate_version = candidate.digest(), candidate.version
+        report = RoundReport(
+            **fields,
+            accepted=accepted,
+            rejected=dict(sorted(rejected.items())),
+            privacy=PrivacySummary.of(load_round_privacy(deployment, run_id)),
+        )
+        if consume:
             ledger = Ledger(deployment.state)
             with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="finalize") as pool:
                 for verdicts in shard_verdicts(deployment, run_id, plan):  # one shard in memory
@@ -959,19 +837,23 @@ def finalize_round(
                     list(pool.map(lambda v: ledger.record(v, run_id=run_id), verdicts))
                     delete_judged(deployment, verdicts, pool=pool)
             if plan.interval_key:
-                _put_json(
+                put_record(
                     deployment,
-                    f"{INTERVALS_PREFIX}{safe_run_id(plan.interval_key)}.json",
-                    {
-                        "run_id": run_id,
-                        "decision": decision,
-                        "candidate_digest": report.candidate_digest,
-                        "candidate_version": candidate_version,
-                        "published_version": published_version,
-                    },
+                    state_keys.interval(plan.interval_key),
+                    IntervalRecord(
+                        run_id=run_id,
+                        decision=decision,
+                        candidate_digest=report.candidate_digest,
+                        candidate_version=candidate_version,
+                        published_version=published_version,
+                    ),
                 )
-    _put_json(deployment, f"{REPORTS_PREFIX}{safe_run_id(run_id)}.json", report.as_dict())
+    put_record(deployment, keys.report, report)
     return report
+
+
+def load_report(deployment: Deployment, run_id: str) -> RoundReport | None:
+    return find_record(deployment, RunKeys(run_id).report, RoundReport)
 
 
 class JudgedBytesKeeper:
@@ -1104,55 +986,3 @@ def delete_judged(
             deployment.inbox.delete(key)
     else:
         list(pool.map(deployment.inbox.delete, doomed))
-
-
-# -- all in one process ---------------------------------------------------------------------
-
-
-def run_round(
-    deployment: Deployment,
-    run_id: str,
-    *,
-    min_clients: int | None = None,
-    max_updates: int | None = None,
-    dry_run: bool = False,
-    created_at_ms: int | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> RoundReport:
-    """Every step in order, in this process (``fl-admin round``); ``progress`` gets one
-    line per step (and per shard) for people watching a long round."""
-    say = progress or (lambda _line: None)
-    if not dry_run:
-        decision = check_active_model(deployment, run_id, created_at_ms=created_at_ms)
-        say(f"active model: {decision.get('reason', 'checked')}")
-    plan = plan_round(
-        deployment,
-        run_id,
-        min_clients=min_clients,
-        max_updates=max_updates,
-        created_at_ms=created_at_ms,
-    )
-    say(f"plan: {plan.message}")
-    if plan.waiting:
-        return finalize_round(deployment, run_id, decision="waiting", dry_run=True)
-    for index in range(plan.shard_count):
-        shard = process_shard(deployment, run_id, index)
-        rejected = sum(shard.rejected.values())
-        say(f"shard {index + 1}/{plan.shard_count}: {shard.accepted} accepted, {rejected} rejected")
-    reduce_round(deployment, run_id)
-    build_round_candidate(deployment, run_id)
-    evaluation = evaluate_round(deployment, run_id)
-    say(f"gate: {evaluation.get('reason')}")
-    if evaluation["candidate"] is None:
-        decision, version = "nothing_accepted", None
-    elif not evaluation["publish"]:
-        decision, version = "rejected", None
-    elif dry_run:
-        decision, version = "dry_run", None
-    else:
-        decision, version = "published", publish_round(deployment, run_id)
-        say(f"published version {version}")
-    say("finalize: ledger, quarantine, inbox")
-    return finalize_round(
-        deployment, run_id, decision=decision, published_version=version, dry_run=dry_run
-    )

@@ -173,7 +173,8 @@ from fedlib.crypto import sealing
 from fedlib.errors import REASONS
 from fedlib.models.package import ModelPackage
 from fedlib.server.ledger import Ledger
-from fedlib.server.round_runner import load_verdicts, run_round
+from fedlib.server.pipeline import run_round
+from fedlib.server.round_runner import load_verdicts
 from fedlib.wire import protocol
 from tests.test_round_runner import enroll
 
@@ -882,15 +883,15 @@ def publish_copies(deployment: Any, top: int) -> None:
 def assert_quarantined(deployment: Any, key: str, blob: bytes, reason: str, *, name: str) -> None:
     verdict = Ledger(deployment.state).read(key)
     assert verdict is not None, f"{name}: no ledger verdict for {key}"
-    assert verdict["accepted"] is False, (name, verdict)
-    assert verdict["reason"] == reason, (name, verdict)
-    assert verdict["run_id"] == RUN_1, (name, verdict)
+    assert verdict.accepted is False, (name, verdict)
+    assert verdict.reason == reason, (name, verdict)
+    assert verdict.run_id == RUN_1, (name, verdict)
     digest = hashlib.sha256(blob).hexdigest()
     if name != "object_over_envelope_limit":
-        assert verdict["sha256"] == digest and verdict["size"] == len(blob), (name, verdict)
+        assert verdict.sha256 == digest and verdict.size == len(blob), (name, verdict)
     else:  # refused without reading it: its true size, no digest, copied server-side
-        assert verdict["sha256"] == "" and verdict["size"] == len(blob), (name, verdict)
-    base = quarantine_base(key, str(verdict["sha256"]))
+        assert verdict.sha256 == "" and verdict.size == len(blob), (name, verdict)
+    base = quarantine_base(key, str(verdict.sha256))
     assert deployment.state.get(base + ".bin") == blob, name
     doc = json.loads(deployment.state.get(base + ".reason.json"))
     assert doc["reason"] == reason and doc["key"] == key, (name, doc)
@@ -945,11 +946,11 @@ def test_adversarial_battery_in_one_round(deployment):
     for name in accepted_names:
         key, _ = built[name] if name in built else honest[name]
         verdict = ledger.read(key)
-        assert verdict is not None and verdict["accepted"] is True, (name, verdict)
+        assert verdict is not None and verdict.accepted is True, (name, verdict)
     inert = ledger.read(built["subnormal_flood_dense64"][0])
-    assert inert is not None and 0 < float(str(inert["norm"])) < 1e-300
-    stale_verdict = ledger.read(stale.key) or {}
-    assert stale_verdict["base_version"] == STALE_OK_BASE
+    assert inert is not None and inert.norm is not None and 0 < inert.norm < 1e-300
+    stale_verdict = ledger.read(stale.key)
+    assert stale_verdict is not None and stale_verdict.base_version == STALE_OK_BASE
     assert list(deployment.inbox.list("")) == []
 
     # -- round 2: replays against the ledger, next to fresh honest updates ------------------
@@ -975,11 +976,13 @@ def test_adversarial_battery_in_one_round(deployment):
         assert v.sha256 == hashlib.sha256(blob).hexdigest(), name
         assert deployment.state.get(quarantine_base(key, v.sha256) + ".bin") == blob, name
     for real in fresh:
-        assert (ledger.read(real.key) or {}).get("accepted") is True
+        real_verdict = ledger.read(real.key)
+        assert real_verdict is not None and real_verdict.accepted is True
     # the first verdict stands: replays never turn into a second count or a new reason
-    first = {name: ledger.read(round1[name][0]) or {} for name in round1}
-    assert first["honest:client-01"]["accepted"] is True
-    assert first["honest:client-02"]["accepted"] is True
-    assert first["nan_flood"]["reason"] == "non_finite"
-    assert first["flipped_signature_bit"]["reason"] == "bad_signature"
+    first = {name: ledger.read(round1[name][0]) for name in round1}
+    assert all(entry is not None for entry in first.values())
+    assert first["honest:client-01"].accepted is True  # type: ignore[union-attr]
+    assert first["honest:client-02"].accepted is True  # type: ignore[union-attr]
+    assert first["nan_flood"].reason == "non_finite"  # type: ignore[union-attr]
+    assert first["flipped_signature_bit"].reason == "bad_signature"  # type: ignore[union-attr]
     assert list(deployment.inbox.list("")) == []

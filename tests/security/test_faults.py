@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from fedlib.server import round_runner as rr
 from fedlib.server.ledger import Ledger
+from fedlib.server.state_keys import RunKeys
 from tests.helpers import build_deployment, expose_to_airflow
 from tests.test_fl_round_dag import report_of, run_dag
 from tests.test_round_runner import upload_updates
@@ -81,7 +82,7 @@ def test_s3_killed_mid_round_retries_and_matches_an_undisturbed_run(
         report = report_of(dep, disturbed)
         assert report["decision"] == "published" and report["accepted"] == 4, report
         ledger = Ledger(dep.state)
-        assert all(ledger.read(k)["run_id"] == disturbed.run_id for k in sent)
+        assert all(ledger.read(k).run_id == disturbed.run_id for k in sent)
 
         # the undisturbed computation of the same interval, from the same inputs
         again = run_dag(dagbag, T0)
@@ -99,16 +100,16 @@ def test_shard_rerun_after_dying_before_its_verdicts_counts_nothing_twice(deploy
     first = rr.process_shard(deployment, "r-kill", 0)
     partial = deployment.state.get(first.partial_key)
     # the worker died after the partial sum, before its verdicts: the file never landed
-    deployment.state.delete(f"{rr.run_prefix('r-kill')}shards/00000.verdicts.json")
+    deployment.state.delete(RunKeys("r-kill").shard_verdicts(0))
     retry = rr.process_shard(deployment, "r-kill", 0)  # what Airflow's retry runs
     assert deployment.state.get(retry.partial_key) == partial
     assert retry.accepted == first.accepted == 3
     for index in range(1, plan.shard_count):
         rr.process_shard(deployment, "r-kill", index)
-    assert rr.reduce_round(deployment, "r-kill")["count"] == 3
+    assert rr.reduce_round(deployment, "r-kill").count == 3
     rr.build_round_candidate(deployment, "r-kill")
     rr.evaluate_round(deployment, "r-kill")
     rr.finalize_round(deployment, "r-kill", decision="rejected")
     ledger = Ledger(deployment.state)
-    assert sorted(v["key"] for v in ledger.verdicts()) == sorted(sent)
+    assert sorted(v.key for v in ledger.verdicts()) == sorted(sent)
     assert list(deployment.inbox.list("updates/")) == []

@@ -21,8 +21,9 @@ import tracemalloc
 from collections import Counter
 
 from bench.crafted import enroll_fleet, upload_crafted
-from fedlib.server.ledger import LEDGER_PREFIX, Ledger
-from fedlib.server.round_runner import run_round
+from fedlib.server import state_keys
+from fedlib.server.ledger import Ledger
+from fedlib.server.pipeline import run_round
 
 CLIENTS = 1_000
 SMALL = 1_000
@@ -54,8 +55,8 @@ def measured_round(deployment, run_id: str, **kwargs):
 
 def ledger_counts(deployment) -> Counter:
     return Counter(
-        "updates/" + info.key[len(LEDGER_PREFIX) : -len(".json")]
-        for info in deployment.state.list(LEDGER_PREFIX)
+        state_keys.inbox_key_of_ledger_entry(info.key)
+        for info in deployment.state.list(state_keys.LEDGER)
     )
 
 
@@ -94,9 +95,9 @@ def test_ten_thousand_updates_from_a_thousand_clients(deployment):
     runs = Counter()
     for key in keys[:: (SMALL + LARGE) // 200]:  # a sample of full verdicts (GETs are slow)
         verdict = ledger.read(key)
-        assert verdict is not None and verdict["accepted"] is True
-        assert verdict["run_id"] == ("load-1k" if key in first else "load-10k")
-        runs[verdict["run_id"]] += 1
+        assert verdict is not None and verdict.accepted is True
+        assert verdict.run_id == ("load-1k" if key in first else "load-10k")
+        runs[verdict.run_id] += 1
     assert small.accepted + large.accepted == SMALL + LARGE
 
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -17,7 +17,7 @@ from client.update import make_update, seal_delta
 from fedlib.crypto import sealing
 from fedlib.models.training import local_delta
 from fedlib.server.ledger import Ledger
-from fedlib.server.round_runner import run_round
+from fedlib.server.pipeline import run_round
 from fedlib.wire import protocol
 from tests.helpers import build_deployment
 
@@ -74,7 +74,7 @@ def test_without_a_defense_the_poisoned_candidate_is_refused_by_the_gate(make_de
     report = run_round(deployment, "poisoned-fedavg")
     assert report.accepted == HONEST + ATTACKER  # the bound alone lets it through
     assert report.decision == "rejected", report.summary()
-    damage = report.active_metrics["auc"] - report.candidate_metrics["auc"]
+    damage = report.active_metrics.auc - report.candidate_metrics.auc
     assert damage > deployment.settings.auc_tolerance, report.summary()
     assert deployment.registry().active_version() == 1
 
@@ -85,9 +85,10 @@ def test_fltrust_quarantines_the_flipped_update_and_publishes(make_deployment):
     report = run_round(deployment, "poisoned-fltrust")
     assert report.rejected == {"distrusted": 1}, report.summary()
     assert report.decision == "published", report.summary()
-    assert report.candidate_metrics["auc"] >= report.active_metrics["auc"]
+    assert report.candidate_metrics is not None and report.active_metrics is not None
+    assert report.candidate_metrics.auc >= report.active_metrics.auc
     verdict = Ledger(deployment.state).read(poisoned)
-    assert verdict["reason"] == "distrusted" and "cosine" in verdict["detail"]
+    assert verdict.reason == "distrusted" and "cosine" in verdict.detail
 
 
 @pytest.mark.parametrize("attack", ["sign_flip", "scaled"])
@@ -99,4 +100,4 @@ def test_trimmed_mean_outvotes_the_poisoned_update_and_publishes(make_deployment
     report = run_round(deployment, f"poisoned-trimmed-{attack}")
     assert report.accepted == HONEST + ATTACKER
     assert report.decision == "published", report.summary()
-    assert report.candidate_metrics["auc"] >= report.active_metrics["auc"]
+    assert report.candidate_metrics.auc >= report.active_metrics.auc

@@ -1,9 +1,12 @@
-"""Glue between Airflow and fedlib shared by the DAG files: settings and the S3 connection.
+"""How Airflow tasks (and the dashboard app) build the deployment, defined once.
 
-Imported by the DAG files and the dashboard app. The S3 endpoint and credentials come from the
-Airflow connection ``fl_s3`` (``AIRFLOW_CONN_FL_S3``: conn_type aws, login/password,
-``extra.endpoint_url``, ``extra.region_name``); everything else from fedlib's settings
-(``fl-server.toml``), overridden at task run time by the Airflow Variable ``fl_settings``.
+Settings come from fedlib's ``fl-server.toml`` (and ``FL_*`` variables), overridden at
+task run time by the Airflow Variable ``fl_settings``. The S3 endpoint and credentials
+come from the Airflow connection ``fl_s3`` (``AIRFLOW_CONN_FL_S3``: conn_type ``aws``,
+login/password, ``extra.endpoint_url``, ``extra.region_name``), read through the amazon
+provider's :class:`AwsBaseHook`, so Airflow masks the secret in task logs. A missing or
+unusable connection is an error that names it, never a silent switch to other
+credentials. DAG files import this module at parse time: it imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -12,18 +15,26 @@ import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from airflow.sdk import Asset
+
 from fedlib.server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from fedlib.server.deployment import Deployment
+    from fedlib.server.pipeline import RoundRun
     from fedlib.storage.store import S3Config
 
 S3_CONN_ID = "fl_s3"
+SETTINGS_VARIABLE = "fl_settings"
 START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
+#: One logical asset per deployment ("the published model"), whatever the bucket is
+#: called; ``fl_round`` and ``fl_rollback`` emit its events when they publish.
+MODEL_ASSET = Asset(name="fl_model", uri="dadm-fl://model/active")
 log = logging.getLogger("dadm_fl")
 
 
-SETTINGS_VARIABLE = "fl_settings"
+class S3ConnectionError(RuntimeError):
+    """The ``fl_s3`` connection is missing or lacks what the deployment needs."""
 
 
 def settings() -> ServerSettings:
@@ -40,21 +51,28 @@ def task_settings() -> ServerSettings:
 
 
 def s3_config() -> S3Config:
-    """S3 settings from the ``fl_s3`` connection, falling back to fedlib's environment."""
-    from airflow.sdk import Connection
+    """S3 endpoint and credentials from the ``fl_s3`` connection (amazon provider hook)."""
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
     from fedlib.storage.store import S3Config
 
+    hook = AwsBaseHook(aws_conn_id=S3_CONN_ID, client_type="s3")
     try:
-        conn = Connection.get(S3_CONN_ID)
-    except Exception:  # no such connection: FL_S3_* / AWS_* variables
-        return task_settings().s3()
-    extra: dict[str, Any] = conn.extra_dejson or {}
+        hook.get_connection(S3_CONN_ID)
+    except AirflowNotFoundException:
+        raise S3ConnectionError(
+            f"no Airflow connection {S3_CONN_ID!r}: set AIRFLOW_CONN_FL_S3 (conn_type aws, "
+            "login, password, extra.endpoint_url) or create it in the UI"
+        ) from None
+    wrapper = hook.conn_config
+    if not wrapper.aws_access_key_id or not wrapper.aws_secret_access_key:
+        raise S3ConnectionError(f"connection {S3_CONN_ID!r} has no login/password (S3 keys)")
     return S3Config(
-        endpoint_url=extra.get("endpoint_url") or extra.get("host"),
-        region=extra.get("region_name", "us-east-1"),
-        access_key=conn.login or None,
-        secret_key=conn.password or None,
+        endpoint_url=wrapper.endpoint_url,
+        region=wrapper.region_name or "us-east-1",
+        access_key=wrapper.aws_access_key_id,
+        secret_key=wrapper.aws_secret_access_key,
     )
 
 
@@ -64,11 +82,21 @@ def deployment() -> Deployment:
     return Deployment(task_settings(), s3_config())
 
 
-def round_runner():
-    """fedlib's round steps; imported inside tasks to keep DAG parsing fast."""
-    from fedlib.server import round_runner as module
+def round_run(context: Any) -> RoundRun:
+    """The pipeline's view of a DAG run: its id, Params and data interval."""
+    from fedlib.server.pipeline import RoundRun
 
-    return module
+    params = context["params"]
+    interval_key, interval_end_ms = run_interval(context)
+    return RoundRun(
+        run_id=context["run_id"],
+        min_clients=params.get("min_clients"),
+        max_updates=params.get("max_updates"),
+        dry_run=bool(params.get("dry_run")),
+        created_at_ms=run_timestamp_ms(context),
+        interval_key=interval_key,
+        interval_end_ms=interval_end_ms,
+    )
 
 
 def run_interval(context: Any) -> tuple[str | None, int | None]:
