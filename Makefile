@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser test lint demo demo-stop bench bench-quality clean
+.PHONY: install browser test test-fast lint demo demo-stop bench bench-quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ browser:
 
 test: $(STAMP) browser lint
 	$(BIN)/pytest
+
+# The inner loop: unit tests only (no S3 server, no Airflow, nothing slow); CI runs `make test`.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not s3 and not airflow and not slow"
 
 # ruff, then the layer contracts of fedlib (import-linter, [tool.importlinter] in pyproject.toml).
 lint: $(STAMP)

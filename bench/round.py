@@ -303,8 +303,8 @@ def worker_pipeline(
             "archive_wait_s": s.get("archive", 0.0),
             "shard_other_s": shards_s - s.get("aggregate", 0.0) - s.get("archive", 0.0),
         },
-        "count": reduced["count"],
-        "result_digest": reduced["digest"],
+        "count": reduced.count,
+        "result_digest": reduced.digest,
         "baseline_rss_mb": baseline,
         "peak_rss_mb": peak,
     }

@@ -282,7 +282,8 @@ class SeaweedServer:
         from botocore.exceptions import BotoCoreError, ClientError
 
         client = self.s3_config(max_attempts=1, connect_timeout=1.0, read_timeout=5.0).client()
-        assert self._proc is not None
+        if self._proc is None:
+            raise SeaweedError("the server process was not started")
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -31,13 +31,19 @@ if TYPE_CHECKING:
 # ----------------------------------------------------------------------------- S3
 
 S3_FIXTURES = frozenset({"seaweed_factory", "s3_server", "s3_config", "s3_bucket"})
+AIRFLOW_FIXTURES = frozenset({"airflow_home", "dagbag", "airflow_deployment", "dashboard_server"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests that use the S3 fixtures ``s3`` so ``-m "not s3"`` can deselect them."""
+    """Mark tests by the real services they start: ``s3`` (the S3 fixtures) and
+    ``airflow`` (a metadata DB, DAG runs or an API server), so ``make test-fast`` can
+    deselect them (``-m "not s3 and not airflow and not slow"``)."""
     for item in items:
-        if S3_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if S3_FIXTURES & names:
             item.add_marker(pytest.mark.s3)
+        if AIRFLOW_FIXTURES & names:
+            item.add_marker(pytest.mark.airflow)
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ API = [
 def get(server, path: str, **kwargs) -> requests.Response:
     kwargs.setdefault("timeout", 30)
     kwargs.setdefault("allow_redirects", False)
-    return requests.get(f"{server.url}{DASHBOARD}{path}", **kwargs)
+    return requests.get(f"{server.url}{DASHBOARD}{path}", **kwargs)  # noqa: S113 (set above)
 
 
 def bearer(token: str) -> dict[str, str]:

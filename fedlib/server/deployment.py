@@ -179,8 +179,10 @@ class Deployment:
         return paths[-1].name.removeprefix("server-hpke-").removesuffix(".pem")
 
     def current_server_public_key(self) -> sealing.EncryptionPublicKey:
-        key = self.server_keyring().get(self.current_server_key_id())
-        assert key is not None
+        kid = self.current_server_key_id()
+        key = self.server_keyring().get(kid)
+        if key is None:
+            raise FileNotFoundError(f"the current server key {kid} is not in {self.keys_dir}")
         return key.public_key()
 
     def retire_server_key(self, kid: str) -> None:

@@ -223,8 +223,7 @@ def run_round(
             continue
         if step.needs_publish and decision is not Decision.PUBLISHED:
             continue
-        if step.mapped:
-            assert round_plan is not None
+        if step.mapped and round_plan is not None:
             for index in range(round_plan.shard_count):
                 shard: ShardResult = step.run(deployment, run, index)
                 rejected = sum(shard.rejected.values())
@@ -244,7 +243,8 @@ def run_round(
         elif isinstance(result, RoundReport):
             report = result
         say(f"{step.name}: {_describe(result)}")
-    assert report is not None, "finalize is the last step"
+    if report is None:
+        raise RuntimeError("the pipeline ended without a report: finalize must be last")
     return report
 
 

@@ -80,7 +80,7 @@ if TYPE_CHECKING:
 
 MODES = ("off", "central", "local")
 ACCOUNTANTS = ("rdp", "pld")
-NOISE_SECRET_FILE = "dp-noise-secret.bin"
+NOISE_SECRET_FILE = "dp-noise-secret.bin"  # noqa: S105 (a file name in keys_dir)
 NOISE_SECRET_BYTES = 32
 _SEED_DOMAIN = b"dadm-fl/dp-noise/v1\x00"
 #: Local mode: the server's hard norm bound must admit clipped delta + noise. The noise

@@ -161,5 +161,6 @@ def manual_rollback(deployment: Deployment, to_version: int, reason: str) -> int
     target = pkgs[to_version]
     holdout = deployment.load_holdout()
     metrics = evaluate_onnx(target.onnx_bytes, holdout.features, holdout.labels)
-    assert active is not None
+    if active is None:
+        raise RollbackRefused("no model is published")
     return _publish_rollback(deployment, target, active, f"manual: {reason.strip()}", metrics, None)

@@ -420,14 +420,15 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
                 continue
             yield key, blob
 
-    def keep_judged(verdict: Verdict) -> None:
-        assert keeper is not None
+    def keep_judged(keeper: JudgedBytesKeeper, verdict: Verdict) -> None:
         keeper.keep(verdict, judged[verdict.key][0])
 
     stream = objects()
     try:
         agg, verdicts = aggregate_objects(
-            stream, inputs, on_verdict=None if keeper is None else keep_judged
+            stream,
+            inputs,
+            on_verdict=None if keeper is None else functools.partial(keep_judged, keeper),
         )
         if keeper is not None:
             keeper.wait()  # every judged object kept before the shard's results exist

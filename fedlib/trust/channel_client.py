@@ -196,7 +196,7 @@ class ChannelClient:
                 bootstrap=self.trusted_root,
             )
 
-    def refresh(self) -> None:
+    def refresh(self) -> Updater:
         """Fetch and verify root (walking rotations), timestamp, snapshot and targets.
 
         On refusal the previously verified metadata stays in ``metadata_dir``, so the
@@ -215,11 +215,11 @@ class ChannelClient:
                     "refused", "the live channel serves an air-gap bundle's timestamp"
                 )
         self._updater = updater
+        return updater
 
     def _refreshed(self) -> Updater:
         if self._updater is None:
-            self.refresh()
-        assert self._updater is not None
+            return self.refresh()
         return self._updater
 
     def _info(self, path: str) -> TargetFile | None:

@@ -279,7 +279,7 @@ def test_metadata_db_restarted_between_tasks_round_still_publishes(
     assert dep.registry().active_version() == 2
     verdicts = list(Ledger(dep.state).verdicts())
     assert sorted(v.key for v in verdicts) == queued  # each update exactly once
-    assert {v.run_id for v in verdicts} == {result.run_id}
+    assert {v.run_id for v in verdicts} == {result["run_id"]}
     assert list(dep.inbox.list("updates/")) == []
 
     # and Airflow's record of the run is in the restarted server
