@@ -121,6 +121,7 @@ def test_client_small(s3_config, small_dataset, capsys):
     assert set(r["goals_met"]) == {"cycle_cpu_s", "cycle_peak_rss_mb"}
 
 
+@pytest.mark.slow  # starts its own SeaweedFS and worker processes
 def test_round_small(capsys):
     """bench.round end to end at a tiny size: its own SeaweedFS, two shard sizes."""
     from bench.round import main as round_main

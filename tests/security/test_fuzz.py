@@ -61,6 +61,8 @@ from fedlib.wire.protocol import PackageMetadata, TrainingConfig, UpdateMeta
 
 SCALE = float(os.environ.get("FEDLIB_FUZZ_SCALE", "1"))
 EXAMPLES = max(1, int(10_000 * SCALE))
+# 10,000 examples per target: the whole suite (make test) runs them, make test-fast does not.
+pytestmark = pytest.mark.slow
 CHANNEL_EXAMPLES = max(1, int(10_000 * SCALE))
 
 
