@@ -25,12 +25,9 @@ WEB_MODULE = "fedlib.integrations.airflow.dashboard_app"
 
 def _site_path() -> str:
     """The API server's own path prefix (``[api] base_url``): the UI's iframes need it."""
-    try:
-        from airflow.configuration import conf
+    from airflow.configuration import conf
 
-        return urlparse(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
-    except Exception:
-        return ""
+    return urlparse(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
 
 
 def load_web_module() -> Any:
