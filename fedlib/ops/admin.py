@@ -4,6 +4,8 @@
     fl-admin enroll CLIENT_ID --public-key client_key.pub.pem --out client.json
     fl-admin revoke CLIENT_ID
     fl-admin status [--json]
+    fl-admin credentials policy CLIENT_ID        # a device's S3 policy JSON (MinIO: by hand)
+    fl-admin privacy init-secret [KEYS_DIR]      # the DP noise secret, once
 
 Settings come from ``--config`` / ``$FL_SERVER_CONFIG`` / ``./fl-server.toml`` and
 ``FL_*`` environment variables (see :mod:`fedlib.server.settings`).
@@ -303,6 +305,43 @@ def cmd_round(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_credentials(args: argparse.Namespace) -> int:
+    """The IAM policy JSON of a device (or of the server) for stores without an IAM API
+    (MinIO: ``mc admin policy create``); buckets default to the deployment's settings."""
+    from fedlib.server.credentials import client_policy, server_policy
+
+    settings = ServerSettings.load(args.config)
+    if args.credentials_command == "server-policy":
+        buckets = args.buckets or [
+            settings.inbox_bucket,
+            settings.models_bucket,
+            settings.state_bucket,
+            settings.airgap_bucket,
+        ]
+        doc = server_policy(buckets)
+    else:
+        doc = client_policy(
+            args.client_id,
+            args.inbox_bucket or settings.inbox_bucket,
+            args.models_bucket or settings.models_bucket,
+        )
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    """Create the DP noise secret once (e.g. from the init container that owns a
+    read-only secrets mount); an existing secret is kept, never replaced."""
+    from fedlib.server.privacy import NOISE_SECRET_FILE, load_noise_secret
+
+    keys_dir = Path(args.keys_dir or ServerSettings.load(args.config).keys_dir)
+    path = keys_dir / NOISE_SECRET_FILE
+    existed = path.exists()
+    load_noise_secret(keys_dir, create=True)
+    print(f"{path}: {'kept' if existed else 'created'}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.example:
         print(ServerSettings.example_toml(), end="")
@@ -395,6 +434,24 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="versions, pending and quarantined updates")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    creds = sub.add_parser("credentials", help="S3 policy JSON for stores without an IAM API")
+    creds_sub = creds.add_subparsers(dest="credentials_command", required=True)
+    policy = creds_sub.add_parser("policy", help="a device's policy (own inbox prefix, models)")
+    policy.add_argument("client_id")
+    policy.add_argument("--inbox-bucket", default=None, help="default: inbox_bucket setting")
+    policy.add_argument("--models-bucket", default=None, help="default: models_bucket setting")
+    server_pol = creds_sub.add_parser("server-policy", help="the server's policy (its buckets)")
+    server_pol.add_argument("buckets", nargs="*", help="default: the four bucket settings")
+    creds.set_defaults(func=cmd_credentials)
+
+    privacy = sub.add_parser("privacy", help="differential privacy: the noise secret")
+    privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
+    init_secret = privacy_sub.add_parser(
+        "init-secret", help="create keys_dir/dp-noise-secret.bin if absent"
+    )
+    init_secret.add_argument("keys_dir", nargs="?", default=None, help="default: keys_dir")
+    privacy.set_defaults(func=cmd_privacy)
     return parser
 
 
