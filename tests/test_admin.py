@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,27 @@ from client.config import ClientConfig
 from fedlib.errors import StoreError
 from fedlib.ops.admin import main as admin_main
 from fedlib.storage.store import S3Store
+
+BIN = Path(sys.executable).parent
+
+
+def fl_admin(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed ``fl-admin`` in its own process: the exit status a shell sees."""
+    return subprocess.run(
+        [str(BIN / "fl-admin"), *args], capture_output=True, text=True, timeout=180, env=env
+    )
+
+
+def assert_refused(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """Exit 1 with the reason as one ``fl-admin: ...`` line, last on stderr (library
+    warnings may come before it), and no traceback."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.splitlines()
+    reasons = [line for line in lines if line.startswith("fl-admin: ")]
+    assert len(reasons) == 1 and lines[-1] == reasons[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in reasons[0], (fragment, reasons[0])
 
 
 def test_init_enroll_status_revoke(admin_env, tmp_path, capsys):
@@ -119,3 +144,33 @@ def test_holdout_and_config_through_cli(admin_env, capsys):
     assert capsys.readouterr().out == ServerSettings.example_toml()
     assert admin_main(["config"]) == 0
     assert json.loads(capsys.readouterr().out)["inbox_bucket"] == dep.settings.inbox_bucket
+
+
+def test_exit_status_done_refused_failed_usage(admin_env, tmp_path):
+    """0 done; 1 refused or failed (one line on stderr, no traceback); 2 usage."""
+    holdout = str(admin_env["holdout"])
+    # 2: argparse, before anything runs
+    usage = fl_admin("enroll", "dev-1")
+    assert usage.returncode == 2 and "usage: fl-admin enroll" in usage.stderr
+    assert "required: --public-key, --out" in usage.stderr
+    assert fl_admin("no-such-command").returncode == 2
+    assert fl_admin("init", "--holdout", holdout, "--model-kind", "nope").returncode == 2
+    # 1: a missing file (OSError), read before any key or bucket is made
+    assert_refused(fl_admin("init", "--holdout", str(tmp_path / "gone.npz")), "gone.npz")
+    assert not (tmp_path / "keys").exists()
+    # 0: done
+    done = fl_admin("init", "--holdout", holdout)
+    assert done.returncode == 0 and "published version 1" in done.stdout and not done.stderr
+    # 1: refused by the library (KeyError, ValueError)
+    assert_refused(fl_admin("revoke", "nobody"), "no active key enrolled for nobody")
+    assert_refused(fl_admin("credentials", "policy", "C*"), "bad client id 'C*'")
+    keys = json.loads(fl_admin("keys", "--json").stdout)
+    [current] = [k["key_id"] for k in keys["package_signing_keys"] if k["current"]]
+    assert_refused(fl_admin("retire-package-key", current), "current package-signing key")
+    # 1: a multi-line validation report becomes one line
+    invalid = dict(os.environ, FL_MIN_CLIENTS="0")
+    assert_refused(fl_admin("status", env=invalid), "min_clients", "greater than or equal to 1")
+    # 1: the store refuses (StoreError from a real SeaweedFS: a wrong secret)
+    wrong = dict(os.environ, FL_S3_SECRET_KEY="not-the-secret")
+    assert_refused(fl_admin("status", env=wrong), "access denied", admin_env["tag"])
+    assert fl_admin("status").returncode == 0

@@ -22,7 +22,7 @@ from pathlib import Path
 from fedlib.crypto import pq_signing, sealing
 from fedlib.errors import FedError
 from fedlib.models.evaluation import evaluate_onnx
-from fedlib.models.model import FeatureSchema, create_model
+from fedlib.models.model import KINDS, FeatureSchema, create_model
 from fedlib.server import rotation
 from fedlib.server.credentials import IamCredentialIssuer
 from fedlib.server.deployment import Deployment, Holdout
@@ -55,11 +55,11 @@ def initial_package(
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    holdout = Holdout.from_bytes(Path(args.holdout).read_bytes())  # before any side effect
     deployment = _deployment(args)
     deployment.ensure_keys()
     deployment.ensure_buckets()
     deployment.init_channel()
-    holdout = Holdout.from_bytes(Path(args.holdout).read_bytes())
     if deployment.holdout_version() is None:
         deployment.save_holdout(holdout)
     else:
@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init", help="keys, buckets, holdout and model version 1")
     init.add_argument("--holdout", required=True, help=".npz with holdout_X, holdout_y")
-    init.add_argument("--model-kind", default=None)
+    init.add_argument("--model-kind", default=None, choices=sorted(KINDS))
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=cmd_init)
 
@@ -455,10 +455,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What the library raises on purpose (a refusal, an unreachable or refusing store, bad
+#: input, a missing file): the reason on one line and exit 1. Anything else is a bug and
+#: keeps its traceback.
+EXPECTED_FAILURES: tuple[type[Exception], ...] = (FedError, ValueError, OSError, KeyError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The reason of an expected failure as one line (pydantic's reports span several)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or repr(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done; 1 refused or failed, with the reason on stderr; 2 usage
+    (argparse exits with 2 by itself), so scripts can tell a typo from a refusal."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FedError, ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"fl-admin: {exc}", file=sys.stderr)
-        return 2
+    except EXPECTED_FAILURES as exc:
+        print(f"fl-admin: {one_line(exc)}", file=sys.stderr)
+        return 1
