@@ -174,3 +174,31 @@ def test_exit_status_done_refused_failed_usage(admin_env, tmp_path):
     wrong = dict(os.environ, FL_S3_SECRET_KEY="not-the-secret")
     assert_refused(fl_admin("status", env=wrong), "access denied", admin_env["tag"])
     assert fl_admin("status").returncode == 0
+
+
+def test_client_json_is_private_from_the_first_byte(admin_env, tmp_path):
+    """``enroll`` replaces client.json (it holds the device's S3 secret) atomically with
+    mode 0600 set before any byte is written: even under umask 000 and over a
+    world-readable file, no other user can read it, and no temp file is left behind."""
+    assert admin_main(["init", "--holdout", str(admin_env["holdout"])]) == 0
+    device = tmp_path / "dev-2"
+    assert client_main(["keygen", "--out", str(device / "state" / "client_key.pem")]) == 0
+    out = device / "client.json"
+    out.write_text("{}")
+    out.chmod(0o644)
+    before = out.stat().st_ino
+    old_umask = os.umask(0)
+    try:
+        proc = fl_admin(
+            "enroll", "dev-2", "--public-key", str(device / "state" / "client_key.pub.pem"),
+            "--out", str(out),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert out.stat().st_mode & 0o777 == 0o600
+        assert out.stat().st_ino != before  # replaced by rename, never rewritten in place
+        assert json.loads(out.read_text())["s3"]["secret_key"]
+        assert sorted(p.name for p in device.iterdir()) == ["client.json", "state"]
+        ClientConfig.load(out).save(device / "copy.json")  # the device side writes alike
+        assert (device / "copy.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old_umask)

@@ -7,6 +7,7 @@ import json
 
 from client.agent import InstalledModels
 from client.cli import main as client_main
+from fedlib.ops.admin import write_client_config
 from tests.test_client import make_client
 from tests.test_registry import bump
 
@@ -35,7 +36,7 @@ def test_export_verify_install_offline(airflow_deployment, dagbag, tmp_path, cap
     cfg_path = tmp_path / "far-1" / "client.json"
     doc = json.loads(cfg_path.read_text())
     doc["s3"] = {"endpoint_url": "http://127.0.0.1:9", "max_attempts": 1}  # ...now no route
-    cfg_path.write_text(json.dumps(doc))
+    write_client_config(cfg_path, doc)
 
     files = {}
     for version, (_, data) in bundles.items():

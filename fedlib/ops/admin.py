@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedlib.crypto import pq_signing, sealing
 from fedlib.errors import FedError
+from fedlib.files import atomic_write
 from fedlib.models.evaluation import evaluate_onnx
 from fedlib.models.model import KINDS, FeatureSchema, create_model
 from fedlib.server import rotation
@@ -116,6 +117,13 @@ def client_config_document(
     }
 
 
+def write_client_config(path: Path | str, doc: dict[str, object]) -> None:
+    """Write a ``client.json`` (it holds the device's S3 secret): atomically and mode
+    0600 from the first byte, so no other user can read it even for a moment and a
+    crash leaves the old file or the new one."""
+    atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode(), mode=0o600)
+
+
 def issuer(deployment: Deployment) -> IamCredentialIssuer:
     """Per-device S3 keys through the AWS IAM API (AWS, SeaweedFS; MinIO: by hand)."""
     return IamCredentialIssuer(deployment.s3)
@@ -144,8 +152,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         secret_key=secret_key,
     )
     out = Path(args.out)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    out.chmod(0o600)
+    write_client_config(out, doc)
     print(f"enrolled {args.client_id} (key {kid}); client config written to {out}")
     return 0
 
