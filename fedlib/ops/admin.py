@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,10 +30,68 @@ from fedlib.server.credentials import IamCredentialIssuer
 from fedlib.server.deployment import Deployment, Holdout
 from fedlib.server.rounds import package_model
 from fedlib.server.settings import ServerSettings
+from fedlib.storage.store import S3Config
+
+
+class SetupError(FedError):
+    """fl-admin cannot reach the deployment: a setting or secret it needs is missing."""
+
+
+def _settings_source(path: str | None) -> str:
+    """Where the settings came from, as :meth:`ServerSettings.load` looks them up."""
+    if path:
+        return f"settings from {path}"
+    env = os.environ.get("FL_SERVER_CONFIG")
+    if env:
+        found = Path(env).is_file()
+        return f"settings from {env}" if found else f"FL_SERVER_CONFIG={env} does not exist"
+    if Path("fl-server.toml").is_file():
+        return "settings from ./fl-server.toml"
+    return "no settings file (no --config, FL_SERVER_CONFIG unset, no ./fl-server.toml)"
+
+
+def _ambient_credentials(s3: S3Config) -> bool:
+    """Whether boto3 finds credentials of its own (shared files, a profile, SSO, or an
+    instance/container role on AWS). Roles are probed only for AWS itself: they cannot
+    sign for another endpoint, and probing them costs a network timeout."""
+    import botocore.session
+    from botocore.credentials import create_credential_resolver
+
+    resolver = create_credential_resolver(botocore.session.get_session())
+    if s3.endpoint_url is not None:
+        for provider in ("container-role", "iam-role"):
+            resolver.remove(provider)
+    return resolver.load_credentials() is not None
+
+
+def admin_s3_config(settings: ServerSettings, config_path: str | None = None) -> S3Config:
+    """The S3 endpoint and keys fl-admin uses, or a :class:`SetupError` naming exactly
+    what to set (a bare "no credentials" from deep inside botocore names nothing)."""
+    s3 = settings.s3()
+    if s3.access_key and s3.secret_key:
+        return s3
+    if not s3.access_key and not s3.secret_key and _ambient_credentials(s3):
+        return s3
+    missing = " and ".join(
+        name
+        for name, value in (
+            ("FL_S3_ACCESS_KEY", s3.access_key),
+            ("FL_S3_SECRET_KEY", s3.secret_key),
+        )
+        if not value
+    )
+    endpoint = s3.endpoint_url or "AWS S3 (s3_endpoint_url is not set)"
+    raise SetupError(
+        f"no S3 credentials for {endpoint}: set {missing} in the environment (or "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY); the endpoint is s3_endpoint_url in "
+        f"the settings file named by FL_SERVER_CONFIG (or FL_S3_ENDPOINT_URL); "
+        f"{_settings_source(config_path)}"
+    )
 
 
 def _deployment(args: argparse.Namespace) -> Deployment:
-    return Deployment(ServerSettings.load(args.config))
+    settings = ServerSettings.load(args.config)
+    return Deployment(settings, admin_s3_config(settings, args.config))
 
 
 def initial_package(
