@@ -14,6 +14,7 @@ Settings come from ``--config`` / ``$FL_SERVER_CONFIG`` / ``./fl-server.toml`` a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -408,6 +409,42 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundles(args: argparse.Namespace) -> int:
+    """Air-gap bundles the ``fl_airgap_export`` DAG wrote: list them, or fetch one (checked
+    against its export record) into a file to carry across."""
+    from fedlib.server import airgap
+
+    deployment = _deployment(args)
+    if args.bundles_command == "list":
+        entries = airgap.list_bundles(deployment)
+        if args.json:
+            print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
+            return 0
+        if not entries:
+            where = airgap.bundle_url(deployment, airgap.BUNDLES_PREFIX)
+            print(f"no bundles in {where} (trigger the fl_airgap_export DAG)")
+            return 0
+        for e in entries:
+            version = "-" if e.version is None else f"v{e.version}"
+            note = f"  expires {e.expires}" if e.expires else ""
+            note += f"  ({e.problem})" if e.problem else ""
+            print(f"{e.key}  {e.size:>10,} B  {_iso(e.modified_ms)}  {version:>5}{note}")
+        return 0
+    entry, data = airgap.fetch_bundle(deployment, args.key)
+    atomic_write(args.out, data, mode=0o644)
+    checked = entry.problem or "matches its export record"
+    version = "" if entry.version is None else f", model version {entry.version}"
+    print(
+        f"{args.out}: {entry.url}, {entry.size:,} bytes{version}, sha256 {entry.sha256} ({checked})"
+    )
+    print(f"on the device: fl-client verify-bundle {args.out} --config client.json")
+    return 0
+
+
+def _iso(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000)) if ms else "-"
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.example:
         print(ServerSettings.example_toml(), end="")
@@ -510,6 +547,15 @@ def build_parser() -> argparse.ArgumentParser:
     server_pol = creds_sub.add_parser("server-policy", help="the server's policy (its buckets)")
     server_pol.add_argument("buckets", nargs="*", help="default: the four bucket settings")
     creds.set_defaults(func=cmd_credentials)
+
+    bundles = sub.add_parser("bundles", help="air-gap bundles in the air-gap bucket")
+    bundles_sub = bundles.add_subparsers(dest="bundles_command", required=True)
+    bundles_list = bundles_sub.add_parser("list", help="key, size, time and model version")
+    bundles_list.add_argument("--json", action="store_true")
+    bundles_get = bundles_sub.add_parser("get", help="download one bundle into a file")
+    bundles_get.add_argument("key", help="bundles/NAME, NAME or s3://BUCKET/bundles/NAME")
+    bundles_get.add_argument("--out", required=True, help="the file to write")
+    bundles.set_defaults(func=cmd_bundles)
 
     privacy = sub.add_parser("privacy", help="differential privacy: the noise secret")
     privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
