@@ -312,7 +312,7 @@ def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[s
         for r in dashboard.rounds(deployment, limit=recent_rounds).items
     ]
     pending = sum(1 for _ in deployment.inbox.list("updates/"))
-    quarantined = sum(1 for _ in deployment.state.list("quarantine/"))
+    quarantined = dashboard.quarantined_updates(deployment)
     fleet = deployment.load_fleet()
     return {
         "active_version": registry.active_version(),

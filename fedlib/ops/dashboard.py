@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from fedlib.server.deployment import Deployment
-from fedlib.server.ledger import Ledger
+from fedlib.server.ledger import QUARANTINE_PREFIX, Ledger
 from fedlib.server.records import Verdict
 from fedlib.server.registry import ModelRegistry
 from fedlib.server.round_runner import REPORTS_PREFIX, run_prefix, safe_run_id
@@ -177,7 +177,9 @@ class QuarantineRow:
     detail: str | None
     size: int
     sha256: str
-    quarantine_key: str
+    #: The object holding the judged bytes (``quarantine/.../<sha16>.bin``); None when no
+    #: bytes were kept (the object was never read, or the copy is gone).
+    quarantine_key: str | None
     quarantined: bool  # the ledger's reason file exists (a dry or replayed run writes none)
     time_ms: int | None  # when the ledger recorded it (the store's clock)
     update_id: str | None = None
@@ -449,7 +451,7 @@ def _run_verdicts(deployment: Deployment, run_id: str) -> list[dict[str, Any]] |
 def _quarantine_row(ledger: Ledger, doc: dict[str, Any]) -> QuarantineRow:
     known = {f.name for f in dataclasses.fields(Verdict)}
     verdict = Verdict(**{k: v for k, v in doc.items() if k in known})
-    qkey = ledger.quarantine_key(verdict)
+    qkey = ledger.quarantine_key(verdict)  # a prefix: the bytes and the reason sit beside it
     times = {
         info.key[len(qkey) :]: info.last_modified_ms
         for info in ledger.state.list(qkey, limit=4)
@@ -462,7 +464,7 @@ def _quarantine_row(ledger: Ledger, doc: dict[str, Any]) -> QuarantineRow:
         detail=verdict.detail,
         size=verdict.size,
         sha256=verdict.sha256,
-        quarantine_key=qkey,
+        quarantine_key=qkey + ".bin" if ".bin" in times else None,
         quarantined=".reason.json" in times,
         time_ms=times.get(".reason.json") or times.get(".bin"),
         update_id=verdict.update_id,
@@ -472,6 +474,14 @@ def _quarantine_row(ledger: Ledger, doc: dict[str, Any]) -> QuarantineRow:
 def _client_of(key: str) -> str | None:
     parts = key.split("/")
     return parts[1] if len(parts) == 3 and parts[0] == "updates" else None
+
+
+def quarantined_updates(deployment: Deployment) -> int:
+    """Updates the ledger has quarantined: one reason file each (the kept bytes beside it
+    are the same update, not another one). One listing of ``quarantine/``."""
+    return sum(
+        1 for info in deployment.state.list(QUARANTINE_PREFIX) if info.key.endswith(".reason.json")
+    )
 
 
 def quarantine(

@@ -230,17 +230,29 @@ def versions_table(rows: list[Any]) -> str:
     return f'<table id="versions">{head}{"".join(body)}</table>'
 
 
+def kept_bytes(row: Any) -> str:
+    """The object that holds a refused update's bytes, or that none was kept; and whether
+    the ledger recorded the verdict (a dry or replayed run records none)."""
+    if row.quarantine_key:
+        text = f'<code class="kept">{esc(row.quarantine_key)}</code>'
+    else:
+        text = '<span class="muted none-kept">none kept</span>'
+    if not row.quarantined:
+        text += '<br><span class="muted">verdict not recorded (dry or replayed run)</span>'
+    return text
+
+
 def quarantine_table(rows: list[Any]) -> str:
     head = (
         "<tr><th>Client</th><th>Reason</th><th>Detail</th><th>Size</th><th>Time</th>"
-        "<th>Inbox key</th><th>Quarantine</th></tr>"
+        "<th>Inbox key</th><th>Kept bytes (state bucket)</th></tr>"
     )
     body = [
         f'<tr class="quarantined"><td>{esc(q.client_id or "—")}</td>'
         f"<td>{badge(q.reason or '?', 'rejected')}</td>"
         f'<td>{esc(q.detail or "")}</td><td class="num">{q.size}</td>'
         f"<td>{fmt_time(q.time_ms)}</td><td><code>{esc(q.key)}</code></td>"
-        f"<td><code>{esc(q.quarantine_key) if q.quarantined else 'not recorded'}</code></td></tr>"
+        f"<td>{kept_bytes(q)}</td></tr>"
         for q in rows
     ]
     if not rows:
