@@ -202,3 +202,69 @@ def test_client_json_is_private_from_the_first_byte(admin_env, tmp_path):
         assert (device / "copy.json").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old_umask)
+
+
+def model_signing(*args: object) -> subprocess.CompletedProcess[str]:
+    """OpenSSF's own reference CLI (the outside verifier's tool), offline."""
+    return subprocess.run(
+        [str(BIN / "model_signing"), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_outside_verifier_checks_a_package_with_the_exported_key(admin_env, tmp_path, capsys):
+    """``fl-admin keys --export-package-key`` hands an outside verifier the public key the
+    reference ``model_signing verify key`` accepts for a published package, exactly as
+    the README shows; after a rotation, ``--version N`` exports the key that signed N."""
+    from fedlib.server.deployment import Deployment
+    from fedlib.server.settings import ServerSettings
+    from fedlib.trust.package import package_prefix
+
+    assert admin_main(["init", "--holdout", str(admin_env["holdout"])]) == 0
+    dep = Deployment(ServerSettings.load())
+    pkg = tmp_path / "v1"  # a copy of the version's folder in the models bucket
+    pkg.mkdir()
+    prefix = package_prefix(1)
+    for info in dep.models.list(prefix):
+        (pkg / info.key[len(prefix) :]).write_bytes(dep.models.get(info.key))
+    assert (pkg / "signature.bin").exists()
+
+    key = tmp_path / "package-signing.pub.pem"
+    capsys.readouterr()
+    assert admin_main(["keys", "--export-package-key", str(key)]) == 0
+    said = capsys.readouterr().out
+    assert "(signs new versions)" in said and f"--public_key {key}" in said
+    assert key.stat().st_mode & 0o777 == 0o644 and b"PRIVATE" not in key.read_bytes()
+    ok = model_signing(
+        "verify", "key", pkg, "--signature", pkg / "signature.bin", "--public_key", key
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+    # a rotation: the new key signs new versions; version 1 keeps verifying with its own
+    assert admin_main(["rotate-package-key"]) == 0
+    new = tmp_path / "new.pem"
+    assert admin_main(["keys", "--export-package-key", str(new)]) == 0
+    assert new.read_bytes() != key.read_bytes()
+    wrong = model_signing(
+        "verify", "key", pkg, "--signature", pkg / "signature.bin", "--public_key", new
+    )
+    assert wrong.returncode != 0
+    signer = tmp_path / "v1-signer.pem"
+    capsys.readouterr()
+    assert admin_main(["keys", "--export-package-key", str(signer), "--version", "1"]) == 0
+    assert "(signed version 1)" in capsys.readouterr().out
+    assert signer.read_bytes() == key.read_bytes()
+    ok = model_signing(
+        "verify", "key", pkg, "--signature", pkg / "signature.bin", "--public_key", signer
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+    # usage and refusals
+    with pytest.raises(SystemExit) as usage:
+        admin_main(["keys", "--version", "1"])
+    assert usage.value.code == 2
+    missing = ["keys", "--export-package-key", str(tmp_path / "x.pem"), "--version", "9"]
+    assert admin_main(missing) == 1
+    assert "v00000009" in capsys.readouterr().err
+    unknown = ["keys", "--export-package-key", str(tmp_path / "y.pem"), "--key-id", "ab"]
+    assert admin_main(unknown) == 1
+    assert "no package-signing key ab" in capsys.readouterr().err

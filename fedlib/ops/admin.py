@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from fedlib.crypto import pq_signing, sealing
-from fedlib.errors import FedError
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedlib.crypto import pq_signing, sealing, signing
+from fedlib.errors import FedError, VerificationError
 from fedlib.files import atomic_write
 from fedlib.models.evaluation import evaluate_onnx
 from fedlib.models.model import KINDS, FeatureSchema, create_model
@@ -32,6 +34,7 @@ from fedlib.server.deployment import Deployment, Holdout
 from fedlib.server.rounds import package_model
 from fedlib.server.settings import ServerSettings
 from fedlib.storage.store import S3Config
+from fedlib.trust.package import SIGNATURE_FILE, package_prefix
 
 
 class SetupError(FedError):
@@ -238,7 +241,54 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_package_key(
+    deployment: Deployment, *, key_id: str | None = None, version: int | None = None
+) -> tuple[str, ec.EllipticCurvePublicKey, str]:
+    """The OpenSSF (ECDSA P-256) package-signing public key an outside verifier needs
+    for ``model_signing verify key``: the one that signs new versions, a listed key id,
+    or the one that signed ``version`` (found by the key hint in its signature.bin;
+    retired keys too). Returns (key id, key, what it is)."""
+    keys = {
+        kid: key
+        for kid, key in deployment.trusted_package_keys(include_retired=True).items()
+        if isinstance(key, ec.EllipticCurvePublicKey)
+    }
+    if version is not None:
+        blob = deployment.models.get(package_prefix(version) + SIGNATURE_FILE, max_bytes=1 << 20)
+        try:
+            hint = json.loads(blob)["verificationMaterial"]["publicKey"]["hint"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise VerificationError(f"signature of version {version} names no key: {exc}") from None
+        found = [kid for kid, key in keys.items() if signing.key_hint(key) == hint]
+        if not found:
+            raise VerificationError(
+                f"version {version} was signed by a key this deployment does not hold "
+                f"(hint {hint}); `fl-admin keys` lists the package keys"
+            )
+        return found[0], keys[found[0]], f"signed version {version}"
+    current = signing.key_id(deployment.package_signing_key().public_key())
+    kid = key_id or current
+    if kid not in keys:
+        raise KeyError(f"no package-signing key {kid}; `fl-admin keys` lists them")
+    return kid, keys[kid], "signs new versions" if kid == current else "an older key"
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
+    if args.export_package_key:
+        # the current key or a key id needs only keys_dir; a version's signer reads S3
+        settings = ServerSettings.load(args.config)
+        deployment = (
+            _deployment(args) if args.version is not None else Deployment(settings, settings.s3())
+        )
+        kid, key, what = export_package_key(deployment, key_id=args.key_id, version=args.version)
+        out = args.export_package_key
+        atomic_write(out, signing.public_key_pem(key), mode=0o644)
+        print(f"package-signing key {kid} ({what}) written to {out}; check a package with")
+        print(
+            f"  model_signing verify key PACKAGE_DIR --signature PACKAGE_DIR/{SIGNATURE_FILE} "
+            f"--public_key {out}"
+        )
+        return 0
     doc = rotation.key_inventory(_deployment(args))
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -489,6 +539,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="key ids in use: server HPKE, package, channel")
     keys.add_argument("--json", action="store_true")
+    keys.add_argument(
+        "--export-package-key",
+        metavar="OUT.pem",
+        default=None,
+        help="write the package-signing public key (for model_signing verify) and exit",
+    )
+    which = keys.add_mutually_exclusive_group()
+    which.add_argument("--key-id", default=None, help="with --export-package-key: this key")
+    which.add_argument(
+        "--version", type=int, default=None, help="with --export-package-key: its signer"
+    )
     keys.set_defaults(func=cmd_keys)
     rotate = sub.add_parser(
         "rotate-server-key", help="new current HPKE key; old ones still open their updates"
@@ -582,7 +643,10 @@ def one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done; 1 refused or failed, with the reason on stderr; 2 usage
     (argparse exits with 2 by itself), so scripts can tell a typo from a refusal."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "keys" and not args.export_package_key and (args.key_id or args.version):
+        parser.error("--key-id and --version go with --export-package-key OUT.pem")
     try:
         return args.func(args)
     except EXPECTED_FAILURES as exc:
