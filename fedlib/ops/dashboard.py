@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from fedlib.server.deployment import Deployment
-from fedlib.server.ledger import QUARANTINE_PREFIX, Ledger
+from fedlib.server.ledger import Ledger
 from fedlib.server.records import Verdict
 from fedlib.server.registry import ModelRegistry
 from fedlib.server.round_runner import REPORTS_PREFIX, run_prefix, safe_run_id
@@ -451,7 +451,7 @@ def _run_verdicts(deployment: Deployment, run_id: str) -> list[dict[str, Any]] |
 def _quarantine_row(ledger: Ledger, doc: dict[str, Any]) -> QuarantineRow:
     known = {f.name for f in dataclasses.fields(Verdict)}
     verdict = Verdict(**{k: v for k, v in doc.items() if k in known})
-    qkey = ledger.quarantine_key(verdict)  # a prefix: the bytes and the reason sit beside it
+    qkey = ledger.quarantine_key(verdict)
     times = {
         info.key[len(qkey) :]: info.last_modified_ms
         for info in ledger.state.list(qkey, limit=4)
@@ -476,14 +476,6 @@ def _client_of(key: str) -> str | None:
     return parts[1] if len(parts) == 3 and parts[0] == "updates" else None
 
 
-def quarantined_updates(deployment: Deployment) -> int:
-    """Updates the ledger has quarantined: one reason file each (the kept bytes beside it
-    are the same update, not another one). One listing of ``quarantine/``."""
-    return sum(
-        1 for info in deployment.state.list(QUARANTINE_PREFIX) if info.key.endswith(".reason.json")
-    )
-
-
 def quarantine(
     deployment: Deployment,
     run_id: str,
@@ -504,6 +496,14 @@ def quarantine(
     window = refused[offset : offset + limit]
     return Page(
         _parallel(lambda d: _quarantine_row(ledger, d), window), len(refused), offset, limit
+    )
+
+
+def quarantined_updates(deployment: Deployment) -> int:
+    """Updates the ledger has quarantined: one reason file each (the kept bytes beside it
+    are the same update, not another one). One listing of ``quarantine/``."""
+    return sum(
+        1 for info in deployment.state.list("quarantine/") if info.key.endswith(".reason.json")
     )
 
 
