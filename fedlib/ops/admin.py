@@ -4,11 +4,15 @@
     fl-admin enroll CLIENT_ID --public-key client_key.pub.pem --out client.json
     fl-admin revoke CLIENT_ID
     fl-admin status [--json]
+    fl-admin keys --export-package-key OUT.pem   # for outside verifiers (model_signing)
+    fl-admin bundles list | get KEY --out FILE   # air-gap bundles to carry across
     fl-admin credentials policy CLIENT_ID        # a device's S3 policy JSON (MinIO: by hand)
     fl-admin privacy init-secret [KEYS_DIR]      # the DP noise secret, once
 
 Settings come from ``--config`` / ``$FL_SERVER_CONFIG`` / ``./fl-server.toml`` and
-``FL_*`` environment variables (see :mod:`fedlib.server.settings`).
+``FL_*`` environment variables (see :mod:`fedlib.server.settings`); S3 keys from
+``FL_S3_ACCESS_KEY`` / ``FL_S3_SECRET_KEY``. Exit status: 0 done, 1 refused or failed
+(the reason on one line on stderr), 2 usage.
 """
 
 from __future__ import annotations
@@ -60,12 +64,16 @@ def _ambient_credentials(s3: S3Config) -> bool:
     sign for another endpoint, and probing them costs a network timeout."""
     import botocore.session
     from botocore.credentials import create_credential_resolver
+    from botocore.exceptions import BotoCoreError
 
-    resolver = create_credential_resolver(botocore.session.get_session())
-    if s3.endpoint_url is not None:
-        for provider in ("container-role", "iam-role"):
-            resolver.remove(provider)
-    return resolver.load_credentials() is not None
+    try:
+        resolver = create_credential_resolver(botocore.session.get_session())
+        if s3.endpoint_url is not None:
+            for provider in ("container-role", "iam-role"):
+                resolver.remove(provider)
+        return resolver.load_credentials() is not None
+    except BotoCoreError as exc:  # e.g. AWS_PROFILE names no profile: say so, one line
+        raise SetupError(f"S3 credentials: {exc}") from None
 
 
 def admin_s3_config(settings: ServerSettings, config_path: str | None = None) -> S3Config:
