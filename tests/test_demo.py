@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,22 +52,22 @@ def test_the_printed_operator_command_runs_fl_admin_status(
     assert init.returncode == 0, init.stderr
 
     line = demo.operator_command(home, "status")
-    assert line.startswith("set -a; . ") and line.endswith("; set +a; .venv/bin/fl-admin status")
+    fl_admin = demo.shown(Path(sys.executable).parent / "fl-admin")  # .venv/bin/fl-admin here
+    assert line.startswith("set -a; . ") and line.endswith(f"; set +a; {fl_admin} status")
     status = shell(line, ROOT)
     assert status.returncode == 0, status.stderr
     assert "active version:  1" in status.stdout and "quarantined:     0" in status.stdout
 
     # the same command without the env file: exit 1, and the reason names what to set
-    bare = shell(f"{ROOT}/.venv/bin/fl-admin status", tmp_path)
+    installed = Path(sys.executable).parent / "fl-admin"
+    bare = shell(f"{installed} status", tmp_path)
     assert bare.returncode == 1
     [reason] = bare.stderr.splitlines()
     assert reason.startswith("fl-admin: no S3 credentials for AWS S3")
     for name in ("FL_S3_ACCESS_KEY", "FL_S3_SECRET_KEY", "FL_SERVER_CONFIG", "s3_endpoint_url"):
         assert name in reason
     # settings found, keys missing: it names the endpoint and only what is missing
-    half = shell(
-        f"FL_SERVER_CONFIG={config} FL_S3_ACCESS_KEY=x {ROOT}/.venv/bin/fl-admin status", tmp_path
-    )
+    half = shell(f"FL_SERVER_CONFIG={config} FL_S3_ACCESS_KEY=x {installed} status", tmp_path)
     assert half.returncode == 1
     assert f"no S3 credentials for {server.endpoint_url}: set FL_S3_SECRET_KEY " in half.stderr
     assert f"settings from {config}" in half.stderr
