@@ -337,7 +337,7 @@ def enroll_device(
 ) -> Path:
     """What ``fl-client keygen`` + ``fl-admin enroll`` do; returns the client.json path."""
     from fedlib.crypto import sealing
-    from fedlib.ops.admin import client_config_document, issuer
+    from fedlib.ops.admin import client_config_document, issuer, write_client_config
 
     home = workdir / client_id
     (home / "features").mkdir(parents=True)
@@ -365,8 +365,7 @@ def enroll_device(
         secret_key=secret_key,
     )
     path = home / "client.json"
-    path.write_text(json.dumps(doc, indent=2))
-    path.chmod(0o600)
+    write_client_config(path, doc)
     return path
 
 

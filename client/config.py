@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from client.calibration import CalibrationConfig
 from fedlib.crypto import pq_signing, sealing
+from fedlib.files import atomic_write
 from fedlib.storage.store import S3Config
 from fedlib.trust.device_config import DeviceConfig
 from fedlib.wire.protocol import ClientId
@@ -122,4 +123,5 @@ class ClientConfig(BaseModel):
         return config.model_copy(update=updates)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+        """Atomically, mode 0600 from the first byte: the file holds the device's S3 secret."""
+        atomic_write(path, (self.model_dump_json(indent=2) + "\n").encode(), mode=0o600)

@@ -7,7 +7,9 @@ metadata a disconnected device needs (every root version it may have to walk, an
 timestamp re-signed to stay valid for `expires_in_days`), a manifest of SHA-256
 digests and a README. The export verifies its own output as a device would.
 
-Carry the file across, then on the far side, with no network at all:
+Fetch it with `fl-admin bundles list` and `fl-admin bundles get KEY --out FILE` (the task
+log names it as `s3://BUCKET/KEY`), carry the file across, then on the far side, with no
+network at all:
 
     fl-client verify-bundle BUNDLE --config client.json
     fl-client install-bundle BUNDLE --config client.json
@@ -65,7 +67,7 @@ def fl_airgap_export() -> None:
         runtime.log.info(
             "bundle for version %s: %s (%d bytes, sha256 %s, expires %s)",
             record["version"],
-            record["key"],
+            record["url"],
             record["size"],
             record["sha256"],
             record["expires"],

@@ -3,7 +3,9 @@
 Starts a local S3 server (SeaweedFS, 127.0.0.1), initialises a deployment with
 ``fl-admin init``, enrolls simulated devices fed from the synthetic fleet, runs each
 device's real ``fl-client run`` cycle, runs a round, lets the devices pull the result,
-and prints the outcome. Everything lives under ``.state/demo``; ``make demo-stop``
+and prints the outcome and the operator's ``fl-admin`` command line (its environment,
+settings file and S3 keys, is ``.state/demo/operator.env``, mode 0600). Everything lives
+under ``.state/demo``; ``make demo-stop``
 (``python -m scripts.demo stop``) ends exactly what this started.
 
 The round runs in Airflow: ``airflow standalone`` (SQLite, LocalExecutor) starts in the
@@ -18,12 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from fedlib.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -76,18 +81,8 @@ def start(args: argparse.Namespace) -> int:
     server = json.loads((home / "s3" / "server.json").read_text())
     print(f"    {out.strip()}")
 
-    config = home / "fl-server.toml"
-    config.write_text(
-        "\n".join(
-            [
-                f'keys_dir = "{home / "keys"}"',
-                f's3_endpoint_url = "{server["endpoint_url"]}"',
-                "min_clients = 2",
-                'schedule = "none"',
-                "",
-            ]
-        )
-    )
+    config = write_server_config(home, server["endpoint_url"])
+    write_operator_env(home, config, server["access_key"], server["secret_key"])
     env = dict(os.environ)
     env.update(
         FL_SERVER_CONFIG=str(config),
@@ -143,7 +138,11 @@ def start(args: argparse.Namespace) -> int:
     for device in devices:
         run([*client, "run", "--config", str(device / "client.json")], env)
 
-    status = json.loads(run([*admin, "status", "--json"], env, quiet=True))
+    # the operator's own command, exactly as printed below, in an environment without
+    # the demo's variables: it must work from the repository root after the demo
+    status = json.loads(
+        run(["/bin/sh", "-c", operator_command(home, "status", "--json")], bare_env(), quiet=True)
+    )
     say("outcome")
     before = report["active_metrics"].get("auc")
     after = report["candidate_metrics"].get("auc")
@@ -164,8 +163,66 @@ def start(args: argparse.Namespace) -> int:
     print(f"    S3 endpoint:       {server['endpoint_url']} (state in {home})")
     print(f"    Airflow UI:        {airflow.url}  (login admin / {airflow.password})")
     print(f"    Rounds dashboard:  {airflow.url}/dadm-fl/rounds  ('FL rounds' in the UI menu)")
+    print(f"    Operator CLI:      {operator_command(home, 'status')}")
     print(f"    took {time.monotonic() - started:.1f}s; stop with: make demo-stop")
     return 0 if report["decision"] in ("published", "rejected") else 1
+
+
+OPERATOR_ENV = "operator.env"
+
+
+def write_server_config(home: Path, endpoint_url: str) -> Path:
+    """The demo's fl-server.toml: its keys folder, the local S3 endpoint, a manual round."""
+    config = home / "fl-server.toml"
+    config.write_text(
+        "\n".join(
+            [
+                f'keys_dir = "{home / "keys"}"',
+                f's3_endpoint_url = "{endpoint_url}"',
+                "min_clients = 2",
+                'schedule = "none"',
+                "",
+            ]
+        )
+    )
+    return config
+
+
+def write_operator_env(home: Path, config: Path, access_key: str, secret_key: str) -> Path:
+    """What an operator's shell needs for ``fl-admin`` against the demo: the settings file
+    and the S3 keys (FL_S3_*). It holds a secret, so mode 0600 from the first byte."""
+    path = home / OPERATOR_ENV
+    values = {
+        "FL_SERVER_CONFIG": str(config),
+        "FL_S3_ACCESS_KEY": access_key,
+        "FL_S3_SECRET_KEY": secret_key,
+    }
+    lines = [f"# fl-admin against the demo: {operator_command(home, 'status')}"]
+    lines += [f"{name}={shlex.quote(value)}" for name, value in values.items()]
+    atomic_write(path, ("\n".join(lines) + "\n").encode(), mode=0o600)
+    return path
+
+
+def shown(path: Path) -> str:
+    """A path as typed from the repository root: relative inside it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def operator_command(home: Path, *args: str) -> str:
+    """The shell line that runs ``fl-admin`` against the demo from the repository root,
+    e.g. ``set -a; . .state/demo/operator.env; set +a; .venv/bin/fl-admin status``."""
+    env_file = shown(home / OPERATOR_ENV)
+    fl_admin = shown(BIN / "fl-admin")
+    command = " ".join(shlex.quote(part) for part in (fl_admin, *args))
+    return f"set -a; . {shlex.quote(env_file)}; set +a; {command}"
+
+
+def bare_env() -> dict[str, str]:
+    """This process's environment without fedlib's or AWS's variables: a fresh shell."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("FL_", "AWS_"))}
 
 
 class Airflow:

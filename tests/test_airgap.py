@@ -11,6 +11,8 @@ import gzip
 import hashlib
 import io
 import json
+import re
+import shlex
 import socket
 import tarfile
 import uuid
@@ -24,6 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from tuf.api.metadata import Metadata, Timestamp
 
+from client.cli import build_parser as client_parser
 from fedlib.crypto import signing
 from fedlib.storage.store import LocalStore, S3Config, S3Store
 from fedlib.trust.airgap import MAX_MEMBERS, BundleVerificationError, VerifiedBundle, verify_bundle
@@ -167,8 +170,11 @@ def test_bundle_layout_and_offline_verification(
             "sha256": hashlib.sha256(data[name]).hexdigest(),
         }
     assert (manifest["version"], manifest["active"], manifest["root_version"]) == (2, True, 1)
-    assert b"fl-client verify-bundle" in data["README.txt"]
-    assert b"fl-client install-bundle" in data["README.txt"]
+    # the bundle's own README shows commands the real fl-client parses, with --config
+    commands = re.findall(r"^\s*(fl-client .+)$", data["README.txt"].decode(), re.M)
+    assert [c.split()[1] for c in commands] == ["verify-bundle", "install-bundle"]
+    for command in commands:
+        assert client_parser().parse_args(shlex.split(command)[1:]).config == "client.json"
     # The bundle's timestamp is re-signed for 30 days and says so in signed metadata.
     ts = Metadata[Timestamp].from_bytes(data["metadata/timestamp.json"]).signed
     assert ts.expires == NOW + timedelta(days=30)

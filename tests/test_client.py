@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from client.spool import Spool
 from fedlib.crypto import sealing, signing
 from fedlib.files import TMP_PREFIX
 from fedlib.models.package import ModelPackage
-from fedlib.ops.admin import client_config_document
+from fedlib.ops.admin import client_config_document, write_client_config
 from fedlib.server.round_runner import round_inputs
 from fedlib.server.rounds import open_and_validate
 from fedlib.wire import protocol
@@ -41,7 +40,7 @@ def make_client(deployment, tmp_path: Path, client_id: str, rows: np.ndarray, **
     )
     doc["s3"].update({"max_attempts": 1, "connect_timeout": 1.0, "read_timeout": 5.0})
     doc.update(overrides)
-    (home / "client.json").write_text(json.dumps(doc))
+    write_client_config(home / "client.json", doc)
     return ClientConfig.load(home / "client.json")
 
 

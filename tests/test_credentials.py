@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 
 from fedlib.errors import StoreError
+from fedlib.ops.admin import main as admin_main
 from fedlib.server.credentials import (
     ClientCredentials,
     CredentialError,
     CredentialIssuer,
     IamCredentialIssuer,
     client_policy,
-    main,
+    server_policy,
 )
 from fedlib.storage.store import S3Config, S3Store
 from scripts.seaweed import SeaweedServer
@@ -77,10 +78,33 @@ def test_policy_document_is_least_privilege() -> None:
         client_policy("client-1", "same", "same")
 
 
-def test_policy_cli_prints_the_document(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["policy", "c-7", "--inbox-bucket", "fl-in", "--models-bucket", "fl-mod"]) == 0
+def test_policy_through_fl_admin(
+    capsys: pytest.CaptureFixture[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MinIO operators print the policies with fl-admin; buckets default to the settings."""
+    monkeypatch.chdir(tmp_path)  # no ./fl-server.toml here
+    monkeypatch.delenv("FL_SERVER_CONFIG", raising=False)
+    for name in ("INBOX", "MODELS", "STATE", "AIRGAP"):
+        monkeypatch.delenv(f"FL_{name}_BUCKET", raising=False)
+    assert (
+        admin_main(
+            ["credentials", "policy", "c-7", "--inbox-bucket", "fl-in", "--models-bucket", "fl-mod"]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == client_policy("c-7", "fl-in", "fl-mod")
-    assert main(["policy", "C*", "--inbox-bucket", "fl-in", "--models-bucket", "fl-mod"]) == 2
+    assert admin_main(["credentials", "policy", "c-7"]) == 0
+    assert json.loads(capsys.readouterr().out) == client_policy("c-7", "fl-inbox", "fl-models")
+    config = tmp_path / "site.toml"
+    config.write_text('inbox_bucket = "site-inbox"\nmodels_bucket = "site-models"\n')
+    assert admin_main(["--config", str(config), "credentials", "policy", "c-7"]) == 0
+    assert json.loads(capsys.readouterr().out) == client_policy("c-7", "site-inbox", "site-models")
+    assert admin_main(["credentials", "server-policy"]) == 0
+    assert json.loads(capsys.readouterr().out) == server_policy(
+        ["fl-inbox", "fl-models", "fl-state", "fl-airgap"]
+    )
+    assert admin_main(["credentials", "server-policy", "aa-1", "bb-2"]) == 0
+    assert json.loads(capsys.readouterr().out) == server_policy(["aa-1", "bb-2"])
 
 
 def test_user_names_fit_iam_limits(s3_config: S3Config) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import xml.etree.ElementTree as ET
 
@@ -91,9 +92,10 @@ def test_dashboard_over_a_real_history(deployment):
     for row in q.items:
         assert row.quarantined and row.time_ms and row.client_id == "mallory"
         assert row.size > 0 and row.detail
-        assert any(
-            i.key == row.quarantine_key + ".bin" for i in deployment.state.list(row.quarantine_key)
-        )
+        # the real object key of the kept bytes, and they are the bytes that were judged
+        assert row.quarantine_key.startswith("quarantine/mallory/")
+        assert row.quarantine_key.endswith(".bin")
+        assert hashlib.sha256(deployment.state.get(row.quarantine_key)).hexdigest() == row.sha256
     assert dashboard.quarantine(deployment, RUN_QUARANTINE, limit=1, offset=1).items == q.items[1:]
     assert dashboard.quarantine(deployment, RUN_PUBLISH).total == 0
     assert dashboard.quarantine(deployment, "no-such-run") is None
@@ -103,6 +105,16 @@ def test_dashboard_over_a_real_history(deployment):
 
     status = status_document(deployment)
     assert [v["version"] for v in status["versions"]] == [1, 2, 3, 4, 5]
+    # two quarantined updates, each kept as two objects (bytes + reason): counted once
+    assert len(list(deployment.state.list("quarantine/"))) == 4
+    assert status["quarantined"] == 2 == dashboard.quarantined_updates(deployment)
+    # bytes that are gone (never read, or removed by hand): the row says none was kept
+    gone = q.items[0]
+    deployment.state.delete(gone.quarantine_key)
+    again = {r.key: r for r in dashboard.quarantine(deployment, RUN_QUARANTINE).items}
+    assert again[gone.key].quarantine_key is None and again[gone.key].quarantined
+    assert again[q.items[1].key].quarantine_key == q.items[1].quarantine_key
+    assert dashboard.quarantined_updates(deployment) == 2  # still two updates
     assert status["versions"][3]["rolled_back"] and status["versions"][4]["rollback_of"]
     assert status["recent_rounds"][0]["run_id"] == RUN_ROLLBACK
     assert status["recent_rounds"][0]["rolled_back"] and len(status["recent_rounds"]) == 4

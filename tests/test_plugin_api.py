@@ -158,6 +158,10 @@ def test_html_pages_with_the_ui_cookie(dashboard_server):
     assert quarantine.count('<tr class="quarantined"') == 2
     for key, reason in history.refused.items():
         assert key in quarantine and reason in quarantine
+    api = get(server, f"/api/rounds/{Q}/quarantine", headers=bearer(server.token())).json()
+    for item in api["items"]:  # the kept bytes' real object key, as the page shows it
+        assert item["quarantine_key"].endswith(".bin")
+        assert f'<code class="kept">{item["quarantine_key"]}</code>' in quarantine
 
     detail = get(server, f"/dags/fl_round/runs/{Q}", cookies=cookie).text
     assert "Quarantine (2)" in detail and RUN_QUARANTINE in detail
@@ -221,3 +225,30 @@ def test_loading_plugins_imports_nothing_heavy(tmp_path):
     )
     doc = json.loads(out.stdout.strip().splitlines()[-1])
     assert doc == {"plugins": ["dadm_fl_dashboard"], "errors": {}, "imported": []}
+
+
+def test_quarantine_table_names_the_kept_object_or_says_none(airflow_home):
+    """Each row names the object holding the refused bytes (``....bin``), or says none
+    was kept; a verdict the ledger did not record (dry run) is marked."""
+    import dataclasses
+
+    from fedlib.integrations.airflow.dashboard_app import quarantine_table
+    from fedlib.ops.dashboard import QuarantineRow
+
+    kept = QuarantineRow(
+        key="updates/dev-1/u1",
+        client_id="dev-1",
+        reason="malformed",
+        detail="bad header",
+        size=3,
+        sha256="ab" * 32,
+        quarantine_key="quarantine/dev-1/u1/abababababababab.bin",
+        quarantined=True,
+        time_ms=1,
+    )
+    gone = dataclasses.replace(kept, key="updates/dev-1/u2", quarantine_key=None)
+    dry = dataclasses.replace(kept, key="updates/dev-1/u3", quarantined=False)
+    page = quarantine_table([kept, gone, dry])
+    assert page.count(f'<code class="kept">{kept.quarantine_key}</code>') == 2
+    assert page.count("none kept") == 1 and page.count("verdict not recorded") == 1
+    assert "quarantine/dev-1/u1/abababababababab<" not in page  # never the bare prefix

@@ -13,7 +13,7 @@ from client.cli import main as client_main
 from client.config import ClientConfig
 from fedlib.crypto import pq_signing, signing
 from fedlib.errors import VerificationError
-from fedlib.ops.admin import client_config_document
+from fedlib.ops.admin import client_config_document, write_client_config
 from fedlib.trust.package import PQ_SIGNATURE_FILE, package_prefix, verify_package_files
 
 FILES = {"model.onnx": b"graph", "weights.bin": b"\x00" * 16, "metadata.json": b"{}"}
@@ -87,7 +87,7 @@ def test_device_enrolled_with_hybrid_signatures_requires_them(s3_config, tmp_pat
         access_key=dep.s3.access_key,
         secret_key=dep.s3.secret_key,
     )
-    (home / "client.json").write_text(json.dumps(doc))
+    write_client_config(home / "client.json", doc)
     config = ClientConfig.load(home / "client.json")
     assert config.checks_pq_package_signatures()
     report = run_cycle(config)

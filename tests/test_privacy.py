@@ -140,6 +140,26 @@ def test_noise_is_reproducible_from_secret_and_run_id_and_nothing_else(tmp_path)
         privacy.load_noise_secret(tmp_path / "elsewhere", create=False)
 
 
+def test_init_secret_through_fl_admin(tmp_path, capsys, monkeypatch):
+    """The read-only secrets mount case: the secret is made once, then only kept."""
+    from fedlib.ops.admin import main as admin_main
+
+    keys = tmp_path / "keys"
+    assert admin_main(["privacy", "init-secret", str(keys)]) == 0
+    path = keys / privacy.NOISE_SECRET_FILE
+    assert capsys.readouterr().out.strip() == f"{path}: created"
+    secret = path.read_bytes()
+    assert len(secret) == 32 and path.stat().st_mode & 0o777 == 0o600
+    assert admin_main(["privacy", "init-secret", str(keys)]) == 0
+    assert capsys.readouterr().out.strip() == f"{path}: kept" and path.read_bytes() == secret
+    # without DIR: the deployment's keys_dir
+    config = tmp_path / "fl-server.toml"
+    config.write_text(f'keys_dir = "{tmp_path / "other"}"\n')
+    monkeypatch.delenv("FL_KEYS_DIR", raising=False)
+    assert admin_main(["--config", str(config), "privacy", "init-secret"]) == 0
+    assert (tmp_path / "other" / privacy.NOISE_SECRET_FILE).stat().st_size == 32
+
+
 def test_central_release_adds_noise_of_the_calibrated_scale_once():
     config = PrivacyConfig(mode="central", noise_multiplier=2.0)
     mean = np.linspace(-0.1, 0.1, 200_000)

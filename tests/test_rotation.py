@@ -18,6 +18,7 @@ from client.cli import main as client_main
 from client.config import ClientConfig
 from fedlib.crypto import sealing
 from fedlib.ops.admin import main as admin_main
+from fedlib.ops.admin import write_client_config
 from fedlib.server.deployment import Deployment
 from fedlib.server.settings import ServerSettings
 from fedlib.trust import device_config
@@ -91,7 +92,7 @@ def test_server_key_rotation_keeps_old_updates_and_refuses_a_downgrade(fleet_env
     second = dep.current_server_key_id()
     assert second != first
     # Retiring the old key now would strand the two waiting updates: refused.
-    assert admin_main(["retire-server-key", first]) == 2
+    assert admin_main(["retire-server-key", first]) == 1  # refused, not a usage error
     assert "2 update(s) in the inbox are sealed to" in capsys.readouterr().err
 
     report = run_round(capsys)
@@ -127,7 +128,7 @@ def test_server_accepting_only_the_hybrid_suite_quarantines_classic_updates(flee
     doc = json.loads(clients["dev-1"].read_text())
     doc["server_public_key_pem"] = sealing.public_pem(dep.current_server_public_key()).decode()
     doc["require_post_quantum"] = False
-    clients["dev-1"].write_text(json.dumps(doc))
+    write_client_config(clients["dev-1"], doc)
     assert admin_main(["rotate-server-key"]) == 0  # hybrid again, before dev-1 runs
     state = clients["dev-1"].parent / "state"
     report = run_cycle(ClientConfig.load(clients["dev-1"]))  # upgrades: allowed

@@ -4,32 +4,106 @@
     fl-admin enroll CLIENT_ID --public-key client_key.pub.pem --out client.json
     fl-admin revoke CLIENT_ID
     fl-admin status [--json]
+    fl-admin keys --export-package-key OUT.pem   # for outside verifiers (model_signing)
+    fl-admin bundles list | get KEY --out FILE   # air-gap bundles to carry across
+    fl-admin credentials policy CLIENT_ID        # a device's S3 policy JSON (MinIO: by hand)
+    fl-admin privacy init-secret [KEYS_DIR]      # the DP noise secret, once
 
 Settings come from ``--config`` / ``$FL_SERVER_CONFIG`` / ``./fl-server.toml`` and
-``FL_*`` environment variables (see :mod:`fedlib.server.settings`).
+``FL_*`` environment variables (see :mod:`fedlib.server.settings`); S3 keys from
+``FL_S3_ACCESS_KEY`` / ``FL_S3_SECRET_KEY``. Exit status: 0 done, 1 refused or failed
+(the reason on one line on stderr), 2 usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from fedlib.crypto import pq_signing, sealing
-from fedlib.errors import FedError
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedlib.crypto import pq_signing, sealing, signing
+from fedlib.errors import FedError, VerificationError
+from fedlib.files import atomic_write
 from fedlib.models.evaluation import evaluate_onnx
-from fedlib.models.model import FeatureSchema, create_model
+from fedlib.models.model import KINDS, FeatureSchema, create_model
 from fedlib.server import rotation
 from fedlib.server.credentials import IamCredentialIssuer
 from fedlib.server.deployment import Deployment, Holdout
 from fedlib.server.rounds import package_model
 from fedlib.server.settings import ServerSettings
+from fedlib.storage.store import S3Config
+from fedlib.trust.package import SIGNATURE_FILE, package_prefix
+
+
+class SetupError(FedError):
+    """fl-admin cannot reach the deployment: a setting or secret it needs is missing."""
+
+
+def _settings_source(path: str | None) -> str:
+    """Where the settings came from, as :meth:`ServerSettings.load` looks them up."""
+    if path:
+        return f"settings from {path}"
+    env = os.environ.get("FL_SERVER_CONFIG")
+    if env:
+        found = Path(env).is_file()
+        return f"settings from {env}" if found else f"FL_SERVER_CONFIG={env} does not exist"
+    if Path("fl-server.toml").is_file():
+        return "settings from ./fl-server.toml"
+    return "no settings file (no --config, FL_SERVER_CONFIG unset, no ./fl-server.toml)"
+
+
+def _ambient_credentials(s3: S3Config) -> bool:
+    """Whether boto3 finds credentials of its own (shared files, a profile, SSO, or an
+    instance/container role on AWS). Roles are probed only for AWS itself: they cannot
+    sign for another endpoint, and probing them costs a network timeout."""
+    import botocore.session
+    from botocore.credentials import create_credential_resolver
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        resolver = create_credential_resolver(botocore.session.get_session())
+        if s3.endpoint_url is not None:
+            for provider in ("container-role", "iam-role"):
+                resolver.remove(provider)
+        return resolver.load_credentials() is not None
+    except BotoCoreError as exc:  # e.g. AWS_PROFILE names no profile: say so, one line
+        raise SetupError(f"S3 credentials: {exc}") from None
+
+
+def admin_s3_config(settings: ServerSettings, config_path: str | None = None) -> S3Config:
+    """The S3 endpoint and keys fl-admin uses, or a :class:`SetupError` naming exactly
+    what to set (a bare "no credentials" from deep inside botocore names nothing)."""
+    s3 = settings.s3()
+    if s3.access_key and s3.secret_key:
+        return s3
+    if not s3.access_key and not s3.secret_key and _ambient_credentials(s3):
+        return s3
+    missing = " and ".join(
+        name
+        for name, value in (
+            ("FL_S3_ACCESS_KEY", s3.access_key),
+            ("FL_S3_SECRET_KEY", s3.secret_key),
+        )
+        if not value
+    )
+    endpoint = s3.endpoint_url or "AWS S3 (s3_endpoint_url is not set)"
+    raise SetupError(
+        f"no S3 credentials for {endpoint}: set {missing} in the environment (or "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY); the endpoint is s3_endpoint_url in "
+        f"the settings file named by FL_SERVER_CONFIG (or FL_S3_ENDPOINT_URL); "
+        f"{_settings_source(config_path)}"
+    )
 
 
 def _deployment(args: argparse.Namespace) -> Deployment:
-    return Deployment(ServerSettings.load(args.config))
+    settings = ServerSettings.load(args.config)
+    return Deployment(settings, admin_s3_config(settings, args.config))
 
 
 def initial_package(
@@ -53,11 +127,11 @@ def initial_package(
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    holdout = Holdout.from_bytes(Path(args.holdout).read_bytes())  # before any side effect
     deployment = _deployment(args)
     deployment.ensure_keys()
     deployment.ensure_buckets()
     deployment.init_channel()
-    holdout = Holdout.from_bytes(Path(args.holdout).read_bytes())
     if deployment.holdout_version() is None:
         deployment.save_holdout(holdout)
     else:
@@ -114,6 +188,13 @@ def client_config_document(
     }
 
 
+def write_client_config(path: Path | str, doc: dict[str, object]) -> None:
+    """Write a ``client.json`` (it holds the device's S3 secret): atomically and mode
+    0600 from the first byte, so no other user can read it even for a moment and a
+    crash leaves the old file or the new one."""
+    atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode(), mode=0o600)
+
+
 def issuer(deployment: Deployment) -> IamCredentialIssuer:
     """Per-device S3 keys through the AWS IAM API (AWS, SeaweedFS; MinIO: by hand)."""
     return IamCredentialIssuer(deployment.s3)
@@ -142,8 +223,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         secret_key=secret_key,
     )
     out = Path(args.out)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    out.chmod(0o600)
+    write_client_config(out, doc)
     print(f"enrolled {args.client_id} (key {kid}); client config written to {out}")
     return 0
 
@@ -169,7 +249,54 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_package_key(
+    deployment: Deployment, *, key_id: str | None = None, version: int | None = None
+) -> tuple[str, ec.EllipticCurvePublicKey, str]:
+    """The OpenSSF (ECDSA P-256) package-signing public key an outside verifier needs
+    for ``model_signing verify key``: the one that signs new versions, a listed key id,
+    or the one that signed ``version`` (found by the key hint in its signature.bin;
+    retired keys too). Returns (key id, key, what it is)."""
+    keys = {
+        kid: key
+        for kid, key in deployment.trusted_package_keys(include_retired=True).items()
+        if isinstance(key, ec.EllipticCurvePublicKey)
+    }
+    if version is not None:
+        blob = deployment.models.get(package_prefix(version) + SIGNATURE_FILE, max_bytes=1 << 20)
+        try:
+            hint = json.loads(blob)["verificationMaterial"]["publicKey"]["hint"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise VerificationError(f"signature of version {version} names no key: {exc}") from None
+        found = [kid for kid, key in keys.items() if signing.key_hint(key) == hint]
+        if not found:
+            raise VerificationError(
+                f"version {version} was signed by a key this deployment does not hold "
+                f"(hint {hint}); `fl-admin keys` lists the package keys"
+            )
+        return found[0], keys[found[0]], f"signed version {version}"
+    current = signing.key_id(deployment.package_signing_key().public_key())
+    kid = key_id or current
+    if kid not in keys:
+        raise KeyError(f"no package-signing key {kid}; `fl-admin keys` lists them")
+    return kid, keys[kid], "signs new versions" if kid == current else "an older key"
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
+    if args.export_package_key:
+        # the current key or a key id needs only keys_dir; a version's signer reads S3
+        settings = ServerSettings.load(args.config)
+        deployment = (
+            _deployment(args) if args.version is not None else Deployment(settings, settings.s3())
+        )
+        kid, key, what = export_package_key(deployment, key_id=args.key_id, version=args.version)
+        out = args.export_package_key
+        atomic_write(out, signing.public_key_pem(key), mode=0o644)
+        print(f"package-signing key {kid} ({what}) written to {out}; check a package with")
+        print(
+            f"  model_signing verify key PACKAGE_DIR --signature PACKAGE_DIR/{SIGNATURE_FILE} "
+            f"--public_key {out}"
+        )
+        return 0
     doc = rotation.key_inventory(_deployment(args))
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -243,7 +370,7 @@ def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[s
         for r in dashboard.rounds(deployment, limit=recent_rounds).items
     ]
     pending = sum(1 for _ in deployment.inbox.list("updates/"))
-    quarantined = sum(1 for _ in deployment.state.list("quarantine/"))
+    quarantined = dashboard.quarantined_updates(deployment)
     fleet = deployment.load_fleet()
     return {
         "active_version": registry.active_version(),
@@ -303,6 +430,79 @@ def cmd_round(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_credentials(args: argparse.Namespace) -> int:
+    """The IAM policy JSON of a device (or of the server) for stores without an IAM API
+    (MinIO: ``mc admin policy create``); buckets default to the deployment's settings."""
+    from fedlib.server.credentials import client_policy, server_policy
+
+    settings = ServerSettings.load(args.config)
+    if args.credentials_command == "server-policy":
+        buckets = args.buckets or [
+            settings.inbox_bucket,
+            settings.models_bucket,
+            settings.state_bucket,
+            settings.airgap_bucket,
+        ]
+        doc = server_policy(buckets)
+    else:
+        doc = client_policy(
+            args.client_id,
+            args.inbox_bucket or settings.inbox_bucket,
+            args.models_bucket or settings.models_bucket,
+        )
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    """Create the DP noise secret once (e.g. from the init container that owns a
+    read-only secrets mount); an existing secret is kept, never replaced."""
+    from fedlib.server.privacy import NOISE_SECRET_FILE, load_noise_secret
+
+    keys_dir = Path(args.keys_dir or ServerSettings.load(args.config).keys_dir)
+    path = keys_dir / NOISE_SECRET_FILE
+    existed = path.exists()
+    load_noise_secret(keys_dir, create=True)
+    print(f"{path}: {'kept' if existed else 'created'}")
+    return 0
+
+
+def cmd_bundles(args: argparse.Namespace) -> int:
+    """Air-gap bundles the ``fl_airgap_export`` DAG wrote: list them, or fetch one (checked
+    against its export record) into a file to carry across."""
+    from fedlib.server import airgap
+
+    deployment = _deployment(args)
+    if args.bundles_command == "list":
+        entries = airgap.list_bundles(deployment)
+        if args.json:
+            print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
+            return 0
+        if not entries:
+            where = airgap.bundle_url(deployment, airgap.BUNDLES_PREFIX)
+            print(f"no bundles in {where} (trigger the fl_airgap_export DAG)")
+            return 0
+        for e in entries:
+            version = "-" if e.version is None else f"v{e.version}"
+            note = f"  expires {e.expires}" if e.expires else ""
+            note += f"  ({e.problem})" if e.problem else ""
+            print(f"{e.key}  {e.size:>10,} B  {_iso(e.modified_ms)}  {version:>5}{note}")
+        return 0
+    entry, data = airgap.fetch_bundle(deployment, args.key)
+    atomic_write(args.out, data, mode=0o644)
+    checked = entry.problem or "matches its export record"
+    version = "" if entry.version is None else f", model version {entry.version}"
+    print(
+        f"{args.out}: {entry.url}, {entry.size:,} bytes{version}, sha256 {entry.sha256} ({checked})"
+    )
+    print(f"on the device: fl-client verify-bundle {args.out} --config client.json")
+    return 0
+
+
+def _iso(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000)) if ms else "-"
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.example:
         print(ServerSettings.example_toml(), end="")
@@ -318,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init", help="keys, buckets, holdout and model version 1")
     init.add_argument("--holdout", required=True, help=".npz with holdout_X, holdout_y")
-    init.add_argument("--model-kind", default=None)
+    init.add_argument("--model-kind", default=None, choices=sorted(KINDS))
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=cmd_init)
 
@@ -347,6 +547,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="key ids in use: server HPKE, package, channel")
     keys.add_argument("--json", action="store_true")
+    keys.add_argument(
+        "--export-package-key",
+        metavar="OUT.pem",
+        default=None,
+        help="write the package-signing public key (for model_signing verify) and exit",
+    )
+    which = keys.add_mutually_exclusive_group()
+    which.add_argument("--key-id", default=None, help="with --export-package-key: this key")
+    which.add_argument(
+        "--version", type=int, default=None, help="with --export-package-key: its signer"
+    )
     keys.set_defaults(func=cmd_keys)
     rotate = sub.add_parser(
         "rotate-server-key", help="new current HPKE key; old ones still open their updates"
@@ -395,13 +606,57 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="versions, pending and quarantined updates")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    creds = sub.add_parser("credentials", help="S3 policy JSON for stores without an IAM API")
+    creds_sub = creds.add_subparsers(dest="credentials_command", required=True)
+    policy = creds_sub.add_parser("policy", help="a device's policy (own inbox prefix, models)")
+    policy.add_argument("client_id")
+    policy.add_argument("--inbox-bucket", default=None, help="default: inbox_bucket setting")
+    policy.add_argument("--models-bucket", default=None, help="default: models_bucket setting")
+    server_pol = creds_sub.add_parser("server-policy", help="the server's policy (its buckets)")
+    server_pol.add_argument("buckets", nargs="*", help="default: the four bucket settings")
+    creds.set_defaults(func=cmd_credentials)
+
+    bundles = sub.add_parser("bundles", help="air-gap bundles in the air-gap bucket")
+    bundles_sub = bundles.add_subparsers(dest="bundles_command", required=True)
+    bundles_list = bundles_sub.add_parser("list", help="key, size, time and model version")
+    bundles_list.add_argument("--json", action="store_true")
+    bundles_get = bundles_sub.add_parser("get", help="download one bundle into a file")
+    bundles_get.add_argument("key", help="bundles/NAME, NAME or s3://BUCKET/bundles/NAME")
+    bundles_get.add_argument("--out", required=True, help="the file to write")
+    bundles.set_defaults(func=cmd_bundles)
+
+    privacy = sub.add_parser("privacy", help="differential privacy: the noise secret")
+    privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
+    init_secret = privacy_sub.add_parser(
+        "init-secret", help="create keys_dir/dp-noise-secret.bin if absent"
+    )
+    init_secret.add_argument("keys_dir", nargs="?", default=None, help="default: keys_dir")
+    privacy.set_defaults(func=cmd_privacy)
     return parser
 
 
+#: What the library raises on purpose (a refusal, an unreachable or refusing store, bad
+#: input, a missing file): the reason on one line and exit 1. Anything else is a bug and
+#: keeps its traceback.
+EXPECTED_FAILURES: tuple[type[Exception], ...] = (FedError, ValueError, OSError, KeyError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The reason of an expected failure as one line (pydantic's reports span several)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or repr(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit status: 0 done; 1 refused or failed, with the reason on stderr; 2 usage
+    (argparse exits with 2 by itself), so scripts can tell a typo from a refusal."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "keys" and not args.export_package_key and (args.key_id or args.version):
+        parser.error("--key-id and --version go with --export-package-key OUT.pem")
     try:
         return args.func(args)
-    except (FedError, ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"fl-admin: {exc}", file=sys.stderr)
-        return 2
+    except EXPECTED_FAILURES as exc:
+        print(f"fl-admin: {one_line(exc)}", file=sys.stderr)
+        return 1

@@ -186,7 +186,9 @@ class QuarantineRow:
     detail: str | None
     size: int
     sha256: str
-    quarantine_key: str
+    #: The object holding the judged bytes (``quarantine/.../<sha16>.bin``); None when no
+    #: bytes were kept (the object was never read, or the copy is gone).
+    quarantine_key: str | None
     quarantined: bool  # the ledger's reason file exists (a dry or replayed run writes none)
     time_ms: int | None  # when the ledger recorded it (the store's clock)
     update_id: str | None = None
@@ -473,7 +475,7 @@ def _quarantine_row(ledger: Ledger, verdict: Verdict) -> QuarantineRow:
         detail=verdict.detail,
         size=verdict.size,
         sha256=verdict.sha256,
-        quarantine_key=qkey,
+        quarantine_key=qkey + ".bin" if ".bin" in times else None,
         quarantined=".reason.json" in times,
         time_ms=times.get(".reason.json") or times.get(".bin"),
         update_id=verdict.update_id,
@@ -507,6 +509,14 @@ def quarantine(
     window = refused[offset : offset + limit]
     return Page(
         _parallel(lambda d: _quarantine_row(ledger, d), window), len(refused), offset, limit
+    )
+
+
+def quarantined_updates(deployment: Deployment) -> int:
+    """Updates the ledger has quarantined: one reason file each (the kept bytes beside it
+    are the same update, not another one). One listing of ``quarantine/``."""
+    return sum(
+        1 for info in deployment.state.list("quarantine/") if info.key.endswith(".reason.json")
     )
 
 

@@ -25,11 +25,11 @@ Where it works (measured against SeaweedFS 4.48 ``weed mini``; see tests):
   eventually consistent.
 * **AWS**: the same calls, ``S3Config(endpoint_url=None)``.
 * **MinIO** has no AWS IAM API. Its policies use the same JSON, so an operator runs
-  ``python -m fedlib.server.credentials policy CLIENT_ID --inbox-bucket I --models-bucket M
-  > p.json``, then ``mc admin policy create ALIAS fl-client-CLIENT_ID p.json``,
-  ``mc admin user add ALIAS ACCESS SECRET`` and ``mc admin policy attach ALIAS
-  fl-client-CLIENT_ID --user ACCESS``, and passes the keys to ``fl-admin enroll`` by
-  hand. That is why the issuer is optional.
+  ``fl-admin credentials policy CLIENT_ID > p.json`` (buckets from the deployment's
+  settings, or ``--inbox-bucket I --models-bucket M``), then ``mc admin policy create
+  ALIAS fl-client-CLIENT_ID p.json``, ``mc admin user add ALIAS ACCESS SECRET`` and
+  ``mc admin policy attach ALIAS fl-client-CLIENT_ID --user ACCESS``, and passes the
+  keys to ``fl-admin enroll`` by hand. That is why the issuer is optional.
 
 Limits: S3 has no create-only permission, so a device can overwrite its *own*
 objects. The update's signature and idempotent key still hold, and the ledger
@@ -41,11 +41,9 @@ reports success for ``DeleteAccessKey`` on a deleted user.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -63,7 +61,7 @@ __all__ = [
     "CredentialIssuer",
     "IamCredentialIssuer",
     "client_policy",
-    "main",
+    "server_policy",
 ]
 
 POLICY_VERSION = "2012-10-17"
@@ -379,35 +377,3 @@ class IamCredentialIssuer:
                 "delete_user_policy", frozenset({"NoSuchEntity"}), UserName=user, PolicyName=name
             )
         self._call("delete_user", frozenset({"NoSuchEntity"}), UserName=user)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fedlib.server.credentials policy CLIENT_ID ...``: the policy JSON (MinIO)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fedlib.server.credentials", description=__doc__.split("\n")[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_policy = sub.add_parser("policy", help="print a device's IAM policy JSON")
-    p_policy.add_argument("client_id")
-    p_policy.add_argument("--inbox-bucket", required=True)
-    p_policy.add_argument("--models-bucket", required=True)
-    p_server = sub.add_parser("server-policy", help="print the server's policy JSON")
-    p_server.add_argument("buckets", nargs="+")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "server-policy":
-            doc = server_policy(args.buckets)
-        else:
-            doc = client_policy(args.client_id, args.inbox_bucket, args.models_bucket)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(doc, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -331,7 +331,7 @@ def load_noise_secret(keys_dir: Path | str, *, create: bool = True) -> bytes:
 
     Kept in ``keys_dir`` next to the HPKE and signing keys: whoever holds it can
     predict, and so subtract, the server's noise. A read-only secrets mount must hold
-    it already: create it once with ``python -m fedlib.server.privacy init-secret KEYS_DIR``.
+    it already: create it once with ``fl-admin privacy init-secret KEYS_DIR``.
     """
     path = Path(keys_dir) / NOISE_SECRET_FILE
     try:
@@ -347,7 +347,7 @@ def load_noise_secret(keys_dir: Path | str, *, create: bool = True) -> bytes:
         except OSError as exc:
             raise FileNotFoundError(
                 f"{path} is missing and {path.parent} is not writable ({exc}); create it "
-                f"once with: python -m fedlib.server.privacy init-secret {path.parent}"
+                f"once with: fl-admin privacy init-secret {path.parent}"
             ) from None
         else:
             secret = secrets.token_bytes(NOISE_SECRET_BYTES)
@@ -484,23 +484,3 @@ def spend_summary(
         "clip_norm": clip_norm,
         "budget_epsilon": config.budget_epsilon,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fedlib.server.privacy init-secret KEYS_DIR``: create the noise secret once
-    (e.g. from the init container that owns a read-only secrets mount)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m fedlib.server.privacy")
-    sub = parser.add_subparsers(dest="command", required=True)
-    init = sub.add_parser("init-secret", help=f"create {NOISE_SECRET_FILE} if absent")
-    init.add_argument("keys_dir", type=Path)
-    args = parser.parse_args(argv)
-    existed = (args.keys_dir / NOISE_SECRET_FILE).exists()
-    load_noise_secret(args.keys_dir, create=True)
-    print(f"{args.keys_dir / NOISE_SECRET_FILE}: {'kept' if existed else 'created'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -318,13 +318,15 @@ This tar file carries one model version of the signed model channel: TUF metadat
 the OpenSSF model signature signature.bin) and manifest.json, an index of SHA-256
 digests. Verifying it needs no network.
 
-On the device:
+On the device (client.json is its own configuration, written when it was enrolled):
 
-    fl-client verify-bundle BUNDLE     checks everything, installs nothing
-    fl-client install-bundle BUNDLE    verifies again, then installs atomically
+    fl-client verify-bundle BUNDLE --config client.json
+        checks everything, installs nothing
+    fl-client install-bundle BUNDLE --config client.json
+        verifies again, then installs atomically
 
-The device trusts only what it already pins: the channel root (root.json in its
-configuration) and the package-signing key(s). It refuses the bundle if any byte was
+The device trusts only what it already pins in client.json: the channel root and the
+package-signing key(s). It refuses the bundle if any byte was
 changed or is missing, a file was added, the metadata is not signed by keys of its
 pinned root, the bundle has expired, the version is not newer than the installed one,
 or signature.bin was not made by a pinned package key.

@@ -64,20 +64,30 @@ def current_deployment() -> Deployment:
 
 # -- HTML ----------------------------------------------------------------------------------------
 
+# Pages live in the Airflow UI's iframes, often narrower than a browser window: nothing
+# may be wider than its frame (tables take the frame's width and wrap long run ids and
+# object keys, the plot scales down), so the frame never scrolls sideways.
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1d232a;background:#f7f8fa}
-header{background:#0b3d5c;color:#fff;padding:10px 20px;display:flex;gap:20px;align-items:center}
+header{background:#0b3d5c;color:#fff;padding:10px 20px;display:flex;flex-wrap:wrap;gap:8px 20px;
+align-items:center}
 header a{color:#cfe8ff;text-decoration:none}header a.here{color:#fff;font-weight:bold}
-header .brand{font-weight:bold;margin-right:12px}main{padding:16px 20px}
-table{border-collapse:collapse;background:#fff;width:100%;margin:8px 0 16px}
-th,td{border:1px solid #dde1e6;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#eef1f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.badge{display:inline-block;padding:1px 6px;border-radius:8px;font-size:12px;background:#e0e0e0}
+header .brand{font-weight:bold;margin-right:12px}main{padding:16px 20px;max-width:100%}
+*,*::before,*::after{box-sizing:border-box}h1,h2,p{overflow-wrap:anywhere}
+table{border-collapse:collapse;background:#fff;width:100%;max-width:100%;margin:8px 0 16px}
+th,td{border:1px solid #dde1e6;padding:4px 8px;text-align:left;vertical-align:top;
+overflow-wrap:break-word}td.detail{overflow-wrap:anywhere}
+th{background:#eef1f4}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.badge{display:inline-block;padding:1px 6px;border-radius:8px;font-size:12px;background:#e0e0e0;
+white-space:nowrap}
 .published{background:#c8e6c9}.rejected{background:#ffcdd2}.waiting{background:#fff3c4}
 .rollback{background:#ffe0b2}.rolledback{background:#ffcdd2}.active{background:#bbdefb}
-.muted{color:#68717a}.pager a{margin-right:12px}.plot{background:#fff;display:inline-block}
-dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px}dt{font-weight:bold}
-code{font-size:12px}.error{color:#b00020}
+.muted{color:#68717a}.pager a{margin-right:12px}
+.plot{background:#fff;display:inline-block;max-width:100%}.plot svg{max-width:100%;height:auto}
+dl{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:2px 12px}dt{font-weight:bold}
+dd{margin:0;min-width:0;overflow-wrap:anywhere}
+code{font-size:12px;overflow-wrap:anywhere;word-break:break-all}.error{color:#b00020}
+body.embedded main{padding:8px 12px}body.embedded h1{font-size:18px;margin:4px 0 8px}
 """
 
 
@@ -118,14 +128,26 @@ class Links:
         return f"{self.round(run_id)}/quarantine"
 
 
-def render_page(links: Links, title: str, body: str, here: str = "") -> str:
+def render_page(
+    links: Links, title: str, body: str, here: str = "", *, embedded: bool = False
+) -> str:
+    """A whole page; ``embedded`` (the "FL round" tab inside a DAG run) drops the site
+    header and navigation: Airflow's own UI around the frame is the navigation there."""
+    head = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)} · DADM FL</title><style>{CSS}</style></head>"
+    )
+    if embedded:
+        return (
+            f'{head}<body class="embedded"><main><h1>{esc(title)}</h1>{body}</main></body></html>'
+        )
     nav = "".join(
         f'<a href="{esc(links.app)}{path}"{" class=here" if path == here else ""}>{label}</a>'
         for path, label in (("/rounds", "Rounds"), ("/versions", "Versions"), ("/plot", "Plot"))
     )
     return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{esc(title)} · DADM FL</title><style>{CSS}</style></head><body>"
+        f"{head}<body>"
         f'<header><span class="brand">DADM FL</span>{nav}'
         f'<a href="{esc(links.site)}/dags/{DAG_ID}" target="_top">{DAG_ID} in Airflow ↗</a>'
         f"</header><main><h1>{esc(title)}</h1>{body}</main></body></html>"
@@ -230,17 +252,29 @@ def versions_table(rows: list[Any]) -> str:
     return f'<table id="versions">{head}{"".join(body)}</table>'
 
 
+def kept_bytes(row: Any) -> str:
+    """The object that holds a refused update's bytes, or that none was kept; and whether
+    the ledger recorded the verdict (a dry or replayed run records none)."""
+    if row.quarantine_key:
+        text = f'<code class="kept">{esc(row.quarantine_key)}</code>'
+    else:
+        text = '<span class="muted none-kept">none kept</span>'
+    if not row.quarantined:
+        text += '<br><span class="muted">verdict not recorded (dry or replayed run)</span>'
+    return text
+
+
 def quarantine_table(rows: list[Any]) -> str:
     head = (
         "<tr><th>Client</th><th>Reason</th><th>Detail</th><th>Size</th><th>Time</th>"
-        "<th>Inbox key</th><th>Quarantine</th></tr>"
+        "<th>Inbox key</th><th>Kept bytes (state bucket)</th></tr>"
     )
     body = [
         f'<tr class="quarantined"><td>{esc(q.client_id or "—")}</td>'
         f"<td>{badge(q.reason or '?', 'rejected')}</td>"
-        f'<td>{esc(q.detail or "")}</td><td class="num">{q.size}</td>'
+        f'<td class="detail">{esc(q.detail or "")}</td><td class="num">{q.size}</td>'
         f"<td>{fmt_time(q.time_ms)}</td><td><code>{esc(q.key)}</code></td>"
-        f"<td><code>{esc(q.quarantine_key) if q.quarantined else 'not recorded'}</code></td></tr>"
+        f"<td>{kept_bytes(q)}</td></tr>"
         for q in rows
     ]
     if not rows:
@@ -248,7 +282,9 @@ def quarantine_table(rows: list[Any]) -> str:
     return f'<table id="quarantine">{head}{"".join(body)}</table>'
 
 
-def round_details(links: Links, row: Any) -> str:
+def round_details(links: Links, row: Any, *, figures: bool = False) -> str:
+    """The round as a definition list (wraps in any width); ``figures`` adds what the
+    rounds table would show: rejections by reason, AUC/AP, rollback, privacy."""
     items = [
         (
             "Airflow run",
@@ -262,6 +298,26 @@ def round_details(links: Links, row: Any) -> str:
         ("Accepted / rejected", f"{row.accepted} / {row.rejected_total}"),
         ("Holdout version", esc(row.holdout_version or "—")),
     ]
+    if figures:
+        rejected = ", ".join(f"{esc(k)}: {v}" for k, v in row.rejected.items())
+        if row.rejected_total:
+            rejected = (
+                f'<a href="{esc(links.quarantine(row.run_id))}">{row.rejected_total}</a> '
+                f"({rejected})"
+            )
+        items += [
+            ("Rejected by reason", rejected or "0"),
+            (
+                "Active AUC / AP",
+                f"{fmt_metric(row.active_metrics, 'auc')} / {fmt_metric(row.active_metrics, 'ap')}",
+            ),
+            (
+                "Candidate AUC / AP",
+                f"{fmt_metric(row.candidate_metrics, 'auc')} / "
+                f"{fmt_metric(row.candidate_metrics, 'ap')}",
+            ),
+            ("Privacy ε (δ)", fmt_privacy(row)),
+        ]
     if row.replay_of:
         items.append(("Replay of", f"<code>{esc(row.replay_of)}</code>"))
     if row.rollback:
@@ -301,9 +357,16 @@ def build_app() -> FastAPI:
         return request.url.path[len(root) :].startswith("/api/")
 
     def html_page(
-        request: Request, title: str, body: str, here: str = "", status: int = 200
+        request: Request,
+        title: str,
+        body: str,
+        here: str = "",
+        status: int = 200,
+        *,
+        embedded: bool = False,
     ) -> HTMLResponse:
-        return HTMLResponse(render_page(Links(request), title, body, here), status, headers)
+        page = render_page(Links(request), title, body, here, embedded=embedded)
+        return HTMLResponse(page, status, headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -398,7 +461,9 @@ def build_app() -> FastAPI:
         )
         return html_page(request, "Quarantine", body)
 
-    def round_body(request: Request, run_id: str) -> str:
+    def round_body(request: Request, run_id: str, *, embedded: bool = False) -> str:
+        """The round's details and quarantine; embedded, its figures go into the details
+        list instead of an eleven-column table that no narrow frame could hold."""
         links = Links(request)
         row = data(dashboard.round_detail, run_id)
         if row is None:
@@ -416,6 +481,8 @@ def build_app() -> FastAPI:
                 else ""
             )
             quarantine = f"<h2>Quarantine ({page.total})</h2>{quarantine_table(page.items)}{more}"
+        if embedded:
+            return round_details(links, row, figures=True) + quarantine
         return round_details(links, row) + rounds_table(links, [row]) + quarantine
 
     @app.get("/rounds/{run_id:path}", response_class=HTMLResponse)
@@ -430,8 +497,9 @@ def build_app() -> FastAPI:
                 f"<p>Only <code>{DAG_ID}</code> runs are federated rounds; "
                 f"this is a run of <code>{esc(dag_id)}</code>.</p>"
             )
-            return html_page(request, "Not a round", body)
-        return html_page(request, f"Round {run_id}", round_body(request, run_id))
+            return html_page(request, "Not a round", body, embedded=True)
+        body = round_body(request, run_id, embedded=True)
+        return html_page(request, f"Round {run_id}", body, embedded=True)
 
     @app.get("/versions", response_class=HTMLResponse)
     def versions_page(
