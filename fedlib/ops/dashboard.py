@@ -462,11 +462,13 @@ def _run_verdicts(deployment: Deployment, run_id: str) -> list[Verdict] | None:
 
 
 def _quarantine_row(ledger: Ledger, verdict: Verdict) -> QuarantineRow:
-    qkey = ledger.quarantine_key(verdict)
+    kept = state_keys.quarantine_bytes(verdict.key, verdict.sha256)
+    reason = state_keys.quarantine_reason(verdict.key, verdict.sha256)
     times = {
-        info.key[len(qkey) :]: info.last_modified_ms
-        for info in ledger.state.list(qkey, limit=4)
-        if info.key.startswith(qkey)
+        info.key: info.last_modified_ms
+        for info in ledger.state.list(
+            state_keys.quarantine_base(verdict.key, verdict.sha256), limit=4
+        )
     }
     return QuarantineRow(
         key=verdict.key,
@@ -475,9 +477,9 @@ def _quarantine_row(ledger: Ledger, verdict: Verdict) -> QuarantineRow:
         detail=verdict.detail,
         size=verdict.size,
         sha256=verdict.sha256,
-        quarantine_key=qkey + ".bin" if ".bin" in times else None,
-        quarantined=".reason.json" in times,
-        time_ms=times.get(".reason.json") or times.get(".bin"),
+        quarantine_key=kept if kept in times else None,
+        quarantined=reason in times,
+        time_ms=times.get(reason) or times.get(kept),
         update_id=verdict.update_id,
     )
 
@@ -515,9 +517,8 @@ def quarantine(
 def quarantined_updates(deployment: Deployment) -> int:
     """Updates the ledger has quarantined: one reason file each (the kept bytes beside it
     are the same update, not another one). One listing of ``quarantine/``."""
-    return sum(
-        1 for info in deployment.state.list("quarantine/") if info.key.endswith(".reason.json")
-    )
+    listing = deployment.state.list(state_keys.QUARANTINE)
+    return sum(1 for info in listing if state_keys.is_quarantine_reason(info.key))
 
 
 # -- the plot -------------------------------------------------------------------------------------
