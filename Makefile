@@ -42,11 +42,13 @@ test: $(STAMP) browser lint
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not s3 and not airflow and not slow"
 
-# ruff, then the layer contracts of fedlib (import-linter, [tool.importlinter] in pyproject.toml).
+# ruff, the layer contracts of fedlib (import-linter) and the type check (mypy), all configured
+# in pyproject.toml.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 demo: $(STAMP)
 	$(BIN)/python -m scripts.demo start

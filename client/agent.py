@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from client.calibration import CalibrationError, DeviceCalibration, fit_calibration
 from client.config import ClientConfig
@@ -211,7 +212,7 @@ def pull_model(
 def train_update(
     config: ClientConfig,
     package: ModelPackage,
-    key: sealing.ed25519.Ed25519PrivateKey,
+    key: ed25519.Ed25519PrivateKey,
     report: CycleReport,
 ) -> tuple[LocalUpdate, ResidualStore] | None:
     """Train from the package's weights on local rows; return the sealed update."""

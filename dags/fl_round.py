@@ -119,25 +119,25 @@ def fl_round() -> None:
         return result.to_doc()
 
     @task
-    def reduce(shards: list[dict]) -> dict:
+    def reduce(shards: object) -> dict[str, object]:
         ctx = get_current_context()
         return pipeline().reduce(runtime.deployment(), runtime.round_run(ctx)).to_doc()
 
     @task
-    def build_candidate(aggregate: dict) -> dict | None:
+    def build_candidate(aggregate: object) -> dict[str, object] | None:
         ctx = get_current_context()
         candidate = pipeline().build_candidate(runtime.deployment(), runtime.round_run(ctx))
         return None if candidate is None else candidate.to_doc()
 
     @task
-    def evaluate(candidate: dict | None) -> dict:
+    def evaluate(candidate: object) -> dict[str, object]:
         ctx = get_current_context()
         evaluation = pipeline().evaluate(runtime.deployment(), runtime.round_run(ctx))
         runtime.log.info("evaluation: %s", evaluation.reason)
         return evaluation.to_doc()
 
     @task.branch
-    def gate(evaluation: dict) -> str:
+    def gate(evaluation: object) -> str:
         ctx = get_current_context()
         decision = pipeline().gate(runtime.deployment(), runtime.round_run(ctx))
         runtime.log.info("gate: %s", decision.value)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
@@ -99,7 +99,7 @@ def raw_public_bytes(key: ed25519.Ed25519PublicKey | x25519.X25519PublicKey) -> 
 
 
 def _public(key: PublicKey | PrivateKey) -> PublicKey:
-    return key.public_key() if hasattr(key, "public_key") else key  # type: ignore[return-value]
+    return key.public_key() if hasattr(key, "public_key") else key
 
 
 def key_id(key: PublicKey | PrivateKey) -> str:
@@ -183,7 +183,7 @@ def _pem_blocks(data: bytes) -> list[bytes]:
 
 
 def _key_of_blocks(
-    keys: list[object], single: tuple[type, ...], halves: tuple[type, type], hybrid: type
+    keys: Sequence[object], single: tuple[type, ...], halves: tuple[type, type], hybrid: type
 ) -> object:
     """One key of a ``single`` type, or a ``hybrid`` key from its two blocks (``halves``:
     the ML-KEM-768 then the X25519 type)."""

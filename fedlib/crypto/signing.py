@@ -245,7 +245,9 @@ def _parse_json(data: bytes, what: str) -> Any:
         raise VerificationError(str(exc)) from None
 
 
-def _obj(value: Any, what: str, required: set[str], optional: frozenset[str] = frozenset()) -> dict:
+def _obj(
+    value: Any, what: str, required: set[str], optional: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise VerificationError(f"{what} must be a JSON object")
     missing, unknown = required - value.keys(), value.keys() - required - optional
@@ -456,7 +458,7 @@ def _hash_directory(root: Path, error: type[Exception]) -> dict[str, str]:
             if len(digests) >= MAX_FILES:
                 raise error(f"more than {MAX_FILES} files in {root}")
             with _open_regular(path, name, error) as fh:
-                digests[name] = hashlib.file_digest(fh, "sha256").hexdigest()
+                digests[name] = hashlib.file_digest(fh, "sha256").hexdigest()  # type: ignore[arg-type]
     return digests
 
 

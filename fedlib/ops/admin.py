@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -334,7 +335,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[str, object]:
+def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[str, Any]:
     """What ``fl-admin status`` prints: the dashboard's version rows and newest rounds."""
     from fedlib.ops import dashboard
 
@@ -392,13 +393,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"active version:  {doc['active_version']}")
-    for v in doc["versions"]:  # type: ignore[union-attr]
+    for v in doc["versions"]:
         auc = "-" if v["auc"] is None else f"{v['auc']:.3f}"
         extra = f" (rollback of {v['rollback_of']})" if v["rollback_of"] else ""
         extra += " (rolled back)" if v["rolled_back"] else ""
         extra += f" ERROR {v['error']}" if v.get("error") else ""
         print(f"  v{v['version']:<4} auc {auc}  {v['published_at']}{extra}")
-    for r in doc["recent_rounds"]:  # type: ignore[union-attr]
+    for r in doc["recent_rounds"]:
         published = f" -> v{r['published_version']}" if r["published_version"] else ""
         rollback = " (rollback)" if r["rolled_back"] else ""
         print(
@@ -407,7 +408,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     print(f"pending updates: {doc['pending_updates']}")
     print(f"quarantined:     {doc['quarantined']}")
-    print(f"clients:         {len(doc['clients'])}")  # type: ignore[arg-type]
+    print(f"clients:         {len(doc['clients'])}")
     return 0
 
 

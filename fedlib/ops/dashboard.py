@@ -650,7 +650,7 @@ def render_plot_svg(
                     f'stroke="{color}" stroke-width="2"{dash}/>'
                 )
         for r, v in pts:
-            x, y = _fmt(px(r.version)), _fmt(py(v))
+            sx, sy = _fmt(px(r.version)), _fmt(py(v))
             tip = f"v{r.version} {name.upper()} {v:.4f}"
             if r.is_rollback:
                 tip += f" (rollback of v{r.rollback_of})"
@@ -658,14 +658,14 @@ def render_plot_svg(
                 tip += " (rolled back)"
             if r.is_rollback:
                 shape = (
-                    f'<path d="M{x},{_fmt(py(v) - 6)} l6,6 l-6,6 l-6,-6 z" '
+                    f'<path d="M{sx},{_fmt(py(v) - 6)} l6,6 l-6,6 l-6,-6 z" '
                     f'fill="{ROLLBACK_COLOR}" stroke="{color}"/>'
                 )
             else:
-                shape = f'<circle cx="{x}" cy="{y}" r="3.5" fill="{color}"/>'
+                shape = f'<circle cx="{sx}" cy="{sy}" r="3.5" fill="{color}"/>'
             if r.rolled_back:
                 shape += (
-                    f'<circle cx="{x}" cy="{y}" r="7" fill="none" stroke="{REJECTED_COLOR}" '
+                    f'<circle cx="{sx}" cy="{sy}" r="7" fill="none" stroke="{REJECTED_COLOR}" '
                     'stroke-width="1.5"/>'
                 )
             out.append(f'<g class="point {name}"><title>{_esc(tip)}</title>{shape}</g>')
@@ -673,20 +673,20 @@ def render_plot_svg(
     # versions without metrics (published without the gate): a mark on the axis
     for r in points:
         if r.auc is None and r.ap is None:
-            x, y = _fmt(px(r.version)), _fmt(top + plot_h - 7)
+            sx, sy = _fmt(px(r.version)), _fmt(top + plot_h - 7)
             tip = f"v{r.version}: no holdout metrics recorded" + (
                 " (rolled back)" if r.rolled_back else ""
             )
             ring = REJECTED_COLOR if r.rolled_back else "#888888"
             out.append(
                 f'<g class="point unscored"><title>{_esc(tip)}</title>'
-                f'<circle cx="{x}" cy="{y}" r="5" fill="#ffffff" stroke="{ring}" '
+                f'<circle cx="{sx}" cy="{sy}" r="5" fill="#ffffff" stroke="{ring}" '
                 'stroke-width="1.5"/></g>'
             )
 
     # rejected candidates: crosses between the version they were compared to and the next
     for c in refused:
-        x = px(c.base_version + 0.5)  # type: ignore[operator]
+        cx = px(c.base_version + 0.5)  # type: ignore[operator]
         for name, value, size in (("auc", c.candidate_auc, 5), ("ap", c.candidate_ap, 3.5)):
             if value is None:
                 continue
@@ -699,8 +699,8 @@ def render_plot_svg(
                 tip += f" — {c.message}"
             out.append(
                 f'<g class="rejected {name}"><title>{_esc(tip)}</title>'
-                f'<path d="M{_fmt(x - size)},{_fmt(y - size)} l{2 * size},{2 * size} '
-                f'M{_fmt(x - size)},{_fmt(y + size)} l{2 * size},{-2 * size}" '
+                f'<path d="M{_fmt(cx - size)},{_fmt(y - size)} l{2 * size},{2 * size} '
+                f'M{_fmt(cx - size)},{_fmt(y + size)} l{2 * size},{-2 * size}" '
                 f'stroke="{REJECTED_COLOR}" stroke-width="2"/></g>'
             )
 

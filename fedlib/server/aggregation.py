@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import Protocol
+from typing import Protocol, Self
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -41,12 +41,15 @@ _CHUNK = 1 << 17  # values per pass in add(): 1 MiB of scratch, one pass for 100
 class Aggregator(Protocol):
     """What a round needs from an aggregator: add updates, merge shards, step the model."""
 
-    dim: int
-    count: int
-    weight_units: int
+    @property
+    def dim(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def weight_units(self) -> int: ...
 
     def add(self, delta: DecodedDelta, weight: float) -> int: ...
-    def merge(self, other: Aggregator) -> None: ...
+    def merge(self, other: Self) -> None: ...
     def mean_delta(self) -> np.ndarray: ...
     def step(
         self, base_params: np.ndarray, momentum: np.ndarray | None
@@ -142,7 +145,7 @@ def staleness_weight(num_samples: int, staleness: int, config: AggregationConfig
         raise RejectedUpdate(
             "too_stale", f"staleness {staleness} exceeds the bound {config.max_staleness}"
         )
-    n = min(num_samples, config.max_sample_weight)
+    n: float = min(num_samples, config.max_sample_weight)
     if config.local_batch_size:
         n = n / math.ceil(n / config.local_batch_size)
     return n / (1.0 + staleness) ** config.staleness_exponent

@@ -24,7 +24,7 @@ import itertools
 import struct
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -378,7 +378,7 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
         def fetch(key: str) -> tuple[bytes, str]:
             return deployment.inbox.get_with_etag(key, max_bytes=inputs.max_envelope_bytes)
 
-    def objects() -> Iterator[tuple[str, bytes]]:
+    def objects() -> Generator[tuple[str, bytes]]:
         for key, fetched in prefetched(keys, fetch, SHARD_IO_CONCURRENCY):
             if isinstance(fetched, NoSuchKey):
                 continue  # deleted by an operator since the plan
@@ -443,18 +443,18 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
         ),
         key=lambda v: v.key,
     )
-    keys = RunKeys(run_id)
+    run_keys = RunKeys(run_id)
     if keeper is not None:  # the accepted bytes, for backfill replays: before the verdicts
         accepted_bytes = [(v.key, judged[v.key][0]) for v in verdicts if v.accepted]
         if accepted_bytes:
-            deployment.state.put(keys.archive(index), pack_envelopes(accepted_bytes))
+            deployment.state.put(run_keys.archive(index), pack_envelopes(accepted_bytes))
     partial = agg.to_bytes()
-    deployment.state.put(keys.shard_partial(index), partial)
-    put_record(deployment, keys.shard_verdicts(index), ShardVerdicts(verdicts=verdicts))
+    deployment.state.put(run_keys.shard_partial(index), partial)
+    put_record(deployment, run_keys.shard_verdicts(index), ShardVerdicts(verdicts=verdicts))
     rejected = Counter(v.reason or "unknown" for v in verdicts if not v.accepted)
     return ShardResult(
         index=index,
-        partial_key=keys.shard_partial(index),
+        partial_key=run_keys.shard_partial(index),
         partial_digest=hashlib.sha256(partial).hexdigest(),
         accepted=sum(v.accepted for v in verdicts),
         rejected=dict(sorted(rejected.items())),
@@ -488,7 +488,7 @@ def reduce_round(deployment: Deployment, run_id: str) -> AggregateResult:
     total = new_aggregator(base.metadata.num_params, aggregation)
     for index in range(plan.shard_count):
         data = deployment.state.get(keys.shard_partial(index))
-        total.merge(aggregator_from_bytes(data, aggregation))  # type: ignore[arg-type]
+        total.merge(aggregator_from_bytes(data, aggregation))
     blob = total.to_bytes()
     deployment.state.put(keys.aggregate, blob)
     return AggregateResult(count=total.count, digest=hashlib.sha256(blob).hexdigest())

@@ -25,6 +25,10 @@ if TYPE_CHECKING:  # imported where used: DAG files parse this module, keep it l
     from fedlib.wire.protocol import TrainingConfig
 
 
+HpkeSuiteName = Literal["mlkem768-x25519", "x25519"]
+ACCEPTED_SUITES_DEFAULT: tuple[HpkeSuiteName, ...] = ("mlkem768-x25519", "x25519")
+
+
 class ServerSettings(BaseModel):
     """All knobs of the server side, with the defaults used by the demo and tests."""
 
@@ -127,7 +131,7 @@ class ServerSettings(BaseModel):
         "(default), or classic X25519.",
     )
     accepted_hpke_suites: list[Literal["mlkem768-x25519", "x25519"]] = Field(
-        default_factory=lambda: ["mlkem768-x25519", "x25519"],
+        default_factory=lambda: list(ACCEPTED_SUITES_DEFAULT),
         min_length=1,
         description="Suites the server opens; drop x25519 once every device seals hybrid "
         "(refused updates are quarantined as suite_not_accepted).",
@@ -190,7 +194,7 @@ class ServerSettings(BaseModel):
             from fedlib.wire.protocol import DpTraining
 
             dp = DpTraining(
-                mode=privacy.mode,  # type: ignore[arg-type]
+                mode=privacy.mode,
                 noise_multiplier=(
                     privacy.total_noise_multiplier if privacy.mode == "local" else 0.0
                 ),

@@ -40,10 +40,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar, cast
 
-from tuf.api.metadata import (
-    Signed,
-    TargetFile,
-)
+from tuf.api.metadata import Root, Snapshot, TargetFile, Targets, Timestamp
 
 from fedlib.errors import FedError, VerificationError
 from fedlib.storage.store import validate_key as _validate_key
@@ -62,7 +59,8 @@ VERSIONED_RE = re.compile(r"^([1-9][0-9]{0,18})\.(root|targets|snapshot)\.json$"
 RESERVED_CUSTOM = frozenset({"version", "files"})
 KEY_SCHEMES: Final = ("ed25519", "ecdsa")
 
-S = TypeVar("S", bound=Signed)
+#: A role's signed part, constrained as python-tuf's ``Metadata[T]`` is.
+S = TypeVar("S", Root, Timestamp, Snapshot, Targets)
 
 
 AIRGAP_TIMESTAMP_FIELD = "x-fedlib-airgap"  # set by fedlib.trust.airgap on bundle timestamps
