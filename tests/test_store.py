@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -587,3 +588,28 @@ def test_local_delete_prunes_dirs_and_prefix_conflicts(tmp_path: Path) -> None:
     assert list((tmp_path / "s").iterdir()) == []
     store.put("a", b"now fine")
     assert store.get("a") == b"now fine"
+
+
+def test_a_process_forked_after_requests_gets_an_error_not_a_hang(s3_bucket: S3Store) -> None:
+    # obstore's runtime does not survive fork(): without the guard the child would hang.
+    s3_bucket.put("k", b"v")  # the runtime has started in this process
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports what happened through the pipe, then exits at once
+        signal.alarm(20)  # a hang (the bug this guards against) kills the child instead
+        outcome = b"other error"
+        try:
+            s3_bucket.get("k")
+            outcome = b"no error"
+        except StoreError as exc:
+            outcome = b"StoreError: " + str(exc).encode()
+        finally:
+            os.write(write, outcome)
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as fh:
+        outcome = fh.read().decode()
+    assert status == 0 and outcome.startswith("StoreError: get s3://"), outcome
+    assert "fork" in outcome
+    assert s3_bucket.get("k") == b"v"  # the parent is unaffected

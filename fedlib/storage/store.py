@@ -371,6 +371,33 @@ _DENIED_CODES = frozenset(
 )
 
 
+# obstore's tokio runtime starts with the first request and does not survive fork():
+# in a child forked after that, every request (of any store) would hang forever. Such
+# a child gets a clear error instead; fork before the first request, or use spawn/exec.
+_REQUESTED = False
+_FORKED_AFTER_REQUEST = False
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED_AFTER_REQUEST
+    _FORKED_AFTER_REQUEST = _FORKED_AFTER_REQUEST or _REQUESTED
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _runtime_usable(op: str, bucket: str, key: str) -> None:
+    """Refuse a request in a process forked after obstore's runtime started."""
+    global _REQUESTED
+    if _FORKED_AFTER_REQUEST:
+        raise StoreError(
+            f"{op} s3://{bucket}/{key}: this process was forked after the S3 data path "
+            "(obstore) made requests, and its runtime does not survive fork(); fork before "
+            "the first request, or start the process with spawn or exec"
+        )
+    _REQUESTED = True
+
+
 class S3Store:
     """An :class:`ObjectStore` on one bucket of an S3-compatible server.
 
@@ -505,6 +532,7 @@ class S3Store:
         """Upload ``data`` in one PUT; ``if_absent`` sends ``If-None-Match: *``, so the
         server decides who was first (ObjectExists for everyone else)."""
         validate_key(key)
+        _runtime_usable("put", self.bucket, key)
         try:
             obstore.put(
                 self._store,
@@ -531,6 +559,7 @@ class S3Store:
         oversized object is refused with its true size and ETag, its body never read.
         """
         _addressed(key)
+        _runtime_usable("get", self.bucket, key)
         try:
             result = obstore.get(self._store, key)
             meta = result.meta
@@ -547,6 +576,7 @@ class S3Store:
     def exists(self, key: str) -> bool:
         """HEAD the key; a missing key is False, a denied one is an error."""
         _addressed(key)
+        _runtime_usable("head", self.bucket, key)
         try:
             obstore.head(self._store, key)
         except _OBSTORE_ERRORS as exc:
@@ -585,6 +615,7 @@ class S3Store:
         offset = max(offsets) if offsets else None
         if offset is not None and not _addressable(offset):
             offset = None  # only a shortcut: the filter below decides
+        _runtime_usable("list", self.bucket, prefix)
         yielded, last = 0, None
         try:
             pages = obstore.list(
@@ -661,6 +692,7 @@ class S3Store:
     def delete(self, key: str) -> None:
         """Delete ``key``; S3 reports success for a missing key and so do we."""
         _addressed(key)
+        _runtime_usable("delete", self.bucket, key)
         try:
             obstore.delete(self._store, key)
         except _OBSTORE_ERRORS as exc:
@@ -683,6 +715,7 @@ class S3Store:
         if src_bucket is not None and src_bucket != self.bucket:
             self._copy_across(src_bucket, src_key, dst_key)
             return
+        _runtime_usable("copy", self.bucket, src_key)
         try:
             obstore.copy(self._store, src_key, dst_key)
         except _OBSTORE_ERRORS as exc:
