@@ -739,6 +739,20 @@ class S3Store:
 # --------------------------------------------------------------------------- local
 
 
+def _read_bounded(fh: IO[bytes], st: os.stat_result, max_bytes: int) -> bytes:
+    """At most ``max_bytes + 1`` bytes, never allocating more than the file holds: a
+    caller's limit may be huge (TUF passes the length that signed metadata declares),
+    and ``read(n)`` allocates ``n`` up front. Bytes appended after ``fstat`` are read on
+    in bounded steps, so a file that grew past the limit is still refused."""
+    data = fh.read(min(st.st_size, max_bytes) + 1)
+    while len(data) > st.st_size and len(data) <= max_bytes:
+        more = fh.read(min(1 << 20, max_bytes + 1 - len(data)))
+        if not more:
+            break
+        data += more
+    return data
+
+
 def _local_etag(st: os.stat_result) -> str:
     return hashlib.blake2b(
         f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode(), digest_size=16
@@ -843,7 +857,7 @@ class LocalStore:
                 etag = _local_etag(st)
                 if max_bytes is not None and st.st_size > max_bytes:
                     raise ObjectTooLarge(key, st.st_size, max_bytes, etag)
-                data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+                data = fh.read() if max_bytes is None else _read_bounded(fh, st, max_bytes)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NoSuchKey(key, f"in {self.root}") from None
         except OSError as exc:
