@@ -133,26 +133,31 @@ def test_round_small(capsys):
     assert r["accepted"] == 40 and r["rejected"] == 0
     for key in (
         "pipeline_updates_per_s",
-        "io_ceiling_updates_per_s",
-        "lean_get_updates_per_s",
+        "boto3_get_updates_per_s",
+        "store_get_updates_per_s",
+        "async_get_updates_per_s",
         "io_get_put_updates_per_s",
         "overhead_ratio",
         "peak_rss_mb",
         "concurrency",
     ):
         assert r[key] > 0, key
-    for ceiling, ratio in (
-        ("io_ceiling", "overhead_ratio"),  # the plain boto3 loop, as the issue defines it
-        ("lean_get", "overhead_ratio_vs_lean_get"),
+    for loop in ("boto3_get", "store_get", "async_get", "io_get_put"):
+        assert len(r[f"{loop}_runs_updates_per_s"]) == 2  # before and after the pipeline
+        assert r[f"{loop}_updates_per_s"] == max(r[f"{loop}_runs_updates_per_s"])
+    # the headline is against the fastest GET-only loop of the run, boto3's is a second figure
+    fastest = max(r[f"{loop}_updates_per_s"] for loop in ("boto3_get", "store_get", "async_get"))
+    assert r["fastest_get_updates_per_s"] == fastest
+    assert r[f"{r['fastest_get']}_updates_per_s"] == fastest
+    assert r["overhead_ratio"] == pytest.approx(r["pipeline_updates_per_s"] / fastest)
+    for loop, ratio in (
+        ("boto3_get", "overhead_ratio_vs_boto3"),
         ("io_get_put", "overhead_ratio_vs_get_put"),
     ):
-        assert len(r[f"{ceiling}_runs_updates_per_s"]) == 2  # before and after the pipeline
-        assert r[f"{ceiling}_updates_per_s"] == max(r[f"{ceiling}_runs_updates_per_s"])
-        assert r[ratio] == pytest.approx(
-            r["pipeline_updates_per_s"] / r[f"{ceiling}_updates_per_s"]
-        )
-    assert r["crypto_cpu_ms_per_update"] > 0 and r["lean_get_cpu_ms_per_update"] > 0
-    assert 0 < r["overhead_ratio_vs_lean_get_bound"] <= 1
+        assert r[ratio] == pytest.approx(r["pipeline_updates_per_s"] / r[f"{loop}_updates_per_s"])
+    assert r["crypto_cpu_ms_per_update"] > 0 and r["fastest_get_cpu_ms_per_update"] > 0
+    assert 0 < r["overhead_ratio_bound"] <= 1
+    assert r["pipeline_cpu_ms_per_update"] > 0 and r["pipeline_cpu_bound_updates_per_s"] > 0
     # the aggregate's bytes do not depend on how the batch was sharded
     assert [run["shard_size"] for run in r["runs"]] == [500, 7]
     assert [run["shards"] for run in r["runs"]] == [1, 6]

@@ -188,3 +188,67 @@ def test_run_round_refreshes_the_channel_like_the_dag(deployment):
     assert report.decision == "waiting"
     after = ChannelRepository(deployment.models, deployment.channel_keys()).status()
     assert after.timestamp_version == before.timestamp_version + 1
+
+
+def test_a_failed_quarantine_copy_fails_the_shard_and_deletes_nothing(
+    seaweed_factory, tmp_path, small_dataset
+):
+    """An oversized update is quarantined unread, by a server-side copy into the state
+    bucket. When that copy fails (here: a real SeaweedFS identity for the server that may
+    write the round's files but not ``quarantine/``), the shard fails, the inbox object
+    stays, and a retry with a working identity quarantines its bytes."""
+    import pytest
+
+    from fedlib.errors import StoreError
+    from fedlib.server import round_runner as rr
+    from fedlib.server.deployment import Deployment
+    from scripts.seaweed import Credentials
+    from tests.helpers import build_deployment
+
+    server = seaweed_factory()
+    admin = build_deployment(server.s3_config(), tmp_path / "keys", small_dataset)
+    state = admin.settings.state_bucket
+    no_quarantine = Credentials("fl-server-noq", "fl-server-noq-secret")
+    server.identities = [
+        {
+            "name": "fl-server-without-quarantine",
+            "credentials": [
+                {"accessKey": no_quarantine.access_key, "secretKey": no_quarantine.secret_key}
+            ],
+            "actions": [
+                "Read",
+                "List",
+                f"Write:{state}/{rr.ROUNDS_PREFIX}*",
+                f"Write:{state}/{rr.ARCHIVE_PREFIX}*",
+            ],
+        }
+    ]
+    server.restart()  # s3.json is read at start
+
+    upload_updates(admin, 2)
+    cid = admin.dataset.client_ids[2]
+    oversized = protocol.inbox_key(cid, protocol.new_update_id())
+    blob = bytes(protocol.MAX_ENVELOPE_BYTES + 1)
+    admin.inbox.put(oversized, blob)
+    before = sorted(i.key for i in admin.inbox.list("updates/"))
+
+    restricted = Deployment(admin.settings, server.s3_config(no_quarantine, max_attempts=1))
+    plan = rr.plan_round(restricted, "run-fault")
+    assert plan.shard_count == 1 and plan.updates == 3
+    with pytest.raises(StoreError, match="access denied"):
+        rr.process_shard(restricted, "run-fault", 0)
+    assert sorted(i.key for i in admin.inbox.list("updates/")) == before  # nothing deleted
+    assert admin.inbox.get(oversized) == blob
+    assert list(admin.state.list("quarantine/")) == []
+    assert not admin.state.exists(f"{rr.run_prefix('run-fault')}shards/00000.verdicts.json")
+
+    report = run_round(admin, "run-retry")  # the same inbox, an identity that may quarantine
+    assert report.accepted == 2 and report.rejected == {"oversized": 1}, report.summary()
+    verdict = Ledger(admin.state).read(oversized)
+    assert verdict is not None and verdict["reason"] == "oversized"
+    quarantined = [i.key for i in admin.state.list("quarantine/" + oversized[8:])]
+    assert [k for k in quarantined if k.endswith(".bin")] == [
+        f"quarantine/{oversized[8:]}/unread.bin"
+    ]
+    assert admin.state.get(f"quarantine/{oversized[8:]}/unread.bin") == blob
+    assert list(admin.inbox.list("updates/")) == []

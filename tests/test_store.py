@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +41,20 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
     if request.param == "local":
         return LocalStore(tmp_path / "store")
     return request.getfixturevalue("s3_bucket")
+
+
+@pytest.fixture
+def other_bucket(store: ObjectStore) -> ObjectStore:
+    """Another bucket on the same server as ``store`` (a sibling directory locally)."""
+    name = f"other-{uuid.uuid4().hex[:12]}"
+    other: ObjectStore
+    if isinstance(store, S3Store):
+        other = S3Store(name, store.config)
+    else:
+        assert isinstance(store, LocalStore)
+        other = LocalStore(store.root.parent / name)
+    other.ensure_bucket()
+    return other
 
 
 def keys(infos: object) -> list[str]:
@@ -103,6 +120,8 @@ def test_if_absent_race_has_exactly_one_winner(store: ObjectStore) -> None:
 def test_max_bytes_refuses_oversized(store: ObjectStore) -> None:
     store.put("big", b"x" * 1000)
     assert store.get("big", max_bytes=1000) == b"x" * 1000
+    # a huge limit (TUF passes whatever length signed metadata declares) allocates nothing
+    assert store.get("big", max_bytes=1 << 60) == b"x" * 1000
     with pytest.raises(ObjectTooLarge, match="oversized") as info:
         store.get("big", max_bytes=999)
     assert isinstance(info.value, StoreError)
@@ -144,14 +163,53 @@ def test_list_order_prefix_start_after_limit(store: ObjectStore) -> None:
     assert keys(store.list(limit=0)) == []
 
 
-def test_list_paginates(store: ObjectStore) -> None:
-    for key in KEYS:
-        store.put(key, b"1")
-    assert keys(store.list(page_size=2)) == sorted(KEYS)  # type: ignore[call-arg]
-    assert keys(store.list(page_size=2, limit=5)) == sorted(KEYS)[:5]  # type: ignore[call-arg]
-    after = "updates/client-1/0001"
-    got = keys(store.list("updates/", start_after=after, page_size=1))  # type: ignore[call-arg]
-    assert got == KEYS[3:]
+def test_list_spans_server_pages(store: ObjectStore) -> None:
+    # S3 servers answer at most 1,000 keys a page: the listing must carry on across pages.
+    names = [f"updates/client-1/{i:05d}" for i in range(1005)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: store.put(key, b"1"), names))
+    assert keys(store.list("updates/")) == names
+    assert keys(store.list("updates/", start_after=names[998], limit=4)) == names[999:1003]
+    assert keys(store.list("updates/client-1/001")) == names[100:200]
+    assert keys(store.list(names[1004], limit=1)) == [names[1004]]
+
+
+def test_list_prefixes_that_stop_mid_segment(store: ObjectStore) -> None:
+    # A prefix is any string: a whole key, part of a segment, a character before "/".
+    tricky = ["a/b", "a-c", "a.d", "ab/c", "b", "q/0/x", "q/00", "q/1", "q/10/x", "q/2"]
+    for key in tricky:
+        store.put(key, key.encode())
+    for prefix in [
+        "",
+        "a",
+        "a/",
+        "a-",
+        "a.",
+        "ab",
+        "b",
+        "q/",
+        "q/0",
+        "q/1",
+        "q/10",
+        "q/2",
+        "z",
+        "q/3",
+    ]:
+        want = sorted(k for k in tricky if k.startswith(prefix))
+        assert sorted(keys(store.list(prefix))) == want, prefix
+        assert keys(store.list(prefix, limit=1)) == keys(store.list(prefix))[:1], prefix
+    assert keys(store.list("q/1", start_after="q/1")) == ["q/10/x"]
+
+
+def test_exists_and_get_with_etag_agree_with_list(store: ObjectStore) -> None:
+    store.put("models/v1", b"weights")
+    blob, etag = store.get_with_etag("models/v1")
+    assert blob == b"weights" and etag
+    (info,) = store.list("models/v1")
+    assert (info.size, info.etag) == (7, etag) and info.last_modified_ms > 0
+    store.put("models/v1", b"other weights")
+    assert store.get_with_etag("models/v1")[1] != etag
+    assert store.exists("models/v1") and not store.exists("models/v")
 
 
 def test_delete(store: ObjectStore) -> None:
@@ -175,6 +233,50 @@ def test_copy(store: ObjectStore) -> None:
     with pytest.raises(NoSuchKey):
         store.copy("models/missing", "models/v4")
     assert not store.exists("models/v4")
+
+
+def test_copy_from_another_bucket(store: ObjectStore, other_bucket: ObjectStore) -> None:
+    blob = os.urandom(3 * 1024 * 1024)
+    other_bucket.put("updates/client-1/big", blob)
+    store.copy("updates/client-1/big", "quarantine/big.bin", src_bucket=other_bucket.bucket)  # type: ignore[attr-defined]
+    assert store.get("quarantine/big.bin") == blob
+    assert other_bucket.get("updates/client-1/big") == blob  # a copy: the source stays
+    with pytest.raises(NoSuchKey) as info:
+        store.copy("updates/missing", "quarantine/m.bin", src_bucket=other_bucket.bucket)  # type: ignore[attr-defined]
+    assert info.value.key == "updates/missing"
+    assert not store.exists("quarantine/m.bin")
+    with pytest.raises(StoreError, match="no such bucket"):
+        store.copy(
+            "updates/client-1/big", "quarantine/x.bin", src_bucket="nobucket-" + os.urandom(4).hex()
+        )
+    assert not store.exists("quarantine/x.bin")
+
+
+def test_ensure_bucket_is_idempotent_everywhere(store: ObjectStore) -> None:
+    store.put("k", b"v")
+    store.ensure_bucket()
+    store.ensure_bucket()
+    assert store.get("k") == b"v"
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["", "/etc/passwd", "a/../b", "..", "../x", "a//b", "a/", "./a", "a\x00b", "a\tb", "a\x7fb"],
+)
+def test_unsafe_keys_are_refused_alike(store: ObjectStore, key: str) -> None:
+    ops: list[Callable[[], object]] = [
+        lambda: store.put(key, b"x"),
+        lambda: store.put(key, b"x", if_absent=True),
+        lambda: store.get(key),
+        lambda: store.exists(key),
+        lambda: store.delete(key),
+        lambda: store.copy("ok", key),
+        lambda: store.copy(key, "ok"),
+    ]
+    for op in ops:
+        with pytest.raises(ValueError):
+            op()
+    assert keys(store.list()) == []
 
 
 # ----------------------------------------------------------------------------- S3 only
@@ -231,6 +333,41 @@ def test_wrong_credentials_are_access_denied(s3_bucket: S3Store, s3_config: S3Co
     for op in (lambda: bad.get("k"), lambda: bad.put("k2", b"v"), lambda: list(bad.list())):
         with pytest.raises(StoreError, match="access denied"):
             op()
+
+
+def test_keys_object_store_cannot_name_do_not_stop_a_listing(
+    s3_bucket: S3Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A device may name its upload anything under its own prefix; object_store fails a
+    # whole listing page on a control character. The listing must go on past it.
+    control = s3_bucket.config.client()
+    names = [f"updates/client-1/{i:04d}" for i in range(6)]
+    for key in names[:3]:
+        s3_bucket.put(key, b"ok")
+    control.put_object(Bucket=s3_bucket.bucket, Key="updates/client-1/0003\tevil", Body=b"x")
+    for key in names[3:]:
+        s3_bucket.put(key, b"ok")
+    with caplog.at_level("WARNING", logger="fedlib.storage.store"):
+        assert keys(s3_bucket.list("updates/")) == names
+        assert keys(s3_bucket.list("updates/", limit=4)) == names[:4]
+        assert keys(s3_bucket.list("updates/", start_after=names[4])) == names[5:]
+    assert "0003\\tevil" in caplog.text
+    with pytest.raises(ValueError):
+        s3_bucket.get("updates/client-1/0003\tevil")
+
+
+def test_s3_config_maps_to_obstore() -> None:
+    cfg = S3Config(
+        "http://127.0.0.1:9", access_key="k", secret_key="s", max_attempts=3, read_timeout=7.0
+    )
+    options = cfg.obstore_options()
+    assert options["endpoint"] == "http://127.0.0.1:9" and options["client_options"]["allow_http"]
+    assert options["retry_config"]["max_retries"] == 2
+    assert options["client_options"]["read_timeout"].total_seconds() == 7.0
+    assert (options["access_key_id"], options["secret_access_key"]) == ("k", "s")
+    tls = S3Config("https://minio.example:9000").obstore_options()
+    assert not tls["client_options"]["allow_http"] and "access_key_id" not in tls
+    assert "endpoint" not in S3Config(None).obstore_options()  # AWS itself
 
 
 def test_s3_config_from_env() -> None:
@@ -312,7 +449,7 @@ def test_least_privilege_grants(private_server: SeaweedServer) -> None:
         lambda: client.exists("updates/client-2/u1"),
         lambda: list(client.list("updates/")),
         lambda: list(client.list("updates/client-1/")),
-        lambda: S3Store(MODELS, client.config, client=client.client).put("v9/model", b"evil"),
+        lambda: S3Store(MODELS, client.config).put("v9/model", b"evil"),
     ]
     for op in denied:
         with pytest.raises(StoreError, match="access denied") as info:
@@ -327,7 +464,7 @@ def test_least_privilege_grants(private_server: SeaweedServer) -> None:
     with pytest.raises(StoreError, match="access denied"):
         reader.put("v2/model", b"evil")
     with pytest.raises(StoreError, match="access denied"):
-        S3Store(INBOX, reader.config, client=reader.client).get("updates/client-2/u1")
+        S3Store(INBOX, reader.config).get("updates/client-2/u1")
 
 
 def test_data_survives_restart(private_server: SeaweedServer) -> None:
@@ -453,3 +590,28 @@ def test_local_delete_prunes_dirs_and_prefix_conflicts(tmp_path: Path) -> None:
     assert list((tmp_path / "s").iterdir()) == []
     store.put("a", b"now fine")
     assert store.get("a") == b"now fine"
+
+
+def test_a_process_forked_after_requests_gets_an_error_not_a_hang(s3_bucket: S3Store) -> None:
+    # obstore's runtime does not survive fork(): without the guard the child would hang.
+    s3_bucket.put("k", b"v")  # the runtime has started in this process
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports what happened through the pipe, then exits at once
+        signal.alarm(20)  # a hang (the bug this guards against) kills the child instead
+        outcome = b"other error"
+        try:
+            s3_bucket.get("k")
+            outcome = b"no error"
+        except StoreError as exc:
+            outcome = b"StoreError: " + str(exc).encode()
+        finally:
+            os.write(write, outcome)
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as fh:
+        outcome = fh.read().decode()
+    assert status == 0 and outcome.startswith("StoreError: get s3://"), outcome
+    assert "fork" in outcome
+    assert s3_bucket.get("k") == b"v"  # the parent is unaffected

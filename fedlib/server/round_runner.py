@@ -66,7 +66,7 @@ from fedlib.server.rounds import (
 )
 from fedlib.server.state_keys import RunKeys
 from fedlib.server.strategy import aggregator_from_bytes, new_aggregator
-from fedlib.storage.store import NoSuchKey, ObjectInfo, ObjectTooLarge, StoreError
+from fedlib.storage.store import NoSuchKey, ObjectInfo, ObjectTooLarge
 from fedlib.trust.package import PACKAGE_FILES
 from fedlib.wire import protocol
 from fedlib.wire.protocol import PackageMetadata
@@ -906,14 +906,13 @@ class JudgedBytesKeeper:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _quarantine_unread(self, verdict: Verdict) -> None:
-        copy = getattr(self._state, "copy", None)
-        with contextlib.suppress(StoreError, TypeError):
-            if copy is not None:
-                copy(
-                    verdict.key,
-                    self._ledger.quarantine_key(verdict) + ".bin",
-                    src_bucket=self._inbox_bucket,
-                )
+        """Copy an object refused unread (oversized) into quarantine, server-side; a
+        failed copy raises and fails the shard, so finalize never deletes its bytes."""
+        self._state.copy(
+            verdict.key,
+            self._ledger.quarantine_key(verdict) + ".bin",
+            src_bucket=self._inbox_bucket,
+        )
 
 
 def keep_judged_bytes(

@@ -4,8 +4,14 @@ Everything in fedlib that persists bytes (inbox, ledger, models, bundles) talks 
 :class:`ObjectStore`, so the same code runs against MinIO in production, SeaweedFS in
 tests and the demo, and a plain directory on devices or air-gapped sites.
 
+:class:`S3Store` moves bytes (GET, PUT, LIST, DELETE, COPY, HEAD) through ``obstore``,
+the Python binding of Rust's ``object_store``: signing, retries and reading bodies run
+off the GIL, at about a sixth of botocore's CPU per request. boto3 stays for the
+control plane only (creating buckets, copying between buckets, IAM in
+:mod:`fedlib.server.credentials`).
+
 Errors are normalised to :class:`~fedlib.errors.StoreError` and its subclasses so callers
-never need to know botocore's exception zoo.
+never need to know either library's exceptions.
 """
 
 from __future__ import annotations
@@ -13,20 +19,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import hmac
 import itertools
 import logging
 import os
+import re
+import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-from urllib.parse import quote, unquote, unquote_plus, urlparse, urlsplit
-from xml.etree import ElementTree
+from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
+from urllib.parse import unquote, urlparse
+
+import obstore
+import obstore.exceptions as obe
+from obstore.store import S3Store as _ObS3Store
 
 from fedlib.errors import ObjectExists, StoreError
 from fedlib.files import TMP_PREFIX, fsync_dir
@@ -45,10 +54,8 @@ __all__ = [
     "S3Store",
     "StoreError",
     "open_store",
+    "validate_key",
 ]
-
-# S3's own maximum page; also what the server returns when asked for more.
-DEFAULT_PAGE_SIZE = 1000
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +95,11 @@ class ObjectInfo:
 
 @runtime_checkable
 class ObjectStore(Protocol):
-    """What fedlib needs from a store: write-once puts, bounded gets, ordered listing."""
+    """What fedlib needs from a store: write-once puts, bounded gets, ordered listing.
+
+    Every method any caller uses is here, with one signature, so code typed against
+    the protocol runs unchanged on :class:`S3Store` and :class:`LocalStore`.
+    """
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         """Store ``data``; with ``if_absent`` refuse to overwrite (raises ObjectExists)."""
@@ -109,16 +120,86 @@ class ObjectStore(Protocol):
     def list(
         self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None
     ) -> Iterator[ObjectInfo]:
-        """Yield objects under ``prefix`` in the store's key order, after ``start_after``."""
+        """Yield objects whose key starts with ``prefix`` (any string, not only up to a
+        ``/``) in the store's key order, after ``start_after``, at most ``limit``."""
         ...
 
     def delete(self, key: str) -> None:
         """Remove ``key``; deleting a missing key is not an error (as in S3)."""
         ...
 
-    def copy(self, src_key: str, dst_key: str) -> None:
-        """Copy ``src_key`` to ``dst_key`` without a round trip through the caller."""
+    def copy(self, src_key: str, dst_key: str, *, src_bucket: str | None = None) -> None:
+        """Copy ``src_key`` (of ``src_bucket`` on the same server, else this bucket) to
+        ``dst_key`` without the bytes passing through the caller's memory."""
         ...
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket (or directory) if it does not exist; idempotent."""
+        ...
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def validate_key(key: str) -> str:
+    """Refuse keys that could escape the root or differ between backends; return ``key``.
+
+    Both stores refuse the same names on every write, so what one stores the other can:
+    ``object_store`` would silently drop a leading or trailing ``/`` and cannot name
+    control characters, a directory cannot hold empty, ``.`` or ``..`` segments.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError("object key must be a non-empty string")
+    if _CONTROL.search(key) or "\\" in key:
+        raise ValueError(f"object key {key!r} contains a control character or a backslash")
+    if key.startswith("/"):
+        raise ValueError(f"object key {key!r} is absolute")
+    for seg in key.split("/"):
+        if seg in ("", ".", ".."):
+            raise ValueError(f"object key {key!r} has an empty, '.' or '..' segment")
+        if seg.startswith(TMP_PREFIX):
+            raise ValueError(f"object key {key!r} uses the reserved prefix {TMP_PREFIX!r}")
+    return key
+
+
+# ASCII control characters: what object_store's Path refuses (and no sane key holds).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _addressable(key: str) -> bool:
+    """Whether ``object_store`` can name ``key`` exactly as the server stores it."""
+    if not key or key[0] == "/" or key[-1] == "/" or _CONTROL.search(key):
+        return False
+    return all(seg not in ("", ".", "..") for seg in key.split("/"))
+
+
+def _addressed(key: str) -> str:
+    """``key`` if object_store names exactly that object, else ValueError (it would
+    refuse it, or silently ask for another key: ``/x`` for ``x``, ``a/`` for ``a``).
+    Reads accept more than :func:`validate_key`: an S3 bucket may hold keys a directory
+    cannot (a device names its own uploads), and those must stay readable."""
+    if not isinstance(key, str) or not _addressable(key):
+        raise ValueError(f"object key {key!r} cannot be named on S3 by object_store")
+    return key
+
+
+def _below(prefix: str) -> str | None:
+    """An addressable string sorting just below every key that starts with ``prefix``
+    (``prefix`` not ending in ``/``), to start a listing there; None: from the start.
+
+    The last character minus one, then U+10FFFF (the highest code point: only keys that
+    contain it could sort in between). Where that character would be a ``/`` or a control
+    character, the prefix without its last character is still below every match.
+    """
+    code = ord(prefix[-1]) - 1
+    if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be encoded
+        code = 0xD7FF
+    last = chr(code) if code >= 0 else ""
+    if last and last != "/" and not _CONTROL.match(last):
+        bound = prefix[:-1] + last + "\U0010ffff"
+    else:
+        bound = prefix[:-1]
+    return bound if _addressable(bound) else None
 
 
 # --------------------------------------------------------------------------- S3
@@ -134,7 +215,11 @@ def _env(environ: Mapping[str, str], *names: str) -> str | None:
 
 @dataclass(frozen=True)
 class S3Config:
-    """How to reach an S3-compatible endpoint; ``endpoint_url=None`` means AWS itself."""
+    """How to reach an S3-compatible endpoint; ``endpoint_url=None`` means AWS itself.
+
+    ``max_attempts`` counts tries (1: no retry), ``connect_timeout`` and ``read_timeout``
+    bound connecting and each read, ``request_timeout`` a whole request, body included.
+    """
 
     endpoint_url: str | None
     region: str = "us-east-1"
@@ -143,6 +228,7 @@ class S3Config:
     max_attempts: int = 5
     connect_timeout: float = 3.0
     read_timeout: float = 30.0
+    request_timeout: float = 300.0
 
     @classmethod
     def from_env(cls, prefix: str = "FL_S3_", environ: Mapping[str, str] | None = None) -> S3Config:
@@ -153,6 +239,7 @@ class S3Config:
             ("max_attempts", int),
             ("connect_timeout", float),
             ("read_timeout", float),
+            ("request_timeout", float),
         ):
             raw = env.get(prefix + name.upper())
             if raw:
@@ -177,8 +264,36 @@ class S3Config:
             "extra": {"endpoint_url": self.endpoint_url, "region_name": self.region},
         }
 
+    def obstore_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``obstore.store.S3Store`` for this endpoint (no bucket).
+
+        Path-style requests (obstore's default with an endpoint), plain HTTP only when
+        the endpoint says ``http://``; retries and timeouts as this config says.
+        """
+        options: dict[str, Any] = {
+            "region": self.region,
+            "client_options": {
+                "allow_http": bool(self.endpoint_url and self.endpoint_url.startswith("http://")),
+                "connect_timeout": timedelta(seconds=self.connect_timeout),
+                "read_timeout": timedelta(seconds=self.read_timeout),
+                "timeout": timedelta(seconds=self.request_timeout),
+            },
+            "retry_config": {
+                "max_retries": max(0, self.max_attempts - 1),
+                "retry_timeout": timedelta(
+                    seconds=self.max_attempts * (self.connect_timeout + self.read_timeout)
+                ),
+            },
+        }
+        if self.endpoint_url:
+            options["endpoint"] = self.endpoint_url
+        if self.access_key and self.secret_key:
+            options["access_key_id"] = self.access_key
+            options["secret_access_key"] = self.secret_key
+        return options
+
     def client(self) -> BaseClient:
-        """A new boto3 S3 client; create it once and share it (it is thread-safe)."""
+        """A new boto3 S3 client for the control plane; create it once and share it."""
         import boto3
         from botocore.config import Config
 
@@ -234,282 +349,146 @@ def _shared_session() -> Any:
     return _SESSION
 
 
-_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
-_DENIED = frozenset(
+# What obstore raises for a failed request: its own errors, and the builtin
+# FileNotFoundError for a missing object. Each is translated, none is swallowed.
+_OBSTORE_ERRORS: tuple[type[Exception], ...] = (obe.BaseError, FileNotFoundError)
+_STATUS = re.compile(r"status code: (\d{3})")
+_CODE = re.compile(r"<Code>([\w.]+)</Code>|\(code: ([\w.]+)\)")  # XML body; DeleteObjects
+# No HTTP answer, or none that was whole: what "cannot reach" means (reqwest's wording).
+_UNREACHABLE = re.compile(
+    r"error sending request|timed out|connection (?:refused|reset|closed)|dns error"
+    r"|error decoding response body|IncompleteMessage",
+    re.IGNORECASE,
+)
+_DENIED_CODES = frozenset(
     {
         "AccessDenied",
-        "403",
         "Forbidden",
         "InvalidAccessKeyId",
         "SignatureDoesNotMatch",
         "AllAccessDisabled",
     }
 )
-_CONFLICT = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 
 
-class _FastPath:
-    """GET and PUT of one object, and one page of a listing, as one signed HTTP request
-    without botocore's per-call machinery (events, parameter validation, response
-    parsing, its request signer: ~0.45 ms of CPU a call, more than a local S3 server
-    spends on the request; a 1,000-key page took 45 ms to parse, dates by dateutil).
+# obstore's tokio runtime starts with the first request and does not survive fork():
+# in a child forked after that, every request (of any store) would hang forever. Such
+# a child gets a clear error instead; fork before the first request, or use spawn/exec.
+_REQUESTED = False
+_FORKED_AFTER_REQUEST = False
 
-    The request goes through the botocore client's own HTTP session (same connection
-    pool, TLS verification, proxies and timeouts), signed here with AWS Signature V4 from
-    the config's static keys (path-style URL, payload hash included). Only plain success
-    is handled here: any other answer, and any transport error, makes the caller repeat
-    the call through botocore, whose retries and error mapping then decide, so every
-    error stays what it was. The cost of that is one extra request on an error, and a
-    slower worst case on timeouts. A server that refuses its signatures
-    (``SignatureDoesNotMatch``) turns it off for the store: either the keys are wrong,
-    and botocore's answer is the same, or this signer is, and botocore's path works.
-    """
 
-    enabled = True
+def _after_fork_in_child() -> None:
+    global _FORKED_AFTER_REQUEST
+    _FORKED_AFTER_REQUEST = _FORKED_AFTER_REQUEST or _REQUESTED
 
-    def __init__(self, client: BaseClient, config: S3Config, bucket: str) -> None:
-        from botocore.awsrequest import AWSPreparedRequest
 
-        self._send = client._endpoint.http_session.send  # AttributeError: no fast path
-        self._prepared = AWSPreparedRequest
-        endpoint = client.meta.endpoint_url.rstrip("/")
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or parts.query or not parts.hostname:
-            raise ValueError(f"no fast path for endpoint {endpoint!r}")
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        if parts.port is not None and parts.port != {"http": 80, "https": 443}[parts.scheme]:
-            host = f"{host}:{parts.port}"
-        self._host = host  # what botocore signs and sends as Host
-        self._bucket = bucket
-        self._path = f"{parts.path}/{quote(bucket, safe='')}"
-        self._origin = f"{parts.scheme}://{parts.netloc}"
-        self._access_key = str(config.access_key)
-        self._secret = str(config.secret_key).encode()
-        self._scope_tail = f"/{config.region}/s3/aws4_request"
-        self._keys: dict[str, bytes] = {}  # signing key per UTC day
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
-    def _signing_key(self, day: str) -> bytes:
-        key = self._keys.get(day)
-        if key is None:
-            key = b"AWS4" + self._secret
-            for part in (day, *self._scope_tail[1:].split("/")):
-                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-            self._keys = {day: key}
-        return key
 
-    def _call(
-        self,
-        method: str,
-        key: str | None,
-        data: bytes | None = None,
-        headers: dict[str, str] | None = None,
-        query: dict[str, str] | None = None,
-        stream: bool = False,
-    ) -> Any:
-        """Send one signed request for ``key`` (None: the bucket itself)."""
-        path = self._path if key is None else f"{self._path}/{quote(key, safe='/~')}"
-        params = "&".join(  # sorted and encoded once: what is signed is what is sent
-            f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
-            for k, v in sorted((query or {}).items())
+def _runtime_usable(op: str, bucket: str, key: str) -> None:
+    """Refuse a request in a process forked after obstore's runtime started."""
+    global _REQUESTED
+    if _FORKED_AFTER_REQUEST:
+        raise StoreError(
+            f"{op} s3://{bucket}/{key}: this process was forked after the S3 data path "
+            "(obstore) made requests, and its runtime does not survive fork(); fork before "
+            "the first request, or start the process with spawn or exec"
         )
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        payload = hashlib.sha256(data or b"").hexdigest()
-        signed = {
-            "host": self._host,
-            **{name.lower(): value for name, value in (headers or {}).items()},
-            "x-amz-content-sha256": payload,
-            "x-amz-date": stamp,
-        }
-        names = ";".join(sorted(signed))
-        canonical = "\n".join(
-            [
-                method,
-                path,
-                params,
-                *(f"{n}:{signed[n]}" for n in sorted(signed)),
-                "",
-                names,
-                payload,
-            ]
-        )
-        scope = stamp[:8] + self._scope_tail
-        digest = hashlib.sha256(canonical.encode()).hexdigest()
-        to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{digest}"
-        signature = hmac.new(self._signing_key(stamp[:8]), to_sign.encode(), hashlib.sha256)
-        signed["authorization"] = (
-            f"AWS4-HMAC-SHA256 Credential={self._access_key}/{scope}, "
-            f"SignedHeaders={names}, Signature={signature.hexdigest()}"
-        )
-        if data is not None:
-            signed["content-length"] = str(len(data))
-        url = self._origin + path + (f"?{params}" if params else "")
-        return self._send(self._prepared(method, url, signed, data, stream))
-
-    def _refused(self, status: int, body: bytes) -> None:
-        if status == 403 and b"SignatureDoesNotMatch" in body and self.enabled:
-            self.enabled = False
-            log.warning("S3 fast path off for %s: signature refused", self._origin)
-
-    def get(self, key: str, max_bytes: int | None) -> tuple[bytes, str] | None:
-        """(bytes, ETag) of a 200 read in full; ObjectTooLarge as botocore's path; else None."""
-        try:
-            response = self._call("GET", key, stream=True)
-        except Exception:  # botocore's transport errors: botocore's retries decide
-            return None
-        raw, done = response.raw, False
-        try:
-            if response.status_code != 200:
-                self._refused(response.status_code, raw.read(4096))
-                return None
-            etag = str(response.headers.get("ETag", "")).strip('"')
-            declared = response.headers.get("Content-Length")
-            size = int(declared) if declared is not None else -1
-            if max_bytes is not None and size > max_bytes:
-                raise ObjectTooLarge(key, size, max_bytes, etag)
-            # Read one byte past the limit so a lying Content-Length cannot sneak more in.
-            data = raw.read() if max_bytes is None else raw.read(max_bytes + 1)
-            if max_bytes is not None and len(data) > max_bytes:
-                raise ObjectTooLarge(key, len(data), max_bytes, etag)
-            if size >= 0 and len(data) != size:
-                return None  # a torn body: let botocore's retries read it again
-            done = True
-            return bytes(data), etag
-        except ObjectTooLarge:
-            raise
-        except Exception:
-            return None
-        finally:
-            if not done:
-                raw.close()  # unread bytes: this connection must not be reused
-            raw.release_conn()
-
-    def put(self, key: str, data: bytes, if_absent: bool) -> bool:
-        """True once stored; ObjectExists as botocore's path; False: repeat via botocore."""
-        headers = {"If-None-Match": "*"} if if_absent else {}
-        try:
-            response = self._call("PUT", key, bytes(data), headers)
-        except Exception:
-            return False
-        if 200 <= response.status_code < 300:
-            return True
-        if if_absent and response.status_code in (409, 412):
-            raise ObjectExists(f"object already exists: s3://{self._bucket}/{key}")
-        self._refused(response.status_code, response.content)
-        return False
-
-    def list_page(self, max_keys: int, kwargs: dict[str, Any]) -> dict[str, Any] | None:
-        """One ListObjectsV2 page shaped as botocore returns it (the fields ``list`` reads),
-        or None (botocore's turn). Keys are URL-encoded on the wire and decoded as botocore
-        decodes them, so unusual keys survive; timestamps must carry their zone."""
-        query = {"list-type": "2", "max-keys": str(max_keys), "encoding-type": "url"}
-        for param, name in (
-            ("prefix", "Prefix"),
-            ("start-after", "StartAfter"),
-            ("continuation-token", "ContinuationToken"),
-        ):
-            if kwargs.get(name):
-                query[param] = str(kwargs[name])
-        try:
-            response = self._call("GET", None, query=query)
-            if response.status_code != 200:
-                self._refused(response.status_code, response.content)
-                return None
-            root = ElementTree.fromstring(response.content)  # noqa: S314 (our S3 server)
-            page: dict[str, Any] = {"Contents": [], "IsTruncated": False}
-            encoding = None
-            for child in root:
-                name = child.tag.rsplit("}", 1)[-1]
-                if name == "Contents":
-                    fields = {c.tag.rsplit("}", 1)[-1]: c.text or "" for c in child}
-                    modified = datetime.fromisoformat(fields["LastModified"])
-                    if modified.tzinfo is None:
-                        return None
-                    page["Contents"].append(
-                        {
-                            "Key": fields["Key"],
-                            "Size": int(fields.get("Size") or 0),
-                            "ETag": fields.get("ETag", ""),
-                            "LastModified": modified,
-                        }
-                    )
-                elif name == "IsTruncated":
-                    page["IsTruncated"] = child.text == "true"
-                elif name == "NextContinuationToken":
-                    page["NextContinuationToken"] = child.text or ""
-                elif name == "EncodingType":
-                    encoding = child.text
-            if encoding == "url":
-                for obj in page["Contents"]:
-                    obj["Key"] = unquote_plus(obj["Key"])
-            return page
-        except Exception:
-            return None
+    _REQUESTED = True
 
 
 class S3Store:
     """An :class:`ObjectStore` on one bucket of an S3-compatible server.
 
-    One boto3 client is created up front and reused: request setup in botocore is the
-    dominant per-call cost, so the hot path makes exactly one HTTP request per call,
-    and GETs, PUTs and listings skip botocore's per-call machinery (:class:`_FastPath`)
-    when the store made its client itself from keys in its config (``fast_path``).
+    Data path on ``obstore`` (one store object per bucket, thread-safe, its connection
+    pool shared by every call); the boto3 client for the control plane is made on first
+    use only, so a device that only uploads never imports boto3.
     """
 
-    def __init__(
-        self,
-        bucket: str,
-        config: S3Config | None = None,
-        *,
-        client: BaseClient | None = None,
-        page_size: int = DEFAULT_PAGE_SIZE,
-        fast_path: bool = True,
-    ) -> None:
+    def __init__(self, bucket: str, config: S3Config | None = None) -> None:
         if not bucket:
             raise ValueError("bucket name must not be empty")
         self.bucket = bucket
         self.config = config if config is not None else S3Config.from_env()
-        self._fast: _FastPath | None = None
-        if client is None:
-            client = self.config.client()
-            # A client handed in may hold other keys than the config: never sign for it.
-            if fast_path and self.config.access_key and self.config.secret_key:
-                try:
-                    self._fast = _FastPath(client, self.config, bucket)
-                except (AttributeError, ImportError, ValueError) as exc:  # botocore changed
-                    log.debug("no S3 fast path: %s", exc)
-        self.client = client
-        self.page_size = page_size
-        self.endpoint = self.client.meta.endpoint_url
-        import botocore.exceptions as bce
-
-        self._bce = bce
+        self.endpoint = self.config.endpoint_url or "AWS S3"
+        self._store = _ObS3Store(bucket, **self.config.obstore_options())
+        self._control_client: BaseClient | None = None
+        self._control_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"S3Store(bucket={self.bucket!r}, endpoint={self.endpoint!r})"
 
+    def _control(self) -> BaseClient:
+        """The boto3 client of the control plane (bucket creation, cross-bucket copy)."""
+        with self._control_lock:
+            if self._control_client is None:
+                self._control_client = self.config.client()
+            return self._control_client
+
     # ------------------------------------------------------------------ errors
 
     def _error(self, exc: Exception, op: str, key: str | None = None) -> StoreError:
-        """Translate a botocore exception into fedlib's store errors."""
+        """Translate an obstore exception into fedlib's store errors.
+
+        obstore's exceptions carry the HTTP status and the S3 error code only in their
+        message, so both are read from there; the class decides first where it can.
+        """
         where = f"s3://{self.bucket}/{key}" if key is not None else f"s3://{self.bucket}"
-        bce = self._bce
+        text = str(exc)
+        status_match = _STATUS.search(text)
+        status = int(status_match[1]) if status_match else 0
+        code_match = _CODE.search(text)
+        code = (code_match[1] or code_match[2]) if code_match else ""
+        if code == "NoSuchBucket":
+            return StoreError(f"{op} {where}: no such bucket on {self.endpoint}")
+        if isinstance(exc, FileNotFoundError | obe.NotFoundError) or status == 404:
+            if key is None:
+                return StoreError(f"{op} {where}: no such bucket on {self.endpoint}")
+            return NoSuchKey(key, f"{op} on {self.endpoint}")
+        if (
+            isinstance(exc, obe.PermissionDeniedError | obe.UnauthenticatedError)
+            or status in (401, 403)
+            or code in _DENIED_CODES
+        ):
+            return StoreError(
+                f"{op} {where}: access denied by {self.endpoint} ({code or status or 'denied'})"
+            )
+        if status >= 500:
+            return StoreError(
+                f"{op} {where}: {self.endpoint} failed with HTTP {status} {code} "
+                f"after {self.config.max_attempts} attempts"
+            )
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        if status or code:
+            return StoreError(
+                f"{op} {where}: {self.endpoint} refused: HTTP {status or '?'} {code}: {reason}"
+            )
+        if _UNREACHABLE.search(text):
+            return StoreError(f"{op} {where}: cannot reach S3 endpoint {self.endpoint}: {reason}")
+        return StoreError(f"{op} {where} on {self.endpoint}: {reason}")
+
+    def _control_error(self, exc: Exception, op: str, key: str | None = None) -> StoreError:
+        """Translate a botocore exception (control plane) into fedlib's store errors."""
+        import botocore.exceptions as bce
+
+        where = f"s3://{self.bucket}/{key}" if key is not None else f"s3://{self.bucket}"
         if isinstance(exc, bce.ClientError):
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            message = err.get("Message", "") or code
-            if code in _NOT_FOUND and key is not None:
-                return NoSuchKey(key, f"{op} on {self.endpoint}")
-            if code == "NoSuchBucket" or (code in _NOT_FOUND and key is None):
+            if code == "NoSuchBucket":
                 return StoreError(f"{op} {where}: no such bucket on {self.endpoint}")
-            if code in _DENIED or status == 403:
+            if code in ("NoSuchKey", "404", "NotFound") and key is not None:
+                return NoSuchKey(key, f"{op} on {self.endpoint}")
+            if code in _DENIED_CODES or status in (401, 403):
                 return StoreError(f"{op} {where}: access denied by {self.endpoint} ({code})")
             if status >= 500:
                 return StoreError(
                     f"{op} {where}: {self.endpoint} failed with HTTP {status} {code} "
-                    f"after {self.config.max_attempts} attempts: {message}"
+                    f"after {self.config.max_attempts} attempts"
                 )
-            return StoreError(f"{op} {where}: {self.endpoint} refused: {code} {message}")
+            return StoreError(f"{op} {where}: {self.endpoint} refused: {code} {err.get('Message')}")
         if isinstance(
             exc,
             bce.EndpointConnectionError
@@ -522,81 +501,85 @@ class S3Store:
             return StoreError(f"{op} {where}: no S3 credentials configured for {self.endpoint}")
         return StoreError(f"{op} {where} on {self.endpoint}: {exc}")
 
-    def _catchable(self) -> tuple[type[Exception], ...]:
-        return (self._bce.BotoCoreError, self._bce.ClientError)
+    @staticmethod
+    def _control_errors() -> tuple[type[Exception], ...]:
+        import botocore.exceptions as bce
+
+        return (bce.BotoCoreError, bce.ClientError)
 
     # ------------------------------------------------------------------ bucket
 
     def ensure_bucket(self) -> None:
-        """Create the bucket if it does not exist (idempotent)."""
+        """Create the bucket if it does not exist (idempotent; control plane, boto3)."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         if self.config.region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.config.region}
+        import botocore.exceptions as bce
+
         try:
-            self.client.create_bucket(**kwargs)
-        except self._bce.ClientError as exc:
+            self._control().create_bucket(**kwargs)
+        except bce.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 return
-            raise self._error(exc, "create bucket") from exc
-        except self._bce.BotoCoreError as exc:
-            raise self._error(exc, "create bucket") from exc
+            raise self._control_error(exc, "create bucket") from exc
+        except bce.BotoCoreError as exc:
+            raise self._control_error(exc, "create bucket") from exc
 
     # ------------------------------------------------------------------ objects
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        """Upload ``data``; ``if_absent`` uses ``If-None-Match: *`` so the server decides."""
-        if self._fast is not None and self._fast.enabled and self._fast.put(key, data, if_absent):
-            return
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data}
-        if if_absent:
-            kwargs["IfNoneMatch"] = "*"
+        """Upload ``data`` in one PUT; ``if_absent`` sends ``If-None-Match: *``, so the
+        server decides who was first (ObjectExists for everyone else)."""
+        validate_key(key)
+        _runtime_usable("put", self.bucket, key)
         try:
-            self.client.put_object(**kwargs)
-        except self._bce.ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if if_absent and (code in _CONFLICT or status in (409, 412)):
-                raise ObjectExists(f"object already exists: s3://{self.bucket}/{key}") from exc
-            raise self._error(exc, "put", key) from exc
-        except self._bce.BotoCoreError as exc:
+            obstore.put(
+                self._store,
+                key,
+                data,
+                mode="create" if if_absent else "overwrite",
+                use_multipart=False,  # one request: conditional, and one ETag per object
+            )
+        except (obe.AlreadyExistsError, obe.PreconditionError) as exc:
+            if not if_absent:
+                raise self._error(exc, "put", key) from exc
+            raise ObjectExists(f"object already exists: s3://{self.bucket}/{key}") from exc
+        except _OBSTORE_ERRORS as exc:
             raise self._error(exc, "put", key) from exc
 
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
-        """Download ``key`` in one GET; the size check uses the GET's own Content-Length."""
+        """Download ``key`` in one GET; the size check uses the GET's own metadata."""
         return self.get_with_etag(key, max_bytes=max_bytes)[0]
 
     def get_with_etag(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
-        """The bytes and the ETag of that very GET (to delete only what was judged)."""
-        if self._fast is not None and self._fast.enabled:
-            found = self._fast.get(key, max_bytes)
-            if found is not None:
-                return found
+        """The bytes and the ETag of that very GET (to delete only what was judged).
+
+        The size is checked from the response's headers before the body is read: an
+        oversized object is refused with its true size and ETag, its body never read.
+        """
+        _addressed(key)
+        _runtime_usable("get", self.bucket, key)
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
-        except self._catchable() as exc:
+            result = obstore.get(self._store, key)
+            meta = result.meta
+            etag = (meta["e_tag"] or "").strip('"')
+            if max_bytes is not None and meta["size"] > max_bytes:
+                raise ObjectTooLarge(key, meta["size"], max_bytes, etag)
+            data = bytes(result.bytes())
+        except _OBSTORE_ERRORS as exc:
             raise self._error(exc, "get", key) from exc
-        body = resp["Body"]
-        etag = str(resp.get("ETag", "")).strip('"')
-        try:
-            size = int(resp.get("ContentLength", -1))
-            if max_bytes is not None and size > max_bytes:
-                raise ObjectTooLarge(key, size, max_bytes, etag)
-            # Read one byte past the limit so a lying Content-Length cannot sneak more in.
-            data = body.read() if max_bytes is None else body.read(max_bytes + 1)
-            if max_bytes is not None and len(data) > max_bytes:
-                raise ObjectTooLarge(key, len(data), max_bytes, etag)
-            return data, etag
-        except self._catchable() as exc:
-            raise self._error(exc, "get", key) from exc
-        finally:
-            body.close()
+        if max_bytes is not None and len(data) > max_bytes:  # the body is framed by its
+            raise ObjectTooLarge(key, len(data), max_bytes, etag)  # size; belt and braces
+        return data, etag
 
     def exists(self, key: str) -> bool:
         """HEAD the key; a missing key is False, a denied one is an error."""
+        _addressed(key)
+        _runtime_usable("head", self.bucket, key)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-        except self._catchable() as exc:
+            obstore.head(self._store, key)
+        except _OBSTORE_ERRORS as exc:
             err = self._error(exc, "head", key)
             if isinstance(err, NoSuchKey):
                 return False
@@ -604,93 +587,170 @@ class S3Store:
         return True
 
     def list(
-        self,
-        prefix: str = "",
-        *,
-        start_after: str | None = None,
-        limit: int | None = None,
-        page_size: int | None = None,
+        self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None
     ) -> Iterator[ObjectInfo]:
         """Yield objects page by page (lazily) in the server's listing order.
 
         AWS and MinIO list in byte-lexicographic order. SeaweedFS walks its directory
         tree instead, so ``a/b`` comes before ``a-c``; ``start_after`` stays consistent
         with whatever order the server uses.
+
+        object_store lists by whole path segments, so a prefix that does not end at a
+        ``/`` lists its directory from just below the prefix and stops at the first key
+        past it. A key object_store cannot name (a control character, an empty segment:
+        a device may upload one under its own prefix) would fail the whole page: the
+        listing then goes on from the last key it yielded through the control plane's
+        ListObjectsV2, skipping (and logging) only such keys, so one object cannot stop
+        a round.
         """
         if limit is not None and limit <= 0:
             return
-        size = page_size or self.page_size
+        if prefix.endswith("/") or not prefix:
+            directory, stem = prefix[:-1], False
+        else:
+            directory, stem = prefix.rpartition("/")[0], True
+        if directory and not _addressable(directory):
+            return  # no addressable key lies under an unaddressable directory
+        offsets = [s for s in (start_after, _below(prefix) if stem else None) if s]
+        offset = max(offsets) if offsets else None
+        if offset is not None and not _addressable(offset):
+            offset = None  # only a shortcut: the filter below decides
+        _runtime_usable("list", self.bucket, prefix)
+        yielded, last = 0, None
+        try:
+            pages = obstore.list(
+                self._store,
+                prefix=directory or None,
+                offset=offset,
+                chunk_size=min(limit or 1000, 1000),
+            )
+            for page in pages:
+                for meta in page:
+                    key = meta["path"]
+                    if not key.startswith(prefix):
+                        if key > prefix:
+                            return  # past every key that starts with the prefix
+                        continue
+                    if start_after is not None and key <= start_after:
+                        continue
+                    yield ObjectInfo(
+                        key,
+                        meta["size"],
+                        (meta["e_tag"] or "").strip('"'),
+                        int(meta["last_modified"].timestamp() * 1000),
+                    )
+                    last, yielded = key, yielded + 1
+                    if limit is not None and yielded >= limit:
+                        return
+        except obe.InvalidPathError:
+            log.warning(
+                "s3://%s holds a key object_store cannot name; listing %r through "
+                "ListObjectsV2 from %r",
+                self.bucket,
+                prefix,
+                last or start_after,
+            )
+        except _OBSTORE_ERRORS as exc:
+            raise self._error(exc, "list", None) from exc
+        else:
+            return
+        after = last if last is not None else start_after
+        rest = None if limit is None else limit - yielded
+        yield from self._list_control(prefix, after, rest)
+
+    def _list_control(
+        self, prefix: str, start_after: str | None, limit: int | None
+    ) -> Iterator[ObjectInfo]:
+        """The rest of a listing through boto3 (see :meth:`list`), addressable keys only."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         if start_after:
             kwargs["StartAfter"] = start_after
         yielded = 0
         while True:
-            want = size if limit is None else min(size, limit - yielded)
-            fast = self._fast if self._fast is not None and self._fast.enabled else None
-            resp = fast.list_page(want, kwargs) if fast is not None else None
-            if resp is None:
-                try:
-                    resp = self.client.list_objects_v2(MaxKeys=want, **kwargs)
-                except self._catchable() as exc:
-                    raise self._error(exc, "list", None) from exc
-            for obj in resp.get("Contents", ()):
-                modified = obj.get("LastModified")
+            try:
+                page = self._control().list_objects_v2(**kwargs)
+            except self._control_errors() as exc:
+                raise self._control_error(exc, "list") from exc
+            for obj in page.get("Contents", ()):
+                if not _addressable(obj["Key"]):
+                    log.warning("s3://%s: skipping unaddressable key %r", self.bucket, obj["Key"])
+                    continue
                 yield ObjectInfo(
                     obj["Key"],
-                    int(obj.get("Size", 0)),
-                    obj.get("ETag", "").strip('"'),
-                    int(modified.timestamp() * 1000) if modified else 0,
+                    int(obj["Size"]),
+                    str(obj.get("ETag", "")).strip('"'),
+                    int(obj["LastModified"].timestamp() * 1000),
                 )
                 yielded += 1
                 if limit is not None and yielded >= limit:
                     return
-            token = resp.get("NextContinuationToken")
-            if not resp.get("IsTruncated") or not token:
+            if not page.get("IsTruncated"):
                 return
             kwargs.pop("StartAfter", None)
-            kwargs["ContinuationToken"] = token
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def delete(self, key: str) -> None:
         """Delete ``key``; S3 reports success for a missing key and so do we."""
+        _addressed(key)
+        _runtime_usable("delete", self.bucket, key)
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=key)
-        except self._catchable() as exc:
+            obstore.delete(self._store, key)
+        except _OBSTORE_ERRORS as exc:
             err = self._error(exc, "delete", key)
             if isinstance(err, NoSuchKey):
                 return
             raise err from exc
 
     def copy(self, src_key: str, dst_key: str, *, src_bucket: str | None = None) -> None:
-        """Server-side copy, within the bucket or from ``src_bucket`` on the same server
-        (bytes never pass through this process: how oversized objects are quarantined)."""
+        """Server-side copy (bytes never pass through this process: how oversized objects
+        are quarantined), within the bucket through obstore, from ``src_bucket`` through
+        the control plane's CopyObject: obstore copies only inside its own bucket.
+
+        The alternative, a GET through a store on ``src_bucket`` and a PUT here, was
+        measured on SeaweedFS: faster for a 5.7 KB object (3.5 vs 5.4 ms), but for a
+        64 MiB one 1.55 vs 1.13 s, 171 vs 3 ms of CPU and +67 MB of peak RSS: the one
+        caller copies objects refused for their size, so the bytes stay on the server."""
+        validate_key(dst_key)
+        _addressed(src_key)
+        if src_bucket is not None and src_bucket != self.bucket:
+            self._copy_across(src_bucket, src_key, dst_key)
+            return
+        _runtime_usable("copy", self.bucket, src_key)
         try:
-            self.client.copy_object(
+            obstore.copy(self._store, src_key, dst_key)
+        except _OBSTORE_ERRORS as exc:
+            # object_store names the destination in a failed copy; the source is missing
+            raise self._error(exc, "copy", src_key) from exc
+
+    def _copy_across(self, src_bucket: str, src_key: str, dst_key: str) -> None:
+        try:
+            self._control().copy_object(
                 Bucket=self.bucket,
                 Key=dst_key,
-                CopySource={"Bucket": src_bucket or self.bucket, "Key": src_key},
+                CopySource={"Bucket": src_bucket, "Key": src_key},
             )
-        except self._catchable() as exc:
-            err = self._error(exc, "copy", src_key)
+        except self._control_errors() as exc:
+            err = self._control_error(exc, f"copy from s3://{src_bucket}/{src_key} to", dst_key)
+            if isinstance(err, NoSuchKey):
+                err = NoSuchKey(src_key, f"copy from s3://{src_bucket} on {self.endpoint}")
             raise err from exc
 
 
 # --------------------------------------------------------------------------- local
 
 
-def validate_key(key: str) -> str:
-    """Refuse keys that could escape the root or differ between backends; return ``key``."""
-    if not isinstance(key, str) or not key:
-        raise ValueError("object key must be a non-empty string")
-    if "\x00" in key or "\\" in key:
-        raise ValueError(f"object key {key!r} contains NUL or a backslash")
-    if key.startswith("/"):
-        raise ValueError(f"object key {key!r} is absolute")
-    for seg in key.split("/"):
-        if seg in ("", ".", ".."):
-            raise ValueError(f"object key {key!r} has an empty, '.' or '..' segment")
-        if seg.startswith(TMP_PREFIX):
-            raise ValueError(f"object key {key!r} uses the reserved prefix {TMP_PREFIX!r}")
-    return key
+def _read_bounded(fh: IO[bytes], st: os.stat_result, max_bytes: int) -> bytes:
+    """At most ``max_bytes + 1`` bytes, never allocating more than the file holds: a
+    caller's limit may be huge (TUF passes the length that signed metadata declares),
+    and ``read(n)`` allocates ``n`` up front. Bytes appended after ``fstat`` are read on
+    in bounded steps, so a file that grew past the limit is still refused."""
+    data = fh.read(min(st.st_size, max_bytes) + 1)
+    while len(data) > st.st_size and len(data) <= max_bytes:
+        more = fh.read(min(1 << 20, max_bytes + 1 - len(data)))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def _local_etag(st: os.stat_result) -> str:
@@ -718,11 +778,17 @@ class LocalStore:
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
 
+    @property
+    def bucket(self) -> str:
+        """The root's directory name: what a sibling store passes as ``src_bucket``."""
+        return self.root.name
+
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*validate_key(key).split("/"))
 
-    def _write_temp(self, path: Path, data: bytes) -> str:
-        """Write ``data`` to a fsynced temp file beside ``path``; return its name."""
+    def _write_temp(self, path: Path, data: bytes | IO[bytes]) -> str:
+        """Write ``data`` (bytes, or a file streamed in chunks) to a fsynced temp file
+        beside ``path``; return its name."""
         for _ in range(5):
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -734,7 +800,10 @@ class LocalStore:
             raise StoreError(f"cannot create a temp file in {path.parent}")
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                if hasattr(data, "read"):
+                    shutil.copyfileobj(data, fh)
+                else:
+                    fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
         except BaseException:
@@ -745,9 +814,13 @@ class LocalStore:
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         """Atomically store ``data``; ``if_absent`` links the temp file, which fails if taken."""
-        path = self._path(key)
+        self._store(self._path(key), key, data, if_absent=if_absent)
+
+    def _store(
+        self, path: Path, key: str, data: bytes | IO[bytes], *, if_absent: bool = False
+    ) -> None:
         try:
-            tmp = self._write_temp(path, bytes(data))
+            tmp = self._write_temp(path, data)
             try:
                 if if_absent:
                     try:
@@ -784,7 +857,7 @@ class LocalStore:
                 etag = _local_etag(st)
                 if max_bytes is not None and st.st_size > max_bytes:
                     raise ObjectTooLarge(key, st.st_size, max_bytes, etag)
-                data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+                data = fh.read() if max_bytes is None else _read_bounded(fh, st, max_bytes)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NoSuchKey(key, f"in {self.root}") from None
         except OSError as exc:
@@ -798,18 +871,9 @@ class LocalStore:
         return self._path(key).is_file()
 
     def list(
-        self,
-        prefix: str = "",
-        *,
-        start_after: str | None = None,
-        limit: int | None = None,
-        page_size: int | None = None,
+        self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None
     ) -> Iterator[ObjectInfo]:
-        """Walk the tree in byte-lexicographic key order, pruning what cannot match.
-
-        ``page_size`` is accepted for interface parity with :class:`S3Store` and ignored.
-        """
-        del page_size
+        """Walk the tree in byte-lexicographic key order, pruning what cannot match."""
         if limit is not None and limit <= 0:
             return
         walk = self._walk(self.root, "", prefix, start_after)
@@ -875,10 +939,35 @@ class LocalStore:
                 raise StoreError(f"delete {key!r}: cannot prune {parent}: {exc}") from exc
             parent = parent.parent
 
-    def copy(self, src_key: str, dst_key: str) -> None:
-        """Copy through memory and an atomic write (local objects are small)."""
-        validate_key(dst_key)  # refuse a bad destination before touching the source
-        self.put(dst_key, self.get(src_key))
+    def copy(self, src_key: str, dst_key: str, *, src_bucket: str | None = None) -> None:
+        """Stream ``src_key`` into an atomic write of ``dst_key``, never whole in memory
+        (an oversized object is quarantined this way). ``src_bucket`` is a sibling
+        directory of this store's root: buckets of one server are directories of one
+        parent, as ``file://`` URLs name them."""
+        dst = self._path(dst_key)  # refuse a bad destination before touching the source
+        source = self
+        if src_bucket is not None and src_bucket != self.bucket:
+            if src_bucket in ("", ".", "..") or "/" in src_bucket or "\\" in src_bucket:
+                raise ValueError(f"bucket name {src_bucket!r} is not one directory name")
+            parent = self.root.parent / src_bucket
+            if not parent.is_dir():
+                raise StoreError(f"copy {src_key!r}: no such bucket {parent}")
+            source = LocalStore(parent, create=False)
+        src = source._path(src_key)
+        try:
+            with open(src, "rb") as fh:
+                self._store(dst, dst_key, fh)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NoSuchKey(src_key, f"in {source.root}") from None
+        except OSError as exc:
+            raise StoreError(f"copy {src_key!r} from {source.root}: {exc}") from exc
+
+    def ensure_bucket(self) -> None:
+        """Create the root directory if it does not exist (idempotent)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create local store root {self.root}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- factory
