@@ -9,6 +9,7 @@ import numpy as np
 from client.update import make_update
 from fedlib.crypto import sealing
 from fedlib.server.ledger import Ledger
+from fedlib.server import state_keys
 from fedlib.server.pipeline import run_round
 from fedlib.wire import compression, protocol
 
@@ -218,8 +219,8 @@ def test_a_failed_quarantine_copy_fails_the_shard_and_deletes_nothing(
             "actions": [
                 "Read",
                 "List",
-                f"Write:{state}/{rr.ROUNDS_PREFIX}*",
-                f"Write:{state}/{rr.ARCHIVE_PREFIX}*",
+                f"Write:{state}/{state_keys.ROUNDS}*",
+                f"Write:{state}/{state_keys.ARCHIVE}*",
             ],
         }
     ]
@@ -239,16 +240,15 @@ def test_a_failed_quarantine_copy_fails_the_shard_and_deletes_nothing(
         rr.process_shard(restricted, "run-fault", 0)
     assert sorted(i.key for i in admin.inbox.list("updates/")) == before  # nothing deleted
     assert admin.inbox.get(oversized) == blob
-    assert list(admin.state.list("quarantine/")) == []
-    assert not admin.state.exists(f"{rr.run_prefix('run-fault')}shards/00000.verdicts.json")
+    assert list(admin.state.list(state_keys.QUARANTINE)) == []
+    assert not admin.state.exists(state_keys.RunKeys("run-fault").shard_verdicts(0))
 
     report = run_round(admin, "run-retry")  # the same inbox, an identity that may quarantine
     assert report.accepted == 2 and report.rejected == {"oversized": 1}, report.summary()
     verdict = Ledger(admin.state).read(oversized)
-    assert verdict is not None and verdict["reason"] == "oversized"
-    quarantined = [i.key for i in admin.state.list("quarantine/" + oversized[8:])]
-    assert [k for k in quarantined if k.endswith(".bin")] == [
-        f"quarantine/{oversized[8:]}/unread.bin"
-    ]
-    assert admin.state.get(f"quarantine/{oversized[8:]}/unread.bin") == blob
+    assert verdict is not None and verdict.reason == "oversized"
+    kept = state_keys.quarantine_bytes(oversized, None)
+    quarantined = [i.key for i in admin.state.list(state_keys.QUARANTINE)]
+    assert [k for k in quarantined if k.endswith(".bin")] == [kept]
+    assert admin.state.get(kept) == blob
     assert list(admin.inbox.list("updates/")) == []
