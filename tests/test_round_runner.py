@@ -8,8 +8,8 @@ import numpy as np
 
 from client.update import make_update
 from fedlib.crypto import sealing
-from fedlib.server.ledger import Ledger
 from fedlib.server import state_keys
+from fedlib.server.ledger import Ledger
 from fedlib.server.pipeline import run_round
 from fedlib.wire import compression, protocol
 
