@@ -436,7 +436,8 @@ def crypto_floor(dep: Any, keys: list[str]) -> float:
 
 def _env() -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path}
+    # A worker that dies on a signal (SIGABRT from a native library) leaves its Python stack.
+    return {**os.environ, "PYTHONPATH": path, "PYTHONFAULTHANDLER": "1"}
 
 
 def run_worker(kind: str, config_path: Path, extra: list[str], s3_pid: int | None) -> dict:
@@ -735,7 +736,13 @@ def main(argv: list[str] | None = None) -> int:
             out = worker_ceiling(
                 config, args.updates, args.concurrency, args.loop, args.async_in_flight
             )
-        print(json.dumps(out))
+        print(json.dumps(out), flush=True)
+        if args.loop == "async_get":
+            # obstore's asyncio calls leave pyo3-async-runtimes' tokio threads running, and
+            # one may touch Python while the interpreter finalizes: SIGABRT/SIGBUS at exit in
+            # about 1 run of 15 here (PyO3/pyo3-async-runtimes#40). The result is out; skip
+            # the teardown. The product only uses obstore's blocking calls (0 of 60 crashed).
+            os._exit(0)
         return 0
     if args.shard_size is None:
         from fedlib.server.settings import ServerSettings
