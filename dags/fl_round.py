@@ -9,8 +9,10 @@ pending updates from the inbox bucket and:
    best known-good model, `rollback_of` set) when it fell below the floor or behind
    the best by more than the tolerance.
    **refresh_channel** re-signs the TUF timestamp/snapshot before they expire.
-1. **plan**: lists the inbox (bounded batch, inbox order) and splits it into shards;
-   with fewer than `min_clients` devices pending the run ends early ("waiting").
+1. **plan**: lists the inbox by device (round-robin, at most `max_objects_per_device`
+   objects per device, bounded batch) and splits it into shards of whole devices; with
+   fewer than `min_clients` devices pending the run is "waiting": its shards hold only
+   junk and replays, which are judged and cleared; nothing is aggregated.
 2. **process_shard** (mapped): verifies each envelope's signature, decrypts (only here),
    validates, and writes the shard's exact partial sum and per-update verdicts to the
    state bucket. XCom carries only keys and digests.
@@ -107,7 +109,7 @@ def fl_round() -> None:
         ctx = get_current_context()
         result = pipeline().plan(runtime.deployment(), runtime.round_run(ctx))
         runtime.log.info("plan: %s", result.message)
-        return [] if result.waiting else list(range(result.shard_count))
+        return list(range(result.shard_count))  # a waiting round still judges its junk
 
     @task(max_active_tis_per_dagrun=8)
     def process_shard(index: int) -> dict:
@@ -121,7 +123,12 @@ def fl_round() -> None:
     @task
     def reduce(shards: object) -> dict[str, object]:
         ctx = get_current_context()
-        return pipeline().reduce(runtime.deployment(), runtime.round_run(ctx)).to_doc()
+        deployment, run = runtime.deployment(), runtime.round_run(ctx)
+        if not pipeline().aggregates(deployment, run):
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            raise AirflowSkipException("waiting round: nothing to aggregate")
+        return pipeline().reduce(deployment, run).to_doc()
 
     @task
     def build_candidate(aggregate: object) -> dict[str, object] | None:

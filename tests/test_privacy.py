@@ -444,9 +444,14 @@ def test_a_device_counts_once_per_round_and_a_replay_reproduces_the_noise(
         return plan, evaluation
 
     plan, _ = run("r-1")
-    assert plan.updates == 3  # one per device: the extra update waits for a later round
+    assert plan.updates == 4 and plan.client_count == 3
+    verdicts = rr.load_verdicts(dep, "r-1")  # one vote per device: the newest is kept
+    assert sum(v.accepted for v in verdicts) == 3
+    assert [v.reason for v in verdicts if not v.accepted] == ["superseded"]
     report = rr.finalize_round(dep, "r-1", decision="rejected")
-    assert [i.key for i in dep.inbox.list("updates/")] == [extra_key]
+    assert report.accepted == 3 and report.rejected == {"superseded": 1}
+    assert list(dep.inbox.list("updates/")) == []
+    assert Ledger(dep.state).read(extra_key) is not None
 
     replay_plan, evaluation = run("r-replay")
     assert replay_plan.replay_of == "r-1"

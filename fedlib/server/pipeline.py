@@ -8,7 +8,8 @@ and returns a small typed record (what the DAG passes on through XCom).
 
 - ``check_active``: automatic rollback check (publishes nothing in a dry run);
 - ``refresh_channel``: re-sign the TUF timestamp/snapshot before they expire;
-- ``plan``: the batch, in shards (or "waiting" below ``min_clients``);
+- ``plan``: the batch, in shards of whole devices (or "waiting" below ``min_clients``:
+  then the shards hold only junk and replays, judged and cleared all the same);
 - ``process_shard`` (mapped): verify, decrypt, validate, exact partial sum, verdicts;
 - ``reduce`` -> ``build_candidate`` -> ``evaluate``;
 - ``gate``: :func:`decide` on the evaluation: publish or not;
@@ -129,7 +130,7 @@ def finalize(deployment: Deployment, run: RoundRun) -> RoundReport:
                 f"run {run.run_id}: the gate passed candidate v{published_version} "
                 "but it was not published (did the publish step fail?)"
             )
-    consume = not (run.dry_run or round_plan.waiting)
+    consume = not run.dry_run  # a waiting plan holds only junk and replays: cleared
     return round_runner.finalize_round(
         deployment,
         run.run_id,
@@ -140,6 +141,12 @@ def finalize(deployment: Deployment, run: RoundRun) -> RoundReport:
 
 
 # -- the one decision ---------------------------------------------------------------------------
+
+
+def aggregates(deployment: Deployment, run: RoundRun) -> bool:
+    """Whether the run's plan has a batch to aggregate (the steps with ``needs_batch``
+    run); False for a waiting round."""
+    return not round_runner.load_plan(deployment, run.run_id).waiting
 
 
 def decide(plan: RoundPlan, evaluation: Evaluation | None, *, dry_run: bool) -> Decision:
@@ -174,7 +181,8 @@ class Step:
     run: Callable[..., Any]
     #: Mapped over the plan's shards (one call per shard index).
     mapped: bool = False
-    #: Runs only when the plan has a batch (skipped by a waiting round).
+    #: Runs only when the plan has a batch to aggregate (skipped by a waiting round,
+    #: whose shards only judge junk and replays).
     needs_batch: bool = False
     #: Runs only when the gate decided :attr:`Decision.PUBLISHED`.
     needs_publish: bool = False
@@ -184,7 +192,7 @@ STEPS: tuple[Step, ...] = (
     Step("check_active", check_active),
     Step("refresh_channel", refresh_channel),
     Step("plan", plan),
-    Step("process_shard", process_shard, mapped=True, needs_batch=True),
+    Step("process_shard", process_shard, mapped=True),
     Step("reduce", reduce, needs_batch=True),
     Step("build_candidate", build_candidate, needs_batch=True),
     Step("evaluate", evaluate, needs_batch=True),

@@ -122,6 +122,13 @@ class RoundPlan(Record):
     holdout_version: int | None = None
     replay_of: str | None = None
     candidate_version: int | None = None
+    #: Inbox objects left for later rounds, by reason: ``max_batch`` (over the batch),
+    #: ``after_interval`` (received after the interval's end), ``waiting`` (well-formed
+    #: updates of a waiting round). Counted among the objects the plan listed.
+    deferred: dict[str, int] = Field(default_factory=dict)
+    #: Devices (and the junk group) with more inbox objects than
+    #: ``max_objects_per_device``: the rest stays for later rounds.
+    capped_groups: int = 0
 
     @property
     def shard_run(self) -> str:
@@ -135,6 +142,9 @@ class ShardKeys(Record):
     schema_: Literal["dadm.shard-keys.v1"] = _schema("dadm.shard-keys.v1")
     keys: list[str]
     replays: list[str]
+    #: When the store received each key (ms, parallel to ``keys``; absent in older
+    #: documents): which of a device's updates is its newest, from the server's clock.
+    received_ms: list[int] | None = None
 
 
 # -- verdicts -----------------------------------------------------------------------------------
@@ -356,6 +366,8 @@ class RoundReport(Record):
     replay: ReplayCheck | None = None
     #: Differential privacy: cumulative epsilon/delta after this round (None: DP off).
     privacy: PrivacySummary | None = None
+    #: Inbox objects the plan left for later rounds, by reason (:class:`RoundPlan`).
+    deferred: dict[str, int] = Field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return self.to_doc()

@@ -167,15 +167,70 @@ def load_shard(deployment: Deployment, plan: RoundPlan, index: int) -> ShardKeys
 
 
 def arrival_ms(info: ObjectInfo) -> int:
-    """When an update belongs to a round: its creation time (UUIDv7), capped by the
-    store's receipt time, so a device clock in the future cannot delay it forever."""
-    received = info.last_modified_ms or 2**62
+    """When an update belongs to a round: when the store received it (the server's
+    clock). Never the time inside the device-chosen UUIDv7: a back-dated id must not
+    join an interval that is already past."""
+    return info.last_modified_ms
+
+
+INBOX = "updates/"
+
+
+@dataclasses.dataclass
+class _Group:
+    """One device's objects listed for a round (``client_id`` None: the junk group of
+    keys outside ``updates/<client>/``), each with whether it is well-formed and fresh."""
+
+    client_id: str | None
+    entries: list[tuple[ObjectInfo, bool, bool]]  # (info, well-formed, already ledgered)
+    capped: bool = False
+    taken: int = 0
+
+    def fresh(self, count: int | None = None) -> int:
+        chosen = self.entries if count is None else self.entries[:count]
+        return sum(ok and not done for _, ok, done in chosen)
+
+
+def _device_of(prefix: str) -> str | None:
+    """The client id of an inbox "directory" ``updates/<segment>/``, None if the segment
+    is not a client id (its keys can never be well-formed updates)."""
+    segment = prefix[len(INBOX) : -1]
     try:
-        _, update_id = protocol.parse_inbox_key(info.key)
-        created = int(update_id.replace("-", "")[:12], 16)
-    except (RejectedUpdate, ValueError):
-        return received
-    return min(created, received)
+        protocol.inbox_key(segment, "x")
+    except ValueError:
+        return None
+    return segment
+
+
+def _well_formed(key: str) -> bool:
+    try:
+        protocol.parse_inbox_key(key)
+    except RejectedUpdate:
+        return False
+    return True
+
+
+def inbox_groups(deployment: Deployment, cap: int) -> Iterator[_Group]:
+    """The inbox by device, each group listed up to ``cap`` objects (one more to know
+    it was capped), so a device with 100k objects costs one bounded listing a round.
+    Device prefixes come from one delimited listing; keys directly under ``updates/`` or
+    under a segment that is not a client id form one junk group, capped the same way."""
+    level = deployment.inbox.list_level(INBOX)
+    junk: list[ObjectInfo] = list(level.objects[: cap + 1])
+    devices: list[tuple[str, str]] = []
+    for prefix in level.prefixes:
+        client = _device_of(prefix)
+        if client is not None:
+            devices.append((client, prefix))
+        elif len(junk) <= cap:
+            junk += deployment.inbox.list(prefix, limit=cap + 1 - len(junk))
+    if junk:
+        yield _Group(None, [(i, False, False) for i in junk[:cap]], capped=len(junk) > cap)
+    for client, prefix in devices:
+        listed = list(deployment.inbox.list(prefix, limit=cap + 1))
+        if listed:
+            entries = [(i, _well_formed(i.key), False) for i in listed[:cap]]
+            yield _Group(client, entries, capped=len(listed) > cap)
 
 
 def plan_round(
@@ -189,11 +244,17 @@ def plan_round(
     interval_key: str | None = None,
     interval_end_ms: int | None = None,
 ) -> RoundPlan:
-    """Pick the batch (inbox order, bounded) and split it into shards; save the plan.
+    """Pick the batch fairly and split it into shards of whole devices; save the plan.
 
-    A run for a data interval takes the updates that arrived by the interval's end. If
-    that interval was already processed, the plan is the original one (a *replay*): the
-    round is recomputed from the archived inputs and compared, and nothing is published.
+    Devices are walked round-robin, each getting at most ``max_objects_per_device``
+    objects (the junk group too), the total bounded by ``max_updates``/``max_batch``:
+    one device's junk cannot crowd out the others. ``min_clients`` counts devices with a
+    planned well-formed update that has no ledger verdict yet. A waiting round still
+    plans (and so judges and clears) the junk and the replays; well-formed updates stay
+    in the inbox. A run for a data interval takes what the store received by the
+    interval's end. If that interval was already processed, the plan is the original one
+    (a *replay*): the round is recomputed from the archived inputs and compared, and
+    nothing is published.
     """
     if interval_key is not None:
         record = interval_record(deployment, interval_key)
@@ -216,16 +277,38 @@ def plan_round(
     if base_version is None:
         raise NoSuchKey("channel/active.json", "no model published: run fl-admin init")
     ledger = Ledger(deployment.state)
-    # Streamed: the listing is in key order, so each client's keys are contiguous and
-    # its ledger entries are needed only while its keys go by. Memory: one shard of
-    # keys plus one client's processed keys, whatever the batch size.
-    shard: list[str] = []
+    deferred = Counter[str]()
+    groups: list[_Group] = []
+    for group in inbox_groups(deployment, settings.max_objects_per_device):
+        if interval_end_ms is not None:
+            late = [e for e in group.entries if arrival_ms(e[0]) > interval_end_ms]
+            deferred["after_interval"] += len(late)
+            group.entries = [e for e in group.entries if arrival_ms(e[0]) <= interval_end_ms]
+        groups.append(group)
+    # One ledger lookup per listed object (bounded by the cap), not per device history.
+    with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="plan") as pool:
+        for group in groups:
+            ledgered = pool.map(lambda e: ledger.has_verdict(e[0].key), group.entries)
+            group.entries = [
+                (i, ok, d) for (i, ok, _), d in zip(group.entries, ledgered, strict=True)
+            ]
+    # Round-robin: one object per group per pass until the batch is full.
+    budget = limit
+    while budget > 0:
+        progressed = False
+        for group in groups:
+            if budget > 0 and group.taken < len(group.entries):
+                group.taken, budget, progressed = group.taken + 1, budget - 1, True
+        if not progressed:
+            break
+    deferred["max_batch"] += sum(len(g.entries) - g.taken for g in groups)
+    fresh_clients = sum(1 for g in groups if g.client_id is not None and g.fresh(g.taken))
+    need = min_clients if min_clients is not None else settings.min_clients
+    waiting = fresh_clients < need
+
+    shard: list[ObjectInfo] = []
     shard_replays: list[str] = []
-    shard_count = updates = replay_count = fresh_clients = 0
-    client, done, client_fresh = None, set(), False
-    # DP: at most one update per device per round (the sensitivity argument); a
-    # device's later updates stay in the inbox for the next rounds.
-    one_per_client = settings.dp_mode != "off"
+    shard_count = updates = replay_count = 0
 
     def flush() -> None:
         nonlocal shard, shard_replays, shard_count
@@ -233,49 +316,52 @@ def plan_round(
             put_record(
                 deployment,
                 RunKeys(run_id).shard_keys(shard_count),
-                ShardKeys(keys=shard, replays=shard_replays),
+                ShardKeys(
+                    keys=[i.key for i in shard],
+                    replays=shard_replays,
+                    received_ms=[i.last_modified_ms for i in shard],
+                ),
             )
             shard, shard_replays, shard_count = [], [], shard_count + 1
 
-    for info in deployment.inbox.list("updates/", limit=limit):
-        if interval_end_ms is not None and arrival_ms(info) > interval_end_ms:
-            continue
-        key = info.key
-        owner = key.split("/")[1] if key.count("/") == 2 else None
-        if owner != client:
-            client, client_fresh = owner, False
-            done = ledger.processed_keys(owner) if owner is not None else set()
-        if one_per_client and client_fresh and key not in done:
-            continue  # this device already has its one fresh update in this round
-        updates += 1
-        shard.append(key)
-        if key in done:
-            shard_replays.append(key)
-            replay_count += 1
-        elif owner is not None and not client_fresh:
-            client_fresh, fresh_clients = True, fresh_clients + 1
-        if len(shard) >= size:
+    for group in groups:  # whole groups per shard: a device's keys are contiguous
+        chosen = group.entries[: group.taken]
+        if waiting:  # only what is judged without a round: junk and replays
+            deferred["waiting"] += group.fresh(group.taken)
+            chosen = [e for e in chosen if not e[1] or e[2]]
+        if shard and len(shard) + len(chosen) > size:
             flush()
+        for info, _, done in chosen:
+            updates += 1
+            shard.append(info)
+            if done:
+                shard_replays.append(info.key)
+                replay_count += 1
     flush()
-    need = min_clients if min_clients is not None else settings.min_clients
-    waiting = fresh_clients < need
+    capped = sum(g.capped for g in groups)
+    if waiting:
+        message = f"waiting: {fresh_clients} of {need} clients"
+        if updates:
+            message += f"; judging {updates} malformed or replayed objects"
+    else:
+        message = f"{updates} updates from {fresh_clients} clients in {shard_count} shards"
+    if capped:
+        message += f"; {capped} devices over the per-device cap"
     plan = RoundPlan(
         run_id=run_id,
         base_version=base_version,
-        shard_count=0 if waiting else shard_count,
+        shard_count=shard_count,
         updates=updates,
         replay_count=replay_count,
         client_count=fresh_clients,
         waiting=waiting,
-        message=(
-            f"waiting: {fresh_clients} of {need} clients"
-            if waiting
-            else f"{updates} updates from {fresh_clients} clients in {shard_count} shards"
-        ),
+        message=message,
         created_at_ms=created_at_ms if created_at_ms is not None else int(time.time() * 1000),
         interval_key=interval_key,
         interval_end_ms=interval_end_ms,
         holdout_version=deployment.holdout_version(),
+        deferred={k: v for k, v in sorted(deferred.items()) if v},
+        capped_groups=capped,
     )
     put_record(deployment, RunKeys(run_id).plan, plan)
     return plan
@@ -428,6 +514,9 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
         agg, verdicts = aggregate_objects(
             stream,
             inputs,
+            received_ms=dict(zip(keys, shard.received_ms, strict=True))
+            if shard.received_ms is not None
+            else None,
             on_verdict=None if keeper is None else functools.partial(keep_judged, keeper),
         )
         if keeper is not None:
@@ -781,7 +870,8 @@ def finalize_round(
     """Write the ledger (once per object) and quarantine, delete the inbox copies, report.
 
     ``decision`` comes from :func:`fedlib.server.pipeline.decide`; ``consume`` False (a
-    dry run, or a waiting round) writes the report only: no verdict, nothing deleted."""
+    dry run) writes the report only: no verdict, nothing deleted. A waiting round's plan
+    holds only junk and replays: their verdicts are written and they leave the inbox."""
     plan = load_plan(deployment, run_id)
     keys = RunKeys(run_id)
     evaluation = load_evaluation(deployment, run_id)
@@ -810,8 +900,6 @@ def finalize_round(
             holdout_version=None,
         )
         report = RoundReport(**fields)
-    elif plan.waiting:
-        report = RoundReport(**fields)
     else:
         accepted, rejected = 0, Counter[str]()
         for verdicts in shard_verdicts(deployment, run_id, plan):
@@ -829,6 +917,7 @@ def finalize_round(
             accepted=accepted,
             rejected=dict(sorted(rejected.items())),
             privacy=PrivacySummary.of(load_round_privacy(deployment, run_id)),
+            deferred=plan.deferred,
         )
         if consume:
             ledger = Ledger(deployment.state)
@@ -837,7 +926,7 @@ def finalize_round(
                     # every verdict of the shard is written before any of its objects goes
                     list(pool.map(lambda v: ledger.record(v, run_id=run_id), verdicts))
                     delete_judged(deployment, verdicts, pool=pool)
-            if plan.interval_key:
+            if plan.interval_key and not plan.waiting:  # a waiting interval is not done
                 put_record(
                     deployment,
                     state_keys.interval(plan.interval_key),
@@ -972,8 +1061,15 @@ def delete_judged(
     changed since stays for the next round (where it meets its ledger entry)."""
     judged = {v.key: v.etag for v in verdicts}
     doomed: list[str] = []
-    for client in sorted({k.split("/")[1] for k in judged if k.count("/") == 2}):
+    last: dict[str, str] = {}  # client -> its last judged key
+    for key in judged:
+        if key.count("/") == 2:
+            client = key.split("/")[1]
+            last[client] = max(last.get(client, key), key)
+    for client in sorted(last):
         for info in deployment.inbox.list(f"updates/{client}/"):
+            if info.key > last[client]:
+                break  # the plan took a device's first keys: the rest is not ours to read
             if info.key in judged and judged[info.key] == info.etag:
                 doomed.append(info.key)
     for key in judged:

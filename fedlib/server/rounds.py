@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from fedlib.server.aggregation import (
     WEIGHT_FRACTION_BITS,
     AggregationConfig,
     Aggregator,
+    admit,
     dp_project,
     server_step,
     single_threaded_blas,
@@ -99,28 +101,72 @@ def aggregate_objects(
     objects: Iterable[tuple[str, bytes]],
     inputs: RoundInputs,
     *,
-    seen_update_ids: set[str] | None = None,
+    seen_update_ids: set[tuple[str, str]] | None = None,
+    received_ms: Mapping[str, int] | None = None,
     on_verdict: Callable[[Verdict], object] | None = None,
 ) -> tuple[Aggregator, list[Verdict]]:
     """Open, validate and add a stream of (key, blob); one verdict per object, never raises.
 
-    ``seen_update_ids`` holds ids already aggregated or quarantined earlier (replays);
-    it is updated in place so duplicates within the stream are caught too.
-    ``on_verdict`` sees each verdict as soon as it is made (a shard starts keeping an
-    object's bytes while the next ones are still being opened).
+    One device, one vote: of a device's valid updates in the stream only the one the
+    store received last (``received_ms``, from the listing; stream order breaks ties)
+    is added; the others get ``superseded`` naming the kept one. A device's keys are
+    contiguous in a shard (the plan groups them), so only one decoded update per device
+    waits at a time; a device that shows up again later in the stream gets no second vote.
+    ``seen_update_ids`` holds (client id, update id) pairs already processed (replays);
+    it is updated in place. ``on_verdict`` sees each verdict as soon as it is final.
     """
     seen = seen_update_ids if seen_update_ids is not None else set()
+    arrivals = received_ms or {}
     agg = new_aggregator(inputs.base.metadata.num_params, inputs.aggregation)
     verdicts: list[Verdict] = []
+    voted: dict[str, str] = {}  # client id -> the key of its vote in this stream
+    group: _DeviceVotes | None = None
+
+    def emit(verdict: Verdict) -> None:
+        verdicts.append(verdict)
+        if on_verdict is not None:
+            on_verdict(verdict)
+
+    def close(votes: _DeviceVotes | None) -> None:
+        if votes is None or votes.kept is None:
+            return
+        kept = votes.kept
+        units = agg.add(kept.delta, kept.weight)  # admitted already: cannot refuse now
+        voted[votes.client_id] = kept.key
+        update = kept.update
+        emit(
+            Verdict(
+                **kept.common,
+                accepted=True,
+                client_id=update.header.client_id,
+                update_id=update.header.update_id,
+                base_version=update.header.base_version,
+                num_samples=update.meta.num_samples,
+                weight_units=units,
+                norm=update.delta.l2_norm(),
+                unclipped=_unclipped_bit(update.meta, inputs.aggregation),
+            )
+        )
+        for common in votes.superseded:
+            emit(_superseded(common, votes.client_id, kept.key))
+
     with single_threaded_blas():  # a norm per update: one BLAS call each
-        for key, blob in objects:
+        for position, (key, blob) in enumerate(objects):
             digest = hashlib.sha256(blob).hexdigest()
-            common = {"key": key, "sha256": digest, "size": len(blob)}
+            common: dict[str, Any] = {"key": key, "sha256": digest, "size": len(blob)}
+            try:
+                key_client, _ = protocol.parse_inbox_key(key)
+            except RejectedUpdate as exc:
+                emit(Verdict(**common, accepted=False, reason=exc.reason, detail=exc.detail))
+                continue
+            if group is None or group.client_id != key_client:
+                close(group)
+                group = _DeviceVotes(key_client)
             try:
                 update = open_and_validate(key, blob, inputs)
-                uid = update.header.update_id
-                if uid in seen:
-                    raise RejectedUpdate("replay", f"update {uid} was already processed")
+                pair = (update.header.client_id, update.header.update_id)
+                if pair in seen:
+                    raise RejectedUpdate("replay", f"update {pair[1]} was already processed")
                 delta, weight = update.delta, update.weight
                 if inputs.aggregation.dp_mode != "off":  # a plain sum of bounded deltas
                     delta, weight = dp_project(delta, inputs.aggregation), 1.0
@@ -131,26 +177,57 @@ def aggregate_objects(
                     weight *= trust
                     if weight < MIN_WEIGHT:
                         raise RejectedUpdate("distrusted", f"trust {trust:.2g} leaves no weight")
-                units = agg.add(delta, weight)
+                admit(delta, weight, inputs.base.metadata.num_params, inputs.aggregation)
             except RejectedUpdate as exc:
-                verdict = Verdict(**common, accepted=False, reason=exc.reason, detail=exc.detail)
-            else:
-                seen.add(uid)
-                verdict = Verdict(
-                    **common,
-                    accepted=True,
-                    client_id=update.header.client_id,
-                    update_id=uid,
-                    base_version=update.header.base_version,
-                    num_samples=update.meta.num_samples,
-                    weight_units=units,
-                    norm=update.delta.l2_norm(),
-                    unclipped=_unclipped_bit(update.meta, inputs.aggregation),
-                )
-            verdicts.append(verdict)
-            if on_verdict is not None:
-                on_verdict(verdict)
+                emit(Verdict(**common, accepted=False, reason=exc.reason, detail=exc.detail))
+                continue
+            seen.add(pair)
+            if key_client in voted:  # the device's group already closed in this stream
+                emit(_superseded(common, key_client, voted[key_client]))
+                continue
+            candidate = _Vote(key, (arrivals.get(key, -1), position), common, update, delta, weight)
+            group.offer(candidate)
+        close(group)
     return agg, verdicts
+
+
+@dataclass
+class _Vote:
+    """A device's valid update waiting to be its vote: one decoded delta per device."""
+
+    key: str
+    order: tuple[int, int]  # (server receipt time, stream position): the larger is newer
+    common: dict[str, Any]
+    update: AcceptedUpdate
+    delta: compression.DecodedDelta
+    weight: float
+
+
+@dataclass
+class _DeviceVotes:
+    """One device's valid updates in a shard: the newest kept, the others superseded."""
+
+    client_id: str
+    kept: _Vote | None = None
+    superseded: list[dict[str, Any]] = field(default_factory=list)
+
+    def offer(self, vote: _Vote) -> None:
+        if self.kept is None or vote.order > self.kept.order:
+            if self.kept is not None:
+                self.superseded.append(self.kept.common)
+            self.kept = vote
+        else:
+            self.superseded.append(vote.common)
+
+
+def _superseded(common: dict[str, Any], client_id: str, kept_key: str) -> Verdict:
+    return Verdict(
+        **common,
+        accepted=False,
+        reason="superseded",
+        detail=f"one vote per device per round: {client_id}'s newest valid update {kept_key} "
+        "was kept",
+    )
 
 
 def _unclipped_bit(meta: protocol.UpdateMeta, config: AggregationConfig) -> bool | None:

@@ -50,6 +50,9 @@ class ServerSettings(BaseModel):
     min_clients: int = Field(2, ge=1, description="Distinct devices needed to run a round.")
     max_batch: int = Field(10_000, ge=1, description="Most updates one round takes.")
     shard_size: int = Field(500, ge=1, description="Updates per mapped process_shard task.")
+    max_objects_per_device: int = Field(
+        16, ge=1, description="Most inbox objects one device (or the junk group) gets per round."
+    )
     model_kind: str = Field("autoencoder", description="Model kind of version 1.")
     auc_tolerance: float = Field(
         0.01, ge=0, description="Gate: candidate AUC may trail the active model by this much."

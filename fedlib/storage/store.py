@@ -93,6 +93,15 @@ class ObjectInfo:
     last_modified_ms: int = 0  # when the store received it (server clock)
 
 
+@dataclass(frozen=True)
+class ListLevel:
+    """One level of a delimited listing: the sub-"directories" (each ending in ``/``)
+    and the objects directly under the prefix, both in key order."""
+
+    prefixes: list[str]
+    objects: list[ObjectInfo]
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     """What fedlib needs from a store: write-once puts, bounded gets, ordered listing.
@@ -122,6 +131,11 @@ class ObjectStore(Protocol):
     ) -> Iterator[ObjectInfo]:
         """Yield objects whose key starts with ``prefix`` (any string, not only up to a
         ``/``) in the store's key order, after ``start_after``, at most ``limit``."""
+        ...
+
+    def list_level(self, prefix: str) -> ListLevel:
+        """One level under ``prefix`` (which ends in ``/``), split at the next ``/``:
+        finds a bucket's "directories" without walking every key inside them."""
         ...
 
     def delete(self, key: str) -> None:
@@ -689,6 +703,56 @@ class S3Store:
             kwargs.pop("StartAfter", None)
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
+    def list_level(self, prefix: str) -> ListLevel:
+        """A delimited listing (one request per 1,000 entries); a level holding a key
+        object_store cannot name is listed through the control plane instead."""
+        if not prefix.endswith("/") or not _addressable(prefix[:-1]):
+            raise ValueError(f"list_level needs a directory prefix ending in '/', not {prefix!r}")
+        _runtime_usable("list", self.bucket, prefix)
+        try:
+            result = obstore.list_with_delimiter(self._store, prefix=prefix[:-1])
+        except obe.InvalidPathError:
+            log.warning("s3://%s: listing %r through ListObjectsV2", self.bucket, prefix)
+            return self._list_level_control(prefix)
+        except _OBSTORE_ERRORS as exc:
+            raise self._error(exc, "list", None) from exc
+        objects = [
+            ObjectInfo(
+                meta["path"],
+                meta["size"],
+                (meta["e_tag"] or "").strip('"'),
+                int(meta["last_modified"].timestamp() * 1000),
+            )
+            for meta in result["objects"]
+        ]
+        prefixes = sorted(p.rstrip("/") + "/" for p in result["common_prefixes"])
+        return ListLevel(prefixes, sorted(objects, key=lambda o: o.key))
+
+    def _list_level_control(self, prefix: str) -> ListLevel:
+        """:meth:`list_level` through boto3 (addressable objects only, as :meth:`list`)."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
+        prefixes: list[str] = []
+        objects: list[ObjectInfo] = []
+        while True:
+            try:
+                page = self._control().list_objects_v2(**kwargs)
+            except self._control_errors() as exc:
+                raise self._control_error(exc, "list") from exc
+            prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", ())]
+            objects += [
+                ObjectInfo(
+                    obj["Key"],
+                    int(obj["Size"]),
+                    str(obj.get("ETag", "")).strip('"'),
+                    int(obj["LastModified"].timestamp() * 1000),
+                )
+                for obj in page.get("Contents", ())
+                if _addressable(obj["Key"])
+            ]
+            if not page.get("IsTruncated"):
+                return ListLevel(sorted(prefixes), sorted(objects, key=lambda o: o.key))
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
     def delete(self, key: str) -> None:
         """Delete ``key``; S3 reports success for a missing key and so do we."""
         _addressed(key)
@@ -878,6 +942,36 @@ class LocalStore:
             return
         walk = self._walk(self.root, "", prefix, start_after)
         yield from walk if limit is None else itertools.islice(walk, limit)
+
+    def list_level(self, prefix: str) -> ListLevel:
+        """One directory of the tree (see :meth:`ObjectStore.list_level`)."""
+        if not prefix.endswith("/"):
+            raise ValueError(f"list_level needs a directory prefix ending in '/', not {prefix!r}")
+        directory = self._path(prefix[:-1]) if prefix != "/" else self.root
+        prefixes: list[str] = []
+        objects: list[ObjectInfo] = []
+        try:
+            with os.scandir(directory) as it:
+                entries = [e for e in it if not e.name.startswith(TMP_PREFIX)]
+        except (FileNotFoundError, NotADirectoryError):
+            return ListLevel([], [])
+        except OSError as exc:
+            raise StoreError(f"list {directory}: {exc}") from exc
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                prefixes.append(prefix + entry.name + "/")
+            elif entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):  # deleted while listing
+                    st = entry.stat(follow_symlinks=False)
+                    objects.append(
+                        ObjectInfo(
+                            prefix + entry.name,
+                            st.st_size,
+                            _local_etag(st),
+                            st.st_mtime_ns // 1_000_000,
+                        )
+                    )
+        return ListLevel(sorted(prefixes), sorted(objects, key=lambda o: o.key))
 
     def _walk(
         self, directory: Path, base: str, prefix: str, start_after: str | None
