@@ -1,7 +1,7 @@
 """The server's round pipeline on real S3: updates/s against the fastest GET-only loop, peak RSS.
 
     python -m bench.round --json [--updates 2000] [--params 100000] [--topk 0.01]
-        [--clients 200] [--shard-size 500[,S2,...]] [--concurrency K] [--seed 0]
+        [--clients N] [--shard-size 500[,S2,...]] [--concurrency K] [--seed 0]
         [--async-in-flight 32]
     python -m bench.round --memory-check --json [--memory-sizes 1000,10000] [...]
 
@@ -464,7 +464,8 @@ def _setup(args: argparse.Namespace, workdir: Path, count: int) -> tuple[Any, An
     server = SeaweedServer(workdir / "s3", die_with_parent=True).start()
     s3 = server.s3_config()
     dep, info = build_deployment(s3, workdir, args.params, args.seed)
-    clients = enroll_fleet(dep, args.clients, "bench")
+    # one device per update by default: a round counts one vote per device (issue 16)
+    clients = enroll_fleet(dep, args.clients or count, "bench")
     t0 = time.perf_counter()
     sizes = [
         size
@@ -688,7 +689,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--updates", type=int, default=2000, help="N updates in the inbox")
     parser.add_argument("--params", type=int, default=100_000, help="D: model size (about)")
     parser.add_argument("--topk", type=float, default=0.01, help="top-k fraction of each delta")
-    parser.add_argument("--clients", type=int, default=200, help="enrolled signing keys")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="enrolled signing keys (default: one per update; a device has one vote a round)",
+    )
     parser.add_argument(
         "--shard-size",
         type=_sizes,
@@ -719,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--loop", choices=[*GET_LOOPS, "io_get_put"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.updates < 1 or args.params < 1 or args.clients < 1:
+    if args.updates < 1 or args.params < 1 or (args.clients is not None and args.clients < 1):
         parser.error("--updates, --params and --clients must be >= 1")
     if not 0 < args.topk <= 1:
         parser.error("--topk must be in (0, 1]")

@@ -28,6 +28,7 @@ REASONS: Final[frozenset[str]] = frozenset(
         "norm_exceeded",
         "oversized",
         "distrusted",
+        "superseded",  # one vote per device per round: a newer valid update was kept
     }
 )
 

@@ -1,9 +1,9 @@
 """Backfills: a processed interval is recomputed and compared, never republished;
-missed intervals are processed in order. Real Airflow runs for past logical dates."""
+intervals are processed in order, by when the store received each update. Real Airflow
+runs for given logical dates."""
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 from client.update import make_update
@@ -34,17 +34,32 @@ def upload_at(deployment, client_index: int, created: datetime) -> str:
     return object_key
 
 
-def test_missed_intervals_in_order_then_a_replay_publishes_nothing(airflow_deployment, dagbag):
+def test_intervals_in_order_by_receipt_time_then_a_replay_publishes_nothing(
+    airflow_deployment, dagbag
+):
+    """Interval membership is when the store received an update. A run for an interval
+    that ended before the uploads takes none of them, even the one whose UUIDv7 claims
+    that interval; the next intervals take them in order; re-running one is a replay."""
     dep = airflow_deployment
-    now = datetime.now(UTC).replace(second=0, microsecond=0)
-    l1 = now - timedelta(hours=2, minutes=now.minute % 15)
-    l2 = l1 + timedelta(minutes=15)
-    first = [upload_at(dep, i, l1 - timedelta(minutes=5)) for i in (0, 1)]
-    second = [upload_at(dep, i, l2 - timedelta(minutes=5)) for i in (2, 3)]
-    time.sleep(0.01)
+    now = datetime.now(UTC)
+    first = [upload_at(dep, i, now) for i in (0, 1)]
+    slot = timedelta(minutes=15)
+    received = max(i.last_modified_ms for i in dep.inbox.list("updates/"))
+    epoch = datetime.fromtimestamp(0, UTC)
+    l1 = epoch + (datetime.fromtimestamp(received / 1000, UTC) - epoch) // slot * slot + slot
+    l0, l2 = l1 - 2 * slot, l1 + slot  # l0's interval ended before anything was received
+    back_dated = upload_at(dep, 4, l0 - timedelta(minutes=5))  # claims l0's interval
+    first.append(back_dated)
 
-    # the scheduler was down for l1 and l2: a backfill runs them oldest first
+    run0 = run_dag(dagbag, l0, min_clients=1)
+    r0 = report_of(dep, run0)
+    assert r0["decision"] == "waiting" and r0["deferred"] == {"after_interval": 3}, r0
+    assert list(plan_keys(dep, load_plan(dep, run0.run_id))) == []
+    ledger = Ledger(dep.state)
+    assert ledger.read(back_dated) is None
+
     run1 = run_dag(dagbag, l1)
+    second = [upload_at(dep, i, now) for i in (2, 3)]  # received after run1 planned
     run2 = run_dag(dagbag, l2)
     assert sorted(plan_keys(dep, load_plan(dep, run1.run_id))) == sorted(first)
     assert sorted(plan_keys(dep, load_plan(dep, run2.run_id))) == sorted(second)
@@ -52,7 +67,6 @@ def test_missed_intervals_in_order_then_a_replay_publishes_nothing(airflow_deplo
     assert (r1["decision"], r1["published_version"]) == ("published", 2), r1
     assert (r2["decision"], r2["published_version"]) == ("published", 3), r2
     assert r2["base_version"] == 2
-    ledger = Ledger(dep.state)
     assert {ledger.read(k).run_id for k in first} == {run1.run_id}
     assert {ledger.read(k).run_id for k in second} == {run2.run_id}
 

@@ -210,12 +210,30 @@ def _well_formed(key: str) -> bool:
     return True
 
 
-def inbox_groups(deployment: Deployment, cap: int) -> Iterator[_Group]:
+def inbox_groups(
+    deployment: Deployment, cap: int, *, interval_end_ms: int | None = None
+) -> Iterator[_Group]:
     """The inbox by device, each group listed up to ``cap`` objects (one more to know
     it was capped), so a device with 100k objects costs one bounded listing a round.
     Device prefixes come from one delimited listing; keys directly under ``updates/`` or
-    under a segment that is not a client id form one junk group, capped the same way."""
+    under a segment that is not a client id form one junk group, capped the same way.
+    Objects received after ``interval_end_ms`` are left out (entries of no group); each
+    listed object gets one ledger lookup (bounded by the cap, not by a device's history).
+    Devices are listed ``SHARD_IO_CONCURRENCY`` at a time, yielded in name order."""
+    ledger = Ledger(deployment.state)
     level = deployment.inbox.list_level(INBOX)
+
+    def group_of(client: str | None, listed: list[ObjectInfo]) -> _Group:
+        capped = len(listed) > cap
+        entries = []
+        for info in listed[:cap]:
+            if interval_end_ms is not None and arrival_ms(info) > interval_end_ms:
+                entries.append((info, False, True))  # marked late: dropped by the plan
+                continue
+            well_formed = client is not None and _well_formed(info.key)
+            entries.append((info, well_formed, ledger.has_verdict(info.key)))
+        return _Group(client, entries, capped=capped)
+
     junk: list[ObjectInfo] = list(level.objects[: cap + 1])
     devices: list[tuple[str, str]] = []
     for prefix in level.prefixes:
@@ -225,12 +243,16 @@ def inbox_groups(deployment: Deployment, cap: int) -> Iterator[_Group]:
         elif len(junk) <= cap:
             junk += deployment.inbox.list(prefix, limit=cap + 1 - len(junk))
     if junk:
-        yield _Group(None, [(i, False, False) for i in junk[:cap]], capped=len(junk) > cap)
-    for client, prefix in devices:
-        listed = list(deployment.inbox.list(prefix, limit=cap + 1))
-        if listed:
-            entries = [(i, _well_formed(i.key), False) for i in listed[:cap]]
-            yield _Group(client, entries, capped=len(listed) > cap)
+        yield group_of(None, junk)
+
+    def device_group(device: tuple[str, str]) -> _Group:
+        client, prefix = device
+        return group_of(client, list(deployment.inbox.list(prefix, limit=cap + 1)))
+
+    with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="plan") as pool:
+        for group in pool.map(device_group, devices):
+            if group.entries:
+                yield group
 
 
 def plan_round(
@@ -276,27 +298,24 @@ def plan_round(
     base_version = deployment.registry().active_version()
     if base_version is None:
         raise NoSuchKey("channel/active.json", "no model published: run fl-admin init")
-    ledger = Ledger(deployment.state)
     deferred = Counter[str]()
     groups: list[_Group] = []
-    for group in inbox_groups(deployment, settings.max_objects_per_device):
-        if interval_end_ms is not None:
+    cap = settings.max_objects_per_device
+    for group in inbox_groups(deployment, cap, interval_end_ms=interval_end_ms):
+        if interval_end_ms is not None:  # received after the interval: the next one's
             late = [e for e in group.entries if arrival_ms(e[0]) > interval_end_ms]
             deferred["after_interval"] += len(late)
             group.entries = [e for e in group.entries if arrival_ms(e[0]) <= interval_end_ms]
         groups.append(group)
-    # One ledger lookup per listed object (bounded by the cap), not per device history.
-    with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="plan") as pool:
-        for group in groups:
-            ledgered = pool.map(lambda e: ledger.has_verdict(e[0].key), group.entries)
-            group.entries = [
-                (i, ok, d) for (i, ok, _), d in zip(group.entries, ledgered, strict=True)
-            ]
-    # Round-robin: one object per group per pass until the batch is full.
+    # Round-robin: one object per group per pass until the batch is full. When the batch
+    # is smaller than the number of devices, the walk starts at a place that moves with
+    # the run id (a retry plans the same), so no device always comes last.
+    start = int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % max(len(groups), 1)
+    walk = groups[start:] + groups[:start]
     budget = limit
     while budget > 0:
         progressed = False
-        for group in groups:
+        for group in walk:
             if budget > 0 and group.taken < len(group.entries):
                 group.taken, budget, progressed = group.taken + 1, budget - 1, True
         if not progressed:
