@@ -89,34 +89,34 @@ def test_a_junk_flood_neither_stalls_the_round_nor_survives_waiting_rounds(
 ):
     """2,000 one-byte objects under a prefix that sorts first, a batch of 200: the round
     still aggregates both honest devices (the plan used to take the first 200 keys, all
-    junk, and wait for ever); the junk group gets the per-device cap (16) per round and
-    waiting rounds keep clearing it."""
+    junk, and wait for ever); the junk group gets what the devices leave of the batch,
+    and waiting rounds keep clearing it, a batch at a time."""
     import json
 
     from tests.helpers import build_deployment
 
     dep = build_deployment(s3_config, tmp_path / "keys", small_dataset, max_batch=MAX_BATCH)
-    cap = dep.settings.max_objects_per_device
     junk = flood(dep)
     honest = upload_updates(dep, 2)
 
     assert fl_admin(dep, tmp_path, monkeypatch, "round", "--run-id", "flood-1", "--json") == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["accepted"] == 2 and report["rejected"] == {"malformed": cap}, report
+    judged_first = MAX_BATCH - 2
+    assert report["accepted"] == 2 and report["rejected"] == {"malformed": judged_first}
     assert report["decision"] in {"published", "rejected"}
     ledger = Ledger(dep.state)
     for key in honest:
         assert ledger.read(key).accepted
-    assert len(pending(dep, FLOOD)) == N_JUNK - cap
+    assert len(pending(dep, FLOOD)) == N_JUNK - judged_first
     plan = rr.load_plan(dep, "flood-1")
     assert plan.capped_groups == 1 and plan.client_count == 2
 
     # nobody honest pending: the round waits, and still judges and clears junk
     assert fl_admin(dep, tmp_path, monkeypatch, "round", "--run-id", "flood-2", "--json") == 0
     waiting = json.loads(capsys.readouterr().out)
-    assert waiting["decision"] == "waiting" and waiting["rejected"] == {"malformed": cap}
-    assert waiting["message"].startswith("waiting: 0 of 2 clients; judging 16")
-    assert len(pending(dep, FLOOD)) == N_JUNK - 2 * cap
+    assert waiting["decision"] == "waiting" and waiting["rejected"] == {"malformed": MAX_BATCH}
+    assert waiting["message"].startswith(f"waiting: 0 of 2 clients; judging {MAX_BATCH}")
+    assert len(pending(dep, FLOOD)) == N_JUNK - judged_first - MAX_BATCH
     judged = [k for k in junk if k not in set(pending(dep, FLOOD))]
     for key in judged:  # each one ledgered and its byte kept: nothing lost
         verdict = ledger.read(key)
@@ -129,14 +129,31 @@ def test_a_waiting_round_keeps_well_formed_updates_for_the_next_round(deployment
     not ledgered, and is aggregated once a second device shows up."""
     flood(deployment, 40)
     (key,) = upload_updates(deployment, 1)
-    report = run_round(deployment, "w-1")
-    assert report.decision == "waiting" and report.rejected == {"malformed": 16}
-    assert report.deferred == {"waiting": 1}
+    report = run_round(deployment, "w-1", max_updates=30)
+    assert report.decision == "waiting" and report.rejected == {"malformed": 29}
+    assert report.deferred == {"max_batch": 1, "waiting": 1}, report.deferred  # of those listed
     assert Ledger(deployment.state).read(key) is None
     assert key in pending(deployment)
     upload_updates(deployment, 1, start=1)
     after = run_round(deployment, "w-2")
-    assert after.accepted == 2 and after.rejected == {"malformed": 16}, after.summary()
+    assert after.accepted == 2 and after.rejected == {"malformed": 11}, after.summary()
+    assert pending(deployment) == []
+
+
+def test_a_device_over_the_cap_keeps_the_rest_for_later_rounds(deployment):
+    """20 valid updates of one device, a cap of 16: 16 are judged this round (one vote,
+    15 superseded), 4 stay in the inbox for the next round, which gives it one vote more."""
+    key = enroll(deployment, "mallory")
+    for i in range(20):
+        sealed(deployment, "mallory", key, scale=1e-3 * (i + 1))
+    upload_updates(deployment, 1)
+    first = run_round(deployment, "cap-1")
+    assert first.accepted == 2 and first.rejected == {"superseded": 15}, first.summary()
+    assert rr.load_plan(deployment, "cap-1").capped_groups == 1
+    assert len(pending(deployment, "updates/mallory/")) == 4
+    second = run_round(deployment, "cap-2", min_clients=1)
+    assert second.accepted == 1 and second.rejected == {"superseded": 3}, second.summary()
+    assert pending(deployment) == []
 
 
 def test_a_junk_flood_does_not_stall_the_dag(airflow_deployment, dagbag):
@@ -147,14 +164,16 @@ def test_a_junk_flood_does_not_stall_the_dag(airflow_deployment, dagbag):
     dag_run = run_dag(dagbag, T0, max_updates=MAX_BATCH)
     assert dag_run.state == "success"
     report = report_of(dep, dag_run)
-    assert report["accepted"] == 2 and report["rejected"] == {"malformed": 16}, report
+    judged_first = MAX_BATCH - 2
+    assert report["accepted"] == 2 and report["rejected"] == {"malformed": judged_first}
     assert all(Ledger(dep.state).read(k).accepted for k in honest)
 
     waiting = run_dag(dagbag, T0 + timedelta(minutes=15), max_updates=MAX_BATCH)
     assert waiting.state == "success"
     report = report_of(dep, waiting)
-    assert report["decision"] == "waiting" and report["rejected"] == {"malformed": 16}, report
-    assert len(pending(dep, FLOOD)) == N_JUNK - 32
+    assert report["decision"] == "waiting", report
+    assert report["rejected"] == {"malformed": MAX_BATCH}, report
+    assert len(pending(dep, FLOOD)) == N_JUNK - judged_first - MAX_BATCH
 
 
 def test_forty_valid_updates_from_one_device_get_one_vote(s3_config, tmp_path, small_dataset):

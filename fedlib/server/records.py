@@ -379,6 +379,8 @@ class RoundReport(Record):
             f"  updates: {self.accepted} accepted, {sum(self.rejected.values())} rejected"
             + (f" {self.rejected}" if self.rejected else ""),
         ]
+        if self.deferred:
+            lines.append(f"  left in the inbox for later rounds: {self.deferred}")
         if self.active_metrics:
             active = self.active_metrics
             line = (

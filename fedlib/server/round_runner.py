@@ -211,22 +211,29 @@ def _well_formed(key: str) -> bool:
 
 
 def inbox_groups(
-    deployment: Deployment, cap: int, *, interval_end_ms: int | None = None
+    deployment: Deployment,
+    cap: int,
+    *,
+    junk_limit: int | None = None,
+    interval_end_ms: int | None = None,
 ) -> Iterator[_Group]:
     """The inbox by device, each group listed up to ``cap`` objects (one more to know
     it was capped), so a device with 100k objects costs one bounded listing a round.
     Device prefixes come from one delimited listing; keys directly under ``updates/`` or
-    under a segment that is not a client id form one junk group, capped the same way.
+    under a segment that is not a client id form one junk group, listed up to
+    ``junk_limit`` (default ``cap``): it may take what the devices leave of the batch.
     Objects received after ``interval_end_ms`` are left out (entries of no group); each
     listed object gets one ledger lookup (bounded by the cap, not by a device's history).
     Devices are listed ``SHARD_IO_CONCURRENCY`` at a time, yielded in name order."""
     ledger = Ledger(deployment.state)
     level = deployment.inbox.list_level(INBOX)
 
-    def group_of(client: str | None, listed: list[ObjectInfo]) -> _Group:
-        capped = len(listed) > cap
+    junk_limit = cap if junk_limit is None else junk_limit
+
+    def group_of(client: str | None, listed: list[ObjectInfo], limit: int) -> _Group:
+        capped = len(listed) > limit
         entries = []
-        for info in listed[:cap]:
+        for info in listed[:limit]:
             if interval_end_ms is not None and arrival_ms(info) > interval_end_ms:
                 entries.append((info, False, True))  # marked late: dropped by the plan
                 continue
@@ -234,20 +241,20 @@ def inbox_groups(
             entries.append((info, well_formed, ledger.has_verdict(info.key)))
         return _Group(client, entries, capped=capped)
 
-    junk: list[ObjectInfo] = list(level.objects[: cap + 1])
+    junk: list[ObjectInfo] = list(level.objects[: junk_limit + 1])
     devices: list[tuple[str, str]] = []
     for prefix in level.prefixes:
         client = _device_of(prefix)
         if client is not None:
             devices.append((client, prefix))
-        elif len(junk) <= cap:
-            junk += deployment.inbox.list(prefix, limit=cap + 1 - len(junk))
+        elif len(junk) <= junk_limit:
+            junk += deployment.inbox.list(prefix, limit=junk_limit + 1 - len(junk))
     if junk:
-        yield group_of(None, junk)
+        yield group_of(None, junk, junk_limit)
 
     def device_group(device: tuple[str, str]) -> _Group:
         client, prefix = device
-        return group_of(client, list(deployment.inbox.list(prefix, limit=cap + 1)))
+        return group_of(client, list(deployment.inbox.list(prefix, limit=cap + 1)), cap)
 
     with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="plan") as pool:
         for group in pool.map(device_group, devices):
@@ -301,25 +308,31 @@ def plan_round(
     deferred = Counter[str]()
     groups: list[_Group] = []
     cap = settings.max_objects_per_device
-    for group in inbox_groups(deployment, cap, interval_end_ms=interval_end_ms):
+    for group in inbox_groups(deployment, cap, junk_limit=limit, interval_end_ms=interval_end_ms):
         if interval_end_ms is not None:  # received after the interval: the next one's
             late = [e for e in group.entries if arrival_ms(e[0]) > interval_end_ms]
             deferred["after_interval"] += len(late)
             group.entries = [e for e in group.entries if arrival_ms(e[0]) <= interval_end_ms]
         groups.append(group)
-    # Round-robin: one object per group per pass until the batch is full. When the batch
-    # is smaller than the number of devices, the walk starts at a place that moves with
-    # the run id (a retry plans the same), so no device always comes last.
+    # Round-robin: one object per group per pass, at most ``cap`` each, until the batch
+    # is full. When the batch is smaller than the number of devices, the walk starts at
+    # a place that moves with the run id (a retry plans the same), so no device always
+    # comes last. What the devices leave of the batch goes to the junk group: judging
+    # junk takes no one's vote, and a flood is cleared in batches, not 16 at a time.
     start = int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % max(len(groups), 1)
     walk = groups[start:] + groups[:start]
     budget = limit
     while budget > 0:
         progressed = False
         for group in walk:
-            if budget > 0 and group.taken < len(group.entries):
+            if budget > 0 and group.taken < min(len(group.entries), cap):
                 group.taken, budget, progressed = group.taken + 1, budget - 1, True
         if not progressed:
             break
+    for group in groups:
+        if group.client_id is None:
+            extra = min(budget, len(group.entries) - group.taken)
+            group.taken, budget = group.taken + extra, budget - extra
     deferred["max_batch"] += sum(len(g.entries) - g.taken for g in groups)
     fresh_clients = sum(1 for g in groups if g.client_id is not None and g.fresh(g.taken))
     need = min_clients if min_clients is not None else settings.min_clients
