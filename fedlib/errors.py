@@ -28,7 +28,6 @@ REASONS: Final[frozenset[str]] = frozenset(
         "norm_exceeded",
         "oversized",
         "distrusted",
-        "superseded",  # one vote per device per round: a newer valid update was kept
     }
 )
 

@@ -125,10 +125,10 @@ class RoundPlan(Record):
     #: Inbox objects left for later rounds, by reason: ``max_batch`` (over the batch),
     #: ``after_interval`` (received after the interval's end), ``waiting`` (well-formed
     #: updates of a waiting round). Counted among the objects the plan listed.
-    deferred: dict[str, int] = Field(default_factory=dict)
-    #: Devices (and the junk group) with more inbox objects than
-    #: ``max_objects_per_device``: the rest stays for later rounds.
-    capped_groups: int = 0
+    deferred: dict[str, int] | None = None
+    #: Devices (and the junk group) with more inbox objects than the plan could list
+    #: (``max_objects_per_device``): the rest stays for later rounds.
+    capped_groups: int | None = None
 
     @property
     def shard_run(self) -> str:
@@ -367,7 +367,7 @@ class RoundReport(Record):
     #: Differential privacy: cumulative epsilon/delta after this round (None: DP off).
     privacy: PrivacySummary | None = None
     #: Inbox objects the plan left for later rounds, by reason (:class:`RoundPlan`).
-    deferred: dict[str, int] = Field(default_factory=dict)
+    deferred: dict[str, int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return self.to_doc()

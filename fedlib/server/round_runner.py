@@ -392,8 +392,8 @@ def plan_round(
         interval_key=interval_key,
         interval_end_ms=interval_end_ms,
         holdout_version=deployment.holdout_version(),
-        deferred={k: v for k, v in sorted(deferred.items()) if v},
-        capped_groups=capped,
+        deferred={k: v for k, v in sorted(deferred.items()) if v} or None,
+        capped_groups=capped or None,
     )
     put_record(deployment, RunKeys(run_id).plan, plan)
     return plan

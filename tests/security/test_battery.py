@@ -203,6 +203,7 @@ F16_NAN, F16_INF, F16_NEG_INF, F16_MIN_SUBNORMAL = 0x7E00, 0x7C00, 0xFC00, 0x000
 HONEST = ("client-01", "client-02", "client-03")
 ATTACKER = "client-04"
 ACCOMPLICE = "client-05"
+STALE_OK_CLIENT = "client-00"
 REVOKED = "client-06"
 TOP_VERSION = 10  # copies of v1 are published up to this version
 STALE_OK_BASE = 5  # staleness 5 <= max_staleness 8: accepted, down-weighted
@@ -914,6 +915,9 @@ def test_battery_table_is_complete():
 
 
 def test_adversarial_battery_in_one_round(deployment):
+    # Every kind in ONE round: the attacker's ~80 objects exceed the per-device cap,
+    # which would spread them over rounds (tests/test_hostile_device.py covers the cap).
+    deployment.settings = deployment.settings.model_copy(update={"max_objects_per_device": 1000})
     publish_copies(deployment, TOP_VERSION)
     w = World(deployment)
     assert w.package.version == TOP_VERSION and w.dim <= 65536  # topk16 uses uint16 indices
@@ -922,7 +926,8 @@ def test_adversarial_battery_in_one_round(deployment):
     for cid in HONEST:
         real = w.real(cid)
         honest[f"honest:{cid}"] = (real.key, real.envelope)
-    stale = w.real("client-01", package=w.registry.read_version(STALE_OK_BASE))
+    # its own device: a round counts one update per device (a second one is superseded)
+    stale = w.real(STALE_OK_CLIENT, package=w.registry.read_version(STALE_OK_BASE))
     honest["honest:stale-ok"] = (stale.key, stale.envelope)
 
     built: dict[str, tuple[str, bytes]] = {}
