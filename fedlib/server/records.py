@@ -88,6 +88,8 @@ class Metrics(Record):
     fpr: float
     n: float
     n_anomalies: float
+    #: Flagged share of each anomaly class the holdout names (None: it names none).
+    class_detection: dict[str, float] | None = None
 
 
 class HoldoutPointer(Record):

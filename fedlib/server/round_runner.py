@@ -674,11 +674,33 @@ def evaluate(
     holdout = holdout or deployment.load_holdout()
     from fedlib.models.evaluation import evaluate_onnx
 
-    return evaluate_onnx(package.onnx_bytes, holdout.features, holdout.labels)
+    return evaluate_onnx(package.onnx_bytes, holdout.features, holdout.labels, holdout.classes)
+
+
+#: Published versions whose per-class detection the gate compares a candidate with.
+CLASS_REFERENCE_VERSIONS = 20
+
+
+def recent_class_reference(
+    deployment: Deployment, holdout: Holdout, active: ScoredMetrics
+) -> dict[str, float] | None:
+    """The best per-class detection of the active model and the last
+    :data:`CLASS_REFERENCE_VERSIONS` published versions on ``holdout`` (None: the
+    holdout names no classes). A window, not the active model alone, so that a class
+    eroded a little per round still meets the tolerance as a whole."""
+    if holdout.classes is None:
+        return None
+    from fedlib.models.evaluation import class_reference
+
+    registry = deployment.registry()
+    recent = [active]
+    for version in registry.versions()[-CLASS_REFERENCE_VERSIONS:]:
+        recent.append(evaluate(deployment, registry.read_version(version), holdout))
+    return class_reference(recent)
 
 
 def _metrics(scored: ScoredMetrics) -> Metrics:
-    return Metrics(**scored.as_dict())
+    return Metrics(**scored.as_dict(), class_detection=dict(scored.class_detection) or None)
 
 
 def evaluate_round(deployment: Deployment, run_id: str) -> Evaluation:
@@ -707,6 +729,8 @@ def evaluate_round(deployment: Deployment, run_id: str) -> Evaluation:
             active,
             tolerance=deployment.settings.auc_tolerance,
             floor=deployment.settings.auc_floor,
+            class_tolerance=deployment.settings.class_detection_tolerance,
+            class_reference=recent_class_reference(deployment, holdout, active),
         )
         candidate = _metrics(scored)
         if plan.replay_of:
@@ -755,7 +779,7 @@ def publish_round(deployment: Deployment, run_id: str) -> int:
     candidate = load_candidate(deployment, run_id)
     final = ModelPackage(
         metadata=candidate.metadata.model_copy(
-            update={"metrics": evaluation.candidate.model_dump()}
+            update={"metrics": evaluation.candidate.model_dump(exclude={"class_detection"})}
         ),
         onnx_bytes=candidate.onnx_bytes,
         weights=candidate.weights,

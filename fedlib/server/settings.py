@@ -55,6 +55,13 @@ class ServerSettings(BaseModel):
         0.01, ge=0, description="Gate: candidate AUC may trail the active model by this much."
     )
     auc_floor: float = Field(0.6, ge=0, le=1, description="Gate: never publish below this AUC.")
+    class_detection_tolerance: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Gate, when the holdout names anomaly classes: the candidate may detect "
+        "each class's rows by at most this much less than the active model.",
+    )
     threshold_quantile: float = Field(
         0.99, gt=0, lt=1, description="Benign-score quantile that becomes the flag threshold."
     )
