@@ -259,3 +259,40 @@ def test_reports_before_device_shares_still_read_and_render():
 
     assert fmt_share(Row()) == "—"
     assert "no per-device weights recorded" in devices_table(())
+
+
+@pytest.mark.parametrize("mode", ["fltrust", "trimmed_mean"])
+def test_reduce_equals_summing_with_the_final_weights(s3_config, tmp_path, small_dataset, mode):
+    """Under FLTrust (trust-scaled, capped deltas) and the trimmed mean (rows), the
+    corrected aggregate is byte for byte the one made by adding every archived update
+    with its final weight from the start."""
+    from fedlib.server.aggregation import final_weights
+    from fedlib.server.rounds import open_and_validate, summed_delta
+    from fedlib.server.strategy import new_aggregator
+
+    dep = build_deployment(s3_config, tmp_path / mode, small_dataset, robust_aggregation=mode)
+    _honest(dep, 5)
+    package = dep.registry().read_active()
+    delta, _ = local_delta(package, dep.dataset.clients[dep.dataset.client_ids[5]], seed=5)
+    _attacker(dep, delta, updates=10, num_samples=200)  # benign-looking, but ten of them
+    _reduced(dep, "w-1")
+
+    weights = rr.load_round_weights(dep, "w-1")
+    mallory = next(d for d in weights.devices if d.client_id == "mallory")
+    assert mallory.weight_share <= 0.25
+    plan = rr.load_plan(dep, "w-1")
+    base = dep.registry().read_version(plan.base_version)
+    inputs = rr.round_inputs(dep, base, plan.holdout_version)
+    accepted = [v for v in rr.load_verdicts(dep, "w-1") if v.accepted]
+    if _accepted_from(dep, "w-1", "mallory") > 1:
+        assert mallory.capped and weights.reweighted >= 1
+    updates = [rr._update_weight(v, plan.base_version) for v in accepted]
+    policy = final_weights(lambda: updates, inputs.aggregation)
+    direct = new_aggregator(base.metadata.num_params, inputs.aggregation)
+    for verdict, update in zip(accepted, updates, strict=True):
+        units = policy.units(update)
+        blob = rr.archived_envelope(dep, "w-1", verdict.key)
+        update_delta, _ = summed_delta(open_and_validate(verdict.key, blob, inputs), inputs)
+        if units:
+            direct.add(update_delta, units / 2**16)
+    assert dep.state.get(RunKeys("w-1").aggregate) == direct.to_bytes()

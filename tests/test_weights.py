@@ -16,6 +16,7 @@ from fedlib.server.aggregation import (
     AggregationConfig,
     StreamingAggregator,
     UpdateWeight,
+    WeightPolicy,
     count_cap,
     final_weights,
     staleness_weight,
@@ -124,25 +125,35 @@ def test_robust_reweight_changes_the_row_weight_or_drops_it():
 # -- the policy ---------------------------------------------------------------------------------
 
 
+def _final(
+    updates: list[UpdateWeight], config: AggregationConfig
+) -> tuple[WeightPolicy, list[int]]:
+    """The policy over ``updates`` and each update's final units, in order."""
+    policy = final_weights(lambda: updates, config)
+    return policy, [policy.units(u) for u in updates]
+
+
 def test_count_cap_is_the_lower_median_over_devices_times_the_factor():
     config = AggregationConfig(count_cap_factor=4)
     honest = [("a", 100, ONE), ("b", 300, ONE), ("c", 200, ONE)]
-    # the attacker's 40 updates count once; its absurd claim moves the median one place
     attack = [("m", 2**40, ONE)] * 40
-    assert count_cap(_updates(honest), config) == 800
-    assert count_cap(_updates(honest + attack), config) == 800
-    assert count_cap(_updates(honest), AggregationConfig()) is None
+    assert count_cap([100, 300, 200], config) == 800
+    # the attacker's 40 updates count once (its smallest claim): one place in the median
+    assert _final(_updates(honest + attack), config)[0].count_cap == 800
+    assert count_cap([100, 300, 200, 2**40], config) == 800
+    assert count_cap([100, 300, 200], AggregationConfig()) is None
 
 
 def test_a_claim_of_2_to_the_40_rows_is_clipped_to_the_fleet_cap():
     config = AggregationConfig(count_cap_factor=4, max_device_share=1.0)
     spec = [("a", 100, 100 * ONE), ("b", 120, 120 * ONE), ("m", 2**40, config.max_weight * ONE)]
-    policy = final_weights(_updates(spec), config)
+    policy, units = _final(_updates(spec), config)
     assert policy.count_cap == 480
-    assert policy.units[:2] == [100 * ONE, 120 * ONE]
-    assert policy.units[2] == 480 * ONE  # as if it had reported 480 rows
+    assert units[:2] == [100 * ONE, 120 * ONE]
+    assert units[2] == 480 * ONE  # as if it had reported 480 rows
     m = next(d for d in policy.devices if d.client_id == "m")
     assert m.clipped and not m.capped and m.share == pytest.approx(480 / 700)
+    assert policy.spread == {}
 
 
 def test_clipping_keeps_staleness_and_never_raises_a_weight():
@@ -155,35 +166,37 @@ def test_clipping_keeps_staleness_and_never_raises_a_weight():
             UpdateWeight(f"k/{c}", c, n, s, round(staleness_weight(n, s, config) * ONE))
             for c, n, s in (("a", 64, 0), ("b", 64, 0), ("m", 10_000, 3))
         ]
-        policy = final_weights(updates, config)
+        policy, units = _final(updates, config)
         m = next(d for d in policy.devices if d.client_id == "m")
         assert m.clipped is clipped
         if clipped:
-            assert abs(policy.units[2] - staleness_weight(128, 3, config) * ONE) <= 1
+            assert abs(units[2] - staleness_weight(128, 3, config) * ONE) <= 1
         else:
-            assert policy.units[2] == updates[2].units
+            assert units[2] == updates[2].units
 
 
 def test_forty_updates_from_one_device_get_at_most_the_share_cap():
     config = AggregationConfig(max_device_share=0.25)
     honest = [(f"h{i}", 100, 100 * ONE) for i in range(6)]
     attack = [("m", 100, 100 * ONE)] * 40
-    policy = final_weights(_updates(honest + attack), config)
+    policy, units = _final(_updates(honest + attack), config)
     shares = {d.client_id: d for d in policy.devices}
     assert shares["m"].accepted == 40 and shares["m"].capped
     assert shares["m"].share <= 0.25
     assert shares["m"].share == pytest.approx(0.25, abs=1e-6)
-    assert all(policy.units[i] == 100 * ONE for i in range(6))  # honest ones untouched
-    assert sum(policy.units[6:]) == shares["m"].units
-    assert sum(policy.units) == sum(d.units for d in policy.devices)
+    assert all(units[i] == 100 * ONE for i in range(6))  # honest ones untouched
+    assert sum(units[6:]) == shares["m"].units
+    # kept per update only for the capped device (memory is per device otherwise)
+    assert sorted(policy.spread) == sorted(u.key for u in _updates(honest + attack)[6:])
+    assert sum(units) == sum(d.units for d in policy.devices)
 
 
 def test_fewer_devices_than_one_over_the_share_get_equal_weights():
     config = AggregationConfig(max_device_share=0.25)
-    policy = final_weights(_updates([("a", 10, 10 * ONE), ("b", 90, 90 * ONE)]), config)
+    policy, units = _final(_updates([("a", 10, 10 * ONE), ("b", 90, 90 * ONE)]), config)
     assert policy.equal_weights
     assert [d.share for d in policy.devices] == [0.5, 0.5]
-    assert policy.units == [10 * ONE, 10 * ONE]
+    assert units == [10 * ONE, 10 * ONE]
 
 
 @settings(max_examples=200, deadline=None)
@@ -194,8 +207,8 @@ def test_fewer_devices_than_one_over_the_share_get_equal_weights():
 def test_no_device_exceeds_the_cap_and_uncapped_devices_keep_their_weight(rows, share):
     config = AggregationConfig(max_device_share=share)
     updates = _updates([(f"c{c}", 1, u) for c, u in rows])
-    policy = final_weights(updates, config)
-    total = sum(policy.units)
+    policy, units = _final(updates, config)
+    total = sum(units)
     assert total == sum(d.units for d in policy.devices)
     if policy.equal_weights:
         assert len({d.units for d in policy.devices}) == 1
@@ -205,7 +218,7 @@ def test_no_device_exceeds_the_cap_and_uncapped_devices_keep_their_weight(rows, 
         assert d.units * 1.0 / total <= share + 1e-12
         if not d.capped:
             mine = [i for i, u in enumerate(updates) if u.client_id == d.client_id]
-            assert all(policy.units[i] == updates[i].units for i in mine)
+            assert all(units[i] == updates[i].units for i in mine)
 
 
 def test_dp_rounds_keep_weight_one():
@@ -213,8 +226,8 @@ def test_dp_rounds_keep_weight_one():
         dp_mode="central", dp_clip=1.0, max_device_share=0.25, count_cap_factor=4
     )
     updates = _updates([("a", 10, ONE), ("b", 2**40, ONE)])
-    policy = final_weights(updates, config)
-    assert policy.units == [ONE, ONE] and policy.count_cap is None
+    policy, units = _final(updates, config)
+    assert units == [ONE, ONE] and policy.count_cap is None
 
 
 def test_the_policy_is_deterministic_whatever_the_input_order():
@@ -222,7 +235,7 @@ def test_the_policy_is_deterministic_whatever_the_input_order():
     spec = [("a", 50, 7 * ONE), ("m", 900, 3 * ONE), ("m", 10, 11 * ONE), ("b", 40, 5 * ONE)]
     spec += [("c", 60, 9 * ONE), ("m", 70, 13 * ONE)]
     updates = _updates(spec)
-    forward = final_weights(updates, config)
-    backward = final_weights(updates[::-1], config)
-    assert forward.units == backward.units[::-1]
+    forward, forward_units = _final(updates, config)
+    backward, backward_units = _final(updates[::-1], config)
+    assert forward_units == backward_units[::-1]
     assert forward.devices == backward.devices

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -466,12 +466,23 @@ class DeviceWeight:
 
 @dataclass(frozen=True)
 class WeightPolicy:
-    """The final weight of every accepted update (aligned with the input) and why."""
+    """The round's final weights: per device, and per update through :meth:`units`.
 
-    units: list[int]
-    devices: list[DeviceWeight]
+    Memory is per device plus one entry per update of a capped device (at most
+    ``1 / max_device_share`` devices, or fewer than that under equal weights): those
+    updates are re-read anyway. Other updates' weights are recomputed from the update."""
+
+    config: AggregationConfig
     count_cap: int | None
     equal_weights: bool  # fewer devices than 1 / max_device_share
+    devices: list[DeviceWeight]
+    spread: dict[str, int]  # final units of each capped device's updates, by key
+
+    def units(self, update: UpdateWeight) -> int:
+        """The final weight units of one accepted update (0: it no longer counts)."""
+        if update.key in self.spread:
+            return self.spread[update.key]
+        return _clipped_units(update, self.count_cap, self.config)
 
     @property
     def largest(self) -> DeviceWeight | None:
@@ -479,28 +490,32 @@ class WeightPolicy:
         return max(self.devices, key=lambda d: (d.share, d.client_id), default=None)
 
 
-def _lower_median(values: list[int]) -> int:
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2]
-
-
-def count_cap(updates: list[UpdateWeight], config: AggregationConfig) -> int | None:
+def count_cap(device_counts: Iterable[int], config: AggregationConfig) -> int | None:
     """The round's cap on self-reported sample counts (None: no fleet-derived cap).
 
-    ``count_cap_factor`` times the lower median over *devices* of each device's own
-    lower-median count: one value per device, so a device sending many updates or one
-    absurd count moves the median by at most one position, and the cap follows what
-    honest devices of this round report (no history to poison or to go stale). The
-    default factor 4 is about the 99th percentile over the median of the synthetic
-    fleet's sizes (lognormal, sigma 0.6: e**(0.6 * 2.33) = 4.05), so honest devices
-    are rarely clipped."""
-    if config.count_cap_factor <= 0 or not updates:
+    ``count_cap_factor`` times the lower median over *devices* of each device's smallest
+    reported count: one value per device, so a device sending many updates or one absurd
+    count moves the median by at most one position, and the cap follows what the honest
+    devices of this round report (no history to poison or to go stale). The default
+    factor 4 is about the 99th percentile over the median of the synthetic fleet's
+    sizes (lognormal, sigma 0.6: e**(0.6 * 2.33) = 4.05): honest devices are rarely
+    clipped."""
+    ordered = sorted(max(0, n) for n in device_counts)
+    if config.count_cap_factor <= 0 or not ordered:
         return None
-    per_device: dict[str, list[int]] = {}
-    for update in updates:
-        per_device.setdefault(update.client_id, []).append(max(0, update.num_samples))
-    median = _lower_median([_lower_median(counts) for counts in per_device.values()])
+    median = ordered[(len(ordered) - 1) // 2]
     return max(1, math.floor(config.count_cap_factor * median))
+
+
+def _clipped_units(update: UpdateWeight, cap: int | None, config: AggregationConfig) -> int:
+    """The shard's units scaled as :func:`staleness_weight` of the capped count would be
+    (FLTrust's trust factor is kept); never more than the shard's."""
+    if cap is None or update.num_samples <= cap:
+        return update.units
+    ratio = staleness_weight(cap, update.staleness, config) / staleness_weight(
+        update.num_samples, update.staleness, config
+    )
+    return max(1, math.floor(update.units * ratio)) if ratio < 1 else update.units
 
 
 def _share_level(totals: list[int], share: Fraction) -> tuple[int, bool]:
@@ -518,70 +533,82 @@ def _share_level(totals: list[int], share: Fraction) -> tuple[int, bool]:
     raise AssertionError("unreachable: share * devices >= 1 leaves a device uncapped")
 
 
-def _spread(total: int, updates: list[tuple[int, str, int]]) -> dict[int, int]:
-    """``total`` units over ``(index, key, units)`` in proportion to their units, rounded
-    down with the remainder to the largest fractions (key order breaks ties): the
-    device's updates then sum to exactly ``total``."""
-    whole = sum(u for _, _, u in updates)
-    out = {i: u * total // whole for i, _, u in updates}
+def _spread(total: int, updates: list[tuple[str, int]]) -> dict[str, int]:
+    """``total`` units over ``(key, units)`` in proportion to their units, rounded down
+    with the remainder to the largest fractions (key order breaks ties): the device's
+    updates then sum to exactly ``total``."""
+    whole = sum(u for _, u in updates)
+    out = {key: u * total // whole for key, u in updates}
     left = total - sum(out.values())
-    by_fraction = sorted(updates, key=lambda x: (-((x[2] * total) % whole), x[1]))
-    for i, _, _ in by_fraction[:left]:
-        out[i] += 1
+    for key, _ in sorted(updates, key=lambda x: (-((x[1] * total) % whole), x[0]))[:left]:
+        out[key] += 1
     return out
 
 
-def final_weights(updates: list[UpdateWeight], config: AggregationConfig) -> WeightPolicy:
+def final_weights(
+    updates: Callable[[], Iterable[UpdateWeight]], config: AggregationConfig
+) -> WeightPolicy:
     """The one decision on how much each accepted update of a round weighs.
 
     Shards weigh updates one by one; shares exist only once every shard is done, so the
     reduce step applies this to all accepted updates and corrects the sum exactly
-    (:meth:`StreamingAggregator.remove`). Two steps: (a) a count above
+    (:meth:`StreamingAggregator.reweight`). Two steps: (a) a count above
     :func:`count_cap` is clipped to it (the weight is recomputed with staleness as
     :func:`staleness_weight` does, scaling what the shard added, FLTrust's trust
-    included); (b) each device's summed weight is cut to ``max_device_share`` of the
-    round by water-filling (the devices over the level share it equally, the others
-    keep theirs); with fewer devices than ``1 / max_device_share`` the cap cannot hold
-    and every device gets the same weight. Integer units throughout, so a capped
-    device's share is at most the cap exactly. Central and local DP keep weight 1
-    per update (their sensitivity argument is for that plain sum): nothing changes.
+    included, and never raised); (b) each device's summed weight is cut to
+    ``max_device_share`` of the round by water-filling (the devices over the level share
+    it equally, the others keep theirs); with fewer devices than ``1 / max_device_share``
+    the cap cannot hold and every device gets the same weight. Integer units throughout,
+    so a capped device's share is at most the cap exactly. Central and local DP keep
+    weight 1 per update (their sensitivity argument is for that plain sum).
+
+    ``updates`` is called for each pass over the round (two or three), so a caller can
+    stream them shard by shard: memory is per device, not per update.
     """
-    units = [u.units for u in updates]
-    cap = None if config.dp_mode != "off" else count_cap(updates, config)
+    dp = config.dp_mode != "off"
+    cap = None
+    if not dp and config.count_cap_factor > 0:
+        smallest: dict[str, int] = {}
+        for update in updates():
+            known = smallest.get(update.client_id)
+            if known is None or update.num_samples < known:
+                smallest[update.client_id] = update.num_samples
+        cap = count_cap(smallest.values(), config)
+    totals: dict[str, int] = {}
+    accepted: dict[str, int] = {}
     clipped: set[str] = set()
-    if cap is not None:
-        for i, update in enumerate(updates):
-            if update.num_samples > cap and units[i] > 0:
-                ratio = staleness_weight(cap, update.staleness, config) / staleness_weight(
-                    update.num_samples, update.staleness, config
-                )
-                if ratio < 1:
-                    units[i] = max(1, math.floor(units[i] * ratio))
-                    clipped.add(update.client_id)
-    by_device: dict[str, list[tuple[int, str, int]]] = {}
-    for i, update in enumerate(updates):
-        by_device.setdefault(update.client_id, []).append((i, update.key, units[i]))
-    totals = {cid: sum(u for _, _, u in rows) for cid, rows in by_device.items()}
+    for update in updates():
+        units = _clipped_units(update, cap, config)
+        totals[update.client_id] = totals.get(update.client_id, 0) + units
+        accepted[update.client_id] = accepted.get(update.client_id, 0) + 1
+        if units != update.units:
+            clipped.add(update.client_id)
+    level, equal = 0, False
     capped: set[str] = set()
-    equal = False
-    if config.dp_mode == "off" and totals:
+    if not dp and totals:
         level, equal = _share_level(list(totals.values()), Fraction(config.max_device_share))
-        for cid, total in totals.items():
-            if total > level:
-                capped.add(cid)
-                totals[cid] = level
-                for i, u in _spread(level, by_device[cid]).items():
-                    units[i] = u
+        capped = {cid for cid, total in totals.items() if total > level}
+    spread: dict[str, int] = {}
+    if capped:
+        rows: dict[str, list[tuple[str, int]]] = {cid: [] for cid in capped}
+        for update in updates():
+            if update.client_id in capped:
+                rows[update.client_id].append((update.key, _clipped_units(update, cap, config)))
+        for cid, device_rows in rows.items():
+            spread.update(_spread(level, device_rows))
+            totals[cid] = level
     grand = sum(totals.values())
     devices = [
         DeviceWeight(
             client_id=cid,
-            accepted=len(by_device[cid]),
+            accepted=accepted[cid],
             units=totals[cid],
             share=totals[cid] / grand if grand else 0.0,
             clipped=cid in clipped,
             capped=cid in capped,
         )
-        for cid in sorted(by_device)
+        for cid in sorted(totals)
     ]
-    return WeightPolicy(units=units, devices=devices, count_cap=cap, equal_weights=equal)
+    return WeightPolicy(
+        config=config, count_cap=cap, equal_weights=equal, devices=devices, spread=spread
+    )

@@ -505,26 +505,33 @@ def reduce_round(deployment: Deployment, run_id: str) -> AggregateResult:
     for index in range(plan.shard_count):
         data = deployment.state.get(keys.shard_partial(index))
         total.merge(aggregator_from_bytes(data, aggregation))
-    updates: list[UpdateWeight] = []
-    shard_of: list[int] = []
-    for index, verdicts in enumerate(shard_verdicts(deployment, run_id, plan)):
-        for verdict in verdicts:
-            if verdict.accepted:
-                updates.append(_update_weight(verdict, plan.base_version))
-                shard_of.append(index)
-    policy = final_weights(updates, aggregation)
-    changed = [i for i, u in enumerate(updates) if policy.units[i] != u.units]
-    if changed:
-        inputs = round_inputs(deployment, base, plan.holdout_version)
-        archive = RunKeys(plan.shard_run)
-        with single_threaded_blas():
-            for index in sorted({shard_of[i] for i in changed}):
-                pack = unpack_envelopes(deployment.state.get(archive.archive(index)))
-                for i in changed:
-                    if shard_of[i] == index:
-                        update = open_and_validate(updates[i].key, pack[updates[i].key], inputs)
-                        delta, _ = summed_delta(update, inputs)
-                        total.reweight(delta, updates[i].units, policy.units[i])
+
+    def accepted() -> Iterator[tuple[int, UpdateWeight]]:  # one shard's verdicts at a time
+        for index, verdicts in enumerate(shard_verdicts(deployment, run_id, plan)):
+            for verdict in verdicts:
+                if verdict.accepted:
+                    yield index, _update_weight(verdict, plan.base_version)
+
+    policy = final_weights(lambda: (u for _, u in accepted()), aggregation)
+    inputs: RoundInputs | None = None
+    reweighted = 0
+    with single_threaded_blas():
+        for index, verdicts in enumerate(shard_verdicts(deployment, run_id, plan)):
+            todo = []  # this shard's updates whose weight changes (bounded by the shard)
+            for verdict in verdicts:
+                if verdict.accepted:
+                    update = _update_weight(verdict, plan.base_version)
+                    if (units := policy.units(update)) != update.units:
+                        todo.append((update, units))
+            if not todo:
+                continue
+            inputs = inputs or round_inputs(deployment, base, plan.holdout_version)
+            pack = unpack_envelopes(deployment.state.get(RunKeys(plan.shard_run).archive(index)))
+            for update, units in todo:
+                opened = open_and_validate(update.key, pack[update.key], inputs)
+                delta, _ = summed_delta(opened, inputs)
+                total.reweight(delta, update.units, units)
+            reweighted += len(todo)
     put_record(
         deployment,
         keys.weights,
@@ -542,7 +549,7 @@ def reduce_round(deployment: Deployment, run_id: str) -> AggregateResult:
             count_cap=policy.count_cap,
             max_device_share=aggregation.max_device_share,
             equal_weights=policy.equal_weights,
-            reweighted=len(changed),
+            reweighted=reweighted,
         ),
     )
     blob = total.to_bytes()
