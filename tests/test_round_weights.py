@@ -157,6 +157,9 @@ def test_forty_updates_from_one_device_get_at_most_the_capped_share(
 
     row = dashboard.round_detail(after, "r-after-full")
     assert row.largest_share_client == largest.client_id and len(row.devices) == 6
+    api = {d["client_id"]: d for d in dashboard.to_jsonable(row)["devices"]}  # /api/rounds/<run>
+    assert api["mallory"]["accepted"] == devices["mallory"].accepted
+    assert api["mallory"]["weight_share"] == devices["mallory"].weight_share
     html = devices_table(row.devices)
     for d in row.devices:
         assert d.accepted == devices[d.client_id].accepted
