@@ -484,11 +484,6 @@ class WeightPolicy:
             return self.spread[update.key]
         return _clipped_units(update, self.count_cap, self.config)
 
-    @property
-    def largest(self) -> DeviceWeight | None:
-        """The device with the largest share (client id breaks ties)."""
-        return max(self.devices, key=lambda d: (d.share, d.client_id), default=None)
-
 
 def count_cap(device_counts: Iterable[int], config: AggregationConfig) -> int | None:
     """The round's cap on self-reported sample counts (None: no fleet-derived cap).

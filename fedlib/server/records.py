@@ -238,6 +238,7 @@ class RoundWeights(Record):
 
     @property
     def largest(self) -> DeviceShare | None:
+        """The device with the largest share (client id breaks ties): the summary's."""
         return max(self.devices, key=lambda d: (d.weight_share, d.client_id), default=None)
 
 
