@@ -367,6 +367,8 @@ def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[s
             "rejected": r.rejected_total,
             "published_version": r.published_version,
             "rolled_back": bool(r.rollback and r.rollback.rolled_back),
+            "largest_weight_share": r.largest_weight_share,
+            "largest_share_client": r.largest_share_client,
         }
         for r in dashboard.rounds(deployment, limit=recent_rounds).items
     ]
@@ -402,9 +404,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in doc["recent_rounds"]:
         published = f" -> v{r['published_version']}" if r["published_version"] else ""
         rollback = " (rollback)" if r["rolled_back"] else ""
+        share = r.get("largest_weight_share")
+        largest = (
+            f", largest device share {share:.1%} ({r['largest_share_client']})"
+            if share is not None
+            else ""
+        )
         print(
             f"  round {r['run_id']}: {r['decision']}{published}{rollback}, "
-            f"{r['accepted']} accepted, {r['rejected']} rejected"
+            f"{r['accepted']} accepted, {r['rejected']} rejected{largest}"
         )
     print(f"pending updates: {doc['pending_updates']}")
     print(f"quarantined:     {doc['quarantined']}")

@@ -110,6 +110,17 @@ class RollbackInfo:
 
 
 @dataclass(frozen=True)
+class DeviceShareRow:
+    """One device's accepted updates and share of a round's weight (from its report)."""
+
+    client_id: str
+    accepted: int
+    weight_share: float
+    clipped: bool = False  # a self-reported sample count was clipped to the round's cap
+    capped: bool = False  # its share was cut to the cap (or to equal weights)
+
+
+@dataclass(frozen=True)
 class RoundRow:
     """One round (one ``fl_round`` run) as its report tells it."""
 
@@ -132,6 +143,10 @@ class RoundRow:
     privacy_delta: float | None = None
     privacy_budget: float | None = None
     privacy_refused: bool = False
+    #: Each device's accepted count and weight share; empty in reports before them.
+    devices: tuple[DeviceShareRow, ...] = ()
+    largest_weight_share: float | None = None
+    largest_share_client: str | None = None
 
     @property
     def rejected_total(self) -> int:
@@ -297,6 +312,18 @@ def _round_row(deployment: Deployment, info: ObjectInfo) -> RoundRow | None:
         privacy_delta=_float_or_none(privacy.delta) if privacy else None,
         privacy_budget=_float_or_none(privacy.budget_epsilon) if privacy else None,
         privacy_refused=privacy.refused if privacy else False,
+        devices=tuple(
+            DeviceShareRow(
+                client_id=d.client_id,
+                accepted=d.accepted,
+                weight_share=d.weight_share,
+                clipped=d.clipped,
+                capped=d.capped,
+            )
+            for d in report.devices or ()
+        ),
+        largest_weight_share=_float_or_none(report.largest_weight_share),
+        largest_share_client=report.largest_share_client,
     )
 
 

@@ -214,6 +214,36 @@ class AggregateResult(Record):
     digest: Sha256
 
 
+class DeviceShare(Record):
+    """One device's part of a round's weight (the reduce step's final weights)."""
+
+    client_id: str
+    accepted: int
+    weight_share: float
+    #: A self-reported sample count was clipped to the round's count cap.
+    clipped: bool = False
+    #: Its share was cut to ``max_device_weight_share`` (or to equal weights).
+    capped: bool = False
+
+
+class RoundWeights(Record):
+    """The final weights of a round's devices (``rounds/<run>/weights.json``): one entry
+    per device with an accepted update (so at most the fleet's size), by client id."""
+
+    schema_: Literal["dadm.round-weights.v1"] = _schema("dadm.round-weights.v1")
+    devices: list[DeviceShare]
+    count_cap: int | None = None
+    max_device_share: float
+    equal_weights: bool = False
+    #: Accepted updates whose weight the reduce step changed (each re-read once).
+    reweighted: int = 0
+
+    @property
+    def largest(self) -> DeviceShare | None:
+        """The device with the largest share (client id breaks ties): the summary's."""
+        return max(self.devices, key=lambda d: (d.weight_share, d.client_id), default=None)
+
+
 class CandidateResult(Record):
     """A built (not yet published) candidate: its version and content digest."""
 
@@ -358,6 +388,10 @@ class RoundReport(Record):
     replay: ReplayCheck | None = None
     #: Differential privacy: cumulative epsilon/delta after this round (None: DP off).
     privacy: PrivacySummary | None = None
+    #: Each device's accepted count and weight share (None: reports before them).
+    devices: list[DeviceShare] | None = None
+    largest_weight_share: float | None = None
+    largest_share_client: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return self.to_doc()
@@ -369,6 +403,11 @@ class RoundReport(Record):
             f"  updates: {self.accepted} accepted, {sum(self.rejected.values())} rejected"
             + (f" {self.rejected}" if self.rejected else ""),
         ]
+        if self.largest_weight_share is not None:
+            lines.append(
+                f"  devices: {len(self.devices or ())}, largest weight share "
+                f"{self.largest_weight_share:.1%} ({self.largest_share_client})"
+            )
         if self.active_metrics:
             active = self.active_metrics
             line = (

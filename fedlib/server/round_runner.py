@@ -34,13 +34,19 @@ from fedlib.crypto import sealing
 from fedlib.errors import RejectedUpdate
 from fedlib.models.package import ModelPackage, weights_from_bytes
 from fedlib.server import privacy, robust, state_keys
-from fedlib.server.aggregation import AggregationConfig
+from fedlib.server.aggregation import (
+    AggregationConfig,
+    UpdateWeight,
+    final_weights,
+    single_threaded_blas,
+)
 from fedlib.server.deployment import Deployment, Holdout
 from fedlib.server.ledger import Ledger
 from fedlib.server.records import (
     AggregateResult,
     CandidateResult,
     Decision,
+    DeviceShare,
     Evaluation,
     IntervalRecord,
     Metrics,
@@ -52,6 +58,7 @@ from fedlib.server.records import (
     RollbackDecision,
     RoundPlan,
     RoundReport,
+    RoundWeights,
     ShardKeys,
     ShardResult,
     ShardVerdicts,
@@ -62,6 +69,8 @@ from fedlib.server.rounds import (
     RoundInputs,
     aggregate_objects,
     build_candidate,
+    open_and_validate,
+    summed_delta,
     unclipped_counts,
 )
 from fedlib.server.state_keys import RunKeys
@@ -480,7 +489,14 @@ def load_verdicts(deployment: Deployment, run_id: str) -> list[Verdict]:
 
 
 def reduce_round(deployment: Deployment, run_id: str) -> AggregateResult:
-    """Merge the shards' partial sums (exact integer addition: order does not matter)."""
+    """Merge the shards' partial sums (exact integer addition: order does not matter),
+    then give every accepted update its final weight (:func:`final_weights`: counts
+    clipped to the round's cap, each device's share capped) and correct the sum.
+
+    Only updates whose weight changes are re-read (from the shard's archive pack, the
+    bytes the shard accepted) and re-derived with the shard's own :func:`summed_delta`;
+    the correction is exact, so the aggregate is the one summing with the final weights
+    would give, and a replay recomputes the same bytes."""
     plan = load_plan(deployment, run_id)
     keys = RunKeys(run_id)
     base = deployment.registry().read_version(plan.base_version)
@@ -489,9 +505,92 @@ def reduce_round(deployment: Deployment, run_id: str) -> AggregateResult:
     for index in range(plan.shard_count):
         data = deployment.state.get(keys.shard_partial(index))
         total.merge(aggregator_from_bytes(data, aggregation))
+
+    def accepted() -> Iterator[tuple[int, UpdateWeight]]:  # one shard's verdicts at a time
+        for index, verdicts in enumerate(shard_verdicts(deployment, run_id, plan)):
+            for verdict in verdicts:
+                if verdict.accepted:
+                    yield index, _update_weight(verdict, plan.base_version)
+
+    policy = final_weights(lambda: (u for _, u in accepted()), aggregation)
+    inputs: RoundInputs | None = None
+    reweighted = 0
+    with single_threaded_blas():
+        for index, verdicts in enumerate(shard_verdicts(deployment, run_id, plan)):
+            todo = []  # this shard's updates whose weight changes (bounded by the shard)
+            for verdict in verdicts:
+                if verdict.accepted:
+                    update = _update_weight(verdict, plan.base_version)
+                    if (units := policy.units(update)) != update.units:
+                        todo.append((update, units))
+            if not todo:
+                continue
+            inputs = inputs or round_inputs(deployment, base, plan.holdout_version)
+            pack = unpack_envelopes(deployment.state.get(RunKeys(plan.shard_run).archive(index)))
+            for update, units in todo:
+                opened = open_and_validate(update.key, pack[update.key], inputs)
+                delta, _ = summed_delta(opened, inputs)
+                total.reweight(delta, update.units, units)
+            reweighted += len(todo)
+    put_record(
+        deployment,
+        keys.weights,
+        RoundWeights(
+            devices=[
+                DeviceShare(
+                    client_id=d.client_id,
+                    accepted=d.accepted,
+                    weight_share=d.share,
+                    clipped=d.clipped,
+                    capped=d.capped,
+                )
+                for d in policy.devices
+            ],
+            count_cap=policy.count_cap,
+            max_device_share=aggregation.max_device_share,
+            equal_weights=policy.equal_weights,
+            reweighted=reweighted,
+        ),
+    )
     blob = total.to_bytes()
     deployment.state.put(keys.aggregate, blob)
     return AggregateResult(count=total.count, digest=hashlib.sha256(blob).hexdigest())
+
+
+def _update_weight(verdict: Verdict, base_version: int) -> UpdateWeight:
+    """An accepted verdict as the weight policy's input (its fields are server facts,
+    but for the self-reported count the policy clips)."""
+    if (
+        verdict.client_id is None
+        or verdict.num_samples is None
+        or verdict.base_version is None
+        or not verdict.weight_units
+    ):
+        raise ValueError(f"accepted verdict of {verdict.key} lacks its weight fields")
+    return UpdateWeight(
+        key=verdict.key,
+        client_id=verdict.client_id,
+        num_samples=verdict.num_samples,
+        staleness=base_version - verdict.base_version,
+        units=verdict.weight_units,
+    )
+
+
+def load_round_weights(deployment: Deployment, run_id: str) -> RoundWeights | None:
+    """The reduce step's per-device weights (None: the step did not run, or predates them)."""
+    return find_record(deployment, RunKeys(run_id).weights, RoundWeights)
+
+
+def weight_report_fields(weights: RoundWeights | None) -> dict[str, Any]:
+    """The round report's per-device counts and shares, and the largest share."""
+    if weights is None:
+        return {}
+    largest = weights.largest
+    return {
+        "devices": weights.devices,
+        "largest_weight_share": largest.weight_share if largest else None,
+        "largest_share_client": largest.client_id if largest else None,
+    }
 
 
 def load_momentum(deployment: Deployment, version: int) -> np.ndarray | None:
@@ -848,6 +947,7 @@ def finalize_round(
             ).hexdigest()
             candidate = load_candidate(deployment, run_id)
             fields["candidate_digest"], candidate_version = candidate.digest(), candidate.version
+        fields.update(weight_report_fields(load_round_weights(deployment, run_id)))
         report = RoundReport(
             **fields,
             accepted=accepted,

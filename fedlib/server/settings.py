@@ -89,6 +89,21 @@ class ServerSettings(BaseModel):
     trim_fraction: float = Field(
         0.2, ge=0, lt=0.5, description="Update weight the trimmed mean drops at each end."
     )
+    max_device_weight_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Largest share of a round's weight one device's updates may carry "
+        "(water-filling in the reduce step); with fewer devices than 1/share every device "
+        "weighs the same. 1 = no cap.",
+    )
+    count_cap_factor: float = Field(
+        4.0,
+        ge=0,
+        le=2**20,
+        description="Self-reported sample counts are clipped to this times the lower "
+        "median of the round's per-device counts (0 = only the fixed 65536 cap).",
+    )
     dp_mode: Literal["off", "central", "local"] = Field(
         "off",
         description="Differential privacy (fedlib/privacy.py): central = devices clip, the "
@@ -179,6 +194,8 @@ class ServerSettings(BaseModel):
             local_batch_size=0 if exact else int((model_spec or {}).get("batch_size", 0)),
             robust="none" if exact else self.robust_aggregation,
             trim_fraction=self.trim_fraction,
+            max_device_share=self.max_device_weight_share,
+            count_cap_factor=self.count_cap_factor,
             dp_mode="off" if exact else self.dp_mode,
             dp_clip=min(self.dp_clip_norm, self.norm_bound),  # the base's C replaces it
         )

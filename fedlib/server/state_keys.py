@@ -79,6 +79,11 @@ class RunKeys:
     def aggregate(self) -> str:
         return self.prefix + "aggregate.bin"
 
+    @property
+    def weights(self) -> str:
+        """The reduce step's final per-device weights (``records.RoundWeights``)."""
+        return self.prefix + "weights.json"
+
     def candidate(self, name: str) -> str:
         """A candidate package file (``model.onnx``, ``weights.bin``, ``metadata.json``)
         or ``momentum.bin``, the server optimizer's buffer that goes with it."""

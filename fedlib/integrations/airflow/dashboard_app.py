@@ -180,10 +180,36 @@ def fmt_privacy(row: Any) -> str:
     return text
 
 
+def fmt_share(row: Any) -> str:
+    """The largest share of a round's weight one device had, and which device; "—" in
+    reports written before shares were recorded."""
+    share = getattr(row, "largest_weight_share", None)
+    if share is None:
+        return "—"
+    return f"{share:.1%}<br><code>{esc(row.largest_share_client or '?')}</code>"
+
+
+def devices_table(rows: Any) -> str:
+    """Each device's accepted updates and share of the round's weight."""
+    head = (
+        "<tr><th>Client</th><th>Accepted</th><th>Weight share</th><th>Count clipped</th>"
+        "<th>Share capped</th></tr>"
+    )
+    body = [
+        f'<tr class="device" data-client-id="{esc(d.client_id)}"><td>{esc(d.client_id)}</td>'
+        f'<td class="num">{d.accepted}</td><td class="num share">{d.weight_share:.1%}</td>'
+        f"<td>{'yes' if d.clipped else '—'}</td><td>{'yes' if d.capped else '—'}</td></tr>"
+        for d in rows
+    ]
+    if not rows:
+        body.append('<tr><td colspan="5" class="muted">no per-device weights recorded</td></tr>')
+    return f'<table id="devices">{head}{"".join(body)}</table>'
+
+
 def rounds_table(links: Links, rows: list[Any]) -> str:
     head = (
         "<tr><th>Round (run id)</th><th>Airflow</th><th>Created</th><th>Decision</th>"
-        "<th>Accepted</th><th>Rejected</th><th>Active AUC / AP</th>"
+        "<th>Accepted</th><th>Rejected</th><th>Largest device share</th><th>Active AUC / AP</th>"
         "<th>Candidate AUC / AP</th><th>Published</th><th>Rollback</th>"
         "<th>Privacy ε (δ)</th></tr>"
     )
@@ -211,6 +237,7 @@ def rounds_table(links: Links, rows: list[Any]) -> str:
             f"<td>{fmt_time(r.created_at_ms)}</td><td>{badge(r.decision)}"
             f'<br><span class="muted">{esc(r.message)}</span></td>'
             f'<td class="num">{r.accepted}</td><td>{rejected}</td>'
+            f'<td class="num largest-share">{fmt_share(r)}</td>'
             f'<td class="num">{fmt_metric(r.active_metrics, "auc")} / '
             f"{fmt_metric(r.active_metrics, 'ap')}</td>"
             f'<td class="num">{fmt_metric(r.candidate_metrics, "auc")} / '
@@ -219,7 +246,7 @@ def rounds_table(links: Links, rows: list[Any]) -> str:
             f'<td>{rollback}</td><td class="num privacy">{fmt_privacy(r)}</td></tr>'
         )
     if not rows:
-        body.append('<tr><td colspan="11" class="muted">no rounds yet</td></tr>')
+        body.append('<tr><td colspan="12" class="muted">no rounds yet</td></tr>')
     return f'<table id="rounds">{head}{"".join(body)}</table>'
 
 
@@ -317,6 +344,7 @@ def round_details(links: Links, row: Any, *, figures: bool = False) -> str:
                 f"{fmt_metric(row.candidate_metrics, 'ap')}",
             ),
             ("Privacy ε (δ)", fmt_privacy(row)),
+            ("Largest device share", fmt_share(row)),
         ]
     if row.replay_of:
         items.append(("Replay of", f"<code>{esc(row.replay_of)}</code>"))
@@ -481,9 +509,10 @@ def build_app() -> FastAPI:
                 else ""
             )
             quarantine = f"<h2>Quarantine ({page.total})</h2>{quarantine_table(page.items)}{more}"
+        devices = f"<h2>Devices ({len(row.devices)})</h2>{devices_table(row.devices)}"
         if embedded:
-            return round_details(links, row, figures=True) + quarantine
-        return round_details(links, row) + rounds_table(links, [row]) + quarantine
+            return round_details(links, row, figures=True) + devices + quarantine
+        return round_details(links, row) + rounds_table(links, [row]) + devices + quarantine
 
     @app.get("/rounds/{run_id:path}", response_class=HTMLResponse)
     def round_page(request: Request, run_id: str) -> HTMLResponse:
