@@ -375,6 +375,8 @@ def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[s
     fleet = deployment.load_fleet()
     return {
         "active_version": registry.active_version(),
+        # objects the signed channel does not name: ignored by reads, shown to the operator
+        "integrity": dashboard.models_integrity(deployment).to_doc(),
         "holdout_version": deployment.holdout_version(),
         "versions": versions,
         "recent_rounds": rounds,
@@ -406,6 +408,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  round {r['run_id']}: {r['decision']}{published}{rollback}, "
             f"{r['accepted']} accepted, {r['rejected']} rejected"
         )
+    integrity = doc["integrity"]
+    for warning in integrity["warnings"]:
+        print(f"INTEGRITY WARNING models bucket {warning['key']}: {warning['reason']}")
+    if integrity["total"] > len(integrity["warnings"]):
+        print(f"INTEGRITY WARNING ... {integrity['total'] - len(integrity['warnings'])} more")
     print(f"pending updates: {doc['pending_updates']}")
     print(f"quarantined:     {doc['quarantined']}")
     print(f"clients:         {len(doc['clients'])}")
