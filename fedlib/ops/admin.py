@@ -204,7 +204,7 @@ def issuer(deployment: Deployment) -> IamCredentialIssuer:
 def cmd_enroll(args: argparse.Namespace) -> int:
     deployment = _deployment(args)
     fleet = deployment.load_fleet()
-    kid = fleet.enroll(args.client_id, Path(args.public_key).read_bytes())
+    kid = fleet.enroll(args.client_id, Path(args.public_key).read_bytes(), add_key=args.add_key)
     access_key, secret_key = args.access_key, args.secret_key
     if access_key is None and deployment.settings.credential_issuer == "iam":
         creds = issuer(deployment).issue(
@@ -540,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--access-key", default=None, help="device S3 key (default: issue one via IAM)"
     )
     enroll.add_argument("--secret-key", default=None)
+    enroll.add_argument(
+        "--add-key",
+        action="store_true",
+        help="rotation: add this key next to the device's active one (revoke the old one "
+        "later with `revoke CLIENT_ID --key-id`); without it a different key is refused",
+    )
     enroll.set_defaults(func=cmd_enroll)
 
     holdout = sub.add_parser("holdout", help="upload a new labeled holdout version")
