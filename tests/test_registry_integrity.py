@@ -150,3 +150,18 @@ def test_the_rounds_page_shows_the_integrity_warning(dashboard_server):
         server.deployment.models.delete(key)  # the server is shared with other tests
     clean = get(server, "/rounds", cookies={"_token": server.token()})
     assert 'id="integrity"' not in clean.text
+
+
+def test_fl_round_dag_publishes_the_channels_next_version_over_junk(airflow_deployment, dagbag):
+    """The real fl_round DAG (dag.test): check_active, plan and publish with the junk."""
+    from tests.test_fl_round_dag import T0, report_of, run_dag
+
+    dep = airflow_deployment
+    plant_junk(dep)
+    upload_updates(dep, 4)
+    dag_run = run_dag(dagbag, T0)
+    assert dag_run.state == "success"
+    report = report_of(dep, dag_run)
+    assert report["decision"] == "published" and report["published_version"] == 2, report
+    assert dep.registry().versions() == [1, 2] and dep.registry().active_version() == 2
+    assert JUNK in warned(dep.registry().integrity())
