@@ -165,3 +165,14 @@ def test_fl_round_dag_publishes_the_channels_next_version_over_junk(airflow_depl
     assert report["decision"] == "published" and report["published_version"] == 2, report
     assert dep.registry().versions() == [1, 2] and dep.registry().active_version() == 2
     assert JUNK in warned(dep.registry().integrity())
+
+
+def test_a_root_rotation_replaces_a_forged_root_in_its_slot(deployment):
+    """Root N+1 follows the newest *verified* root: a forged ``2.root.json`` does not
+    push the rotation to v3 (which no chain would reach); it is replaced."""
+    deployment.models.put("tuf/metadata/2.root.json", forged_root(deployment))
+    channel = deployment.channel_repository(signing=True)
+    assert channel.rotate_root() == 2
+    assert channel.status().root_version == 2
+    assert not deployment.registry().integrity().warnings
+    assert channel.rotate_root() == 3  # and the chain goes on from there

@@ -33,7 +33,7 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
-from fedlib.errors import VerificationError
+from fedlib.errors import ObjectExists, VerificationError
 from fedlib.files import atomic_write
 from fedlib.storage.store import NoSuchKey, ObjectStore
 from fedlib.trust.channel_layout import (
@@ -714,7 +714,7 @@ class ChannelRepository:
     ) -> None:
         """Sign ``root`` as N+1 with old and new root keys; refuse it unless both verify."""
         old = state.root.signed
-        root.version = max(old.version, max(state.present[ROOT], default=0)) + 1
+        root.version = old.version + 1  # the chain: N+1 follows the newest verified root
         root.expires = self._expires(ROOT)
         md = Metadata(root)
         seen: set[str] = set()
@@ -732,7 +732,16 @@ class ChannelRepository:
                 f"signatures from root v{old.version}'s keys and "
                 f"{root.roles[ROOT].threshold} from its own"
             )
-        self._put_metadata(f"{root.version}.root.json", md.to_bytes(), if_absent=True)
+        name = f"{root.version}.root.json"
+        try:
+            self._put_metadata(name, md.to_bytes(), if_absent=True)
+        except ObjectExists:
+            # The chain walk ignored what is there (bucket junk, a forged root), unless
+            # another rotation has written a verified one since we loaded: then refuse.
+            if self._latest_root(self._present()).signed.version >= root.version:
+                raise ChannelError(f"another rotation wrote root v{root.version} first") from None
+            logger.warning("channel: %s held a root the chain does not sign; replaced", name)
+            self._put_metadata(name, md.to_bytes())
         state.present[ROOT].add(root.version)
         logger.info("channel: wrote root v%d", root.version)
 
