@@ -95,7 +95,7 @@ def test_a_self_signed_root_dropped_in_the_bucket_is_ignored(deployment):
 
 
 def test_rounds_through_fl_admin_keep_working_with_junk_in_the_models_bucket(
-    admin_env, capsys, caplog
+    admin_env, capsys, caplog, tmp_path
 ):
     """``fl-admin round`` (check_active, plan, publish) with the junk present: the new
     version is the channel's next number, and ``fl-admin status`` shows the warning."""
@@ -130,6 +130,12 @@ def test_rounds_through_fl_admin_keep_working_with_junk_in_the_models_bucket(
     keys = {w["key"] for w in status["integrity"]["warnings"]}
     assert {JUNK, package_prefix(7) + "model.onnx", "stray.bin"} <= keys
     assert not any(k.startswith(package_prefix(2)) for k in keys)  # replaced by the publish
+
+    # the signer of a version is read from what the channel vouches for, not packages/
+    out = str(tmp_path / "signer.pub.pem")
+    assert admin_main(["keys", "--export-package-key", out, "--version", "7"]) == 1
+    assert "the channel names no version 7" in capsys.readouterr().err
+    assert admin_main(["keys", "--export-package-key", out, "--version", "2"]) == 0
 
 
 def test_the_rounds_page_shows_the_integrity_warning(dashboard_server):

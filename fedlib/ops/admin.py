@@ -39,7 +39,7 @@ from fedlib.server.deployment import Deployment, Holdout
 from fedlib.server.rounds import package_model
 from fedlib.server.settings import ServerSettings
 from fedlib.storage.store import S3Config
-from fedlib.trust.package import SIGNATURE_FILE, package_prefix
+from fedlib.trust.package import SIGNATURE_FILE
 
 
 class SetupError(FedError):
@@ -263,7 +263,8 @@ def export_package_key(
         if isinstance(key, ec.EllipticCurvePublicKey)
     }
     if version is not None:
-        blob = deployment.models.get(package_prefix(version) + SIGNATURE_FILE, max_bytes=1 << 20)
+        # the signature the channel vouches for, not whatever sits under packages/vN/
+        blob = deployment.registry().read_files(version)[SIGNATURE_FILE]
         try:
             hint = json.loads(blob)["verificationMaterial"]["publicKey"]["hint"]
         except (ValueError, KeyError, TypeError) as exc:
