@@ -15,9 +15,10 @@ from fedlib.wire import compression, protocol
 
 
 def enroll(deployment, client_id):
+    """A fresh signing key for ``client_id``; next to an enrolled one, the rotation path."""
     key = sealing.generate_signing_key()
     fleet = deployment.load_fleet()
-    fleet.enroll(client_id, sealing.public_pem(key))
+    fleet.enroll(client_id, sealing.public_pem(key), add_key=bool(fleet.active_keys(client_id)))
     deployment.save_fleet(fleet)
     return key
 

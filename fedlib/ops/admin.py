@@ -39,7 +39,7 @@ from fedlib.server.deployment import Deployment, Holdout
 from fedlib.server.rounds import package_model
 from fedlib.server.settings import ServerSettings
 from fedlib.storage.store import S3Config
-from fedlib.trust.package import SIGNATURE_FILE, package_prefix
+from fedlib.trust.package import SIGNATURE_FILE
 
 
 class SetupError(FedError):
@@ -204,7 +204,7 @@ def issuer(deployment: Deployment) -> IamCredentialIssuer:
 def cmd_enroll(args: argparse.Namespace) -> int:
     deployment = _deployment(args)
     fleet = deployment.load_fleet()
-    kid = fleet.enroll(args.client_id, Path(args.public_key).read_bytes())
+    kid = fleet.enroll(args.client_id, Path(args.public_key).read_bytes(), add_key=args.add_key)
     access_key, secret_key = args.access_key, args.secret_key
     if access_key is None and deployment.settings.credential_issuer == "iam":
         creds = issuer(deployment).issue(
@@ -263,7 +263,8 @@ def export_package_key(
         if isinstance(key, ec.EllipticCurvePublicKey)
     }
     if version is not None:
-        blob = deployment.models.get(package_prefix(version) + SIGNATURE_FILE, max_bytes=1 << 20)
+        # the signature the channel vouches for, not whatever sits under packages/vN/
+        blob = deployment.registry().read_files(version)[SIGNATURE_FILE]
         try:
             hint = json.loads(blob)["verificationMaterial"]["publicKey"]["hint"]
         except (ValueError, KeyError, TypeError) as exc:
@@ -377,6 +378,8 @@ def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[s
     fleet = deployment.load_fleet()
     return {
         "active_version": registry.active_version(),
+        # objects the signed channel does not name: ignored by reads, shown to the operator
+        "integrity": dashboard.models_integrity(deployment).to_doc(),
         "holdout_version": deployment.holdout_version(),
         "versions": versions,
         "recent_rounds": rounds,
@@ -414,6 +417,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  round {r['run_id']}: {r['decision']}{published}{rollback}, "
             f"{r['accepted']} accepted, {r['rejected']} rejected{largest}"
         )
+    integrity = doc["integrity"]
+    for warning in integrity["warnings"]:
+        print(f"INTEGRITY WARNING models bucket {warning['key']}: {warning['reason']}")
+    if integrity["total"] > len(integrity["warnings"]):
+        print(f"INTEGRITY WARNING ... {integrity['total'] - len(integrity['warnings'])} more")
     print(f"pending updates: {doc['pending_updates']}")
     print(f"quarantined:     {doc['quarantined']}")
     print(f"clients:         {len(doc['clients'])}")
@@ -541,6 +549,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--access-key", default=None, help="device S3 key (default: issue one via IAM)"
     )
     enroll.add_argument("--secret-key", default=None)
+    enroll.add_argument(
+        "--add-key",
+        action="store_true",
+        help="rotation: add this key next to the device's active one (revoke the old one "
+        "later with `revoke CLIENT_ID --key-id`); without it a different key is refused",
+    )
     enroll.set_defaults(func=cmd_enroll)
 
     holdout = sub.add_parser("holdout", help="upload a new labeled holdout version")

@@ -23,11 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from tuf.api.metadata import Targets
+
 from fedlib.errors import RejectedUpdate
 from fedlib.server import state_keys
 from fedlib.server.deployment import Deployment
 from fedlib.server.ledger import Ledger
 from fedlib.server.records import (
+    ModelsIntegrity,
     RecordError,
     RollbackDecision,
     RoundPlan,
@@ -38,7 +41,8 @@ from fedlib.server.records import (
 from fedlib.server.registry import ModelRegistry
 from fedlib.server.state_keys import RunKeys
 from fedlib.storage.store import NoSuchKey, ObjectInfo
-from fedlib.trust.package import SIGNATURE_FILE
+from fedlib.trust.channel_layout import manifest_path
+from fedlib.trust.channel_repository import published_versions
 from fedlib.wire import protocol
 
 DEFAULT_LIMIT = 50
@@ -382,33 +386,29 @@ _version_cache: OrderedDict[tuple[str, str, int, str], VersionRow] = OrderedDict
 _version_lock = threading.Lock()
 
 
-def _package_etags(registry: ModelRegistry) -> dict[int, str]:
-    """Every version folder -> its files' ETags in one string (the package's content as
-    the store sees it; "" while the signature, written last, is missing). One listing."""
-    files: dict[int, dict[str, str]] = {}
-    for info in registry.store.list("packages/"):
-        parts = info.key.split("/")
-        if len(parts) == 3 and parts[1].startswith("v") and parts[1][1:].isdigit():
-            files.setdefault(int(parts[1][1:]), {})[parts[2]] = info.etag
-    return {
-        version: "|".join(f"{n}={e}" for n, e in sorted(found.items()))
-        if SIGNATURE_FILE in found
-        else ""
-        for version, found in files.items()
-    }
+def _package_digests(registry: ModelRegistry) -> tuple[dict[int, str], Targets]:
+    """Every published version -> its signed manifest's SHA-256 (the version's content as
+    the channel vouches for it), from the verified targets metadata: never a bucket
+    listing, so an object no signed metadata names is not a version here."""
+    targets = registry.channel.targets()
+    digests = {}
+    for version in published_versions(targets):
+        info = targets.targets[manifest_path(version)]
+        digests[version] = str(info.hashes.get("sha256", ""))
+    return digests, targets
 
 
 def _read_version_row(
-    deployment: Deployment, registry: ModelRegistry, version: int, etag: str
+    deployment: Deployment, registry: ModelRegistry, version: int, etag: str, targets: Targets
 ) -> VersionRow:
-    """The version's signed metadata (verified); cached per process by content (ETag)."""
+    """The version's signed metadata (verified); cached per process by signed digest."""
     cache_key = (str(deployment.s3.endpoint_url), deployment.settings.models_bucket, version, etag)
     with _version_lock:
         cached = _version_cache.get(cache_key)
     if cached is not None:
         return cached
     try:
-        meta = registry.read_version(version).metadata
+        meta = registry.read_version(version, targets).metadata
     except Exception as exc:  # a version that does not verify is shown, not hidden
         return VersionRow(version=version, error=f"{type(exc).__name__}: {exc}")
     row = VersionRow(
@@ -434,16 +434,24 @@ def _read_version_row(
 
 def _version_page(deployment: Deployment, count: int | None) -> tuple[list[VersionRow], int]:
     registry = deployment.registry()
-    etags = _package_etags(registry)
+    etags, targets = _package_digests(registry)
     numbers = sorted(etags, reverse=True)[:count]
     active = registry.active_version()
-    rows = _parallel(lambda v: _read_version_row(deployment, registry, v, etags[v]), numbers)
+    rows = _parallel(
+        lambda v: _read_version_row(deployment, registry, v, etags[v], targets), numbers
+    )
     bad = {r.parent_version for r in rows if r.is_rollback and r.parent_version is not None}
     rows = [
         dataclasses.replace(r, active=r.version == active, rolled_back=r.version in bad)
         for r in rows
     ]
     return rows, len(etags)
+
+
+def models_integrity(deployment: Deployment) -> ModelsIntegrity:
+    """Objects in the models bucket the signed channel does not name (bounded scan):
+    ignored by every read, shown to the operator on the rounds page and in status."""
+    return deployment.registry().integrity()
 
 
 def version_rows(deployment: Deployment, count: int | None = None) -> list[VersionRow]:

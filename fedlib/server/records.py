@@ -102,6 +102,27 @@ class HoldoutPointer(Record):
     sha256: Sha256
 
 
+class IntegrityWarning(Record):
+    """One object in the models bucket that no verified channel metadata vouches for."""
+
+    key: str = Field(max_length=1024)
+    reason: str
+
+
+class ModelsIntegrity(Record):
+    """What a bounded scan of the models bucket found that the signed channel does not
+    name (junk, a renumbered copy of a package, a tampered archive file). Such objects
+    are ignored by every read; this record is how an operator learns they are there."""
+
+    schema_: Literal["dadm.models-integrity.v1"] = _schema("dadm.models-integrity.v1")
+    scanned: int
+    #: True when the scan stopped at its bound before the end of the bucket.
+    truncated: bool = False
+    #: The first warnings found (at most the scan's ``limit``); ``total`` counts them all.
+    warnings: list[IntegrityWarning] = Field(default_factory=list)
+    total: int = 0
+
+
 # -- plan -------------------------------------------------------------------------------------
 
 

@@ -76,7 +76,7 @@ def _publish_rollback(
     created_at_ms: int | None,
 ) -> int:
     registry = deployment.registry(signing=True)
-    version = max(registry.versions()) + 1
+    version = registry.next_version()
     package = rollback_package(
         target,
         version=version,

@@ -221,9 +221,11 @@ def plan_round(
     settings = deployment.settings
     limit = max_updates or settings.max_batch
     size = shard_size or settings.shard_size
-    base_version = deployment.registry().active_version()
+    registry = deployment.registry()
+    base_version = registry.active_version()
     if base_version is None:
         raise NoSuchKey("channel/active.json", "no model published: run fl-admin init")
+    registry.integrity()  # logs what the signed channel does not name; reads ignore it
     ledger = Ledger(deployment.state)
     # Streamed: the listing is in key order, so each client's keys are contiguous and
     # its ledger entries are needed only while its keys go by. Memory: one shard of
@@ -616,7 +618,7 @@ def build_round_candidate(deployment: Deployment, run_id: str) -> CandidateResul
     )
     if agg.count == 0:
         return None
-    version = plan.candidate_version or max(registry.versions()) + 1
+    version = plan.candidate_version or registry.next_version()
     dp, training = None, None
     if deployment.settings.dp_mode != "off":
         dp = round_privacy(deployment, plan, base, agg.count)

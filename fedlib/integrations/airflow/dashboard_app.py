@@ -34,6 +34,7 @@ from fedlib.integrations.airflow import runtime
 from fedlib.ops import dashboard
 from fedlib.ops.dashboard import Page
 from fedlib.server.deployment import Deployment
+from fedlib.server.records import ModelsIntegrity
 
 URL_PREFIX = "/dadm-fl"
 DAG_ID = "fl_round"
@@ -204,6 +205,22 @@ def devices_table(rows: Any) -> str:
     if not rows:
         body.append('<tr><td colspan="5" class="muted">no per-device weights recorded</td></tr>')
     return f'<table id="devices">{head}{"".join(body)}</table>'
+
+
+def integrity_html(integrity: ModelsIntegrity) -> str:
+    """The models-bucket warning: objects no signed metadata names (reads ignore them)."""
+    if not integrity.total:
+        return ""
+    items = "".join(
+        f"<li><code>{esc(w.key)}</code>: {esc(w.reason)}</li>" for w in integrity.warnings
+    )
+    more = integrity.total - len(integrity.warnings)
+    tail = f"<li>... and {more} more</li>" if more else ""
+    return (
+        f'<div class="integrity warning" id="integrity"><p><strong>Integrity warning</strong>: '
+        f"{integrity.total} object(s) in the models bucket are not named by the signed "
+        f"channel and are ignored.</p><ul>{items}{tail}</ul></div>"
+    )
 
 
 def rounds_table(links: Links, rows: list[Any]) -> str:
@@ -448,6 +465,10 @@ def build_app() -> FastAPI:
     def api_versions(limit: Limit = dashboard.DEFAULT_LIMIT, offset: Offset = 0) -> dict[str, Any]:
         return data(dashboard.versions, limit=limit, offset=offset).as_dict()
 
+    @app.get("/api/integrity")
+    def api_integrity() -> dict[str, Any]:
+        return data(dashboard.models_integrity).to_doc()
+
     @app.get("/api/rejected")
     def api_rejected(scan: Limit = dashboard.DEFAULT_LIMIT) -> dict[str, Any]:
         found = data(dashboard.rejected_candidates, scan=scan)
@@ -467,6 +488,7 @@ def build_app() -> FastAPI:
         page = data(dashboard.rounds, limit=limit, offset=offset)
         plot = plot_svg(PLOT_VERSIONS, dashboard.rejected_in(page.items))
         body = (
+            f"{integrity_html(data(dashboard.models_integrity))}"
             f'<div class="plot">{plot}</div>'
             f'<p>Newest first. <a href="{esc(links.app)}/api/rounds">JSON</a></p>'
             f"{pager(links.app + '/rounds', page)}{rounds_table(links, page.items)}"
