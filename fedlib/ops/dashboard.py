@@ -39,6 +39,7 @@ from fedlib.server.records import (
     Verdict,
 )
 from fedlib.server.registry import ModelRegistry
+from fedlib.server.rollback import rollback_action
 from fedlib.server.state_keys import RunKeys
 from fedlib.storage.store import NoSuchKey, ObjectInfo
 from fedlib.trust.channel_layout import manifest_path
@@ -97,6 +98,8 @@ class RollbackInfo:
     best_version: int | None = None
     best_auc: float | None = None
     published_version: int | None = None
+    #: An operator's rollback pinned the active version: the check moved nothing.
+    pinned: bool = False
 
     @classmethod
     def of(cls, decision: RollbackDecision | None) -> RollbackInfo | None:
@@ -110,6 +113,7 @@ class RollbackInfo:
             best_version=decision.best_version,
             best_auc=_float_or_none(decision.best_auc),
             published_version=decision.published_version,
+            pinned=decision.pinned is not None,
         )
 
 
@@ -167,6 +171,10 @@ class VersionRow:
     parent_version: int | None = None
     rollback_of: int | None = None
     rollback_reason: str | None = None
+    #: Who made a rollback version, via which DAG (or fl-admin) and run (its record).
+    rollback_by: str | None = None
+    rollback_source: str | None = None
+    rollback_run_id: str | None = None
     round_id: str | None = None
     created_at_ms: int | None = None
     model_kind: str | None = None
@@ -445,7 +453,20 @@ def _version_page(deployment: Deployment, count: int | None) -> tuple[list[Versi
         dataclasses.replace(r, active=r.version == active, rolled_back=r.version in bad)
         for r in rows
     ]
-    return rows, len(etags)
+    return _parallel(lambda r: _with_rollback_action(deployment, r), rows), len(etags)
+
+
+def _with_rollback_action(deployment: Deployment, row: VersionRow) -> VersionRow:
+    """A rollback row with who made it and the run (read each time: not in the signed
+    package, so not in the per-version cache)."""
+    if not row.is_rollback or row.error:
+        return row
+    action = rollback_action(deployment, row)
+    if action is None:
+        return row
+    return dataclasses.replace(
+        row, rollback_by=action.by, rollback_source=action.source, rollback_run_id=action.run_id
+    )
 
 
 def models_integrity(deployment: Deployment) -> ModelsIntegrity:

@@ -275,6 +275,41 @@ class CandidateResult(Record):
 # -- rollback, privacy, evaluation ----------------------------------------------------------
 
 
+class RollbackAction(Record):
+    """Who made a rollback version, from which run, and why (``rollbacks/vNNNNNNNN.json``).
+
+    An operator's rollback is also the *pin* (``rollbacks/pin.json``): automatic rollback
+    leaves the channel on it until a round publishes a candidate that passed the gate or
+    the operator acts again. The signed package says what a version carries; this says
+    who asked for it, which the package cannot (the DAG run is known only to the server).
+    """
+
+    schema_: Literal["dadm.rollback.v1"] = _schema("dadm.rollback.v1")
+    version: int  #: the rollback version published (the active one after it)
+    rollback_of: int  #: the known-good version whose model it carries
+    parent_version: int  #: what was active before
+    reason: str
+    automatic: bool
+    by: str  #: the operator (Airflow user, OS user of fl-admin) or "automatic"
+    source: str  #: the DAG whose run made it (``fl_rollback``, ``fl_round``) or "fl-admin"
+    run_id: str | None = None  #: that DAG run (None for fl-admin)
+    created_at_ms: int
+
+    @property
+    def package_reason(self) -> str:
+        """The ``rollback_reason`` its package carries in its signed metadata."""
+        return f"{'automatic' if self.automatic else 'manual'}: {self.reason}"
+
+    def describe(self) -> str:
+        """One line for the check's reason, the summary, ``fl-admin status`` and the UI."""
+        how = "automatic rollback" if self.automatic else "operator rollback"
+        run = f" run {self.run_id}" if self.run_id else ""
+        return (
+            f"{how} to v{self.rollback_of} (active v{self.version}, by {self.by} via "
+            f"{self.source}{run}: {self.reason})"
+        )
+
+
 class RollbackDecision(Record):
     """The automatic rollback check at the start of a round (``rounds/<run>/rollback.json``)."""
 
@@ -289,6 +324,9 @@ class RollbackDecision(Record):
     #: True when the check ran without publishing (a dry run): a rollback it calls for
     #: was reported, not made.
     dry_run: bool = False
+    #: The operator rollback that pins the active version: the check moved nothing
+    #: (``reason`` says "pinned by operator rollback to vN" and what would have been due).
+    pinned: RollbackAction | None = None
 
 
 class PrivacyRecord(Record):
@@ -452,6 +490,8 @@ class RoundReport(Record):
                 line += " — REFUSED: over the budget, nothing published"
             lines.append(line)
         rollback = self.rollback
+        if rollback and rollback.pinned is not None:
+            lines.append(f"  PINNED: {rollback.reason}")
         if rollback and rollback.rollback:
             if rollback.published_version is not None:
                 lines.append(

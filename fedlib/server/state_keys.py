@@ -29,6 +29,9 @@ QUARANTINE = "quarantine/"
 FLEET = "fleet/fleet.json"
 HOLDOUT = "holdout/"
 HOLDOUT_POINTER = "holdout/current.json"
+ROLLBACKS = "rollbacks/"
+#: The operator's newest rollback while it pins the active version (absent: no pin).
+ROLLBACK_PIN = "rollbacks/pin.json"
 #: Ledger names of inbox keys outside the ``updates/<client>/<update id>`` grammar.
 OTHER = "_other/"
 
@@ -210,3 +213,11 @@ def holdout_data(version: int) -> str:
 
 def holdout_pointer(version: int) -> str:
     return f"{HOLDOUT}v{version:06d}.json"
+
+
+# -- rollbacks --------------------------------------------------------------------------------
+
+
+def rollback_action(version: int) -> str:
+    """Who made rollback version ``version``, from which run, and why."""
+    return f"{ROLLBACKS}v{version:08d}.json"

@@ -119,8 +119,8 @@ class Links:
         self.app = root if root.endswith(URL_PREFIX) else root + URL_PREFIX
         self.site = self.app[: -len(URL_PREFIX)]
 
-    def run_ui(self, run_id: str) -> str:
-        return f"{self.site}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}"
+    def run_ui(self, run_id: str, dag_id: str = DAG_ID) -> str:
+        return f"{self.site}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
 
     def round(self, run_id: str) -> str:
         return f"{self.app}/rounds/{quote(run_id, safe='')}"
@@ -240,7 +240,12 @@ def rounds_table(links: Links, rows: list[Any]) -> str:
         else:
             rejected = "0"
         rollback = "—"
-        if r.rollback and r.rollback.rolled_back:
+        if r.rollback and r.rollback.pinned:
+            rollback = (
+                f"{badge('pinned', 'rollback')} v{esc(r.rollback.active_version)}"
+                f'<br><span class="muted">{esc(r.rollback.reason)}</span>'
+            )
+        elif r.rollback and r.rollback.rolled_back:
             rollback = (
                 f"{badge('rollback')} v{esc(r.rollback.active_version)} → "
                 f"v{esc(r.rollback.published_version)} (model of v{esc(r.rollback.best_version)})"
@@ -267,7 +272,23 @@ def rounds_table(links: Links, rows: list[Any]) -> str:
     return f'<table id="rounds">{head}{"".join(body)}</table>'
 
 
-def versions_table(rows: list[Any]) -> str:
+def made_by(links: Links, v: Any) -> str:
+    """Who made a rollback version and a link to the run that made it (its record)."""
+    if not v.rollback_by:
+        return ""
+    text = f"by {esc(v.rollback_by)} via "
+    if v.rollback_run_id and v.rollback_source:
+        url = links.run_ui(v.rollback_run_id, v.rollback_source)
+        text += (
+            f'<a class="rollback-run" href="{esc(url)}" target="_top">'
+            f"{esc(v.rollback_source)} run {esc(v.rollback_run_id)} ↗</a>"
+        )
+    else:
+        text += esc(v.rollback_source)
+    return f'<br><span class="muted made-by">{text}</span>'
+
+
+def versions_table(rows: list[Any], links: Links) -> str:
     head = (
         "<tr><th>Version</th><th>AUC</th><th>AP</th><th>Parent</th><th>Rollback of</th>"
         "<th>Round</th><th>Created</th><th>Status</th></tr>"
@@ -283,7 +304,11 @@ def versions_table(rows: list[Any]) -> str:
             marks.append(badge("rolled back", "rolledback"))
         if v.error:
             marks.append(f'<span class="error">{esc(v.error)}</span>')
-        reason = f'<br><span class="muted">{esc(v.rollback_reason)}</span>' if v.is_rollback else ""
+        reason = (
+            f'<br><span class="muted">{esc(v.rollback_reason)}</span>{made_by(links, v)}'
+            if v.is_rollback
+            else ""
+        )
         body.append(
             f'<tr class="version" data-version="{v.version}"><td>v{v.version}</td>'
             f'<td class="num">{"—" if v.auc is None else f"{v.auc:.4f}"}</td>'
@@ -370,6 +395,7 @@ def round_details(links: Links, row: Any, *, figures: bool = False) -> str:
             (
                 "Rollback check",
                 (badge("rollback") + " " if row.rollback.rolled_back else "")
+                + (badge("pinned", "rollback") + " " if row.rollback.pinned else "")
                 + esc(row.rollback.reason),
             )
         )
@@ -561,7 +587,7 @@ def build_app() -> FastAPI:
         body = (
             f"<p>Newest first; metrics are each version's holdout scores when it was "
             f'published. <a href="{esc(links.app)}/api/versions">JSON</a></p>'
-            f"{pager(links.app + '/versions', page)}{versions_table(page.items)}"
+            f"{pager(links.app + '/versions', page)}{versions_table(page.items, links)}"
         )
         return html_page(request, "Model versions", body, "/versions")
 
