@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LocalStore",
     "NoSuchKey",
+    "ObjectDigest",
     "ObjectExists",
     "ObjectInfo",
     "ObjectStore",
@@ -93,6 +94,20 @@ class ObjectInfo:
     last_modified_ms: int = 0  # when the store received it (server clock)
 
 
+@dataclass(frozen=True)
+class ObjectDigest:
+    """An object summarised without holding it: SHA-256, size, ETag, its first bytes."""
+
+    sha256: str
+    size: int
+    etag: str
+    prefix: bytes
+
+
+#: Chunk an object is streamed in by :meth:`ObjectStore.digest`.
+DIGEST_CHUNK_BYTES = 1 << 20
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     """What fedlib needs from a store: write-once puts, bounded gets, ordered listing.
@@ -115,6 +130,11 @@ class ObjectStore(Protocol):
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` exists."""
+        ...
+
+    def digest(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
+        """Stream ``key`` in bounded chunks (never whole in memory): its SHA-256, size,
+        ETag and first ``prefix_bytes`` bytes (NoSuchKey)."""
         ...
 
     def list(
@@ -573,6 +593,24 @@ class S3Store:
             raise ObjectTooLarge(key, len(data), max_bytes, etag)  # size; belt and braces
         return data, etag
 
+    def digest(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
+        """One GET read as a stream of ~1 MiB chunks: memory stays bounded by the chunk."""
+        _addressed(key)
+        _runtime_usable("get", self.bucket, key)
+        hasher, prefix, size = hashlib.sha256(), bytearray(), 0
+        try:
+            result = obstore.get(self._store, key)
+            etag = (result.meta["e_tag"] or "").strip('"')
+            for chunk in result.stream(min_chunk_size=DIGEST_CHUNK_BYTES):
+                view = memoryview(chunk)
+                hasher.update(view)
+                size += len(view)
+                if len(prefix) < prefix_bytes:
+                    prefix += view[: prefix_bytes - len(prefix)]
+        except _OBSTORE_ERRORS as exc:
+            raise self._error(exc, "get", key) from exc
+        return ObjectDigest(hasher.hexdigest(), size, etag, bytes(prefix))
+
     def exists(self, key: str) -> bool:
         """HEAD the key; a missing key is False, a denied one is an error."""
         _addressed(key)
@@ -865,6 +903,25 @@ class LocalStore:
         if max_bytes is not None and len(data) > max_bytes:
             raise ObjectTooLarge(key, len(data), max_bytes, etag)
         return data, etag
+
+    def digest(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
+        """Read the file in chunks: its SHA-256, size, ETag and first bytes."""
+        path = self._path(key)
+        hasher, prefix = hashlib.sha256(), b""
+        try:
+            with open(path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                size = 0
+                while chunk := fh.read(DIGEST_CHUNK_BYTES):
+                    hasher.update(chunk)
+                    size += len(chunk)
+                    if len(prefix) < prefix_bytes:
+                        prefix += chunk[: prefix_bytes - len(prefix)]
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NoSuchKey(key, f"in {self.root}") from None
+        except OSError as exc:
+            raise StoreError(f"get {key!r} from {self.root}: {exc}") from exc
+        return ObjectDigest(hasher.hexdigest(), size, _local_etag(st), prefix)
 
     def exists(self, key: str) -> bool:
         """Whether a regular file backs ``key``."""
