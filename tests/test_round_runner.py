@@ -199,12 +199,12 @@ def test_a_failed_quarantine_stub_fails_the_shard_and_deletes_nothing(
     SeaweedFS identity for the server that may write the round's files but not
     ``quarantine/``), the shard fails, the inbox object stays, and a retry with a working
     identity quarantines its stub."""
-    from fedlib.server.records import QuarantineStub
     import pytest
 
     from fedlib.errors import StoreError
     from fedlib.server import round_runner as rr
     from fedlib.server.deployment import Deployment
+    from fedlib.server.records import QuarantineStub
     from scripts.seaweed import Credentials
     from tests.helpers import build_deployment
 
