@@ -293,3 +293,29 @@ def test_a_verdict_that_cannot_be_written_never_blocks_the_round(
     upload_updates(admin, 1, start=5)
     clean = run_round(server_side, "unwritable-after")
     assert clean.unrecorded is None and clean.rejected == {}, clean.summary()
+
+
+def test_the_251_character_name_through_the_fl_round_dag(airflow_deployment, dagbag):
+    """The observed attack through a real ``fl_round`` run: one verdict, quarantined,
+    removed; and the next run does not raise again."""
+    from datetime import timedelta
+
+    from tests.test_fl_round_dag import T0, report_of, run_dag
+
+    dep = airflow_deployment
+    upload_updates(dep, 2)
+    name = "updates/mallory/" + "x" * 251
+    dep.inbox.put(name, b"junk")
+    first = run_dag(dagbag, T0)
+    assert first.state == "success"
+    report = report_of(dep, first)
+    assert report["accepted"] == 2 and report["rejected"] == {"malformed_name": 1}, report
+    entry = Ledger(dep.state).read(name)
+    assert entry is not None and entry.reason == "malformed_name" and entry.key == name
+    assert dep.state.get(state_keys.quarantine_bytes(name, entry.sha256)) == b"junk"
+    assert list(dep.inbox.list("updates/")) == []
+
+    upload_updates(dep, 2, start=2)
+    second = run_dag(dagbag, T0 + timedelta(minutes=15))
+    assert second.state == "success"
+    assert report_of(dep, second)["rejected"] == {}, report_of(dep, second)
