@@ -222,11 +222,13 @@ def test_a_round_deletes_expired_quarantine_and_keeps_the_ledger(deployment):
 def test_a_verdict_that_cannot_be_written_never_blocks_the_round(
     seaweed_factory, tmp_path, small_dataset
 ):
-    """A real fault: the server's SeaweedFS identity may not write under ``ledger/mallory/``.
-    Each round finishes, writes every other verdict, reports the unwritten one (count and
-    key digest) and leaves its object in the inbox; after ``verdict_write_attempts``
-    rounds it gets an ``unrecordable`` verdict under a digest key, a bounded stub in
-    quarantine, and goes."""
+    """A real fault: the server's SeaweedFS identity may not write under ``ledger/mallory/``
+    nor under the first device's ledger prefix. Each round finishes, writes every other
+    verdict, reports the unwritten ones (count and key digests). The first device's
+    accepted update is in the round's sum already: its verdict goes under a digest key at
+    once and its object goes. Mallory's junk stays in the inbox; after
+    ``verdict_write_attempts`` rounds it gets an ``unrecordable`` verdict under a digest
+    key, a bounded stub in quarantine, and goes."""
     from fedlib.server.deployment import Deployment
     from scripts.seaweed import Credentials
     from tests.helpers import build_deployment
@@ -246,8 +248,9 @@ def test_a_verdict_that_cannot_be_written_never_blocks_the_round(
         state_keys.QUARANTINE,
         state_keys.VERDICT_ATTEMPTS,
         state_keys.QUARANTINE_SWEEP,
-        state_keys.LEDGER + "client-",
         state_keys.LEDGER + state_keys.UNRECORDABLE,
+        # every device's ledger but the first one's and mallory's
+        *(f"{state_keys.LEDGER}{cid}/" for cid in admin.dataset.client_ids[1:]),
     ]
     server.identities = [
         {
@@ -269,13 +272,26 @@ def test_a_verdict_that_cannot_be_written_never_blocks_the_round(
     admin.inbox.put(junk, b"junk" * 100)
     digest = state_keys.key_digest(junk)
     limit = admin.settings.verdict_write_attempts
+    first = upload_updates(admin, 1)  # accepted, but its own ledger key is refused
+    (first_key,) = first
     for attempt in range(1, limit):
-        honest = upload_updates(admin, 2, start=2 * (attempt - 1))
+        honest = upload_updates(admin, 2, start=2 * attempt - 1)
         report = run_round(server_side, f"unwritable-{attempt}")
-        assert report.accepted == 2 and report.rejected == {"malformed": 1}, report.summary()
+        accepted = 3 if attempt == 1 else 2
+        assert report.accepted == accepted, report.summary()
+        assert report.rejected == {"malformed": 1}, report.summary()
         assert report.unrecorded is not None, report.summary()
-        assert (report.unrecorded.count, report.unrecorded.unrecordable) == (1, 0)
-        assert report.unrecorded.sample == [digest]
+        if attempt == 1:  # the accepted one went under its digest key at once
+            assert (report.unrecorded.count, report.unrecorded.unrecordable) == (2, 1)
+            assert sorted(report.unrecorded.sample) == sorted(
+                [digest, state_keys.key_digest(first_key)]
+            )
+            fallback = json.loads(admin.state.get(state_keys.ledger_fallback(first_key)))
+            assert fallback["accepted"] is True and fallback["key"] == first_key
+            assert Ledger(admin.state).read(first_key) is None
+        else:
+            assert (report.unrecorded.count, report.unrecorded.unrecordable) == (1, 0)
+            assert report.unrecorded.sample == [digest]
         assert [i.key for i in admin.inbox.list("updates/")] == [junk]  # stays
         for key in honest:  # the rest of the shard was written and consumed
             assert Ledger(admin.state).read(key).accepted is True
@@ -290,7 +306,7 @@ def test_a_verdict_that_cannot_be_written_never_blocks_the_round(
     assert stub.kept_because == "unrecordable" and stub.size == 400
     assert stub.sha256 == hashlib.sha256(b"junk" * 100).hexdigest()
 
-    upload_updates(admin, 1, start=5)
+    upload_updates(admin, 1, start=2 * limit - 1)
     clean = run_round(server_side, "unwritable-after")
     assert clean.unrecorded is None and clean.rejected == {}, clean.summary()
 

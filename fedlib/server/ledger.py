@@ -83,6 +83,11 @@ class Ledger:
         self._put_once(state_keys.quarantine_unrecordable(verdict.key), stub.to_json())
         return self._put_once(state_keys.ledger_fallback(verdict.key), entry.to_json())
 
+    def record_fallback(self, verdict: Verdict, *, run_id: str) -> bool:
+        """An accepted verdict whose own key cannot be written, under the digest key."""
+        entry = LedgerEntry(**verdict.model_dump(), run_id=run_id)
+        return self._put_once(state_keys.ledger_fallback(verdict.key), entry.to_json())
+
     def record(self, verdict: Verdict, *, run_id: str) -> bool:
         """Write the verdict once (and a rejected one's reason beside its bytes).
 

@@ -228,7 +228,9 @@ class UnrecordedVerdicts(Record):
 
     count: int = 0
     sample: Annotated[list[Sha256], Field(max_length=20)] = Field(default_factory=list)
-    #: Of those, how many reached the attempt limit and got an ``unrecordable`` verdict.
+    #: Of those, how many were written under the digest fallback key instead (and their
+    #: objects deleted): accepted ones at once, rejected ones as ``unrecordable`` once
+    #: they reached the attempt limit.
     unrecordable: int = 0
 
 

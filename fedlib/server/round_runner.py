@@ -881,7 +881,9 @@ def record_verdicts(
     A verdict whose write fails with a store error does not stop the others: its object
     stays in the inbox, and its attempt count (a state key from the digest of its name)
     goes up. At ``verdict_write_attempts`` it gets an ``unrecordable`` verdict under a
-    digest key instead, with a bounded stub in quarantine, and its object goes."""
+    digest key instead, with a bounded stub in quarantine, and its object goes. An
+    accepted verdict is in this round's sum already: it goes under the digest key at
+    once (as accepted), so a later round does not add the update again."""
     limit = deployment.settings.verdict_write_attempts
     stub_bytes = deployment.settings.quarantine_stub_bytes
 
@@ -893,6 +895,9 @@ def record_verdicts(
         else:
             return None
         try:
+            if verdict.accepted:  # already in this round's sum: never aggregate it again
+                ledger.record_fallback(verdict, run_id=run_id)
+                return verdict, True
             if ledger.bump_attempts(verdict.key, error) < limit:
                 return verdict, False
             digest = deployment.inbox.digest(verdict.key, prefix_bytes=stub_bytes)
