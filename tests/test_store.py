@@ -615,3 +615,22 @@ def test_a_process_forked_after_requests_gets_an_error_not_a_hang(s3_bucket: S3S
     assert status == 0 and outcome.startswith("StoreError: get s3://"), outcome
     assert "fork" in outcome
     assert s3_bucket.get("k") == b"v"  # the parent is unaffected
+
+
+def test_digest_streams_size_sha256_and_prefix(store: ObjectStore) -> None:
+    """What quarantine stubs are made of, read in bounded chunks (several here)."""
+    import hashlib
+
+    from fedlib.storage.store import DIGEST_CHUNK_BYTES
+
+    payload = bytes(range(256)) * (DIGEST_CHUNK_BYTES // 256 * 2 + 3)
+    store.put("big/one", payload)
+    digest = store.digest("big/one", prefix_bytes=100)
+    assert digest.sha256 == hashlib.sha256(payload).hexdigest()
+    assert digest.size == len(payload) and digest.prefix == payload[:100]
+    assert digest.etag == next(iter(store.list("big/one"))).etag
+    store.put("tiny", b"ab")
+    assert store.digest("tiny", prefix_bytes=100).prefix == b"ab"
+    assert store.digest("tiny").prefix == b""
+    with pytest.raises(NoSuchKey):
+        store.digest("missing")
