@@ -99,10 +99,13 @@ def test_hostile_names_get_one_bounded_verdict_and_the_next_round_runs_clean(adm
     assert again["accepted"] == 2 and again["rejected"] == {}, again
 
 
-def test_unaddressable_names_do_not_stall_a_round(deployment):
-    """Names object_store cannot name (an empty segment, a trailing ``/``, a control
-    character) that SeaweedFS keeps as sent: the listing skips them (logged), and the
-    round around them finishes. They stay in the inbox: a known gap (RELIABILITY.md)."""
+def test_unaddressable_names_are_judged_and_removed(deployment):
+    """Names object_store cannot address (a control character, a trailing ``/``) that
+    SeaweedFS keeps as sent: the inbox listing skips them, so finalize finds them through
+    the control plane; each gets one ``malformed_name`` verdict under the digest of its
+    name, a stub in quarantine, and is deleted. The round around them publishes."""
+    import botocore.exceptions
+
     client = deployment.inbox._control()
     bucket = deployment.settings.inbox_bucket
     odd = [
@@ -112,12 +115,10 @@ def test_unaddressable_names_do_not_stall_a_round(deployment):
         f"updates/mallory/{UID}\n",
         f"updates/mallory/{UID}/../x",
     ]
-    import botocore.exceptions
-
     refused = set()
     for name in odd:
         try:
-            client.put_object(Bucket=bucket, Key=name, Body=b"junk")
+            client.put_object(Bucket=bucket, Key=name, Body=b"junk:" + name.encode())
         except botocore.exceptions.ClientError:
             refused.add(name)
     stored = {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
@@ -126,14 +127,34 @@ def test_unaddressable_names_do_not_stall_a_round(deployment):
     assert "updates/mallory/x" in stored  # ...and folds '//' into '/': judged as usual
     unaddressable = set(odd) - {dotdot, "updates/mallory//x"}
     assert unaddressable <= stored
+    assert not unaddressable & {i.key for i in deployment.inbox.list("updates/")}
+    # what SeaweedFS holds under each name (it keeps a trailing-'/' name as an empty
+    # directory marker, whatever the body was)
+    held = {n: client.get_object(Bucket=bucket, Key=n)["Body"].read() for n in unaddressable}
+    assert held["updates/mallory/dir/"] == b""
+
     upload_updates(deployment, 2)
     report = run_round(deployment, "odd-1")
     assert report.decision == "published" and report.accepted == 2, report.summary()
-    assert list(deployment.inbox.list("updates/")) == []
-    assert report.rejected == {"malformed_name": 1}, report.summary()
-    assert Ledger(deployment.state).read("updates/mallory/x").reason == "malformed_name"
-    left = {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
-    assert left == unaddressable
+    assert report.rejected == {"malformed_name": 1 + len(unaddressable)}, report.summary()
+    ledger = Ledger(deployment.state)
+    assert ledger.read("updates/mallory/x").reason == "malformed_name"
+    for name in unaddressable:
+        entry = ledger.read(name)
+        assert entry is not None and entry.reason == "malformed_name" and entry.key == name
+        assert state_keys.ledger_entry(name).startswith("ledger/mallory/_name/")
+        stub = QuarantineStub.from_json(
+            deployment.state.get(state_keys.quarantine_stub(name, entry.sha256))
+        )
+        blob = held[name]
+        assert stub.kept_because == "unaddressable" and stub.size == len(blob)
+        assert (stub.sha256, bytes.fromhex(stub.prefix_hex)) == (entry.sha256, blob)
+        assert entry.sha256 == hashlib.sha256(blob).hexdigest()
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket)  # the inbox is empty
+
+    upload_updates(deployment, 2, start=2)
+    again = run_round(deployment, "odd-2")
+    assert again.accepted == 2 and again.rejected == {}, again.summary()
 
 
 def test_oversized_objects_are_kept_as_stubs_not_copies(deployment):

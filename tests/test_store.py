@@ -634,3 +634,25 @@ def test_digest_streams_size_sha256_and_prefix(store: ObjectStore) -> None:
     assert store.digest("tiny").prefix == b""
     with pytest.raises(NoSuchKey):
         store.digest("missing")
+
+
+def test_unaddressable_keys_are_listed_read_and_deleted_by_their_exact_name(
+    s3_bucket: S3Store,
+) -> None:
+    import hashlib
+
+    control = s3_bucket.config.client()
+    # (a key ending in \x01 is not even refused by object_store's listing: it comes back
+    # as "d\ufffd", a key that does not exist; list_unaddressable still finds the real one)
+    odd = ["updates/c/a\tb", "updates/c/d\x7f"]
+    for key in odd:
+        control.put_object(Bucket=s3_bucket.bucket, Key=key, Body=key.encode())
+    s3_bucket.put("updates/c/fine", b"ok")
+    assert sorted(keys(s3_bucket.list_unaddressable("updates/", limit=10))) == sorted(odd)
+    assert len(list(s3_bucket.list_unaddressable("updates/", limit=1))) == 1
+    digest = s3_bucket.digest(odd[0], prefix_bytes=4)
+    assert digest.sha256 == hashlib.sha256(odd[0].encode()).hexdigest()
+    assert (digest.size, digest.prefix) == (len(odd[0]), odd[0].encode()[:4])
+    s3_bucket.delete(odd[0])
+    assert keys(s3_bucket.list_unaddressable("updates/", limit=10)) == [odd[1]]
+    assert keys(s3_bucket.list("updates/")) == ["updates/c/fine"]

@@ -195,14 +195,15 @@ class ShardVerdicts(Record):
 class QuarantineStub(Record):
     """What quarantine keeps of bytes it does not keep whole (``quarantine/...stub.json``):
     the first bytes, the full SHA-256 and the size. ``kept_because`` says why: the object
-    was over the envelope limit (never read whole) or its device's quota was reached."""
+    was over the envelope limit (never read whole), its device's quota was reached, its
+    verdict could not be written, or its name cannot be addressed on the data path."""
 
     schema_: Literal["dadm.quarantine-stub.v1"] = _schema("dadm.quarantine-stub.v1")
     key_sha256: Sha256
     sha256: Sha256
     size: Annotated[int, Field(ge=0)]
     prefix_hex: Annotated[str, Field(max_length=2 * 65536)]
-    kept_because: Literal["oversized", "quarantine_quota", "unrecordable"]
+    kept_because: Literal["oversized", "quarantine_quota", "unrecordable", "unaddressable"]
     etag: str = ""  # of the object version the digest was taken of
 
 

@@ -842,9 +842,14 @@ def finalize_round(
                     written, failed = record_verdicts(deployment, ledger, verdicts, run_id, pool)
                     unrecorded = _merge_unrecorded(unrecorded, failed)
                     delete_judged(deployment, written, pool=pool)
+            odd, failed = judge_unaddressable(deployment, run_id)
+            unrecorded = _merge_unrecorded(unrecorded, failed)
+            rejected_all = Counter(report.rejected)
+            rejected_all["malformed_name"] += odd
             expired = expire_quarantine(deployment)
             report = report.model_copy(
                 update={
+                    "rejected": dict(sorted((+rejected_all).items())),
                     "unrecorded": unrecorded if unrecorded.count else None,
                     "quarantine_expired": expired,
                 }
@@ -933,6 +938,55 @@ def _merge_unrecorded(
         sample=sample,
         unrecordable=summary.unrecordable + sum(final for _, final in failed),
     )
+
+
+#: Inbox objects with names the data path cannot address that one round judges.
+UNADDRESSABLE_PER_ROUND = 100
+
+
+def judge_unaddressable(
+    deployment: Deployment, run_id: str
+) -> tuple[int, list[tuple[Verdict, bool]]]:
+    """Judge inbox objects whose names object_store cannot address (a control character,
+    an empty segment, a trailing ``/``): the inbox listing skips them, so no plan holds
+    them. Each gets a ``malformed_name`` verdict under the digest of its name, a stub in
+    quarantine (streamed through the control plane), and is deleted; at most
+    :data:`UNADDRESSABLE_PER_ROUND` per round. Returns (judged, failed writes)."""
+    ledger = Ledger(deployment.state)
+    stub_bytes = deployment.settings.quarantine_stub_bytes
+    judged, failed = 0, []
+    for info in deployment.inbox.list_unaddressable("updates/", limit=UNADDRESSABLE_PER_ROUND):
+        try:
+            digest = deployment.inbox.digest(info.key, prefix_bytes=stub_bytes)
+        except StoreError:
+            continue  # gone since the listing, or unreadable now: the next round looks again
+        verdict = Verdict(
+            key=info.key,
+            sha256=digest.sha256,
+            size=digest.size,
+            accepted=False,
+            reason="malformed_name",
+            detail="object key cannot be addressed (control character, empty segment or "
+            "trailing '/')",
+            etag=digest.etag,
+        )
+        stub = QuarantineStub(
+            key_sha256=state_keys.key_digest(info.key),
+            sha256=digest.sha256,
+            size=digest.size,
+            prefix_hex=digest.prefix.hex(),
+            kept_because="unaddressable",
+            etag=digest.etag,
+        )
+        try:
+            ledger.keep_stub(verdict, stub)
+            ledger.record(verdict, run_id=run_id)
+        except StoreError:
+            failed.append((verdict, False))  # stays; the next round tries again
+            continue
+        deployment.inbox.delete(info.key)
+        judged += 1
+    return judged, failed
 
 
 def expire_quarantine(deployment: Deployment, *, now_ms: int | None = None) -> int:

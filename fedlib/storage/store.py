@@ -148,6 +148,12 @@ class ObjectStore(Protocol):
         """Remove ``key``; deleting a missing key is not an error (as in S3)."""
         ...
 
+    def list_unaddressable(self, prefix: str, *, limit: int) -> Iterator[ObjectInfo]:
+        """At most ``limit`` objects under ``prefix`` whose keys :meth:`list` skips (an S3
+        bucket may hold a control character, an empty segment or a trailing ``/`` in a
+        key; a directory cannot). :meth:`digest` and :meth:`delete` accept their keys."""
+        ...
+
     def copy(self, src_key: str, dst_key: str, *, src_bucket: str | None = None) -> None:
         """Copy ``src_key`` (of ``src_bucket`` on the same server, else this bucket) to
         ``dst_key`` without the bytes passing through the caller's memory."""
@@ -594,7 +600,10 @@ class S3Store:
         return data, etag
 
     def digest(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
-        """One GET read as a stream of ~1 MiB chunks: memory stays bounded by the chunk."""
+        """One GET read as a stream of ~1 MiB chunks: memory stays bounded by the chunk.
+        A key object_store cannot name is read through the control plane."""
+        if isinstance(key, str) and key and not _addressable(key):
+            return self._digest_control(key, prefix_bytes)
         _addressed(key)
         _runtime_usable("get", self.bucket, key)
         hasher, prefix, size = hashlib.sha256(), bytearray(), 0
@@ -610,6 +619,45 @@ class S3Store:
         except _OBSTORE_ERRORS as exc:
             raise self._error(exc, "get", key) from exc
         return ObjectDigest(hasher.hexdigest(), size, etag, bytes(prefix))
+
+    def _digest_control(self, key: str, prefix_bytes: int) -> ObjectDigest:
+        hasher, prefix, size = hashlib.sha256(), bytearray(), 0
+        try:
+            response = self._control().get_object(Bucket=self.bucket, Key=key)
+            etag = str(response.get("ETag", "")).strip('"')
+            for chunk in response["Body"].iter_chunks(DIGEST_CHUNK_BYTES):
+                hasher.update(chunk)
+                size += len(chunk)
+                if len(prefix) < prefix_bytes:
+                    prefix += chunk[: prefix_bytes - len(prefix)]
+        except self._control_errors() as exc:
+            raise self._control_error(exc, "get", key) from exc
+        return ObjectDigest(hasher.hexdigest(), size, etag, bytes(prefix))
+
+    def list_unaddressable(self, prefix: str, *, limit: int) -> Iterator[ObjectInfo]:
+        """A ListObjectsV2 pass over ``prefix`` (control plane) keeping only such keys."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        found = 0
+        while found < limit:
+            try:
+                page = self._control().list_objects_v2(**kwargs)
+            except self._control_errors() as exc:
+                raise self._control_error(exc, "list") from exc
+            for obj in page.get("Contents", ()):
+                if _addressable(obj["Key"]):
+                    continue
+                yield ObjectInfo(
+                    obj["Key"],
+                    int(obj["Size"]),
+                    str(obj.get("ETag", "")).strip('"'),
+                    int(obj["LastModified"].timestamp() * 1000),
+                )
+                found += 1
+                if found >= limit:
+                    return
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def exists(self, key: str) -> bool:
         """HEAD the key; a missing key is False, a denied one is an error."""
@@ -728,7 +776,18 @@ class S3Store:
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def delete(self, key: str) -> None:
-        """Delete ``key``; S3 reports success for a missing key and so do we."""
+        """Delete ``key``; S3 reports success for a missing key and so do we. A key
+        object_store cannot name (see :meth:`list_unaddressable`) goes through the
+        control plane, by its exact name."""
+        if isinstance(key, str) and key and not _addressable(key):
+            try:
+                self._control().delete_object(Bucket=self.bucket, Key=key)
+            except self._control_errors() as exc:
+                err = self._control_error(exc, "delete", key)
+                if isinstance(err, NoSuchKey):
+                    return
+                raise err from exc
+            return
         _addressed(key)
         _runtime_usable("delete", self.bucket, key)
         try:
@@ -922,6 +981,10 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"get {key!r} from {self.root}: {exc}") from exc
         return ObjectDigest(hasher.hexdigest(), size, _local_etag(st), prefix)
+
+    def list_unaddressable(self, prefix: str, *, limit: int) -> Iterator[ObjectInfo]:
+        """Nothing: a directory cannot hold such names (:func:`validate_key`)."""
+        return iter(())
 
     def exists(self, key: str) -> bool:
         """Whether a regular file backs ``key``."""
