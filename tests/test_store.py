@@ -650,9 +650,14 @@ def test_unaddressable_keys_are_listed_read_and_deleted_by_their_exact_name(
     s3_bucket.put("updates/c/fine", b"ok")
     assert sorted(keys(s3_bucket.list_unaddressable("updates/", limit=10))) == sorted(odd)
     assert len(list(s3_bucket.list_unaddressable("updates/", limit=1))) == 1
-    digest = s3_bucket.digest(odd[0], prefix_bytes=4)
+    digest = s3_bucket.digest_unaddressable(odd[0], prefix_bytes=4)
     assert digest.sha256 == hashlib.sha256(odd[0].encode()).hexdigest()
     assert (digest.size, digest.prefix) == (len(odd[0]), odd[0].encode()[:4])
-    s3_bucket.delete(odd[0])
+    for ordinary in ("updates/c/fine", "/etc/passwd", ""):  # the ordinary methods, or none
+        with pytest.raises(ValueError):
+            s3_bucket.delete_unaddressable(ordinary)
+        with pytest.raises(ValueError):
+            s3_bucket.digest_unaddressable(ordinary)
+    s3_bucket.delete_unaddressable(odd[0])
     assert keys(s3_bucket.list_unaddressable("updates/", limit=10)) == [odd[1]]
     assert keys(s3_bucket.list("updates/")) == ["updates/c/fine"]

@@ -143,7 +143,9 @@ class ShardKeys(Record):
 class Verdict(Record):
     """What happened to one inbox object; the ledger stores one per object, once."""
 
-    key: str
+    #: The inbox key as the store holds it (S3 keys are at most 1,024 bytes); only ever
+    #: data here: state keys are derived from it through :mod:`fedlib.server.state_keys`.
+    key: Annotated[str, Field(max_length=1024)]
     sha256: str
     size: int
     accepted: bool

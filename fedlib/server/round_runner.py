@@ -957,7 +957,7 @@ def judge_unaddressable(
     judged, failed = 0, []
     for info in deployment.inbox.list_unaddressable("updates/", limit=UNADDRESSABLE_PER_ROUND):
         try:
-            digest = deployment.inbox.digest(info.key, prefix_bytes=stub_bytes)
+            digest = deployment.inbox.digest_unaddressable(info.key, prefix_bytes=stub_bytes)
         except StoreError:
             continue  # gone since the listing, or unreadable now: the next round looks again
         verdict = Verdict(
@@ -984,7 +984,7 @@ def judge_unaddressable(
         except StoreError:
             failed.append((verdict, False))  # stays; the next round tries again
             continue
-        deployment.inbox.delete(info.key)
+        deployment.inbox.delete_unaddressable(info.key)
         judged += 1
     return judged, failed
 

@@ -151,7 +151,16 @@ class ObjectStore(Protocol):
     def list_unaddressable(self, prefix: str, *, limit: int) -> Iterator[ObjectInfo]:
         """At most ``limit`` objects under ``prefix`` whose keys :meth:`list` skips (an S3
         bucket may hold a control character, an empty segment or a trailing ``/`` in a
-        key; a directory cannot). :meth:`digest` and :meth:`delete` accept their keys."""
+        key; a directory cannot)."""
+        ...
+
+    def digest_unaddressable(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
+        """:meth:`digest` of a key :meth:`list_unaddressable` yielded (ValueError for
+        any other key: the ordinary methods name those)."""
+        ...
+
+    def delete_unaddressable(self, key: str) -> None:
+        """:meth:`delete` of a key :meth:`list_unaddressable` yielded (ValueError else)."""
         ...
 
     def copy(self, src_key: str, dst_key: str, *, src_bucket: str | None = None) -> None:
@@ -206,6 +215,16 @@ def _addressed(key: str) -> str:
     cannot (a device names its own uploads), and those must stay readable."""
     if not isinstance(key, str) or not _addressable(key):
         raise ValueError(f"object key {key!r} cannot be named on S3 by object_store")
+    return key
+
+
+def _unaddressable_listed(key: str) -> str:
+    """``key`` if only the control plane can name it (a key :meth:`S3Store.list` skips)
+    and it is still one S3 could hold; ValueError for an ordinary or impossible key."""
+    if not isinstance(key, str) or not key or _addressable(key):
+        raise ValueError(f"object key {key!r} is not one object_store cannot name")
+    if key.startswith("/") or "\x00" in key:
+        raise ValueError(f"object key {key!r} is absolute or holds a NUL")
     return key
 
 
@@ -600,10 +619,7 @@ class S3Store:
         return data, etag
 
     def digest(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
-        """One GET read as a stream of ~1 MiB chunks: memory stays bounded by the chunk.
-        A key object_store cannot name is read through the control plane."""
-        if isinstance(key, str) and key and not _addressable(key):
-            return self._digest_control(key, prefix_bytes)
+        """One GET read as a stream of ~1 MiB chunks: memory stays bounded by the chunk."""
         _addressed(key)
         _runtime_usable("get", self.bucket, key)
         hasher, prefix, size = hashlib.sha256(), bytearray(), 0
@@ -620,7 +636,10 @@ class S3Store:
             raise self._error(exc, "get", key) from exc
         return ObjectDigest(hasher.hexdigest(), size, etag, bytes(prefix))
 
-    def _digest_control(self, key: str, prefix_bytes: int) -> ObjectDigest:
+    def digest_unaddressable(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
+        """:meth:`digest` of a key from :meth:`list_unaddressable`, by its exact name
+        through the control plane (streamed in chunks too)."""
+        _unaddressable_listed(key)
         hasher, prefix, size = hashlib.sha256(), bytearray(), 0
         try:
             response = self._control().get_object(Bucket=self.bucket, Key=key)
@@ -633,6 +652,17 @@ class S3Store:
         except self._control_errors() as exc:
             raise self._control_error(exc, "get", key) from exc
         return ObjectDigest(hasher.hexdigest(), size, etag, bytes(prefix))
+
+    def delete_unaddressable(self, key: str) -> None:
+        """:meth:`delete` of a key from :meth:`list_unaddressable`, by its exact name."""
+        _unaddressable_listed(key)
+        try:
+            self._control().delete_object(Bucket=self.bucket, Key=key)
+        except self._control_errors() as exc:
+            err = self._control_error(exc, "delete", key)
+            if isinstance(err, NoSuchKey):
+                return
+            raise err from exc
 
     def list_unaddressable(self, prefix: str, *, limit: int) -> Iterator[ObjectInfo]:
         """A ListObjectsV2 pass over ``prefix`` (control plane) keeping only such keys."""
@@ -776,18 +806,7 @@ class S3Store:
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def delete(self, key: str) -> None:
-        """Delete ``key``; S3 reports success for a missing key and so do we. A key
-        object_store cannot name (see :meth:`list_unaddressable`) goes through the
-        control plane, by its exact name."""
-        if isinstance(key, str) and key and not _addressable(key):
-            try:
-                self._control().delete_object(Bucket=self.bucket, Key=key)
-            except self._control_errors() as exc:
-                err = self._control_error(exc, "delete", key)
-                if isinstance(err, NoSuchKey):
-                    return
-                raise err from exc
-            return
+        """Delete ``key``; S3 reports success for a missing key and so do we."""
         _addressed(key)
         _runtime_usable("delete", self.bucket, key)
         try:
@@ -985,6 +1004,12 @@ class LocalStore:
     def list_unaddressable(self, prefix: str, *, limit: int) -> Iterator[ObjectInfo]:
         """Nothing: a directory cannot hold such names (:func:`validate_key`)."""
         return iter(())
+
+    def digest_unaddressable(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
+        raise ValueError(f"{self.root} holds no object named {key!r}")
+
+    def delete_unaddressable(self, key: str) -> None:
+        raise ValueError(f"{self.root} holds no object named {key!r}")
 
     def exists(self, key: str) -> bool:
         """Whether a regular file backs ``key``."""
