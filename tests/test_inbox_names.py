@@ -186,6 +186,28 @@ def test_oversized_objects_are_kept_as_stubs_not_copies(deployment):
     assert list(deployment.inbox.list("updates/")) == []
 
 
+def test_an_object_over_the_hash_limit_is_stubbed_without_reading_it_whole(
+    s3_config, tmp_path, small_dataset
+):
+    """A device may upload far more than the envelope limit (multipart: terabytes);
+    past ``quarantine_hash_max_bytes`` the stub keeps the prefix and size, no digest."""
+    from tests.helpers import build_deployment
+
+    dep = build_deployment(
+        s3_config, tmp_path / "keys", small_dataset, quarantine_hash_max_bytes=1 << 20
+    )
+    key = protocol.inbox_key("mallory", protocol.new_update_id())
+    blob = b"\x07" * 10 + bytes(protocol.MAX_ENVELOPE_BYTES + 1)
+    dep.inbox.put(key, blob)
+    upload_updates(dep, 2)
+    report = run_round(dep, "huge-1")
+    assert report.rejected == {"oversized": 1}, report.summary()
+    stub = QuarantineStub.from_json(dep.state.get(state_keys.quarantine_stub(key, None)))
+    assert (stub.sha256, stub.size) == (None, len(blob))
+    assert bytes.fromhex(stub.prefix_hex) == blob[: dep.settings.quarantine_stub_bytes]
+    assert list(dep.inbox.list("updates/")) == []
+
+
 def test_a_device_past_its_quarantine_quota_gets_stubs(s3_config, tmp_path, small_dataset):
     """Quarantine keeps a device's rejected bytes whole up to its quota, then stubs."""
     from tests.helpers import build_deployment

@@ -629,6 +629,10 @@ def test_digest_streams_size_sha256_and_prefix(store: ObjectStore) -> None:
     assert digest.sha256 == hashlib.sha256(payload).hexdigest()
     assert digest.size == len(payload) and digest.prefix == payload[:100]
     assert digest.etag == next(iter(store.list("big/one"))).etag
+    capped = store.digest("big/one", prefix_bytes=100, hash_max=len(payload) - 1)
+    assert (capped.sha256, capped.size, capped.prefix) == ("", len(payload), payload[:100])
+    exact = store.digest("big/one", hash_max=len(payload))
+    assert exact.sha256 == digest.sha256
     store.put("tiny", b"ab")
     assert store.digest("tiny", prefix_bytes=100).prefix == b"ab"
     assert store.digest("tiny").prefix == b""

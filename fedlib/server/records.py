@@ -202,7 +202,8 @@ class QuarantineStub(Record):
 
     schema_: Literal["dadm.quarantine-stub.v1"] = _schema("dadm.quarantine-stub.v1")
     key_sha256: Sha256
-    sha256: Sha256
+    #: None: the object was over ``quarantine_hash_max_bytes`` and only its prefix was read.
+    sha256: Sha256 | None
     size: Annotated[int, Field(ge=0)]
     prefix_hex: Annotated[str, Field(max_length=2 * 65536)]
     kept_because: Literal["oversized", "quarantine_quota", "unrecordable", "unaddressable"]

@@ -889,8 +889,9 @@ def record_verdicts(
     digest key instead, with a bounded stub in quarantine, and its object goes. An
     accepted verdict is in this round's sum already: it goes under the digest key at
     once (as accepted), so a later round does not add the update again."""
-    limit = deployment.settings.verdict_write_attempts
-    stub_bytes = deployment.settings.quarantine_stub_bytes
+    settings = deployment.settings
+    limit = settings.verdict_write_attempts
+    stub_bytes = settings.quarantine_stub_bytes
 
     def write(verdict: Verdict) -> tuple[Verdict, bool] | None:
         try:
@@ -905,10 +906,12 @@ def record_verdicts(
                 return verdict, True
             if ledger.bump_attempts(verdict.key, error) < limit:
                 return verdict, False
-            digest = deployment.inbox.digest(verdict.key, prefix_bytes=stub_bytes)
+            digest = deployment.inbox.digest(
+                verdict.key, prefix_bytes=stub_bytes, hash_max=settings.quarantine_hash_max_bytes
+            )
             stub = QuarantineStub(
                 key_sha256=state_keys.key_digest(verdict.key),
-                sha256=digest.sha256,
+                sha256=digest.sha256 or None,
                 size=digest.size,
                 prefix_hex=digest.prefix.hex(),
                 kept_because="unrecordable",
@@ -957,7 +960,11 @@ def judge_unaddressable(
     judged, failed = 0, []
     for info in deployment.inbox.list_unaddressable("updates/", limit=UNADDRESSABLE_PER_ROUND):
         try:
-            digest = deployment.inbox.digest_unaddressable(info.key, prefix_bytes=stub_bytes)
+            digest = deployment.inbox.digest_unaddressable(
+                info.key,
+                prefix_bytes=stub_bytes,
+                hash_max=deployment.settings.quarantine_hash_max_bytes,
+            )
         except StoreError:
             continue  # gone since the listing, or unreadable now: the next round looks again
         verdict = Verdict(
@@ -972,7 +979,7 @@ def judge_unaddressable(
         )
         stub = QuarantineStub(
             key_sha256=state_keys.key_digest(info.key),
-            sha256=digest.sha256,
+            sha256=digest.sha256 or None,
             size=digest.size,
             prefix_hex=digest.prefix.hex(),
             kept_because="unaddressable",
@@ -1040,6 +1047,7 @@ class JudgedBytesKeeper:
         self._inbox = deployment.inbox
         self._quota = deployment.settings.quarantine_quota_bytes
         self._stub_bytes = deployment.settings.quarantine_stub_bytes
+        self._hash_max = deployment.settings.quarantine_hash_max_bytes
         self._used: dict[str, int] = {}  # quarantine prefix -> bytes (listed once, then kept)
         self._ledger = ledger
         self._pool = (
@@ -1112,10 +1120,12 @@ class JudgedBytesKeeper:
         """Keep a stub of an object refused unread (oversized): streamed from the inbox
         in bounded chunks for its SHA-256 and first bytes, never copied whole. A failed
         read or write raises and fails the shard, so finalize never deletes its bytes."""
-        digest = self._inbox.digest(verdict.key, prefix_bytes=self._stub_bytes)
+        digest = self._inbox.digest(
+            verdict.key, prefix_bytes=self._stub_bytes, hash_max=self._hash_max
+        )
         stub = QuarantineStub(
             key_sha256=state_keys.key_digest(verdict.key),
-            sha256=digest.sha256,
+            sha256=digest.sha256 or None,
             size=digest.size,
             prefix_hex=digest.prefix.hex(),
             kept_because="oversized",

@@ -59,6 +59,12 @@ class ServerSettings(BaseModel):
     quarantine_stub_bytes: int = Field(
         4096, ge=0, le=65536, description="Leading bytes a quarantine stub keeps."
     )
+    quarantine_hash_max_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="Largest unread object a quarantine stub hashes whole (larger: prefix "
+        "and size only).",
+    )
     quarantine_retention_days: float = Field(
         30, gt=0, description="Quarantine objects older than this are deleted by a round."
     )

@@ -96,7 +96,8 @@ class ObjectInfo:
 
 @dataclass(frozen=True)
 class ObjectDigest:
-    """An object summarised without holding it: SHA-256, size, ETag, its first bytes."""
+    """An object summarised without holding it: SHA-256 ("" when it was over the caller's
+    ``hash_max`` and only its first bytes were read), size, ETag, its first bytes."""
 
     sha256: str
     size: int
@@ -106,6 +107,26 @@ class ObjectDigest:
 
 #: Chunk an object is streamed in by :meth:`ObjectStore.digest`.
 DIGEST_CHUNK_BYTES = 1 << 20
+
+
+def _summarise(
+    chunks: Iterator[Any], size: int, etag: str, prefix_bytes: int, hash_max: int | None
+) -> ObjectDigest:
+    """Hash a stream of chunks (or, past ``hash_max`` bytes, read its prefix only)."""
+    hashing = hash_max is None or size <= hash_max
+    hasher, prefix, seen = hashlib.sha256(), bytearray(), 0
+    for chunk in chunks:
+        view = memoryview(chunk)
+        if len(prefix) < prefix_bytes:
+            prefix += view[: prefix_bytes - len(prefix)]
+        if hashing:
+            hasher.update(view)
+            seen += len(view)
+        elif len(prefix) >= prefix_bytes:
+            break  # the rest is never read
+    if not hashing:
+        return ObjectDigest("", size, etag, bytes(prefix))
+    return ObjectDigest(hasher.hexdigest(), seen, etag, bytes(prefix))
 
 
 @runtime_checkable
@@ -132,9 +153,12 @@ class ObjectStore(Protocol):
         """Whether ``key`` exists."""
         ...
 
-    def digest(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
+    def digest(
+        self, key: str, *, prefix_bytes: int = 0, hash_max: int | None = None
+    ) -> ObjectDigest:
         """Stream ``key`` in bounded chunks (never whole in memory): its SHA-256, size,
-        ETag and first ``prefix_bytes`` bytes (NoSuchKey)."""
+        ETag and first ``prefix_bytes`` bytes (NoSuchKey). Over ``hash_max`` bytes, only
+        the prefix is read and the SHA-256 is ""."""
         ...
 
     def list(
@@ -154,7 +178,9 @@ class ObjectStore(Protocol):
         key; a directory cannot)."""
         ...
 
-    def digest_unaddressable(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
+    def digest_unaddressable(
+        self, key: str, *, prefix_bytes: int = 0, hash_max: int | None = None
+    ) -> ObjectDigest:
         """:meth:`digest` of a key :meth:`list_unaddressable` yielded (ValueError for
         any other key: the ordinary methods name those)."""
         ...
@@ -618,40 +644,39 @@ class S3Store:
             raise ObjectTooLarge(key, len(data), max_bytes, etag)  # size; belt and braces
         return data, etag
 
-    def digest(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
+    def digest(
+        self, key: str, *, prefix_bytes: int = 0, hash_max: int | None = None
+    ) -> ObjectDigest:
         """One GET read as a stream of ~1 MiB chunks: memory stays bounded by the chunk."""
         _addressed(key)
         _runtime_usable("get", self.bucket, key)
-        hasher, prefix, size = hashlib.sha256(), bytearray(), 0
         try:
             result = obstore.get(self._store, key)
             etag = (result.meta["e_tag"] or "").strip('"')
-            for chunk in result.stream(min_chunk_size=DIGEST_CHUNK_BYTES):
-                view = memoryview(chunk)
-                hasher.update(view)
-                size += len(view)
-                if len(prefix) < prefix_bytes:
-                    prefix += view[: prefix_bytes - len(prefix)]
+            chunks = iter(result.stream(min_chunk_size=DIGEST_CHUNK_BYTES))
+            return _summarise(chunks, result.meta["size"], etag, prefix_bytes, hash_max)
         except _OBSTORE_ERRORS as exc:
             raise self._error(exc, "get", key) from exc
-        return ObjectDigest(hasher.hexdigest(), size, etag, bytes(prefix))
 
-    def digest_unaddressable(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
+    def digest_unaddressable(
+        self, key: str, *, prefix_bytes: int = 0, hash_max: int | None = None
+    ) -> ObjectDigest:
         """:meth:`digest` of a key from :meth:`list_unaddressable`, by its exact name
         through the control plane (streamed in chunks too)."""
         _unaddressable_listed(key)
-        hasher, prefix, size = hashlib.sha256(), bytearray(), 0
         try:
             response = self._control().get_object(Bucket=self.bucket, Key=key)
             etag = str(response.get("ETag", "")).strip('"')
-            for chunk in response["Body"].iter_chunks(DIGEST_CHUNK_BYTES):
-                hasher.update(chunk)
-                size += len(chunk)
-                if len(prefix) < prefix_bytes:
-                    prefix += chunk[: prefix_bytes - len(prefix)]
+            body = response["Body"]
+            try:
+                chunks = body.iter_chunks(DIGEST_CHUNK_BYTES)
+                return _summarise(
+                    chunks, int(response["ContentLength"]), etag, prefix_bytes, hash_max
+                )
+            finally:
+                body.close()
         except self._control_errors() as exc:
             raise self._control_error(exc, "get", key) from exc
-        return ObjectDigest(hasher.hexdigest(), size, etag, bytes(prefix))
 
     def delete_unaddressable(self, key: str) -> None:
         """:meth:`delete` of a key from :meth:`list_unaddressable`, by its exact name."""
@@ -982,30 +1007,28 @@ class LocalStore:
             raise ObjectTooLarge(key, len(data), max_bytes, etag)
         return data, etag
 
-    def digest(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
+    def digest(
+        self, key: str, *, prefix_bytes: int = 0, hash_max: int | None = None
+    ) -> ObjectDigest:
         """Read the file in chunks: its SHA-256, size, ETag and first bytes."""
         path = self._path(key)
-        hasher, prefix = hashlib.sha256(), b""
         try:
             with open(path, "rb") as fh:
                 st = os.fstat(fh.fileno())
-                size = 0
-                while chunk := fh.read(DIGEST_CHUNK_BYTES):
-                    hasher.update(chunk)
-                    size += len(chunk)
-                    if len(prefix) < prefix_bytes:
-                        prefix += chunk[: prefix_bytes - len(prefix)]
+                chunks = iter(lambda: fh.read(DIGEST_CHUNK_BYTES), b"")
+                return _summarise(chunks, st.st_size, _local_etag(st), prefix_bytes, hash_max)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NoSuchKey(key, f"in {self.root}") from None
         except OSError as exc:
             raise StoreError(f"get {key!r} from {self.root}: {exc}") from exc
-        return ObjectDigest(hasher.hexdigest(), size, _local_etag(st), prefix)
 
     def list_unaddressable(self, prefix: str, *, limit: int) -> Iterator[ObjectInfo]:
         """Nothing: a directory cannot hold such names (:func:`validate_key`)."""
         return iter(())
 
-    def digest_unaddressable(self, key: str, *, prefix_bytes: int = 0) -> ObjectDigest:
+    def digest_unaddressable(
+        self, key: str, *, prefix_bytes: int = 0, hash_max: int | None = None
+    ) -> ObjectDigest:
         raise ValueError(f"{self.root} holds no object named {key!r}")
 
     def delete_unaddressable(self, key: str) -> None:
