@@ -166,7 +166,9 @@ class ShardKeys(Record):
 class Verdict(Record):
     """What happened to one inbox object; the ledger stores one per object, once."""
 
-    key: str
+    #: The inbox key as the store holds it (S3 keys are at most 1,024 bytes); only ever
+    #: data here: state keys are derived from it through :mod:`fedlib.server.state_keys`.
+    key: Annotated[str, Field(max_length=1024)]
     sha256: str
     size: int
     accepted: bool
@@ -213,6 +215,50 @@ class ShardVerdicts(Record):
 
     def to_doc(self) -> dict[str, Any]:
         return {"schema": self.schema_, "verdicts": [v.as_dict() for v in self.verdicts]}
+
+
+class QuarantineStub(Record):
+    """What quarantine keeps of bytes it does not keep whole (``quarantine/...stub.json``):
+    the first bytes, the full SHA-256 and the size. ``kept_because`` says why: the object
+    was over the envelope limit (never read whole), its device's quota was reached, its
+    verdict could not be written, or its name cannot be addressed on the data path."""
+
+    schema_: Literal["dadm.quarantine-stub.v1"] = _schema("dadm.quarantine-stub.v1")
+    key_sha256: Sha256
+    #: None: the object was over ``quarantine_hash_max_bytes`` and only its prefix was read.
+    sha256: Sha256 | None
+    size: Annotated[int, Field(ge=0)]
+    prefix_hex: Annotated[str, Field(max_length=2 * 65536)]
+    kept_because: Literal["oversized", "quarantine_quota", "unrecordable", "unaddressable"]
+    etag: str = ""  # of the object version the digest was taken of
+
+
+class VerdictAttempts(Record):
+    """How many rounds failed to write one inbox object's verdict (keyed by its digest)."""
+
+    schema_: Literal["dadm.verdict-attempts.v1"] = _schema("dadm.verdict-attempts.v1")
+    key_sha256: Sha256
+    attempts: Annotated[int, Field(ge=0)]
+    last_error: Annotated[str, Field(max_length=500)] = ""
+
+
+class QuarantineSweep(Record):
+    """Where the quarantine retention sweep stopped (it scans a bounded slice per round)."""
+
+    schema_: Literal["dadm.quarantine-sweep.v1"] = _schema("dadm.quarantine-sweep.v1")
+    after: str | None = None
+
+
+class UnrecordedVerdicts(Record):
+    """The report's list of verdicts a round could not write (their objects stay in the
+    inbox for the next round): how many, and a bounded sample of their key digests."""
+
+    count: int = 0
+    sample: Annotated[list[Sha256], Field(max_length=20)] = Field(default_factory=list)
+    #: Of those, how many were written under the digest fallback key instead (and their
+    #: objects deleted): accepted ones at once, rejected ones as ``unrecordable`` once
+    #: they reached the attempt limit.
+    unrecordable: int = 0
 
 
 # -- step results (XCom) --------------------------------------------------------------------
@@ -451,6 +497,10 @@ class RoundReport(Record):
     devices: list[DeviceShare] | None = None
     largest_weight_share: float | None = None
     largest_share_client: str | None = None
+    #: Verdicts this round could not write (None: every verdict was written).
+    unrecorded: UnrecordedVerdicts | None = None
+    #: Quarantine objects past ``quarantine_retention_days`` this round deleted.
+    quarantine_expired: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return self.to_doc()

@@ -50,6 +50,33 @@ class ServerSettings(BaseModel):
     min_clients: int = Field(2, ge=1, description="Distinct devices needed to run a round.")
     max_batch: int = Field(10_000, ge=1, description="Most updates one round takes.")
     shard_size: int = Field(500, ge=1, description="Updates per mapped process_shard task.")
+    quarantine_quota_bytes: int = Field(
+        64 << 20,
+        ge=0,
+        description="Quarantined bytes kept whole per device; beyond it, stubs (prefix, "
+        "SHA-256, size).",
+    )
+    quarantine_stub_bytes: int = Field(
+        4096, ge=0, le=65536, description="Leading bytes a quarantine stub keeps."
+    )
+    quarantine_hash_max_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="Largest unread object a quarantine stub hashes whole (larger: prefix "
+        "and size only).",
+    )
+    quarantine_retention_days: float = Field(
+        30, gt=0, description="Quarantine objects older than this are deleted by a round."
+    )
+    quarantine_expire_per_round: int = Field(
+        1000, ge=0, description="Most expired quarantine objects one round deletes."
+    )
+    verdict_write_attempts: int = Field(
+        3,
+        ge=1,
+        description="Rounds that may fail to write an object's verdict before it gets an "
+        "'unrecordable' one under a digest key.",
+    )
     model_kind: str = Field("autoencoder", description="Model kind of version 1.")
     auc_tolerance: float = Field(
         0.01, ge=0, description="Gate: candidate AUC may trail the active model by this much."
