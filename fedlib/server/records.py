@@ -15,7 +15,14 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from fedlib.wire import protocol
 from fedlib.wire.protocol import PrivacySpent
@@ -90,6 +97,14 @@ class Metrics(Record):
     n_anomalies: float
     #: Flagged share of each anomaly class the holdout names (None: it names none).
     class_detection: dict[str, float] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_classes(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Metrics of a holdout without classes serialize as they did before classes."""
+        doc = handler(self)
+        if isinstance(doc, dict) and doc.get("class_detection") is None:
+            doc.pop("class_detection", None)
+        return doc
 
 
 class HoldoutPointer(Record):
