@@ -8,7 +8,10 @@ in its signed metadata. Devices pick it up on their next cycle.
 Refused, with the reason in the UI and the task log: a version that does not exist, the
 version that is already active, and a version the channel was already rolled back away
 from (not known-good). `fl_round` also rolls back automatically when the active model
-degrades on the holdout; this DAG is the operator's override.
+degrades on the holdout; this DAG is the operator's override, and it stands: the version
+it publishes is **pinned** (automatic rollback leaves it alone) until a round publishes
+a candidate that passed the gate, or you roll back again. `fl-admin rollback
+--to-version N --reason TEXT` does the same from a shell (same code).
 """
 
 from __future__ import annotations
@@ -57,23 +60,23 @@ def fl_rollback() -> None:
         ctx = get_current_context()
         params = ctx["params"]
         try:
-            version = manual_rollback(
-                runtime.deployment(), int(params["to_version"]), str(params["reason"])
+            action = manual_rollback(
+                runtime.deployment(),
+                int(params["to_version"]),
+                str(params["reason"]),
+                by=getattr(ctx["dag_run"], "triggering_user_name", None) or "airflow",
+                source="fl_rollback",
+                run_id=ctx["run_id"],
             )
         except RollbackRefused as exc:  # nonsense is refused at once, without retries
             raise AirflowFailException(f"rollback refused: {exc}") from None
         ctx["outlet_events"][MODEL_ASSET].extra = {
-            "version": version,
-            "rollback_of": int(params["to_version"]),
+            "version": action.version,
+            "rollback_of": action.rollback_of,
             "run_id": ctx["run_id"],
         }
-        runtime.log.info(
-            "published version %d = version %s (%s)",
-            version,
-            params["to_version"],
-            params["reason"],
-        )
-        return version
+        runtime.log.info("published version %d: %s", action.version, action.describe())
+        return action.version
 
     rollback()
 

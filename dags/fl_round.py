@@ -7,7 +7,10 @@ pending updates from the inbox bucket and:
 0. **check_active**: re-scores the active model on the current holdout next to recent
    known-good versions and **rolls back automatically** (a new version carrying the
    best known-good model, `rollback_of` set) when it fell below the floor or behind
-   the best by more than the tolerance.
+   the best by more than the tolerance. After an operator's rollback (`fl_rollback`,
+   `fl-admin rollback`) the active version is **pinned**: the check moves nothing and
+   says "pinned by operator rollback to vN" until a round publishes a candidate that
+   passed the gate. It emits the `fl_model` asset event only when it published.
    **refresh_channel** re-signs the TUF timestamp/snapshot before they expire.
 1. **plan**: lists the inbox by device (round-robin, at most `max_objects_per_device`
    objects per device, bounded batch) and splits it into shards of whole devices; with
@@ -83,18 +86,21 @@ MODEL_ASSET = runtime.MODEL_ASSET
 def fl_round() -> None:
     """Tasks are the steps of :data:`fedlib.server.pipeline.STEPS`, in that order."""
 
-    @task(outlets=[MODEL_ASSET])
+    @task(outlets=[runtime.MODEL_ASSET_IF_PUBLISHED])
     def check_active() -> dict:
         ctx = get_current_context()
         decision = pipeline().check_active(runtime.deployment(), runtime.round_run(ctx))
         runtime.log.info("active model check: %s", decision.reason)
-        if decision.published_version is not None:
-            ctx["outlet_events"][MODEL_ASSET].extra = {
-                "version": decision.published_version,
-                "run_id": ctx["run_id"],
-                "rollback_of": decision.best_version,
-                "auc": decision.best_auc,
-            }
+        if decision.published_version is not None:  # the model asset changes only now
+            ctx["outlet_events"][runtime.MODEL_ASSET_IF_PUBLISHED].add(
+                MODEL_ASSET,
+                extra={
+                    "version": decision.published_version,
+                    "run_id": ctx["run_id"],
+                    "rollback_of": decision.best_version,
+                    "auc": decision.best_auc,
+                },
+            )
         return decision.to_doc()
 
     @task

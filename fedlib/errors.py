@@ -18,6 +18,8 @@ REASONS: Final[frozenset[str]] = frozenset(
         "suite_not_accepted",
         "decrypt_failed",
         "malformed",
+        #: An inbox object whose name is not ``updates/<client id>/<canonical UUIDv7>``.
+        "malformed_name",
         "unsupported_version",
         "unknown_base_version",
         "too_stale",
@@ -28,6 +30,8 @@ REASONS: Final[frozenset[str]] = frozenset(
         "norm_exceeded",
         "oversized",
         "distrusted",
+        #: The verdict of an object could not be written after the configured attempts.
+        "unrecordable",
     }
 )
 

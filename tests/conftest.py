@@ -106,6 +106,22 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def large_holdout_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small fleet with 80 holdout anomalies per class (the per-class gate judges
+    classes of at least 30 rows)."""
+    from bench.make_dataset import make_dataset, save_dataset
+
+    path = tmp_path_factory.mktemp("data") / "fleet-classes.npz"
+    save_dataset(
+        make_dataset(
+            clients=6, windows_per_client=200, holdout_benign=400, holdout_anomalies=400, seed=7
+        ),
+        path,
+    )
+    return path
+
+
 @pytest.fixture
 def deployment(s3_config: S3Config, tmp_path: Path, small_dataset: Path) -> Any:
     """A fresh deployment: its own buckets, keys in tmp, holdout and model version 1."""

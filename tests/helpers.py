@@ -31,7 +31,7 @@ def build_deployment(s3_config: Any, keys_dir: Path, dataset_path: Path, **setti
     dep.ensure_buckets()
     dep.init_channel()
     data = load_dataset(dataset_path)
-    holdout = Holdout(data.holdout_X, data.holdout_y, data.feature_names)
+    holdout = Holdout.from_bytes(Path(dataset_path).read_bytes())  # as fl-admin init reads it
     dep.save_holdout(holdout)
     dep.registry(signing=True).publish(initial_package(dep, holdout))
     dep.dataset = data

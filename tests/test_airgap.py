@@ -11,9 +11,12 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import shlex
 import socket
+import subprocess
+import sys
 import tarfile
 import uuid
 from collections.abc import Callable
@@ -28,6 +31,7 @@ from tuf.api.metadata import Metadata, Timestamp
 
 from client.cli import build_parser as client_parser
 from fedlib.crypto import signing
+from fedlib.crypto.pq_signing import public_pem
 from fedlib.storage.store import LocalStore, S3Config, S3Store
 from fedlib.trust.airgap import MAX_MEMBERS, BundleVerificationError, VerifiedBundle, verify_bundle
 from fedlib.trust.airgap_export import export_bundle
@@ -198,6 +202,7 @@ def test_bundle_layout_and_offline_verification(
     assert result.expires == NOW + timedelta(days=30) and result.created == NOW
     assert result.package == {"version": 2, "rollback_of": None, "files": sorted(chan.v2)}
     assert set(result.digests) == set(chan.v2) - {signing.SIGNATURE_FILE}
+    assert result.bundle_sha256 == hashlib.sha256(chan.bundle).hexdigest()  # streamed
     assert list((tmp_path / "work").iterdir()) == []  # staging removed
 
     path = tmp_path / chan.info.filename
@@ -241,6 +246,7 @@ def test_export_is_deterministic(chan: SimpleNamespace, verify: Callable[..., An
     assert gz1 == gz2 and gzip.decompress(gz1) == chan.bundle
     assert gz_info.filename.endswith(".tar.gz")
     assert verify(gz1).files == chan.v2
+    assert verify(gz1).bundle_sha256 == hashlib.sha256(gz1).hexdigest()  # of what was carried
     later, _ = export_bundle(
         chan.store,
         version=2,
@@ -453,6 +459,15 @@ def test_size_and_member_caps(chan: SimpleNamespace, verify: Callable[..., Any])
     header = liar.tobuf(tarfile.PAX_FORMAT)
     message = refused(verify, header + bytes(tarfile.RECORDSIZE - len(header)), {"too_large"})
     assert "huge.bin" in message
+    # ...and so is a PAX header claiming 600 MiB, which tarfile would otherwise read whole.
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, 600 * 1024 * 1024
+    header = pax.tobuf(tarfile.USTAR_FORMAT)
+    message = refused(verify, header + bytes(tarfile.RECORDSIZE - len(header)), {"too_large"})
+    assert "header bomb" in message
+    # Zeros past a tar writer's padding are refused as they arrive, not counted to the cap.
+    message = refused(verify, chan.bundle + bytes(2 * tarfile.RECORDSIZE), {"malformed"})
+    assert "zero bytes after the last member" in message
 
 
 def test_root_rotation_is_walked_and_export_needs_online_keys(
@@ -501,3 +516,169 @@ def test_root_rotation_is_walked_and_export_needs_online_keys(
         verify, stretched, {"expired"}, trusted_root=root, now=NOW + timedelta(days=45)
     )
     assert "timestamp metadata expired" in message
+
+
+# ----------------------------------------------------------------------------- bombs
+
+MIB = 1024 * 1024
+RSS_LIMIT_MIB = 64  # issue 16: a compressed bomb costs the device under 64 MB of RSS
+
+# Runs in a fresh interpreter: peak RSS (VmHWM) after the imports, then after verifying.
+_RSS_CHILD = """
+import json, sys
+from pathlib import Path
+
+def peak_kib():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise SystemExit("no VmHWM in /proc/self/status")
+
+from fedlib.crypto.pq_signing import load_public_key
+from fedlib.trust.airgap import BundleVerificationError, verify_bundle
+
+bundle, root, key_id, key_pem, work = sys.argv[1:6]
+root_json = Path(root).read_bytes()
+keys = {key_id: load_public_key(Path(key_pem).read_bytes())}
+baseline = peak_kib()
+out = {"baseline_kib": baseline}
+if bundle == "control":  # the measure sees an allocation of the size it must bound
+    ballast = b"\\x01" * (100 * 1024 * 1024)
+    out["reason"] = "control"
+else:
+    try:
+        verify_bundle(Path(bundle), trusted_root=root_json, trusted_package_keys=keys,
+                      installed_version=1, workdir=Path(work))
+        out["reason"] = "accepted"
+    except BundleVerificationError as exc:
+        out["reason"], out["message"] = exc.reason, str(exc)
+out["peak_kib"] = peak_kib()
+out["left_in_workdir"] = sorted(p.name for p in Path(work).iterdir()) if bundle != "control" else []
+print(json.dumps(out))
+"""
+
+
+def _zeros_gz(path: Path, mib: int, prefix: bytes = b"", suffix: bytes = b"") -> Path:
+    """``prefix``, ``mib`` MiB of zeros and ``suffix`` as one gzip stream, streamed to disk."""
+    zeros = bytes(MIB)
+    with gzip.GzipFile(path, "wb", mtime=0) as gz:
+        gz.write(prefix)
+        for _ in range(mib):
+            gz.write(zeros)
+        gz.write(suffix)
+    return path
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    return info.tobuf(tarfile.PAX_FORMAT)
+
+
+@pytest.fixture(scope="module")
+def bombs(chan: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each bomb the device must refuse within :data:`RSS_LIMIT_MIB` (and an honest
+    bundle it accepts), as a file; ``zeros`` is 600 MiB of zeros, gzip'd."""
+    base = tmp_path_factory.mktemp("bombs")
+    out = {"honest": base / "honest.tar", "zeros": _zeros_gz(base / "zeros.gz", 600)}
+    out["honest"].write_bytes(chan.bundle)  # control: the same child accepts this one
+
+    # A consistent manifest listing a 500 MiB member (under the 512 MiB cap): every
+    # byte is inflated, hashed and spooled to disk before TUF finds it unsigned.
+    members = members_of(chan.bundle)
+    pad, pad_size = "targets/v00000002/pad.bin", 500 * MIB
+    digest = hashlib.sha256()
+    for _ in range(pad_size // MIB):
+        digest.update(bytes(MIB))
+    manifest = json.loads(dict((m.name, d) for m, d in members)["manifest.json"])
+    manifest["files"][pad] = {"length": pad_size, "sha256": digest.hexdigest()}
+    data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    honest = [(m, data if m.name == "manifest.json" else d) for m, d in members]
+    tar = build(honest)
+    info = tarfile.TarInfo(pad)
+    info.size = pad_size
+    prefix = tar[: len(tar) - _tail_length(tar)] + _header(info)
+    size = len(prefix) + pad_size + 2 * tarfile.BLOCKSIZE  # with the end-of-archive marker
+    end = bytes(2 * tarfile.BLOCKSIZE + -size % tarfile.RECORDSIZE)
+    out["member"] = _zeros_gz(base / "member.tar.gz", pad_size // MIB, prefix, end)
+
+    # The package's weights replaced by a gzip bomb (600 MiB of zeros), manifest fixed:
+    # the device never inflates what is inside a member.
+    weights = next(m.name for m, _ in members if m.name.endswith(".weights.bin"))
+    out["nested"] = base / "nested.tar"
+    out["nested"].write_bytes(replace(chan.bundle, weights, out["zeros"].read_bytes()))
+
+    # Headers that claim 600 MiB: a member (refused from the header) and a PAX header,
+    # which tarfile would read whole, followed by 600 MiB of zeros.
+    liar = tarfile.TarInfo("targets/huge.bin")
+    liar.size = 600 * MIB
+    out["declared"] = _zeros_gz(base / "declared.tar.gz", 1, _header(liar))
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, 600 * MIB
+    out["pax"] = base / "pax.tar.gz"  # two gzip members: the header, then the 600 MiB
+    gz_header = gzip.compress(pax.tobuf(tarfile.USTAR_FORMAT), mtime=0)
+    out["pax"].write_bytes(gz_header + out["zeros"].read_bytes())
+    return out
+
+
+def _tail_length(tar: bytes) -> int:
+    """Bytes after the last member's data: the end marker and the record padding."""
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as archive:
+        archive.getmembers()
+        return len(tar) - archive.offset
+
+
+def _peak_rss(chan: SimpleNamespace, bundle: str, tmp_path: Path) -> dict[str, Any]:
+    """Verify ``bundle`` in a fresh interpreter; its refusal and peak RSS in KiB."""
+    (tmp_path / "root.json").write_bytes(chan.root)
+    key_id, key = next(iter(chan.keys.items()))
+    (tmp_path / "key.pem").write_bytes(public_pem(key))
+    work = tmp_path / "device"
+    work.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    args = [bundle, str(tmp_path / "root.json"), key_id, str(tmp_path / "key.pem"), str(work)]
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, *args],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["delta_mib"] = (result["peak_kib"] - result["baseline_kib"]) / 1024
+    result["peak_mib"] = result["peak_kib"] / 1024
+    return result
+
+
+def test_rss_measure_sees_an_allocation(chan: SimpleNamespace, tmp_path: Path) -> None:
+    """Control: the child's measure reports a 100 MiB allocation as over the limit."""
+    result = _peak_rss(chan, "control", tmp_path)
+    assert result["delta_mib"] > 90, result
+
+
+@pytest.mark.parametrize(
+    ("kind", "reasons"),
+    [
+        ("honest", {"accepted"}),
+        ("zeros", {"malformed"}),
+        ("member", {"incomplete"}),
+        ("nested", {"tampered"}),
+        ("declared", {"too_large"}),
+        ("pax", {"too_large"}),
+    ],
+)
+def test_bomb_is_refused_in_bounded_memory(
+    chan: SimpleNamespace, bombs: dict[str, Path], tmp_path: Path, kind: str, reasons: set[str]
+) -> None:
+    """Issue 16 item 7: each bomb is refused, the device's RSS grows by under 64 MiB
+    over its baseline (interpreter and imports, measured in the same child first)."""
+    result = _peak_rss(chan, str(bombs[kind]), tmp_path)
+    print(
+        f"airgap bomb {kind}: {result['reason']}, peak RSS {result['peak_mib']:.1f} MiB, "
+        f"+{result['delta_mib']:.1f} MiB over the {result['baseline_kib'] / 1024:.1f} MiB "
+        f"baseline; {result.get('message', '')}"
+    )
+    assert result["reason"] in reasons, result
+    assert result["delta_mib"] < RSS_LIMIT_MIB, result
+    assert result["left_in_workdir"] == [], result  # the spooled members are gone

@@ -223,3 +223,27 @@ def test_dp_small(capsys, small_dataset):
     for entry in (off, dp):
         assert 0 <= entry["published_auc"]["mean"] <= 1
         assert all(0 <= k <= 2 for k in entry["gate_refused_rounds"]["per_seed"])
+
+
+def test_targeted_small(capsys):
+    """bench.targeted: every scenario from the same warmed-up model, probe rows apart."""
+    from bench.targeted import DEFENSES, TOLERANCES
+    from bench.targeted import main as targeted_main
+
+    r = _run(
+        targeted_main,
+        ["--seeds", "1", "--warmup", "2", "--rounds", "1", "--windows", "120"],
+        capsys,
+    )
+    scenarios = r["scenarios"]
+    expected = {"clean", "present_aucgate", "present_classgate", "honest_rounds"}
+    assert set(scenarios) == expected | {f"absent_{d}" for d in DEFENSES}
+    before = {s["probe_detection_before"] for n, s in scenarios.items() if n != "honest_rounds"}
+    assert len(before) == 1  # one warmed-up model for every scenario
+    for name, s in scenarios.items():
+        if name != "honest_rounds":
+            assert 0 <= s["probe_detection_after"] <= 1 and 0 <= s["rounds_refused"] <= 1
+    honest = scenarios["honest_rounds"]
+    assert honest["rounds"] == 3  # two warm-up rounds and the clean one
+    refusals = [honest[f"class_gate_refusals_at_{t}"] for t in TOLERANCES]
+    assert refusals == sorted(refusals, reverse=True)  # a wider tolerance refuses less

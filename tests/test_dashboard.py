@@ -156,17 +156,24 @@ def test_plot_escapes_text_and_handles_no_data():
 
 
 def test_a_tampered_version_is_shown_as_unverified(deployment):
-    """The versions table shows signed metadata only: a package changed in the bucket
-    after it was read once (and cached) turns into an error row, not into new numbers."""
+    """The versions table shows signed metadata only: a package file changed in the
+    bucket never turns into new numbers. One tampered copy is read around (the other
+    matches the signed hash); with both tampered the row is an error."""
     from fedlib.trust.package import package_prefix
 
-    assert dashboard.version_rows(deployment)[0].error is None  # read and cached
-    key = package_prefix(1) + "metadata.json"
-    doc = json.loads(deployment.models.get(key))
-    doc["metrics"]["auc"] = 0.999
-    deployment.models.put(key, json.dumps(doc).encode())
-    [row] = dashboard.version_rows(deployment)
+    before = dashboard.version_rows(deployment)[0]
+    assert before.error is None and before.auc is not None
+    registry = deployment.registry()
+    info = registry.channel.targets().targets["v00000001/metadata.json"]
+    for key in (package_prefix(1) + "metadata.json", registry.channel.layout.target_key(info)):
+        doc = json.loads(deployment.models.get(key))
+        doc["metrics"]["auc"] = 0.999
+        deployment.models.put(key, json.dumps(doc).encode())
+        dashboard._version_cache.clear()  # not the cache: a fresh read of the bucket
+        [row] = dashboard.version_rows(deployment)
+        assert row.auc != 0.999
     assert row.version == 1 and row.auc is None and "Verification" in (row.error or "")
+    assert dashboard.models_integrity(deployment).total >= 1  # the archive copy's size
     svg = render_plot_svg([row])
     assert "no published metrics yet" in svg
 

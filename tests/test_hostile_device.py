@@ -102,7 +102,7 @@ def test_a_junk_flood_neither_stalls_the_round_nor_survives_waiting_rounds(
     assert fl_admin(dep, tmp_path, monkeypatch, "round", "--run-id", "flood-1", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     judged_first = MAX_BATCH - 2
-    assert report["accepted"] == 2 and report["rejected"] == {"malformed": judged_first}
+    assert report["accepted"] == 2 and report["rejected"] == {"malformed_name": judged_first}
     assert report["decision"] in {"published", "rejected"}
     ledger = Ledger(dep.state)
     for key in honest:
@@ -114,13 +114,13 @@ def test_a_junk_flood_neither_stalls_the_round_nor_survives_waiting_rounds(
     # nobody honest pending: the round waits, and still judges and clears junk
     assert fl_admin(dep, tmp_path, monkeypatch, "round", "--run-id", "flood-2", "--json") == 0
     waiting = json.loads(capsys.readouterr().out)
-    assert waiting["decision"] == "waiting" and waiting["rejected"] == {"malformed": MAX_BATCH}
+    assert waiting["decision"] == "waiting" and waiting["rejected"] == {"malformed_name": MAX_BATCH}
     assert waiting["message"].startswith(f"waiting: 0 of 2 clients; judging {MAX_BATCH}")
     assert len(pending(dep, FLOOD)) == N_JUNK - judged_first - MAX_BATCH
     judged = [k for k in junk if k not in set(pending(dep, FLOOD))]
     for key in judged:  # each one ledgered and its byte kept: nothing lost
         verdict = ledger.read(key)
-        assert verdict is not None and verdict.reason == "malformed"
+        assert verdict is not None and verdict.reason == "malformed_name"
         assert dep.state.get(state_keys.quarantine_bytes(key, verdict.sha256)) == b"\x00"
 
 
@@ -130,13 +130,13 @@ def test_a_waiting_round_keeps_well_formed_updates_for_the_next_round(deployment
     flood(deployment, 40)
     (key,) = upload_updates(deployment, 1)
     report = run_round(deployment, "w-1", max_updates=30)
-    assert report.decision == "waiting" and report.rejected == {"malformed": 29}
+    assert report.decision == "waiting" and report.rejected == {"malformed_name": 29}
     assert report.deferred == {"max_batch": 1, "waiting": 1}, report.deferred  # of those listed
     assert Ledger(deployment.state).read(key) is None
     assert key in pending(deployment)
     upload_updates(deployment, 1, start=1)
     after = run_round(deployment, "w-2")
-    assert after.accepted == 2 and after.rejected == {"malformed": 11}, after.summary()
+    assert after.accepted == 2 and after.rejected == {"malformed_name": 11}, after.summary()
     assert pending(deployment) == []
 
 
@@ -165,14 +165,14 @@ def test_a_junk_flood_does_not_stall_the_dag(airflow_deployment, dagbag):
     assert dag_run.state == "success"
     report = report_of(dep, dag_run)
     judged_first = MAX_BATCH - 2
-    assert report["accepted"] == 2 and report["rejected"] == {"malformed": judged_first}
+    assert report["accepted"] == 2 and report["rejected"] == {"malformed_name": judged_first}
     assert all(Ledger(dep.state).read(k).accepted for k in honest)
 
     waiting = run_dag(dagbag, T0 + timedelta(minutes=15), max_updates=MAX_BATCH)
     assert waiting.state == "success"
     report = report_of(dep, waiting)
     assert report["decision"] == "waiting", report
-    assert report["rejected"] == {"malformed": MAX_BATCH}, report
+    assert report["rejected"] == {"malformed_name": MAX_BATCH}, report
     assert len(pending(dep, FLOOD)) == N_JUNK - judged_first - MAX_BATCH
 
 

@@ -44,6 +44,7 @@ API = [
     "/api/rounds",
     "/api/versions",
     "/api/rejected",
+    "/api/integrity",
     f"/api/rounds/{Q}",
     f"/api/rounds/{Q}/quarantine",
 ]

@@ -149,10 +149,13 @@ def test_decide_maps_each_case_once():
 
 def test_state_keys_never_carry_unchecked_device_text():
     hostile = "updates/dev-1/" + "x" * 240 + "/../../ledger/evil"
-    assert state_keys.ledger_entry(hostile).startswith("ledger/_other/")
+    assert state_keys.ledger_entry(hostile).startswith("ledger/dev-1/_name/")
     assert len(state_keys.ledger_entry(hostile)) < 100
-    assert state_keys.quarantine_bytes(hostile, "ab" * 32).startswith("quarantine/_other/")
+    assert state_keys.quarantine_bytes(hostile, "ab" * 32).startswith("quarantine/dev-1/_name/")
     assert state_keys.inbox_key_of_ledger_entry(state_keys.ledger_entry(hostile)) is None
+    unowned = "updates/Dev_1/" + "x" * 240
+    assert state_keys.ledger_entry(unowned).startswith("ledger/_other/")
+    assert state_keys.quarantine_bytes(unowned, "ab" * 32).startswith("quarantine/_other/")
     good = "updates/dev-1/01a2461a-b968-73d5-b454-39b419f4167d"
     assert state_keys.inbox_key_of_ledger_entry(state_keys.ledger_entry(good)) == good
     run = state_keys.RunKeys("scheduled__2026-11-27T08:00:00+00:00")

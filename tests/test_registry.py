@@ -46,14 +46,23 @@ def test_a_version_is_written_once_and_versions_only_go_up(deployment):
 
 
 @pytest.mark.parametrize("victim", [*PACKAGE_FILES, SIGNATURE_FILE])
-def test_tampered_file_is_refused(deployment, victim):
+def test_tampered_file_is_refused(deployment, victim, caplog):
+    """Each file has two copies (the channel's content-addressed target and the
+    ``packages/`` archive); a read takes one matching the signed hash. One tampered copy
+    is logged and read around; with both tampered the version does not verify."""
     registry = deployment.registry(signing=True)
-    key = package_prefix(1) + victim
-    data = bytearray(deployment.models.get(key))
-    data[len(data) // 2] ^= 0x01
-    deployment.models.delete(key)  # an attacker with write access to the bucket
-    deployment.models.put(key, bytes(data))
-    with pytest.raises(VerificationError):
+    want = registry.read_version(1).digest()
+    info = registry.channel.targets().targets[f"v00000001/{victim}"]
+    copies = [registry.channel.layout.target_key(info), package_prefix(1) + victim]
+    for n, key in enumerate(copies):
+        data = bytearray(deployment.models.get(key))
+        data[len(data) // 2] ^= 0x01
+        deployment.models.delete(key)  # an attacker with write access to the bucket
+        deployment.models.put(key, bytes(data))
+        if n == 0:
+            assert registry.read_version(1).digest() == want
+            assert f"{key} does not match its signed target" in caplog.text
+    with pytest.raises(VerificationError, match="no copy of v00000001/"):
         registry.read_version(1)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from client.agent import InstalledModels, run_cycle
 from fedlib.models.package import ModelPackage
+from fedlib.server import state_keys
 from fedlib.server.rollback import (
     RollbackRefused,
     check_active,
@@ -44,22 +45,24 @@ def publish_degraded(deployment) -> ModelPackage:
 def test_manual_rollback_refuses_nonsense_and_publishes_a_new_version(deployment):
     v1 = deployment.registry().read_active()
     bad = publish_degraded(deployment)
+    who = {"by": "ops", "source": "fl-admin"}
     with pytest.raises(RollbackRefused, match="does not exist"):
-        manual_rollback(deployment, 9, "typo")
+        manual_rollback(deployment, 9, "typo", **who)
     with pytest.raises(RollbackRefused, match="already active"):
-        manual_rollback(deployment, bad.version, "no-op")
+        manual_rollback(deployment, bad.version, "no-op", **who)
     with pytest.raises(RollbackRefused, match="reason"):
-        manual_rollback(deployment, 1, "  ")
-    version = manual_rollback(deployment, 1, "v2 flags the wrong hosts")
+        manual_rollback(deployment, 1, "  ", **who)
+    action = manual_rollback(deployment, 1, "v2 flags the wrong hosts", **who)
     registry = deployment.registry()
-    assert version == 3 and registry.active_version() == 3
+    assert action.version == 3 and registry.active_version() == 3
+    assert (action.rollback_of, action.parent_version, action.by) == (1, bad.version, "ops")
     v3 = registry.read_version(3)
     assert v3.metadata.rollback_of == 1 and v3.metadata.parent_version == bad.version
     assert "wrong hosts" in v3.metadata.rollback_reason
     assert v3.onnx_bytes == v1.onnx_bytes and np.array_equal(v3.weights, v1.weights)
     assert known_good(packages(registry, registry.versions())) == [1, 3]
     with pytest.raises(RollbackRefused, match="not known-good"):
-        manual_rollback(deployment, bad.version, "back to the bad one")
+        manual_rollback(deployment, bad.version, "back to the bad one", **who)
 
 
 def test_check_active_keeps_a_healthy_model(deployment):
@@ -135,3 +138,252 @@ def test_a_dry_run_publishes_nothing_not_even_a_due_rollback(airflow_deployment,
 
     report = run_round(dep, "real-cli")  # without dry run, the same check rolls back
     assert report.rollback is not None and report.rollback.published_version == bad.version + 1
+
+
+# -- an operator's decision stands (issue 16, item 8) ----------------------------------------
+
+
+def publish_better(deployment, run_id: str) -> int:
+    """A real round (the pipeline ``fl-admin round`` runs) over five devices' updates:
+    a version that scores above v1 on the holdout."""
+    from fedlib.server.pipeline import run_round
+    from tests.test_round_runner import upload_updates
+
+    upload_updates(deployment, 5, seed=len(deployment.registry().versions()))
+    report = run_round(deployment, run_id)
+    assert report.decision.value == "published", report.summary()
+    return report.published_version
+
+
+def pinned_deployment(dep, dagbag) -> tuple[int, int, int]:
+    """v1; v2 (a round's, better than v1 by more than the tolerance); v3 (degraded); then
+    the operator rolls back to v1 with ``fl_rollback`` -> v4. Without the pin, the next
+    automatic check would roll forward to v2, the best known-good version."""
+    better = publish_better(dep, "better")
+    scores = {v: dep.registry().read_version(v).metadata.metrics["auc"] for v in (1, better)}
+    assert scores[better] > scores[1] + dep.settings.auc_tolerance, scores
+    publish_degraded(dep)
+    done = dagbag.dags["fl_rollback"].test(
+        run_conf={"to_version": 1, "reason": "v2 misses a new attack; back to v1"}
+    )
+    assert done.state == "success"
+    pinned = dep.registry().active_version()
+    assert dep.registry().read_version(pinned).metadata.rollback_of == 1
+    return better, pinned, done.run_id
+
+
+def test_an_operator_rollback_stands_until_a_candidate_passes_the_gate(airflow_deployment, dagbag):
+    from fedlib.server.pipeline import run_round
+    from tests.test_fl_round_dag import activate_assets
+
+    dep = airflow_deployment
+    better, pinned, rollback_run = pinned_deployment(dep, dagbag)
+    activate_assets()
+    # what the check would do without the pin: roll forward to v2 (dry run: publish nothing)
+    assert check_active(dep, publish=False).pinned is not None
+
+    dag_run = run_dag(dagbag, T0)
+    assert dag_run.state == "success"
+    assert dep.registry().active_version() == pinned  # not rolled forward to v2
+    report = report_of(dep, dag_run)
+    check = report["rollback"]
+    assert not check["rollback"] and check["published_version"] is None, check
+    assert check["reason"].startswith("pinned by operator rollback to v1"), check
+    assert f"is below known-good v{better}" in check["reason"]  # what was held, said
+    assert check["pinned"]["run_id"] == rollback_run and check["pinned"]["source"] == "fl_rollback"
+    assert asset_events_of(dag_run) == []  # nothing published, no asset event
+
+    from fedlib.server.records import RoundReport
+
+    summary = RoundReport.from_doc(report).summary()
+    assert "PINNED: pinned by operator rollback to v1" in summary, summary
+
+    cli = run_round(dep, "cli-pinned")  # fl-admin round: the same steps, the same answer
+    assert cli.rollback is not None and cli.rollback.pinned is not None
+    assert "pinned by operator rollback to v1" in cli.summary()
+    assert dep.registry().active_version() == pinned
+
+    from fedlib.ops import dashboard
+
+    (row,) = [r for r in dashboard.rounds(dep).items if r.run_id == dag_run.run_id]
+    assert row.rollback is not None and row.rollback.pinned
+    assert row.rollback.reason.startswith("pinned by operator rollback to v1")
+    from urllib.parse import quote
+
+    from starlette.requests import Request
+
+    from fedlib.integrations.airflow import dashboard_app as app
+
+    links = app.Links(Request({"type": "http", "root_path": "", "headers": []}))
+    page = app.rounds_table(links, [row])  # the rounds page says it
+    assert 'class="badge rollback">pinned<' in page and "pinned by operator rollback to v1" in page
+    versions = {v.version: v for v in dashboard.versions(dep).items}
+    assert versions[pinned].rollback_run_id == rollback_run
+    assert versions[pinned].rollback_source == "fl_rollback"
+    page = app.versions_table(list(versions.values()), links)  # linked to its run, with why
+    assert f'href="/dags/fl_rollback/runs/{quote(rollback_run, safe="")}"' in page
+    assert "manual: v2 misses a new attack; back to v1" in page
+
+    # a round whose candidate passes the gate publishes and ends the pin
+    from tests.test_round_runner import upload_updates
+
+    upload_updates(dep, 5, seed=100)
+    moved = run_dag(dagbag, T0.replace(hour=1))
+    assert moved.state == "success"
+    report = report_of(dep, moved)
+    assert report["decision"] == "published", report
+    assert report["rollback"]["pinned"] is not None  # its check still saw the pin...
+    new = report["published_version"]
+    assert dep.registry().active_version() == new == pinned + 1
+    assert [(t, e["version"]) for t, e in asset_events_of(moved)] == [("publish", new)]
+    assert dep.state.exists(state_keys.ROLLBACK_PIN) is False  # ...and its publish ended it
+    after = run_dag(dagbag, T0.replace(hour=2))  # unpinned: the automatic check is back
+    check = report_of(dep, after)["rollback"]
+    assert check["pinned"] is None and not check["reason"].startswith("pinned"), check
+
+
+def asset_events_of(dag_run) -> list[tuple[str, dict]]:
+    """Every fl_model asset event a DAG run emitted, as (task id, extra), from Airflow's
+    own DB by the event's source run (extras or not: a bare event triggers consumers too)."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.scalars(
+            select(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.name == "fl_model")
+            .where(AssetEvent.source_dag_id == dag_run.dag_id)
+            .where(AssetEvent.source_run_id == dag_run.run_id)
+        ).all()
+        return [(e.source_task_id, dict(e.extra or {})) for e in rows]
+
+
+def test_asset_events_only_when_a_version_is_published(airflow_deployment, dagbag):
+    """The fl_model asset event means "a new version": check_active emits one only when
+    it published a rollback, so quiet rounds emit none (before: one per round)."""
+    from tests.test_fl_round_dag import activate_assets
+
+    dep = airflow_deployment
+    first = run_dag(dagbag, T0.replace(hour=5))
+    activate_assets()
+    quiet = [run_dag(dagbag, T0.replace(hour=5, minute=10 * i)) for i in range(1, 5)]
+    assert all(r.state == "success" for r in [first, *quiet])
+    assert [e for r in [first, *quiet] for e in asset_events_of(r)] == []
+    bad = publish_degraded(dep)
+    rolled = run_dag(dagbag, T0.replace(hour=6))
+    new = report_of(dep, rolled)["rollback"]["published_version"]
+    assert new == bad.version + 1
+    ((task, event),) = asset_events_of(rolled)
+    assert task == "check_active" and event["version"] == new and event["rollback_of"] == 1
+    done = dagbag.dags["fl_rollback"].test(run_conf={"to_version": 1, "reason": "re-pin v1"})
+    assert done.state == "success"
+    assert [e["version"] for _, e in asset_events_of(done)] == [new + 1]
+
+
+def admin_sees(deployment, tmp_path, monkeypatch) -> None:
+    """Point ``fl-admin`` at the test deployment (settings file, S3 keys in the env)."""
+    settings = deployment.settings
+    names = ("inbox_bucket", "models_bucket", "state_bucket", "airgap_bucket", "keys_dir")
+    toml = tmp_path / "fl-admin.toml"
+    toml.write_text(
+        "\n".join(f'{n} = "{getattr(settings, n)}"' for n in names)
+        + f'\ns3_endpoint_url = "{deployment.s3.endpoint_url}"\n'
+    )
+    monkeypatch.setenv("FL_SERVER_CONFIG", str(toml))
+    monkeypatch.setenv("FL_S3_ACCESS_KEY", deployment.s3.access_key)
+    monkeypatch.setenv("FL_S3_SECRET_KEY", deployment.s3.secret_key)
+
+
+def test_fl_admin_rollback_pins_like_the_dag_and_status_shows_it(
+    deployment, tmp_path, monkeypatch, capsys
+):
+    """``fl-admin rollback`` is ``fl_rollback`` without the UI: the same function, the same
+    refusals (exit 1, reason on stderr), the same pin that ``fl-admin round`` honours."""
+    import json
+
+    from fedlib.ops.admin import main as admin_main
+
+    dep = deployment
+    better = publish_better(dep, "better")
+    bad = publish_degraded(dep)
+    admin_sees(dep, tmp_path, monkeypatch)
+    capsys.readouterr()
+
+    assert admin_main(["rollback", "--to-version", str(bad.version), "--reason", "x"]) == 1
+    assert "already active" in capsys.readouterr().err
+    assert admin_main(["rollback", "--to-version", "1", "--reason", "r" * 501]) == 1
+    assert "longer than 500" in capsys.readouterr().err
+    assert dep.registry().versions() == [1, better, bad.version]
+
+    assert (
+        admin_main(
+            ["rollback", "--to-version", "1", "--reason", "v2 misses an attack", "--by", "alice"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    pinned = bad.version + 1
+    assert f"published version {pinned}: operator rollback to v1" in out, out
+    assert "by alice via fl-admin: v2 misses an attack" in out
+    meta = dep.registry().read_version(pinned).metadata
+    assert meta.rollback_of == 1 and meta.rollback_reason == "manual: v2 misses an attack"
+
+    assert admin_main(["round", "--run-id", "after-pin"]) == 0
+    out = capsys.readouterr().out
+    assert "check_active: pinned by operator rollback to v1" in out, out
+    assert f"is below known-good v{better}" in out  # held, and said so
+    assert dep.registry().active_version() == pinned
+
+    assert admin_main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "pinned:          by operator rollback to v1" in out, out
+    assert "by alice via fl-admin: manual: v2 misses an attack)" in out
+    assert admin_main(["status", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["pinned"]["version"] == pinned and doc["pinned"]["by"] == "alice"
+    (row,) = [v for v in doc["versions"] if v["version"] == pinned]
+    assert row["rollback_by"] == "alice" and row["rollback_source"] == "fl-admin"
+
+    # the operator acts again: another rollback re-pins (to the version the check wanted)
+    assert admin_main(["rollback", "--to-version", str(better), "--reason", "fixed"]) == 0
+    capsys.readouterr()
+    decision = check_active(dep)
+    assert decision.pinned is not None and decision.pinned.rollback_of == better
+    assert dep.registry().active_version() == pinned + 1
+
+
+def test_a_pin_whose_rollback_never_published_pins_nothing(deployment):
+    """The state a crash between the pin write and the publish leaves: the operator's pin
+    for v3 (= v1, from v2), v3 never published. The automatic check then rolls back from
+    the degraded v2 and its own rollback takes the number v3 with the same target and
+    parent; it is still not the operator's (the signed reason differs), so it is not
+    pinned and later checks are free to move."""
+    from fedlib.server.records import RollbackAction
+
+    bad = publish_degraded(deployment)
+    leftover = RollbackAction(
+        version=bad.version + 1,
+        rollback_of=1,
+        parent_version=bad.version,
+        reason="back to v1",
+        automatic=False,
+        by="ops",
+        source="fl-admin",
+        created_at_ms=1,
+    )
+    deployment.state.put(state_keys.ROLLBACK_PIN, leftover.to_json())
+
+    decision = check_active(deployment, run_id="after-the-crash")
+    assert decision.pinned is None and decision.rollback, decision
+    assert decision.published_version == leftover.version
+    meta = deployment.registry().read_version(leftover.version).metadata
+    assert (meta.rollback_of, meta.parent_version) == (1, bad.version)
+    assert check_active(deployment).pinned is None
+
+    from fedlib.ops import dashboard
+
+    (row,) = [v for v in dashboard.versions(deployment).items if v.version == leftover.version]
+    assert (row.rollback_by, row.rollback_source) == ("automatic", "fl_round")
+    assert row.rollback_run_id == "after-the-crash"

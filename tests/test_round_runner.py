@@ -15,9 +15,10 @@ from fedlib.wire import compression, protocol
 
 
 def enroll(deployment, client_id):
+    """A fresh signing key for ``client_id``; next to an enrolled one, the rotation path."""
     key = sealing.generate_signing_key()
     fleet = deployment.load_fleet()
-    fleet.enroll(client_id, sealing.public_pem(key))
+    fleet.enroll(client_id, sealing.public_pem(key), add_key=bool(fleet.active_keys(client_id)))
     deployment.save_fleet(fleet)
     return key
 
@@ -191,18 +192,20 @@ def test_run_round_refreshes_the_channel_like_the_dag(deployment):
     assert after.timestamp_version == before.timestamp_version + 1
 
 
-def test_a_failed_quarantine_copy_fails_the_shard_and_deletes_nothing(
+def test_a_failed_quarantine_stub_fails_the_shard_and_deletes_nothing(
     seaweed_factory, tmp_path, small_dataset
 ):
-    """An oversized update is quarantined unread, by a server-side copy into the state
-    bucket. When that copy fails (here: a real SeaweedFS identity for the server that may
-    write the round's files but not ``quarantine/``), the shard fails, the inbox object
-    stays, and a retry with a working identity quarantines its bytes."""
+    """An oversized update is quarantined unread, as a stub (first bytes, SHA-256 streamed
+    from the inbox, size) in the state bucket. When that write fails (here: a real
+    SeaweedFS identity for the server that may write the round's files but not
+    ``quarantine/``), the shard fails, the inbox object stays, and a retry with a working
+    identity quarantines its stub."""
     import pytest
 
     from fedlib.errors import StoreError
     from fedlib.server import round_runner as rr
     from fedlib.server.deployment import Deployment
+    from fedlib.server.records import QuarantineStub
     from scripts.seaweed import Credentials
     from tests.helpers import build_deployment
 
@@ -247,8 +250,10 @@ def test_a_failed_quarantine_copy_fails_the_shard_and_deletes_nothing(
     assert report.accepted == 2 and report.rejected == {"oversized": 1}, report.summary()
     verdict = Ledger(admin.state).read(oversized)
     assert verdict is not None and verdict.reason == "oversized"
-    kept = state_keys.quarantine_bytes(oversized, None)
+    kept = state_keys.quarantine_stub(oversized, None)
     quarantined = [i.key for i in admin.state.list(state_keys.QUARANTINE)]
-    assert [k for k in quarantined if k.endswith(".bin")] == [kept]
-    assert admin.state.get(kept) == blob
+    assert [k for k in quarantined if not k.endswith(".reason.json")] == [kept]
+    stub = QuarantineStub.from_json(admin.state.get(kept))
+    assert (stub.sha256, stub.size) == (hashlib.sha256(blob).hexdigest(), len(blob))
+    assert stub.kept_because == "oversized"
     assert list(admin.inbox.list("updates/")) == []

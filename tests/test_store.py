@@ -615,3 +615,53 @@ def test_a_process_forked_after_requests_gets_an_error_not_a_hang(s3_bucket: S3S
     assert status == 0 and outcome.startswith("StoreError: get s3://"), outcome
     assert "fork" in outcome
     assert s3_bucket.get("k") == b"v"  # the parent is unaffected
+
+
+def test_digest_streams_size_sha256_and_prefix(store: ObjectStore) -> None:
+    """What quarantine stubs are made of, read in bounded chunks (several here)."""
+    import hashlib
+
+    from fedlib.storage.store import DIGEST_CHUNK_BYTES
+
+    payload = bytes(range(256)) * (DIGEST_CHUNK_BYTES // 256 * 2 + 3)
+    store.put("big/one", payload)
+    digest = store.digest("big/one", prefix_bytes=100)
+    assert digest.sha256 == hashlib.sha256(payload).hexdigest()
+    assert digest.size == len(payload) and digest.prefix == payload[:100]
+    assert digest.etag == next(iter(store.list("big/one"))).etag
+    capped = store.digest("big/one", prefix_bytes=100, hash_max=len(payload) - 1)
+    assert (capped.sha256, capped.size, capped.prefix) == ("", len(payload), payload[:100])
+    exact = store.digest("big/one", hash_max=len(payload))
+    assert exact.sha256 == digest.sha256
+    store.put("tiny", b"ab")
+    assert store.digest("tiny", prefix_bytes=100).prefix == b"ab"
+    assert store.digest("tiny").prefix == b""
+    with pytest.raises(NoSuchKey):
+        store.digest("missing")
+
+
+def test_unaddressable_keys_are_listed_read_and_deleted_by_their_exact_name(
+    s3_bucket: S3Store,
+) -> None:
+    import hashlib
+
+    control = s3_bucket.config.client()
+    # (a key ending in \x01 is not even refused by object_store's listing: it comes back
+    # as "d\ufffd", a key that does not exist; list_unaddressable still finds the real one)
+    odd = ["updates/c/a\tb", "updates/c/d\x7f"]
+    for key in odd:
+        control.put_object(Bucket=s3_bucket.bucket, Key=key, Body=key.encode())
+    s3_bucket.put("updates/c/fine", b"ok")
+    assert sorted(keys(s3_bucket.list_unaddressable("updates/", limit=10))) == sorted(odd)
+    assert len(list(s3_bucket.list_unaddressable("updates/", limit=1))) == 1
+    digest = s3_bucket.digest_unaddressable(odd[0], prefix_bytes=4)
+    assert digest.sha256 == hashlib.sha256(odd[0].encode()).hexdigest()
+    assert (digest.size, digest.prefix) == (len(odd[0]), odd[0].encode()[:4])
+    for ordinary in ("updates/c/fine", "/etc/passwd", ""):  # the ordinary methods, or none
+        with pytest.raises(ValueError):
+            s3_bucket.delete_unaddressable(ordinary)
+        with pytest.raises(ValueError):
+            s3_bucket.digest_unaddressable(ordinary)
+    s3_bucket.delete_unaddressable(odd[0])
+    assert keys(s3_bucket.list_unaddressable("updates/", limit=10)) == [odd[1]]
+    assert keys(s3_bucket.list("updates/")) == ["updates/c/fine"]

@@ -4,6 +4,7 @@
     fl-admin enroll CLIENT_ID --public-key client_key.pub.pem --out client.json
     fl-admin revoke CLIENT_ID
     fl-admin status [--json]
+    fl-admin rollback --to-version N --reason TEXT   # what the fl_rollback DAG does
     fl-admin keys --export-package-key OUT.pem   # for outside verifiers (model_signing)
     fl-admin bundles list | get KEY --out FILE   # air-gap bundles to carry across
     fl-admin credentials policy CLIENT_ID        # a device's S3 policy JSON (MinIO: by hand)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import getpass
 import json
 import os
 import sys
@@ -36,10 +38,11 @@ from fedlib.models.model import KINDS, FeatureSchema, create_model
 from fedlib.server import rotation
 from fedlib.server.credentials import IamCredentialIssuer
 from fedlib.server.deployment import Deployment, Holdout
+from fedlib.server.records import RollbackAction
 from fedlib.server.rounds import package_model
 from fedlib.server.settings import ServerSettings
 from fedlib.storage.store import S3Config
-from fedlib.trust.package import SIGNATURE_FILE, package_prefix
+from fedlib.trust.package import SIGNATURE_FILE
 
 
 class SetupError(FedError):
@@ -204,7 +207,7 @@ def issuer(deployment: Deployment) -> IamCredentialIssuer:
 def cmd_enroll(args: argparse.Namespace) -> int:
     deployment = _deployment(args)
     fleet = deployment.load_fleet()
-    kid = fleet.enroll(args.client_id, Path(args.public_key).read_bytes())
+    kid = fleet.enroll(args.client_id, Path(args.public_key).read_bytes(), add_key=args.add_key)
     access_key, secret_key = args.access_key, args.secret_key
     if access_key is None and deployment.settings.credential_issuer == "iam":
         creds = issuer(deployment).issue(
@@ -263,7 +266,8 @@ def export_package_key(
         if isinstance(key, ec.EllipticCurvePublicKey)
     }
     if version is not None:
-        blob = deployment.models.get(package_prefix(version) + SIGNATURE_FILE, max_bytes=1 << 20)
+        # the signature the channel vouches for, not whatever sits under packages/vN/
+        blob = deployment.registry().read_files(version)[SIGNATURE_FILE]
         try:
             hint = json.loads(blob)["verificationMaterial"]["publicKey"]["hint"]
         except (ValueError, KeyError, TypeError) as exc:
@@ -338,6 +342,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[str, Any]:
     """What ``fl-admin status`` prints: the dashboard's version rows and newest rounds."""
     from fedlib.ops import dashboard
+    from fedlib.server.rollback import active_pin
 
     registry = deployment.registry()
     versions = []
@@ -350,6 +355,10 @@ def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[s
             "rollback_of": row.rollback_of,
             "rolled_back": row.rolled_back,
             "round_id": row.round_id,
+            "rollback_reason": row.rollback_reason,
+            "rollback_by": row.rollback_by,
+            "rollback_source": row.rollback_source,
+            "rollback_run_id": row.rollback_run_id,
             "published_at": (
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.created_at_ms / 1000))
                 if row.created_at_ms
@@ -367,14 +376,20 @@ def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[s
             "rejected": r.rejected_total,
             "published_version": r.published_version,
             "rolled_back": bool(r.rollback and r.rollback.rolled_back),
+            "largest_weight_share": r.largest_weight_share,
+            "largest_share_client": r.largest_share_client,
         }
         for r in dashboard.rounds(deployment, limit=recent_rounds).items
     ]
+    pin = active_pin(deployment)
     pending = sum(1 for _ in deployment.inbox.list("updates/"))
     quarantined = dashboard.quarantined_updates(deployment)
     fleet = deployment.load_fleet()
     return {
         "active_version": registry.active_version(),
+        # objects the signed channel does not name: ignored by reads, shown to the operator
+        "integrity": dashboard.models_integrity(deployment).to_doc(),
+        "pinned": pin.to_doc() if pin else None,
         "holdout_version": deployment.holdout_version(),
         "versions": versions,
         "recent_rounds": rounds,
@@ -393,22 +408,61 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"active version:  {doc['active_version']}")
+    if doc["pinned"]:
+        pin = RollbackAction.from_doc(doc["pinned"])
+        print(f"pinned:          by {pin.describe()}")
     for v in doc["versions"]:
         auc = "-" if v["auc"] is None else f"{v['auc']:.3f}"
-        extra = f" (rollback of {v['rollback_of']})" if v["rollback_of"] else ""
+        extra = f" (rollback of {v['rollback_of']}" if v["rollback_of"] else ""
+        if v["rollback_of"]:
+            who = f" by {v['rollback_by']} via {v['rollback_source']}" if v["rollback_by"] else ""
+            run = f" run {v['rollback_run_id']}" if v["rollback_run_id"] else ""
+            extra += f"{who}{run}: {v['rollback_reason']})"
         extra += " (rolled back)" if v["rolled_back"] else ""
         extra += f" ERROR {v['error']}" if v.get("error") else ""
         print(f"  v{v['version']:<4} auc {auc}  {v['published_at']}{extra}")
     for r in doc["recent_rounds"]:
         published = f" -> v{r['published_version']}" if r["published_version"] else ""
         rollback = " (rollback)" if r["rolled_back"] else ""
+        share = r.get("largest_weight_share")
+        largest = (
+            f", largest device share {share:.1%} ({r['largest_share_client']})"
+            if share is not None
+            else ""
+        )
         print(
             f"  round {r['run_id']}: {r['decision']}{published}{rollback}, "
-            f"{r['accepted']} accepted, {r['rejected']} rejected"
+            f"{r['accepted']} accepted, {r['rejected']} rejected{largest}"
         )
+    integrity = doc["integrity"]
+    for warning in integrity["warnings"]:
+        print(f"INTEGRITY WARNING models bucket {warning['key']}: {warning['reason']}")
+    if integrity["total"] > len(integrity["warnings"]):
+        print(f"INTEGRITY WARNING ... {integrity['total'] - len(integrity['warnings'])} more")
     print(f"pending updates: {doc['pending_updates']}")
     print(f"quarantined:     {doc['quarantined']}")
     print(f"clients:         {len(doc['clients'])}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """The operator's rollback without the UI: the function ``fl_rollback`` calls, so the
+    same refusals, the same new version and the same pin."""
+    from fedlib.server.rollback import manual_rollback
+
+    action = manual_rollback(
+        _deployment(args),
+        args.to_version,
+        args.reason,
+        by=args.by or getpass.getuser(),
+        source="fl-admin",
+    )
+    if args.json:
+        print(json.dumps(action.to_doc(), indent=2))
+    else:
+        print(f"published version {action.version}: {action.describe()}")
+        print(f"pinned: automatic rollback leaves v{action.version} active until a round")
+        print("publishes a candidate that passed the gate, or you roll back again")
     return 0
 
 
@@ -533,6 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--access-key", default=None, help="device S3 key (default: issue one via IAM)"
     )
     enroll.add_argument("--secret-key", default=None)
+    enroll.add_argument(
+        "--add-key",
+        action="store_true",
+        help="rotation: add this key next to the device's active one (revoke the old one "
+        "later with `revoke CLIENT_ID --key-id`); without it a different key is refused",
+    )
     enroll.set_defaults(func=cmd_enroll)
 
     holdout = sub.add_parser("holdout", help="upload a new labeled holdout version")
@@ -591,6 +651,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_key.add_argument("--client-id", required=True)
     add_key.add_argument("--public-key", required=True)
     add_key.set_defaults(func=cmd_rotate)
+
+    rollback = sub.add_parser(
+        "rollback", help="roll back to a known-good version and pin it (as fl_rollback does)"
+    )
+    rollback.add_argument("--to-version", type=int, required=True, help="a known-good version")
+    rollback.add_argument("--reason", required=True, help="why; kept in the signed metadata")
+    rollback.add_argument("--by", default=None, help="who (default: your user name)")
+    rollback.add_argument("--json", action="store_true")
+    rollback.set_defaults(func=cmd_rollback)
 
     rnd = sub.add_parser("round", help="run one round in this process (no Airflow)")
     rnd.add_argument("--run-id", default=None)

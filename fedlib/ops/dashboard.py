@@ -23,11 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from tuf.api.metadata import Targets
+
 from fedlib.errors import RejectedUpdate
 from fedlib.server import state_keys
 from fedlib.server.deployment import Deployment
 from fedlib.server.ledger import Ledger
 from fedlib.server.records import (
+    ModelsIntegrity,
     RecordError,
     RollbackDecision,
     RoundPlan,
@@ -36,9 +39,11 @@ from fedlib.server.records import (
     Verdict,
 )
 from fedlib.server.registry import ModelRegistry
+from fedlib.server.rollback import rollback_action
 from fedlib.server.state_keys import RunKeys
 from fedlib.storage.store import NoSuchKey, ObjectInfo
-from fedlib.trust.package import SIGNATURE_FILE
+from fedlib.trust.channel_layout import manifest_path
+from fedlib.trust.channel_repository import published_versions
 from fedlib.wire import protocol
 
 DEFAULT_LIMIT = 50
@@ -93,6 +98,8 @@ class RollbackInfo:
     best_version: int | None = None
     best_auc: float | None = None
     published_version: int | None = None
+    #: An operator's rollback pinned the active version: the check moved nothing.
+    pinned: bool = False
 
     @classmethod
     def of(cls, decision: RollbackDecision | None) -> RollbackInfo | None:
@@ -106,7 +113,19 @@ class RollbackInfo:
             best_version=decision.best_version,
             best_auc=_float_or_none(decision.best_auc),
             published_version=decision.published_version,
+            pinned=decision.pinned is not None,
         )
+
+
+@dataclass(frozen=True)
+class DeviceShareRow:
+    """One device's accepted updates and share of a round's weight (from its report)."""
+
+    client_id: str
+    accepted: int
+    weight_share: float
+    clipped: bool = False  # a self-reported sample count was clipped to the round's cap
+    capped: bool = False  # its share was cut to the cap (or to equal weights)
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,10 @@ class RoundRow:
     privacy_delta: float | None = None
     privacy_budget: float | None = None
     privacy_refused: bool = False
+    #: Each device's accepted count and weight share; empty in reports before them.
+    devices: tuple[DeviceShareRow, ...] = ()
+    largest_weight_share: float | None = None
+    largest_share_client: str | None = None
 
     @property
     def rejected_total(self) -> int:
@@ -148,6 +171,10 @@ class VersionRow:
     parent_version: int | None = None
     rollback_of: int | None = None
     rollback_reason: str | None = None
+    #: Who made a rollback version, via which DAG (or fl-admin) and run (its record).
+    rollback_by: str | None = None
+    rollback_source: str | None = None
+    rollback_run_id: str | None = None
     round_id: str | None = None
     created_at_ms: int | None = None
     model_kind: str | None = None
@@ -297,6 +324,18 @@ def _round_row(deployment: Deployment, info: ObjectInfo) -> RoundRow | None:
         privacy_delta=_float_or_none(privacy.delta) if privacy else None,
         privacy_budget=_float_or_none(privacy.budget_epsilon) if privacy else None,
         privacy_refused=privacy.refused if privacy else False,
+        devices=tuple(
+            DeviceShareRow(
+                client_id=d.client_id,
+                accepted=d.accepted,
+                weight_share=d.weight_share,
+                clipped=d.clipped,
+                capped=d.capped,
+            )
+            for d in report.devices or ()
+        ),
+        largest_weight_share=_float_or_none(report.largest_weight_share),
+        largest_share_client=report.largest_share_client,
     )
 
 
@@ -355,33 +394,29 @@ _version_cache: OrderedDict[tuple[str, str, int, str], VersionRow] = OrderedDict
 _version_lock = threading.Lock()
 
 
-def _package_etags(registry: ModelRegistry) -> dict[int, str]:
-    """Every version folder -> its files' ETags in one string (the package's content as
-    the store sees it; "" while the signature, written last, is missing). One listing."""
-    files: dict[int, dict[str, str]] = {}
-    for info in registry.store.list("packages/"):
-        parts = info.key.split("/")
-        if len(parts) == 3 and parts[1].startswith("v") and parts[1][1:].isdigit():
-            files.setdefault(int(parts[1][1:]), {})[parts[2]] = info.etag
-    return {
-        version: "|".join(f"{n}={e}" for n, e in sorted(found.items()))
-        if SIGNATURE_FILE in found
-        else ""
-        for version, found in files.items()
-    }
+def _package_digests(registry: ModelRegistry) -> tuple[dict[int, str], Targets]:
+    """Every published version -> its signed manifest's SHA-256 (the version's content as
+    the channel vouches for it), from the verified targets metadata: never a bucket
+    listing, so an object no signed metadata names is not a version here."""
+    targets = registry.channel.targets()
+    digests = {}
+    for version in published_versions(targets):
+        info = targets.targets[manifest_path(version)]
+        digests[version] = str(info.hashes.get("sha256", ""))
+    return digests, targets
 
 
 def _read_version_row(
-    deployment: Deployment, registry: ModelRegistry, version: int, etag: str
+    deployment: Deployment, registry: ModelRegistry, version: int, etag: str, targets: Targets
 ) -> VersionRow:
-    """The version's signed metadata (verified); cached per process by content (ETag)."""
+    """The version's signed metadata (verified); cached per process by signed digest."""
     cache_key = (str(deployment.s3.endpoint_url), deployment.settings.models_bucket, version, etag)
     with _version_lock:
         cached = _version_cache.get(cache_key)
     if cached is not None:
         return cached
     try:
-        meta = registry.read_version(version).metadata
+        meta = registry.read_version(version, targets).metadata
     except Exception as exc:  # a version that does not verify is shown, not hidden
         return VersionRow(version=version, error=f"{type(exc).__name__}: {exc}")
     row = VersionRow(
@@ -407,16 +442,37 @@ def _read_version_row(
 
 def _version_page(deployment: Deployment, count: int | None) -> tuple[list[VersionRow], int]:
     registry = deployment.registry()
-    etags = _package_etags(registry)
+    etags, targets = _package_digests(registry)
     numbers = sorted(etags, reverse=True)[:count]
     active = registry.active_version()
-    rows = _parallel(lambda v: _read_version_row(deployment, registry, v, etags[v]), numbers)
+    rows = _parallel(
+        lambda v: _read_version_row(deployment, registry, v, etags[v], targets), numbers
+    )
     bad = {r.parent_version for r in rows if r.is_rollback and r.parent_version is not None}
     rows = [
         dataclasses.replace(r, active=r.version == active, rolled_back=r.version in bad)
         for r in rows
     ]
-    return rows, len(etags)
+    return _parallel(lambda r: _with_rollback_action(deployment, r), rows), len(etags)
+
+
+def _with_rollback_action(deployment: Deployment, row: VersionRow) -> VersionRow:
+    """A rollback row with who made it and the run (read each time: not in the signed
+    package, so not in the per-version cache)."""
+    if not row.is_rollback or row.error:
+        return row
+    action = rollback_action(deployment, row)
+    if action is None:
+        return row
+    return dataclasses.replace(
+        row, rollback_by=action.by, rollback_source=action.source, rollback_run_id=action.run_id
+    )
+
+
+def models_integrity(deployment: Deployment) -> ModelsIntegrity:
+    """Objects in the models bucket the signed channel does not name (bounded scan):
+    ignored by every read, shown to the operator on the rounds page and in status."""
+    return deployment.registry().integrity()
 
 
 def version_rows(deployment: Deployment, count: int | None = None) -> list[VersionRow]:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import cache
 from typing import Protocol, Self
 
@@ -49,6 +50,7 @@ class Aggregator(Protocol):
     def weight_units(self) -> int: ...
 
     def add(self, delta: DecodedDelta, weight: float) -> int: ...
+    def reweight(self, delta: DecodedDelta, units: int, new_units: int) -> None: ...
     def merge(self, other: Self) -> None: ...
     def mean_delta(self) -> np.ndarray: ...
     def step(
@@ -83,6 +85,12 @@ class AggregationConfig:
     #: projects each accepted delta onto the ball of ``dp_clip`` (the round's C).
     dp_mode: str = "off"
     dp_clip: float = 0.0
+    #: Largest share of a round's total weight one device's accepted updates may carry
+    #: (:func:`final_weights`); 1.0 = no cap. Fewer devices than ``1 / share``: equal weights.
+    max_device_share: float = 1.0
+    #: > 0: a self-reported sample count is clipped to this times the lower median of
+    #: the round's per-device counts (:func:`count_cap`); 0 = only ``max_sample_weight``.
+    count_cap_factor: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.staleness_exponent >= 0 and math.isfinite(self.staleness_exponent)):
@@ -111,6 +119,10 @@ class AggregationConfig:
             raise ValueError('differential privacy needs robust = "none"')
         if self.dp_mode == "central" and not (0 < self.dp_clip <= self.norm_bound):
             raise ValueError("central dp needs 0 < dp_clip <= norm_bound")
+        if not (0 < self.max_device_share <= 1):
+            raise ValueError("max_device_share must be in (0, 1]")
+        if not (0 <= self.count_cap_factor <= 2**20 and math.isfinite(self.count_cap_factor)):
+            raise ValueError("count_cap_factor must be in [0, 2**20]")
 
     @property
     def max_weight(self) -> int:
@@ -276,6 +288,42 @@ class StreamingAggregator:
             self._carry()
         return units
 
+    def remove(self, delta: DecodedDelta, units: int) -> None:
+        """Subtract exactly what ``add(delta, units * 2**-16)`` added (same quantization).
+
+        The reduce step reweights an update after the fact (:func:`final_weights`) by
+        removing its contribution and adding it again with the final weight: the result
+        is the sum made with the final weights directly, bit for bit."""
+        if delta.dim != self.dim:
+            raise ValueError(f"delta has {delta.dim} params, aggregator {self.dim}")
+        if units < 1 or self.count < 1 or units > self.weight_units:
+            raise ValueError(f"cannot remove {units} weight units from this sum")
+        scale = np.float64(math.ldexp(float(units), self._grid - WEIGHT_FRACTION_BITS))
+        values, indices = delta.values, delta.indices
+        for start in range(0, values.shape[0], _CHUNK):
+            part = values[start : start + _CHUNK]
+            q = _offset_rounded(part, scale, self._scratch[: part.shape[0]])
+            if indices is None:  # the offset comes off too: one dense add fewer pending
+                lo = self._lo[start : start + part.shape[0]]
+                np.subtract(lo, q, out=lo)
+            else:
+                np.subtract(q, _ROUNDER_BITS, out=q)
+                self._lo[indices[start : start + _CHUNK]] -= q
+        if indices is None:
+            self._dense_pending -= 1  # may go negative: _carry adds the offset back
+        self.count -= 1
+        self.weight_units -= units
+        self._pending += 1
+        if self._pending >= _CARRY_EVERY:
+            self._carry()
+
+    def reweight(self, delta: DecodedDelta, units: int, new_units: int) -> None:
+        """Replace an added update's ``units`` by ``new_units`` (0: take it out): exactly
+        the sum that adding it with ``new_units`` in the first place would have made."""
+        self.remove(delta, units)
+        if new_units > 0:
+            self.add(delta, math.ldexp(float(new_units), -WEIGHT_FRACTION_BITS))
+
     def _carry(self) -> None:
         if self._dense_pending:  # exact: the true _lo fits in int64 (see _CARRY_EVERY)
             self._lo -= _wrapped(self._dense_pending * _ROUNDER_BITS)
@@ -386,3 +434,176 @@ def server_step(
     buffer = beta * momentum + delta
     direction = beta * buffer + delta if config.server_nesterov else buffer
     return base + config.server_lr * direction, buffer
+
+
+# -- the round's weight policy ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateWeight:
+    """One accepted update as the weight policy sees it: server-side facts (its key, the
+    signed client id, its staleness) and the self-reported count, with the weight units
+    its shard added."""
+
+    key: str
+    client_id: str
+    num_samples: int
+    staleness: int
+    units: int
+
+
+@dataclass(frozen=True)
+class DeviceWeight:
+    """One device's part of a round after :func:`final_weights`."""
+
+    client_id: str
+    accepted: int
+    units: int  # final weight units of its updates, summed
+    share: float  # units / the round's total
+    clipped: bool  # a reported count was clipped to the round's count cap
+    capped: bool  # its share was cut to ``max_device_share`` (or to equal weights)
+
+
+@dataclass(frozen=True)
+class WeightPolicy:
+    """The round's final weights: per device, and per update through :meth:`units`.
+
+    Memory is per device plus one entry per update of a capped device (at most
+    ``1 / max_device_share`` devices, or fewer than that under equal weights): those
+    updates are re-read anyway. Other updates' weights are recomputed from the update."""
+
+    config: AggregationConfig
+    count_cap: int | None
+    equal_weights: bool  # fewer devices than 1 / max_device_share
+    devices: list[DeviceWeight]
+    spread: dict[str, int]  # final units of each capped device's updates, by key
+
+    def units(self, update: UpdateWeight) -> int:
+        """The final weight units of one accepted update (0: it no longer counts)."""
+        if update.key in self.spread:
+            return self.spread[update.key]
+        return _clipped_units(update, self.count_cap, self.config)
+
+
+def count_cap(device_counts: Iterable[int], config: AggregationConfig) -> int | None:
+    """The round's cap on self-reported sample counts (None: no fleet-derived cap).
+
+    ``count_cap_factor`` times the lower median over *devices* of each device's smallest
+    reported count: one value per device, so a device sending many updates or one absurd
+    count moves the median by at most one position, and the cap follows what the honest
+    devices of this round report (no history to poison or to go stale). The default
+    factor 4 is about the 99th percentile over the median of the synthetic fleet's
+    sizes (lognormal, sigma 0.6: e**(0.6 * 2.33) = 4.05): honest devices are rarely
+    clipped."""
+    ordered = sorted(max(0, n) for n in device_counts)
+    if config.count_cap_factor <= 0 or not ordered:
+        return None
+    median = ordered[(len(ordered) - 1) // 2]
+    return max(1, math.floor(config.count_cap_factor * median))
+
+
+def _clipped_units(update: UpdateWeight, cap: int | None, config: AggregationConfig) -> int:
+    """The shard's units scaled as :func:`staleness_weight` of the capped count would be
+    (FLTrust's trust factor is kept); never more than the shard's."""
+    if cap is None or update.num_samples <= cap:
+        return update.units
+    ratio = staleness_weight(cap, update.staleness, config) / staleness_weight(
+        update.num_samples, update.staleness, config
+    )
+    return max(1, math.floor(update.units * ratio)) if ratio < 1 else update.units
+
+
+def _share_level(totals: list[int], share: Fraction) -> tuple[int, bool]:
+    """Water-filling: the largest device total L such that devices above it, cut to L,
+    each hold at most ``share`` of the round; (L, equal weights)."""
+    ordered = sorted(totals, reverse=True)
+    if share * len(ordered) < 1:  # the cap cannot hold: every device gets the smallest total
+        return ordered[-1], True
+    rest = sum(ordered)
+    for capped, top in enumerate(ordered):
+        level = share * rest / (1 - capped * share)  # capped * share < 1 here
+        if top <= level:
+            return (top if capped == 0 else math.floor(level)), False
+        rest -= top
+    raise AssertionError("unreachable: share * devices >= 1 leaves a device uncapped")
+
+
+def _spread(total: int, updates: list[tuple[str, int]]) -> dict[str, int]:
+    """``total`` units over ``(key, units)`` in proportion to their units, rounded down
+    with the remainder to the largest fractions (key order breaks ties): the device's
+    updates then sum to exactly ``total``."""
+    whole = sum(u for _, u in updates)
+    out = {key: u * total // whole for key, u in updates}
+    left = total - sum(out.values())
+    for key, _ in sorted(updates, key=lambda x: (-((x[1] * total) % whole), x[0]))[:left]:
+        out[key] += 1
+    return out
+
+
+def final_weights(
+    updates: Callable[[], Iterable[UpdateWeight]], config: AggregationConfig
+) -> WeightPolicy:
+    """The one decision on how much each accepted update of a round weighs.
+
+    Shards weigh updates one by one; shares exist only once every shard is done, so the
+    reduce step applies this to all accepted updates and corrects the sum exactly
+    (:meth:`StreamingAggregator.reweight`). Two steps: (a) a count above
+    :func:`count_cap` is clipped to it (the weight is recomputed with staleness as
+    :func:`staleness_weight` does, scaling what the shard added, FLTrust's trust
+    included, and never raised); (b) each device's summed weight is cut to
+    ``max_device_share`` of the round by water-filling (the devices over the level share
+    it equally, the others keep theirs); with fewer devices than ``1 / max_device_share``
+    the cap cannot hold and every device gets the same weight. Integer units throughout,
+    so a capped device's share is at most the cap exactly. Central and local DP keep
+    weight 1 per update (their sensitivity argument is for that plain sum).
+
+    ``updates`` is called for each pass over the round (two or three), so a caller can
+    stream them shard by shard: memory is per device, not per update.
+    """
+    dp = config.dp_mode != "off"
+    cap = None
+    if not dp and config.count_cap_factor > 0:
+        smallest: dict[str, int] = {}
+        for update in updates():
+            known = smallest.get(update.client_id)
+            if known is None or update.num_samples < known:
+                smallest[update.client_id] = update.num_samples
+        cap = count_cap(smallest.values(), config)
+    totals: dict[str, int] = {}
+    accepted: dict[str, int] = {}
+    clipped: set[str] = set()
+    for update in updates():
+        units = _clipped_units(update, cap, config)
+        totals[update.client_id] = totals.get(update.client_id, 0) + units
+        accepted[update.client_id] = accepted.get(update.client_id, 0) + 1
+        if units != update.units:
+            clipped.add(update.client_id)
+    level, equal = 0, False
+    capped: set[str] = set()
+    if not dp and totals:
+        level, equal = _share_level(list(totals.values()), Fraction(config.max_device_share))
+        capped = {cid for cid, total in totals.items() if total > level}
+    spread: dict[str, int] = {}
+    if capped:
+        rows: dict[str, list[tuple[str, int]]] = {cid: [] for cid in capped}
+        for update in updates():
+            if update.client_id in capped:
+                rows[update.client_id].append((update.key, _clipped_units(update, cap, config)))
+        for cid, device_rows in rows.items():
+            spread.update(_spread(level, device_rows))
+            totals[cid] = level
+    grand = sum(totals.values())
+    devices = [
+        DeviceWeight(
+            client_id=cid,
+            accepted=accepted[cid],
+            units=totals[cid],
+            share=totals[cid] / grand if grand else 0.0,
+            clipped=cid in clipped,
+            capped=cid in capped,
+        )
+        for cid in sorted(totals)
+    ]
+    return WeightPolicy(
+        config=config, count_cap=cap, equal_weights=equal, devices=devices, spread=spread
+    )

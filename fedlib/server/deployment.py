@@ -10,9 +10,11 @@ import dataclasses
 import hashlib
 import io
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
@@ -47,30 +49,50 @@ PUBLIC_DIR = "public"  # public halves only: all a read-only process (web UI) ne
 PACKAGE_TRUST_GLOB = "package-signing-*.pub.pem"  # in PUBLIC_DIR: keys versions verify with
 
 
+#: What a holdout's optional anomaly class may be called (it lands in reports and pages).
+CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: Most distinct anomaly classes a holdout may label (each is one check of the gate).
+MAX_CLASSES = 64
+
+
 @dataclass(frozen=True)
 class Holdout:
-    """The labeled evaluation set the server holds (never sent to devices)."""
+    """The labeled evaluation set the server holds (never sent to devices).
+
+    ``classes`` optionally names each anomalous row's class ("" on benign rows and on
+    anomalies of no known class): the gate then also compares detection class by class,
+    so a candidate that forgets one pattern is refused even when its AUC holds."""
 
     features: np.ndarray
     labels: np.ndarray
     feature_names: list[str]
     version: int | None = None
+    classes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.classes is not None:
+            check_classes(self.classes, self.labels)
 
     def benign(self) -> np.ndarray:
         return self.features[self.labels == 0]
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(
-            buf,
-            holdout_X=self.features.astype(np.float32),
-            holdout_y=self.labels.astype(np.int8),
-            feature_names=np.asarray(self.feature_names, dtype=str),
-        )
+        arrays = {
+            "holdout_X": self.features.astype(np.float32),
+            "holdout_y": self.labels.astype(np.int8),
+            "feature_names": np.asarray(self.feature_names, dtype=str),
+        }
+        if self.classes is not None:
+            arrays["holdout_class"] = np.asarray(self.classes, dtype=str)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Holdout:
+        """Read ``holdout_X``/``holdout_y`` (and ``feature_names``); the optional class of
+        each row is ``holdout_class`` (names), or ``anomaly_type`` codes with their
+        ``anomaly_type_names`` (the layout of ``bench.make_dataset``)."""
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             x = np.asarray(npz["holdout_X"], dtype=np.float32)
             y = np.asarray(npz["holdout_y"]).astype(np.int8)
@@ -79,9 +101,39 @@ class Holdout:
                 if "feature_names" in npz.files
                 else [f"f{i}" for i in range(x.shape[1])]
             )
+            classes = _classes_of(npz, y)
         if x.ndim != 2 or y.shape != (x.shape[0],) or not set(np.unique(y)) <= {0, 1}:
             raise ValueError("holdout needs holdout_X (N, d) and holdout_y (N,) in {0, 1}")
-        return cls(x, y, names)
+        return cls(x, y, names, classes=classes)
+
+
+def _classes_of(npz: Any, labels: np.ndarray) -> np.ndarray | None:
+    if "holdout_class" in npz.files:
+        return np.asarray(npz["holdout_class"]).astype(str)
+    if "anomaly_type" not in npz.files or "anomaly_type_names" not in npz.files:
+        return None
+    codes = np.asarray(npz["anomaly_type"])
+    type_names = [str(n) for n in npz["anomaly_type_names"]]
+    if codes.shape != labels.shape or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError("anomaly_type needs one integer code per holdout row")
+    if codes.size and (codes.min() < 0 or codes.max() >= len(type_names)):
+        raise ValueError("anomaly_type has codes without a name in anomaly_type_names")
+    named = np.asarray(type_names, dtype=str)[codes]
+    return np.where(labels == 1, named, "")
+
+
+def check_classes(classes: np.ndarray, labels: np.ndarray) -> None:
+    """A class per row, none on benign rows, bounded names and count (ValueError)."""
+    if classes.shape != labels.shape:
+        raise ValueError("holdout_class needs one entry per holdout row")
+    if (classes[labels == 0] != "").any():
+        raise ValueError("holdout_class names a class on a benign row")
+    found = {str(c) for c in np.unique(classes[labels == 1])} - {""}
+    if len(found) > MAX_CLASSES:
+        raise ValueError(f"holdout_class has {len(found)} classes, limit {MAX_CLASSES}")
+    bad = sorted(c for c in found if not CLASS_NAME.match(c))
+    if bad:
+        raise ValueError(f"holdout class name {bad[0][:80]!r} is not [A-Za-z0-9_.-], 1-64")
 
 
 class Deployment:

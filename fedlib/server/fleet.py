@@ -19,6 +19,10 @@ from fedlib.wire.protocol import ClientId, KeyId
 FLEET_SCHEMA = "dadm.fleet.v1"
 
 
+class EnrollmentRefused(ValueError):
+    """An enrollment that would change a device's keys without the operator saying so."""
+
+
 class ClientEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -36,13 +40,46 @@ class Fleet:
     entries: dict[str, ClientEntry] = field(default_factory=dict)
     _keys: dict[str, sealing.ClientKey] = field(default_factory=dict, repr=False)
 
-    def enroll(self, client_id: str, public_key_pem: bytes, *, now_ms: int | None = None) -> str:
-        """Register a client's Ed25519 key; the client may hold several keys (rotation)."""
+    def enroll(
+        self,
+        client_id: str,
+        public_key_pem: bytes,
+        *,
+        add_key: bool = False,
+        now_ms: int | None = None,
+    ) -> str:
+        """Register a client's Ed25519 key; return its key id.
+
+        Enrolling the key a client already holds changes nothing. A *different* key for
+        a client with an active key is refused unless ``add_key`` (the rotation path:
+        the old key stays valid until revoked), so re-running enroll cannot silently
+        leave two keys able to sign for one device. A revoked key is never re-enrolled:
+        the operator's revocation stands; the device makes a new key.
+        """
         public = sealing.load_verify_key(public_key_pem)
         kid = sealing.key_id(public)
         existing = self.entries.get(kid)
         if existing is not None and existing.client_id != client_id:
-            raise ValueError(f"key {kid} is already enrolled for {existing.client_id}")
+            raise EnrollmentRefused(f"key {kid} is already enrolled for {existing.client_id}")
+        if existing is not None and existing.revoked_at_ms is not None:
+            raise EnrollmentRefused(
+                f"key {kid} of {client_id} was revoked; a revoked key is not enrolled again "
+                "(the device needs a new key)"
+            )
+        if existing is not None:
+            return kid  # the same key again: idempotent, nothing changes
+        active = self.active_keys(client_id)
+        if active and not add_key:
+            raise EnrollmentRefused(
+                f"{client_id} is enrolled with key {', '.join(active)}; enrolling key {kid} "
+                "would leave both valid. To rotate, add the key with `fl-admin enroll "
+                "--add-key` (or `fl-admin add-device-key`), then revoke the old one with "
+                "`fl-admin revoke CLIENT_ID --key-id OLD_ID`"
+            )
+        if add_key and not active:
+            raise EnrollmentRefused(
+                f"{client_id} has no active key to add one next to: enroll without --add-key"
+            )
         self.entries[kid] = ClientEntry(
             client_id=client_id,
             key_id=kid,
@@ -51,6 +88,14 @@ class Fleet:
         )
         self._keys.pop(kid, None)
         return kid
+
+    def active_keys(self, client_id: str) -> list[str]:
+        """Key ids the client can sign with now (not revoked), sorted."""
+        return sorted(
+            kid
+            for kid, e in self.entries.items()
+            if e.client_id == client_id and e.revoked_at_ms is None
+        )
 
     def revoke(self, client_id: str, *, now_ms: int | None = None) -> list[str]:
         """Revoke every key of a client; its later updates are quarantined as revoked_client."""

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from fedlib.errors import ObjectExists
 from fedlib.server import state_keys
-from fedlib.server.records import LedgerEntry, Verdict
+from fedlib.server.records import LedgerEntry, QuarantineStub, Verdict, VerdictAttempts
 from fedlib.storage.store import NoSuchKey, ObjectStore
 
 
@@ -43,6 +43,50 @@ class Ledger:
     def keep_rejected_bytes(self, verdict: Verdict, blob: bytes) -> None:
         """Store the bytes that were judged, at judgment time (retries rewrite the same)."""
         self._put_once(state_keys.quarantine_bytes(verdict.key, verdict.sha256), blob)
+
+    def keep_stub(self, verdict: Verdict, stub: QuarantineStub) -> None:
+        """Keep a bounded stand-in for bytes not kept whole (see :class:`QuarantineStub`)."""
+        self._put_once(state_keys.quarantine_stub(verdict.key, verdict.sha256), stub.to_json())
+
+    def bump_attempts(self, inbox_key: str, error: str) -> int:
+        """Count one more failed write of ``inbox_key``'s verdict; the new count.
+
+        Read-modify-write: finalize is the only writer, one run at a time."""
+        key = state_keys.verdict_attempts(inbox_key)
+        try:
+            data = self.state.get(key, max_bytes=1 << 16)
+        except NoSuchKey:
+            attempts = 0
+        else:
+            attempts = VerdictAttempts.from_json(data, what=key).attempts
+        record = VerdictAttempts(
+            key_sha256=state_keys.key_digest(inbox_key), attempts=attempts + 1, last_error=error
+        )
+        self.state.put(key, record.to_json())
+        return record.attempts
+
+    def record_unrecordable(
+        self, verdict: Verdict, *, run_id: str, detail: str, stub: QuarantineStub
+    ) -> bool:
+        """The ``unrecordable`` verdict of an object whose own verdict could not be
+        written: under a key derived from the digest of its name, with a bounded stub."""
+        entry = LedgerEntry(
+            key=verdict.key,
+            sha256=verdict.sha256,
+            size=verdict.size,
+            accepted=False,
+            reason="unrecordable",
+            detail=detail[:500],
+            etag=verdict.etag,
+            run_id=run_id,
+        )
+        self._put_once(state_keys.quarantine_unrecordable(verdict.key), stub.to_json())
+        return self._put_once(state_keys.ledger_fallback(verdict.key), entry.to_json())
+
+    def record_fallback(self, verdict: Verdict, *, run_id: str) -> bool:
+        """An accepted verdict whose own key cannot be written, under the digest key."""
+        entry = LedgerEntry(**verdict.model_dump(), run_id=run_id)
+        return self._put_once(state_keys.ledger_fallback(verdict.key), entry.to_json())
 
     def record(self, verdict: Verdict, *, run_id: str) -> bool:
         """Write the verdict once (and a rejected one's reason beside its bytes).

@@ -6,14 +6,15 @@ both call the step functions below and nothing else, and a test checks that the 
 task order is :data:`STEPS`. A step reads its inputs from the state bucket (by run id)
 and returns a small typed record (what the DAG passes on through XCom).
 
-- ``check_active``: automatic rollback check (publishes nothing in a dry run);
+- ``check_active``: automatic rollback check (publishes nothing in a dry run; moves
+  nothing while an operator's rollback pins the active version);
 - ``refresh_channel``: re-sign the TUF timestamp/snapshot before they expire;
 - ``plan``: the batch, in shards of whole devices (or "waiting" below ``min_clients``:
   then the shards hold only junk and replays, judged and cleared all the same);
 - ``process_shard`` (mapped): verify, decrypt, validate, exact partial sum, verdicts;
 - ``reduce`` -> ``build_candidate`` -> ``evaluate``;
 - ``gate``: :func:`decide` on the evaluation: publish or not;
-- ``publish``: only when the gate says :attr:`Decision.PUBLISHED`;
+- ``publish``: only when the gate says :attr:`Decision.PUBLISHED` (ends a rollback pin);
 - ``finalize``: ledger, quarantine, inbox deletes (not in a dry run), the round report.
 """
 
@@ -35,6 +36,7 @@ from fedlib.server.records import (
     RoundReport,
     ShardResult,
 )
+from fedlib.server.rollback import candidate_published
 from fedlib.server.rollback import check_active as rollback_check
 from fedlib.trust.channel_repository import ChannelRepository
 
@@ -61,7 +63,9 @@ class RoundRun:
 def check_active(deployment: Deployment, run: RoundRun) -> RollbackDecision:
     """Automatic rollback before anything else (:mod:`fedlib.server.rollback`); a dry run
     reports a rollback that is due without publishing it."""
-    decision = rollback_check(deployment, created_at_ms=run.created_at_ms, publish=not run.dry_run)
+    decision = rollback_check(
+        deployment, run_id=run.run_id, created_at_ms=run.created_at_ms, publish=not run.dry_run
+    )
     round_runner.put_record(deployment, state_keys.RunKeys(run.run_id).rollback, decision)
     return decision
 
@@ -112,7 +116,10 @@ def gate(deployment: Deployment, run: RoundRun) -> Decision:
 
 
 def publish(deployment: Deployment, run: RoundRun) -> int:
-    return round_runner.publish_round(deployment, run.run_id)
+    """Publish the candidate the gate passed; that ends an operator's rollback pin."""
+    version = round_runner.publish_round(deployment, run.run_id)
+    candidate_published(deployment, version)
+    return version
 
 
 def finalize(deployment: Deployment, run: RoundRun) -> RoundReport:

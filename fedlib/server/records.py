@@ -15,7 +15,14 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from fedlib.wire import protocol
 from fedlib.wire.protocol import PrivacySpent
@@ -88,6 +95,16 @@ class Metrics(Record):
     fpr: float
     n: float
     n_anomalies: float
+    #: Flagged share of each anomaly class the holdout names (None: it names none).
+    class_detection: dict[str, float] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_classes(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Metrics of a holdout without classes serialize as they did before classes."""
+        doc = handler(self)
+        if isinstance(doc, dict) and doc.get("class_detection") is None:
+            doc.pop("class_detection", None)
+        return doc
 
 
 class HoldoutPointer(Record):
@@ -98,6 +115,27 @@ class HoldoutPointer(Record):
     version: int
     key: str
     sha256: Sha256
+
+
+class IntegrityWarning(Record):
+    """One object in the models bucket that no verified channel metadata vouches for."""
+
+    key: str = Field(max_length=1024)
+    reason: str
+
+
+class ModelsIntegrity(Record):
+    """What a bounded scan of the models bucket found that the signed channel does not
+    name (junk, a renumbered copy of a package, a tampered archive file). Such objects
+    are ignored by every read; this record is how an operator learns they are there."""
+
+    schema_: Literal["dadm.models-integrity.v1"] = _schema("dadm.models-integrity.v1")
+    scanned: int
+    #: True when the scan stopped at its bound before the end of the bucket.
+    truncated: bool = False
+    #: The first warnings found (at most the scan's ``limit``); ``total`` counts them all.
+    warnings: list[IntegrityWarning] = Field(default_factory=list)
+    total: int = 0
 
 
 # -- plan -------------------------------------------------------------------------------------
@@ -153,7 +191,9 @@ class ShardKeys(Record):
 class Verdict(Record):
     """What happened to one inbox object; the ledger stores one per object, once."""
 
-    key: str
+    #: The inbox key as the store holds it (S3 keys are at most 1,024 bytes); only ever
+    #: data here: state keys are derived from it through :mod:`fedlib.server.state_keys`.
+    key: Annotated[str, Field(max_length=1024)]
     sha256: str
     size: int
     accepted: bool
@@ -202,6 +242,50 @@ class ShardVerdicts(Record):
         return {"schema": self.schema_, "verdicts": [v.as_dict() for v in self.verdicts]}
 
 
+class QuarantineStub(Record):
+    """What quarantine keeps of bytes it does not keep whole (``quarantine/...stub.json``):
+    the first bytes, the full SHA-256 and the size. ``kept_because`` says why: the object
+    was over the envelope limit (never read whole), its device's quota was reached, its
+    verdict could not be written, or its name cannot be addressed on the data path."""
+
+    schema_: Literal["dadm.quarantine-stub.v1"] = _schema("dadm.quarantine-stub.v1")
+    key_sha256: Sha256
+    #: None: the object was over ``quarantine_hash_max_bytes`` and only its prefix was read.
+    sha256: Sha256 | None
+    size: Annotated[int, Field(ge=0)]
+    prefix_hex: Annotated[str, Field(max_length=2 * 65536)]
+    kept_because: Literal["oversized", "quarantine_quota", "unrecordable", "unaddressable"]
+    etag: str = ""  # of the object version the digest was taken of
+
+
+class VerdictAttempts(Record):
+    """How many rounds failed to write one inbox object's verdict (keyed by its digest)."""
+
+    schema_: Literal["dadm.verdict-attempts.v1"] = _schema("dadm.verdict-attempts.v1")
+    key_sha256: Sha256
+    attempts: Annotated[int, Field(ge=0)]
+    last_error: Annotated[str, Field(max_length=500)] = ""
+
+
+class QuarantineSweep(Record):
+    """Where the quarantine retention sweep stopped (it scans a bounded slice per round)."""
+
+    schema_: Literal["dadm.quarantine-sweep.v1"] = _schema("dadm.quarantine-sweep.v1")
+    after: str | None = None
+
+
+class UnrecordedVerdicts(Record):
+    """The report's list of verdicts a round could not write (their objects stay in the
+    inbox for the next round): how many, and a bounded sample of their key digests."""
+
+    count: int = 0
+    sample: Annotated[list[Sha256], Field(max_length=20)] = Field(default_factory=list)
+    #: Of those, how many were written under the digest fallback key instead (and their
+    #: objects deleted): accepted ones at once, rejected ones as ``unrecordable`` once
+    #: they reached the attempt limit.
+    unrecordable: int = 0
+
+
 # -- step results (XCom) --------------------------------------------------------------------
 
 
@@ -222,6 +306,36 @@ class AggregateResult(Record):
     digest: Sha256
 
 
+class DeviceShare(Record):
+    """One device's part of a round's weight (the reduce step's final weights)."""
+
+    client_id: str
+    accepted: int
+    weight_share: float
+    #: A self-reported sample count was clipped to the round's count cap.
+    clipped: bool = False
+    #: Its share was cut to ``max_device_weight_share`` (or to equal weights).
+    capped: bool = False
+
+
+class RoundWeights(Record):
+    """The final weights of a round's devices (``rounds/<run>/weights.json``): one entry
+    per device with an accepted update (so at most the fleet's size), by client id."""
+
+    schema_: Literal["dadm.round-weights.v1"] = _schema("dadm.round-weights.v1")
+    devices: list[DeviceShare]
+    count_cap: int | None = None
+    max_device_share: float
+    equal_weights: bool = False
+    #: Accepted updates whose weight the reduce step changed (each re-read once).
+    reweighted: int = 0
+
+    @property
+    def largest(self) -> DeviceShare | None:
+        """The device with the largest share (client id breaks ties): the summary's."""
+        return max(self.devices, key=lambda d: (d.weight_share, d.client_id), default=None)
+
+
 class CandidateResult(Record):
     """A built (not yet published) candidate: its version and content digest."""
 
@@ -230,6 +344,41 @@ class CandidateResult(Record):
 
 
 # -- rollback, privacy, evaluation ----------------------------------------------------------
+
+
+class RollbackAction(Record):
+    """Who made a rollback version, from which run, and why (``rollbacks/vNNNNNNNN.json``).
+
+    An operator's rollback is also the *pin* (``rollbacks/pin.json``): automatic rollback
+    leaves the channel on it until a round publishes a candidate that passed the gate or
+    the operator acts again. The signed package says what a version carries; this says
+    who asked for it, which the package cannot (the DAG run is known only to the server).
+    """
+
+    schema_: Literal["dadm.rollback.v1"] = _schema("dadm.rollback.v1")
+    version: int  #: the rollback version published (the active one after it)
+    rollback_of: int  #: the known-good version whose model it carries
+    parent_version: int  #: what was active before
+    reason: str
+    automatic: bool
+    by: str  #: the operator (Airflow user, OS user of fl-admin) or "automatic"
+    source: str  #: the DAG whose run made it (``fl_rollback``, ``fl_round``) or "fl-admin"
+    run_id: str | None = None  #: that DAG run (None for fl-admin)
+    created_at_ms: int
+
+    @property
+    def package_reason(self) -> str:
+        """The ``rollback_reason`` its package carries in its signed metadata."""
+        return f"{'automatic' if self.automatic else 'manual'}: {self.reason}"
+
+    def describe(self) -> str:
+        """One line for the check's reason, the summary, ``fl-admin status`` and the UI."""
+        how = "automatic rollback" if self.automatic else "operator rollback"
+        run = f" run {self.run_id}" if self.run_id else ""
+        return (
+            f"{how} to v{self.rollback_of} (active v{self.version}, by {self.by} via "
+            f"{self.source}{run}: {self.reason})"
+        )
 
 
 class RollbackDecision(Record):
@@ -246,6 +395,9 @@ class RollbackDecision(Record):
     #: True when the check ran without publishing (a dry run): a rollback it calls for
     #: was reported, not made.
     dry_run: bool = False
+    #: The operator rollback that pins the active version: the check moved nothing
+    #: (``reason`` says "pinned by operator rollback to vN" and what would have been due).
+    pinned: RollbackAction | None = None
 
 
 class PrivacyRecord(Record):
@@ -368,6 +520,14 @@ class RoundReport(Record):
     privacy: PrivacySummary | None = None
     #: Inbox objects the plan left for later rounds, by reason (:class:`RoundPlan`).
     deferred: dict[str, int] | None = None
+    #: Each device's accepted count and weight share (None: reports before them).
+    devices: list[DeviceShare] | None = None
+    largest_weight_share: float | None = None
+    largest_share_client: str | None = None
+    #: Verdicts this round could not write (None: every verdict was written).
+    unrecorded: UnrecordedVerdicts | None = None
+    #: Quarantine objects past ``quarantine_retention_days`` this round deleted.
+    quarantine_expired: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return self.to_doc()
@@ -381,6 +541,11 @@ class RoundReport(Record):
         ]
         if self.deferred:
             lines.append(f"  left in the inbox for later rounds: {self.deferred}")
+        if self.largest_weight_share is not None:
+            lines.append(
+                f"  devices: {len(self.devices or ())}, largest weight share "
+                f"{self.largest_weight_share:.1%} ({self.largest_share_client})"
+            )
         if self.active_metrics:
             active = self.active_metrics
             line = (
@@ -404,6 +569,8 @@ class RoundReport(Record):
                 line += " — REFUSED: over the budget, nothing published"
             lines.append(line)
         rollback = self.rollback
+        if rollback and rollback.pinned is not None:
+            lines.append(f"  PINNED: {rollback.reason}")
         if rollback and rollback.rollback:
             if rollback.published_version is not None:
                 lines.append(

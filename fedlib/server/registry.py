@@ -10,22 +10,32 @@ Publishing writes the files once under ``packages/v00000002/`` (the server's arc
 and publishes them as TUF targets (:mod:`fedlib.trust.channel_repository`): the
 channel's signed metadata names the active version, defeats replays of old versions,
 freezes and mixed files, and is what devices follow. Versions only go up.
+
+The channel's verified targets metadata is also the server's only list of versions: a
+version exists when the signed targets name its manifest, and a read checks every file
+against the signed length and SHA-256 before the package signature. Anything else in the
+bucket (junk under ``packages/``, a signed package copied under another number) is
+ignored by reads and reported by :meth:`ModelRegistry.integrity`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
+import re
 from collections.abc import Mapping
 
 from cryptography.hazmat.primitives.asymmetric import ec, mldsa
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import TargetFile, Targets
 
-from fedlib.crypto import pq_signing, signing
+from fedlib.crypto import pq_signing
 from fedlib.errors import ObjectExists, VerificationError
 from fedlib.models.package import ModelPackage
-from fedlib.storage.store import NoSuchKey, ObjectStore
+from fedlib.server.records import IntegrityWarning, ModelsIntegrity
+from fedlib.storage.store import NoSuchKey, ObjectStore, ObjectTooLarge
+from fedlib.trust.channel_layout import VERSIONED_RE, manifest_path, target_path
 from fedlib.trust.channel_repository import ChannelKeys, ChannelRepository
 from fedlib.trust.package import (
-    MAX_FILE_BYTES,
     PACKAGE_FILES,
     PQ_SIGNATURE_FILE,
     SIGNATURE_FILE,
@@ -33,6 +43,53 @@ from fedlib.trust.package import (
     sign_package,
     verify_package_files,
 )
+
+logger = logging.getLogger(__name__)
+
+_ARCHIVE_RE = re.compile(r"^packages/v([0-9]{8})/([^/]+)$")
+_HASHED_RE = re.compile(r"^([0-9a-f]{64})\.([^/]+)$")
+
+
+def _integrity_problem(
+    key: str,
+    size: int,
+    listed: Mapping[str, TargetFile],
+    root_version: int,
+    channel: ChannelRepository,
+) -> str | None:
+    """Why ``key`` is not vouched for by the verified channel (None: it is)."""
+    layout = channel.layout
+    if key.startswith("packages/"):
+        match = _ARCHIVE_RE.match(key)
+        info = listed.get(target_path(int(match.group(1)), match.group(2))) if match else None
+        if info is None:
+            return "no signed version names this file (junk or a renumbered copy): ignored"
+        if size != info.length:
+            return f"{size} bytes, the signed target has {info.length}: tampered copy, ignored"
+        return None
+    if key.startswith(layout.metadata_prefix):
+        name = key[len(layout.metadata_prefix) :]
+        versioned = VERSIONED_RE.match(name)
+        if name == "timestamp.json" or (versioned and versioned.group(2) != "root"):
+            return None  # verified (or skipped, logged) when the channel loads
+        if versioned and int(versioned.group(1)) <= root_version:
+            return None
+        if versioned:
+            return f"root v{versioned.group(1)} is not signed by the root chain: ignored"
+        return "not channel metadata: ignored"
+    if key.startswith(layout.targets_prefix):
+        folder, _, leaf = key[len(layout.targets_prefix) :].rpartition("/")
+        hashed = _HASHED_RE.match(leaf)
+        info = None
+        if hashed:
+            info = listed.get(f"{folder}/{hashed.group(2)}" if folder else hashed.group(2))
+        if hashed is None or info is None:
+            return "no signed target has this path: ignored"
+        changed = info.hashes.get("sha256") != hashed.group(1) or size != info.length
+        if changed and re.match(r"^v[0-9]{8}[./]", info.path):  # a version never changes
+            return "not the signed content of this version's file: ignored"
+        return None  # an earlier active marker or device config: channel history
+    return "outside packages/ and the channel: ignored"
 
 
 class ModelRegistry:
@@ -66,7 +123,7 @@ class ModelRegistry:
             files[PQ_SIGNATURE_FILE] = pq_signing.sign_files(package.files(), self.pq_signing_key)
         try:
             existing = self.read_version(package.version)
-        except NoSuchKey:
+        except NoSuchKey:  # the channel does not name this version: not published
             existing = None
         if existing is not None and existing.digest() != package.digest():
             raise ObjectExists(f"version {package.version} exists with different content")
@@ -75,9 +132,15 @@ class ModelRegistry:
             for name in (*PACKAGE_FILES, *sorted(set(files) - set(PACKAGE_FILES))):
                 try:
                     self.store.put(prefix + name, files[name], if_absent=True)
-                except ObjectExists:  # a crashed earlier publish of the same version
+                except ObjectExists:
                     if self.store.get(prefix + name) != files[name]:
-                        raise
+                        # No signed metadata names this version, so whatever sits in
+                        # its archive folder is junk (or a renumbered copy): replace it.
+                        logger.warning(
+                            "registry: %s held bytes no channel metadata names; replaced",
+                            prefix + name,
+                        )
+                        self.store.put(prefix + name, files[name])
         custom = {
             "rollback_of": package.metadata.rollback_of,
             "parent_version": package.metadata.parent_version,
@@ -90,30 +153,93 @@ class ModelRegistry:
         return self.channel.status().active_version
 
     def versions(self) -> list[int]:
-        found = set()
-        for info in self.store.list("packages/"):
-            part = info.key.split("/")[1]
-            if part.startswith("v") and part[1:].isdigit():
-                found.add(int(part[1:]))
-        return sorted(found)
+        """Published versions, oldest first, as the verified channel metadata lists them
+        (never a bucket listing: bucket write access is not publishing power)."""
+        return list(self.channel.status().versions)
 
-    def read_files(self, version: int) -> dict[str, bytes]:
-        prefix = package_prefix(version)
-        signature = self.store.get(prefix + SIGNATURE_FILE, max_bytes=signing.MAX_BUNDLE_BYTES)
-        files = {
-            name: self.store.get(prefix + name, max_bytes=MAX_FILE_BYTES) for name in PACKAGE_FILES
-        }
-        out = {**files, SIGNATURE_FILE: signature}
-        with contextlib.suppress(NoSuchKey):  # versions without the hybrid signature
-            out[PQ_SIGNATURE_FILE] = self.store.get(
-                prefix + PQ_SIGNATURE_FILE, max_bytes=pq_signing.MAX_BYTES
-            )
+    def next_version(self) -> int:
+        """The number the next publish takes: one above every version the channel names."""
+        status = self.channel.status()
+        return max((*status.versions, status.active_version or 0), default=0) + 1
+
+    def read_files(self, version: int, targets: Targets | None = None) -> dict[str, bytes]:
+        """A version's files, each matching the length and SHA-256 the signed targets give.
+
+        Each file is read from the channel's content-addressed copy, else from the
+        ``packages/`` archive: either copy that matches the signed hash is authentic, so
+        one tampered copy is logged and read around. NoSuchKey: the channel does not
+        name ``version``."""
+        listed = (targets or self.channel.targets()).targets
+        manifest = listed.get(manifest_path(version))
+        if manifest is None:
+            raise NoSuchKey(package_prefix(version), f"the channel names no version {version}")
+        custom = manifest.custom if isinstance(manifest.custom, dict) else {}
+        names = custom.get("files")
+        if not isinstance(names, list) or not names:
+            raise VerificationError(f"the manifest of version {version} lists no files")
+        out: dict[str, bytes] = {}
+        for name in names:
+            info = listed.get(target_path(version, str(name)))
+            if info is None:
+                raise VerificationError(f"version {version}: {name} is not a signed target")
+            out[str(name)] = self._read_target(info, package_prefix(version) + str(name))
         return out
 
-    def read_version(self, version: int) -> ModelPackage:
-        return verify_package_files(
-            self.read_files(version), self.trusted, expected_version=version
+    def _read_target(self, info: TargetFile, archive_key: str) -> bytes:
+        problems = []
+        for key in (self.channel.layout.target_key(info), archive_key):
+            try:
+                data = self.store.get(key, max_bytes=info.length)
+                info.verify_length_and_hashes(data)
+                return data
+            except NoSuchKey:
+                problems.append(f"{key} missing")
+            except (tuf_exc.LengthOrHashMismatchError, ObjectTooLarge) as exc:
+                problems.append(f"{key}: {exc}")
+                logger.warning("registry: %s does not match its signed target: %s", key, exc)
+        raise VerificationError(
+            f"no copy of {info.path} matches its signed hash: {'; '.join(problems)}"
         )
+
+    def read_version(self, version: int, targets: Targets | None = None) -> ModelPackage:
+        """A published version: signed target hashes first, then the package signature."""
+        return verify_package_files(
+            self.read_files(version, targets), self.trusted, expected_version=version
+        )
+
+    def integrity(self, *, limit: int = 20, scan: int = 10_000) -> ModelsIntegrity:
+        """Objects in the models bucket that no verified metadata names (first ``limit``
+        of them, within the first ``scan`` objects listed): the operator's warning.
+
+        Reads already ignore such objects; this says they are there. Rules: a
+        ``packages/vN/name`` object must be a signed target of version N with its
+        length; a ``tuf/targets/`` object must be a listed target path (a version's
+        file under its signed hash); ``tuf/metadata/`` holds only role metadata, and a
+        root above the verified chain is reported; nothing else belongs in the bucket.
+        """
+        status = self.channel.status()
+        listed = self.channel.targets().targets
+        found: list[IntegrityWarning] = []
+        total = scanned = 0
+        truncated = False
+        for obj in self.store.list(""):
+            if scanned >= scan:
+                truncated = True
+                break
+            scanned += 1
+            reason = _integrity_problem(
+                obj.key, obj.size, listed, status.root_version, self.channel
+            )
+            if reason is None:
+                continue
+            total += 1
+            if len(found) < limit:
+                found.append(IntegrityWarning(key=obj.key[:1024], reason=reason))
+        for warning in found:
+            logger.warning("models bucket integrity: %s: %s", warning.key, warning.reason)
+        if total > len(found):
+            logger.warning("models bucket integrity: %d more not shown", total - len(found))
+        return ModelsIntegrity(scanned=scanned, truncated=truncated, warnings=found, total=total)
 
     def read_active(self, *, min_version: int = 0) -> ModelPackage:
         """The active package, verified; refuses one older than ``min_version``."""

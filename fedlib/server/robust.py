@@ -146,6 +146,19 @@ class RobustAggregator:
         self._units.append(units)
         return units
 
+    def reweight(self, delta: DecodedDelta, units: int, new_units: int) -> None:
+        """Give the row that ``add(delta, units * 2**-16)`` kept the weight ``new_units``
+        (0: drop it): the reduce step's final weights (``aggregation.final_weights``)."""
+        row = delta.to_dense().astype(np.float32)
+        for i, (kept, kept_units) in enumerate(zip(self._rows, self._units, strict=True)):
+            if kept_units == units and np.array_equal(kept, row):
+                if new_units > 0:
+                    self._units[i] = new_units
+                else:
+                    del self._rows[i], self._units[i]
+                return
+        raise ValueError(f"no row of {units} weight units matches the delta")
+
     def merge(self, other: RobustAggregator) -> None:
         if other.dim != self.dim or other.config.robust != self.config.robust:
             raise ValueError("cannot merge rows of different shapes or methods")

@@ -191,7 +191,7 @@ def add_device_key(deployment: Deployment, client_id: str, public_key_pem: bytes
     fleet = deployment.load_fleet()
     if client_id not in fleet.client_ids():
         raise KeyError(f"{client_id} is not enrolled (or revoked): use enroll")
-    kid = fleet.enroll(client_id, public_key_pem)
+    kid = fleet.enroll(client_id, public_key_pem, add_key=True)
     deployment.save_fleet(fleet)
     return Rotation(f"device key of {client_id} added", None, kid)
 

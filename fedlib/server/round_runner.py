@@ -31,30 +31,40 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from fedlib.crypto import sealing
-from fedlib.errors import RejectedUpdate
+from fedlib.errors import RejectedUpdate, StoreError
 from fedlib.models.package import ModelPackage, weights_from_bytes
 from fedlib.server import privacy, robust, state_keys
-from fedlib.server.aggregation import AggregationConfig
+from fedlib.server.aggregation import (
+    AggregationConfig,
+    UpdateWeight,
+    final_weights,
+    single_threaded_blas,
+)
 from fedlib.server.deployment import Deployment, Holdout
 from fedlib.server.ledger import Ledger
 from fedlib.server.records import (
     AggregateResult,
     CandidateResult,
     Decision,
+    DeviceShare,
     Evaluation,
     IntervalRecord,
     Metrics,
     PrivacyCharge,
     PrivacyRecord,
     PrivacySummary,
+    QuarantineStub,
+    QuarantineSweep,
     Record,
     ReplayCheck,
     RollbackDecision,
     RoundPlan,
     RoundReport,
+    RoundWeights,
     ShardKeys,
     ShardResult,
     ShardVerdicts,
+    UnrecordedVerdicts,
     Verdict,
 )
 from fedlib.server.rounds import (
@@ -62,6 +72,8 @@ from fedlib.server.rounds import (
     RoundInputs,
     aggregate_objects,
     build_candidate,
+    open_and_validate,
+    summed_delta,
     unclipped_counts,
 )
 from fedlib.server.state_keys import RunKeys
@@ -302,9 +314,11 @@ def plan_round(
     settings = deployment.settings
     limit = max_updates or settings.max_batch
     size = shard_size or settings.shard_size
-    base_version = deployment.registry().active_version()
+    registry = deployment.registry()
+    base_version = registry.active_version()
     if base_version is None:
         raise NoSuchKey("channel/active.json", "no model published: run fl-admin init")
+    registry.integrity()  # logs what the signed channel does not name; reads ignore it
     deferred = Counter[str]()
     groups: list[_Group] = []
     cap = settings.max_objects_per_device
@@ -601,7 +615,14 @@ def load_verdicts(deployment: Deployment, run_id: str) -> list[Verdict]:
 
 
 def reduce_round(deployment: Deployment, run_id: str) -> AggregateResult:
-    """Merge the shards' partial sums (exact integer addition: order does not matter)."""
+    """Merge the shards' partial sums (exact integer addition: order does not matter),
+    then give every accepted update its final weight (:func:`final_weights`: counts
+    clipped to the round's cap, each device's share capped) and correct the sum.
+
+    Only updates whose weight changes are re-read (from the shard's archive pack, the
+    bytes the shard accepted) and re-derived with the shard's own :func:`summed_delta`;
+    the correction is exact, so the aggregate is the one summing with the final weights
+    would give, and a replay recomputes the same bytes."""
     plan = load_plan(deployment, run_id)
     keys = RunKeys(run_id)
     base = deployment.registry().read_version(plan.base_version)
@@ -610,9 +631,92 @@ def reduce_round(deployment: Deployment, run_id: str) -> AggregateResult:
     for index in range(plan.shard_count):
         data = deployment.state.get(keys.shard_partial(index))
         total.merge(aggregator_from_bytes(data, aggregation))
+
+    def accepted() -> Iterator[tuple[int, UpdateWeight]]:  # one shard's verdicts at a time
+        for index, verdicts in enumerate(shard_verdicts(deployment, run_id, plan)):
+            for verdict in verdicts:
+                if verdict.accepted:
+                    yield index, _update_weight(verdict, plan.base_version)
+
+    policy = final_weights(lambda: (u for _, u in accepted()), aggregation)
+    inputs: RoundInputs | None = None
+    reweighted = 0
+    with single_threaded_blas():
+        for index, verdicts in enumerate(shard_verdicts(deployment, run_id, plan)):
+            todo = []  # this shard's updates whose weight changes (bounded by the shard)
+            for verdict in verdicts:
+                if verdict.accepted:
+                    update = _update_weight(verdict, plan.base_version)
+                    if (units := policy.units(update)) != update.units:
+                        todo.append((update, units))
+            if not todo:
+                continue
+            inputs = inputs or round_inputs(deployment, base, plan.holdout_version)
+            pack = unpack_envelopes(deployment.state.get(RunKeys(plan.shard_run).archive(index)))
+            for update, units in todo:
+                opened = open_and_validate(update.key, pack[update.key], inputs)
+                delta, _ = summed_delta(opened, inputs)
+                total.reweight(delta, update.units, units)
+            reweighted += len(todo)
+    put_record(
+        deployment,
+        keys.weights,
+        RoundWeights(
+            devices=[
+                DeviceShare(
+                    client_id=d.client_id,
+                    accepted=d.accepted,
+                    weight_share=d.share,
+                    clipped=d.clipped,
+                    capped=d.capped,
+                )
+                for d in policy.devices
+            ],
+            count_cap=policy.count_cap,
+            max_device_share=aggregation.max_device_share,
+            equal_weights=policy.equal_weights,
+            reweighted=reweighted,
+        ),
+    )
     blob = total.to_bytes()
     deployment.state.put(keys.aggregate, blob)
     return AggregateResult(count=total.count, digest=hashlib.sha256(blob).hexdigest())
+
+
+def _update_weight(verdict: Verdict, base_version: int) -> UpdateWeight:
+    """An accepted verdict as the weight policy's input (its fields are server facts,
+    but for the self-reported count the policy clips)."""
+    if (
+        verdict.client_id is None
+        or verdict.num_samples is None
+        or verdict.base_version is None
+        or not verdict.weight_units
+    ):
+        raise ValueError(f"accepted verdict of {verdict.key} lacks its weight fields")
+    return UpdateWeight(
+        key=verdict.key,
+        client_id=verdict.client_id,
+        num_samples=verdict.num_samples,
+        staleness=base_version - verdict.base_version,
+        units=verdict.weight_units,
+    )
+
+
+def load_round_weights(deployment: Deployment, run_id: str) -> RoundWeights | None:
+    """The reduce step's per-device weights (None: the step did not run, or predates them)."""
+    return find_record(deployment, RunKeys(run_id).weights, RoundWeights)
+
+
+def weight_report_fields(weights: RoundWeights | None) -> dict[str, Any]:
+    """The round report's per-device counts and shares, and the largest share."""
+    if weights is None:
+        return {}
+    largest = weights.largest
+    return {
+        "devices": weights.devices,
+        "largest_weight_share": largest.weight_share if largest else None,
+        "largest_share_client": largest.client_id if largest else None,
+    }
 
 
 def load_momentum(deployment: Deployment, version: int) -> np.ndarray | None:
@@ -638,7 +742,7 @@ def build_round_candidate(deployment: Deployment, run_id: str) -> CandidateResul
     )
     if agg.count == 0:
         return None
-    version = plan.candidate_version or max(registry.versions()) + 1
+    version = plan.candidate_version or registry.next_version()
     dp, training = None, None
     if deployment.settings.dp_mode != "off":
         dp = round_privacy(deployment, plan, base, agg.count)
@@ -795,11 +899,33 @@ def evaluate(
     holdout = holdout or deployment.load_holdout()
     from fedlib.models.evaluation import evaluate_onnx
 
-    return evaluate_onnx(package.onnx_bytes, holdout.features, holdout.labels)
+    return evaluate_onnx(package.onnx_bytes, holdout.features, holdout.labels, holdout.classes)
+
+
+#: Published versions whose per-class detection the gate compares a candidate with.
+CLASS_REFERENCE_VERSIONS = 20
+
+
+def recent_class_reference(
+    deployment: Deployment, holdout: Holdout, active: ScoredMetrics
+) -> dict[str, float] | None:
+    """The best per-class detection of the active model and the last
+    :data:`CLASS_REFERENCE_VERSIONS` published versions on ``holdout`` (None: the
+    holdout names no classes). A window, not the active model alone, so that a class
+    eroded a little per round still meets the tolerance as a whole."""
+    if holdout.classes is None:
+        return None
+    from fedlib.models.evaluation import class_reference
+
+    registry = deployment.registry()
+    recent = [active]
+    for version in registry.versions()[-CLASS_REFERENCE_VERSIONS:]:
+        recent.append(evaluate(deployment, registry.read_version(version), holdout))
+    return class_reference(recent)
 
 
 def _metrics(scored: ScoredMetrics) -> Metrics:
-    return Metrics(**scored.as_dict())
+    return Metrics(**scored.as_dict(), class_detection=dict(scored.class_detection) or None)
 
 
 def evaluate_round(deployment: Deployment, run_id: str) -> Evaluation:
@@ -828,6 +954,8 @@ def evaluate_round(deployment: Deployment, run_id: str) -> Evaluation:
             active,
             tolerance=deployment.settings.auc_tolerance,
             floor=deployment.settings.auc_floor,
+            class_tolerance=deployment.settings.class_detection_tolerance,
+            class_reference=recent_class_reference(deployment, holdout, active),
         )
         candidate = _metrics(scored)
         if plan.replay_of:
@@ -876,7 +1004,7 @@ def publish_round(deployment: Deployment, run_id: str) -> int:
     candidate = load_candidate(deployment, run_id)
     final = ModelPackage(
         metadata=candidate.metadata.model_copy(
-            update={"metrics": evaluation.candidate.model_dump()}
+            update={"metrics": evaluation.candidate.model_dump(exclude={"class_detection"})}
         ),
         onnx_bytes=candidate.onnx_bytes,
         weights=candidate.weights,
@@ -944,6 +1072,7 @@ def finalize_round(
             ).hexdigest()
             candidate = load_candidate(deployment, run_id)
             fields["candidate_digest"], candidate_version = candidate.digest(), candidate.version
+        fields.update(weight_report_fields(load_round_weights(deployment, run_id)))
         report = RoundReport(
             **fields,
             accepted=accepted,
@@ -953,11 +1082,25 @@ def finalize_round(
         )
         if consume:
             ledger = Ledger(deployment.state)
+            unrecorded = UnrecordedVerdicts()
             with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="finalize") as pool:
                 for verdicts in shard_verdicts(deployment, run_id, plan):  # one shard in memory
                     # every verdict of the shard is written before any of its objects goes
-                    list(pool.map(lambda v: ledger.record(v, run_id=run_id), verdicts))
-                    delete_judged(deployment, verdicts, pool=pool)
+                    written, failed = record_verdicts(deployment, ledger, verdicts, run_id, pool)
+                    unrecorded = _merge_unrecorded(unrecorded, failed)
+                    delete_judged(deployment, written, pool=pool)
+            odd, failed = judge_unaddressable(deployment, run_id)
+            unrecorded = _merge_unrecorded(unrecorded, failed)
+            rejected_all = Counter(report.rejected)
+            rejected_all["malformed_name"] += odd
+            expired = expire_quarantine(deployment)
+            report = report.model_copy(
+                update={
+                    "rejected": dict(sorted((+rejected_all).items())),
+                    "unrecorded": unrecorded if unrecorded.count else None,
+                    "quarantine_expired": expired,
+                }
+            )
             if plan.interval_key and not plan.waiting:  # a waiting interval is not done
                 put_record(
                     deployment,
@@ -974,22 +1117,185 @@ def finalize_round(
     return report
 
 
+#: Key digests of unwritten verdicts a report lists (the count is exact).
+UNRECORDED_SAMPLE = 20
+
+
+def record_verdicts(
+    deployment: Deployment,
+    ledger: Ledger,
+    verdicts: list[Verdict],
+    run_id: str,
+    pool: ThreadPoolExecutor,
+) -> tuple[list[Verdict], list[tuple[Verdict, bool]]]:
+    """Write a shard's verdicts; (written ones, failed ones with "got unrecordable").
+
+    A verdict whose write fails with a store error does not stop the others: its object
+    stays in the inbox, and its attempt count (a state key from the digest of its name)
+    goes up. At ``verdict_write_attempts`` it gets an ``unrecordable`` verdict under a
+    digest key instead, with a bounded stub in quarantine, and its object goes. An
+    accepted verdict is in this round's sum already: it goes under the digest key at
+    once (as accepted), so a later round does not add the update again."""
+    settings = deployment.settings
+    limit = settings.verdict_write_attempts
+    stub_bytes = settings.quarantine_stub_bytes
+
+    def write(verdict: Verdict) -> tuple[Verdict, bool] | None:
+        try:
+            ledger.record(verdict, run_id=run_id)
+        except StoreError as exc:
+            error = str(exc)[:500]
+        else:
+            return None
+        try:
+            if verdict.accepted:  # already in this round's sum: never aggregate it again
+                ledger.record_fallback(verdict, run_id=run_id)
+                return verdict, True
+            if ledger.bump_attempts(verdict.key, error) < limit:
+                return verdict, False
+            digest = deployment.inbox.digest(
+                verdict.key, prefix_bytes=stub_bytes, hash_max=settings.quarantine_hash_max_bytes
+            )
+            stub = QuarantineStub(
+                key_sha256=state_keys.key_digest(verdict.key),
+                sha256=digest.sha256 or None,
+                size=digest.size,
+                prefix_hex=digest.prefix.hex(),
+                kept_because="unrecordable",
+                etag=digest.etag,
+            )
+            detail = f"verdict {verdict.reason or 'accepted'} unwritten in {limit} rounds: {error}"
+            ledger.record_unrecordable(verdict, run_id=run_id, detail=detail, stub=stub)
+        except StoreError:
+            return verdict, False  # stays in the inbox; the next round tries again
+        return verdict, True
+
+    outcomes = list(pool.map(write, verdicts))
+    failed = [o for o in outcomes if o is not None]
+    unwritten = {v.key for v, final in failed if not final}
+    return [v for v in verdicts if v.key not in unwritten], failed
+
+
+def _merge_unrecorded(
+    summary: UnrecordedVerdicts, failed: list[tuple[Verdict, bool]]
+) -> UnrecordedVerdicts:
+    sample = [*summary.sample]
+    for verdict, _ in failed:
+        if len(sample) < UNRECORDED_SAMPLE:
+            sample.append(state_keys.key_digest(verdict.key))
+    return UnrecordedVerdicts(
+        count=summary.count + len(failed),
+        sample=sample,
+        unrecordable=summary.unrecordable + sum(final for _, final in failed),
+    )
+
+
+#: Inbox objects with names the data path cannot address that one round judges.
+UNADDRESSABLE_PER_ROUND = 100
+
+
+def judge_unaddressable(
+    deployment: Deployment, run_id: str
+) -> tuple[int, list[tuple[Verdict, bool]]]:
+    """Judge inbox objects whose names object_store cannot address (a control character,
+    an empty segment, a trailing ``/``): the inbox listing skips them, so no plan holds
+    them. Each gets a ``malformed_name`` verdict under the digest of its name, a stub in
+    quarantine (streamed through the control plane), and is deleted; at most
+    :data:`UNADDRESSABLE_PER_ROUND` per round. Returns (judged, failed writes)."""
+    ledger = Ledger(deployment.state)
+    stub_bytes = deployment.settings.quarantine_stub_bytes
+    judged, failed = 0, []
+    for info in deployment.inbox.list_unaddressable("updates/", limit=UNADDRESSABLE_PER_ROUND):
+        try:
+            digest = deployment.inbox.digest_unaddressable(
+                info.key,
+                prefix_bytes=stub_bytes,
+                hash_max=deployment.settings.quarantine_hash_max_bytes,
+            )
+        except StoreError:
+            continue  # gone since the listing, or unreadable now: the next round looks again
+        verdict = Verdict(
+            key=info.key,
+            sha256=digest.sha256,
+            size=digest.size,
+            accepted=False,
+            reason="malformed_name",
+            detail="object key cannot be addressed (control character, empty segment or "
+            "trailing '/')",
+            etag=digest.etag,
+        )
+        stub = QuarantineStub(
+            key_sha256=state_keys.key_digest(info.key),
+            sha256=digest.sha256 or None,
+            size=digest.size,
+            prefix_hex=digest.prefix.hex(),
+            kept_because="unaddressable",
+            etag=digest.etag,
+        )
+        try:
+            ledger.keep_stub(verdict, stub)
+            ledger.record(verdict, run_id=run_id)
+        except StoreError:
+            failed.append((verdict, False))  # stays; the next round tries again
+            continue
+        deployment.inbox.delete_unaddressable(info.key)
+        judged += 1
+    return judged, failed
+
+
+def expire_quarantine(deployment: Deployment, *, now_ms: int | None = None) -> int:
+    """Delete quarantine objects older than ``quarantine_retention_days`` (by the store's
+    receipt time); the count deleted. Bounded per round: it scans at most
+    ``quarantine_expire_per_round`` objects from where the last round stopped, so a
+    large quarantine costs each round the same. Ledger entries stay: they are the
+    exactly-once record."""
+    settings = deployment.settings
+    limit = settings.quarantine_expire_per_round
+    if limit == 0:
+        return 0
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    cutoff = now - int(settings.quarantine_retention_days * 86_400_000)
+    cursor = find_record(deployment, state_keys.QUARANTINE_SWEEP, QuarantineSweep)
+    after = cursor.after if cursor else None
+    scanned, doomed, last = 0, [], None
+    for info in deployment.state.list(state_keys.QUARANTINE, start_after=after, limit=limit):
+        scanned, last = scanned + 1, info.key
+        if info.last_modified_ms and info.last_modified_ms < cutoff:
+            doomed.append(info.key)
+    for key in doomed:
+        deployment.state.delete(key)
+    # a short page means the end of the quarantine: start over next round
+    put_record(
+        deployment,
+        state_keys.QUARANTINE_SWEEP,
+        QuarantineSweep(after=last if scanned >= limit else None),
+    )
+    return len(doomed)
+
+
 def load_report(deployment: Deployment, run_id: str) -> RoundReport | None:
     return find_record(deployment, RunKeys(run_id).report, RoundReport)
 
 
 class JudgedBytesKeeper:
-    """Keep exactly the bytes that were rejected: in quarantine, oversized ones copied
-    server-side (never read); accepted ones go into the shard's archive pack.
-    Content-addressed and write-once, so a retry rewrites nothing and a client
-    overwriting its object changes nothing, and the writes may run in any order: up to
-    ``width`` at a time on threads, started as verdicts come in. :meth:`wait` returns once
-    every write is done and raises the first failure (in the order they were kept)."""
+    """Keep exactly the bytes that were rejected, bounded: in quarantine whole while the
+    device's quarantined bytes stay under ``quarantine_quota_bytes``, else (and for
+    oversized objects, never read whole: streamed from the inbox) as a stub with the
+    first bytes, the full SHA-256 and the size; accepted ones go into the shard's
+    archive pack. Content-addressed and write-once, so a retry rewrites nothing and a
+    client overwriting its object changes nothing, and the writes may run in any order:
+    up to ``width`` at a time on threads, started as verdicts come in. :meth:`wait`
+    returns once every write is done and raises the first failure (in the order they
+    were kept)."""
 
     def __init__(self, deployment: Deployment, ledger: Ledger, width: int | None = None) -> None:
         width = SHARD_IO_CONCURRENCY if width is None else width
         self._state = deployment.state
-        self._inbox_bucket = deployment.settings.inbox_bucket
+        self._inbox = deployment.inbox
+        self._quota = deployment.settings.quarantine_quota_bytes
+        self._stub_bytes = deployment.settings.quarantine_stub_bytes
+        self._hash_max = deployment.settings.quarantine_hash_max_bytes
+        self._used: dict[str, int] = {}  # quarantine prefix -> bytes (listed once, then kept)
         self._ledger = ledger
         self._pool = (
             ThreadPoolExecutor(width, thread_name_prefix="shard-keep") if width > 1 else None
@@ -1001,8 +1307,13 @@ class JudgedBytesKeeper:
         """Start keeping one judged object (``blob`` None: it was never read)."""
         if verdict.accepted:
             return  # accepted bytes go into the shard's archive pack (process_shard)
+        call: Callable[[], object]
         if blob is not None:
-            call = functools.partial(self._ledger.keep_rejected_bytes, verdict, blob)
+            if self._charge(verdict.key, len(blob)):
+                call = functools.partial(self._ledger.keep_rejected_bytes, verdict, blob)
+            else:
+                stub = self._stub(verdict, blob, "quarantine_quota")
+                call = functools.partial(self._ledger.keep_stub, verdict, stub)
         elif verdict.reason == "oversized":
             call = functools.partial(self._quarantine_unread, verdict)
         else:
@@ -1026,14 +1337,48 @@ class JudgedBytesKeeper:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _quarantine_unread(self, verdict: Verdict) -> None:
-        """Copy an object refused unread (oversized) into quarantine, server-side; a
-        failed copy raises and fails the shard, so finalize never deletes its bytes."""
-        self._state.copy(
-            verdict.key,
-            self._ledger.quarantine_key(verdict) + ".bin",
-            src_bucket=self._inbox_bucket,
+    def _charge(self, inbox_key: str, size: int) -> bool:
+        """Whether ``size`` more bytes fit the device's quota (then they are counted).
+
+        The device's usage is the listed size of its quarantine prefix (a server-side
+        fact), listed once per shard; shards running at once may each admit up to the
+        quota's remainder."""
+        prefix = state_keys.quarantine_owner_prefix(inbox_key)
+        if prefix not in self._used:
+            self._used[prefix] = sum(info.size for info in self._state.list(prefix))
+        if self._used[prefix] + size > self._quota:
+            return False
+        self._used[prefix] += size
+        return True
+
+    def _stub(self, verdict: Verdict, blob: bytes, because: str) -> QuarantineStub:
+        return QuarantineStub.model_validate(
+            {
+                "key_sha256": state_keys.key_digest(verdict.key),
+                "sha256": verdict.sha256 or hashlib.sha256(blob).hexdigest(),
+                "size": len(blob),
+                "prefix_hex": blob[: self._stub_bytes].hex(),
+                "kept_because": because,
+                "etag": verdict.etag or "",
+            }
         )
+
+    def _quarantine_unread(self, verdict: Verdict) -> None:
+        """Keep a stub of an object refused unread (oversized): streamed from the inbox
+        in bounded chunks for its SHA-256 and first bytes, never copied whole. A failed
+        read or write raises and fails the shard, so finalize never deletes its bytes."""
+        digest = self._inbox.digest(
+            verdict.key, prefix_bytes=self._stub_bytes, hash_max=self._hash_max
+        )
+        stub = QuarantineStub(
+            key_sha256=state_keys.key_digest(verdict.key),
+            sha256=digest.sha256 or None,
+            size=digest.size,
+            prefix_hex=digest.prefix.hex(),
+            kept_because="oversized",
+            etag=digest.etag,
+        )
+        self._ledger.keep_stub(verdict, stub)
 
 
 def keep_judged_bytes(
@@ -1100,7 +1445,7 @@ def delete_judged(
             last[client] = max(last.get(client, key), key)
     for client in sorted(last):
         for info in deployment.inbox.list(f"updates/{client}/"):
-            if info.key > last[client]:
+            if info.key.count("/") == 2 and info.key > last[client]:
                 break  # the plan took a device's first keys: the rest is not ours to read
             if info.key in judged and judged[info.key] == info.etag:
                 doomed.append(info.key)

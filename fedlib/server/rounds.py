@@ -97,6 +97,25 @@ def open_and_validate(key: str, blob: bytes, inputs: RoundInputs) -> AcceptedUpd
     return AcceptedUpdate(header=header, meta=meta, delta=delta, weight=weight, staleness=staleness)
 
 
+def summed_delta(
+    update: AcceptedUpdate, inputs: RoundInputs
+) -> tuple[compression.DecodedDelta, float]:
+    """What enters the sum for an accepted update, and with which weight: central DP's
+    projection (weight 1), FLTrust's cap and trust factor. One function, used by the
+    shards and by the reduce step's reweighting, so both see the same delta."""
+    delta, weight = update.delta, update.weight
+    if inputs.aggregation.dp_mode != "off":  # a plain sum of bounded deltas
+        delta, weight = dp_project(delta, inputs.aggregation), 1.0
+    if inputs.aggregation.robust == "fltrust":
+        if inputs.reference is None:
+            raise ValueError("fltrust aggregation needs RoundInputs.reference")
+        delta, trust = robust.trusted(delta, inputs.reference)
+        weight *= trust
+        if weight < MIN_WEIGHT:
+            raise RejectedUpdate("distrusted", f"trust {trust:.2g} leaves no weight")
+    return delta, weight
+
+
 def aggregate_objects(
     objects: Iterable[tuple[str, bytes]],
     inputs: RoundInputs,
@@ -167,16 +186,7 @@ def aggregate_objects(
                 pair = (update.header.client_id, update.header.update_id)
                 if pair in seen:
                     raise RejectedUpdate("replay", f"update {pair[1]} was already processed")
-                delta, weight = update.delta, update.weight
-                if inputs.aggregation.dp_mode != "off":  # a plain sum of bounded deltas
-                    delta, weight = dp_project(delta, inputs.aggregation), 1.0
-                if inputs.aggregation.robust == "fltrust":
-                    if inputs.reference is None:
-                        raise ValueError("fltrust aggregation needs RoundInputs.reference")
-                    delta, trust = robust.trusted(delta, inputs.reference)
-                    weight *= trust
-                    if weight < MIN_WEIGHT:
-                        raise RejectedUpdate("distrusted", f"trust {trust:.2g} leaves no weight")
+                delta, weight = summed_delta(update, inputs)
                 admit(delta, weight, inputs.base.metadata.num_params, inputs.aggregation)
             except RejectedUpdate as exc:
                 emit(Verdict(**common, accepted=False, reason=exc.reason, detail=exc.detail))

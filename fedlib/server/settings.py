@@ -53,11 +53,45 @@ class ServerSettings(BaseModel):
     max_objects_per_device: int = Field(
         16, ge=1, description="Most inbox objects one device (or the junk group) gets per round."
     )
+    quarantine_quota_bytes: int = Field(
+        64 << 20,
+        ge=0,
+        description="Quarantined bytes kept whole per device; beyond it, stubs (prefix, "
+        "SHA-256, size).",
+    )
+    quarantine_stub_bytes: int = Field(
+        4096, ge=0, le=65536, description="Leading bytes a quarantine stub keeps."
+    )
+    quarantine_hash_max_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="Largest unread object a quarantine stub hashes whole (larger: prefix "
+        "and size only).",
+    )
+    quarantine_retention_days: float = Field(
+        30, gt=0, description="Quarantine objects older than this are deleted by a round."
+    )
+    quarantine_expire_per_round: int = Field(
+        1000, ge=0, description="Most expired quarantine objects one round deletes."
+    )
+    verdict_write_attempts: int = Field(
+        3,
+        ge=1,
+        description="Rounds that may fail to write an object's verdict before it gets an "
+        "'unrecordable' one under a digest key.",
+    )
     model_kind: str = Field("autoencoder", description="Model kind of version 1.")
     auc_tolerance: float = Field(
         0.01, ge=0, description="Gate: candidate AUC may trail the active model by this much."
     )
     auc_floor: float = Field(0.6, ge=0, le=1, description="Gate: never publish below this AUC.")
+    class_detection_tolerance: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Gate, when the holdout names anomaly classes: the candidate may detect "
+        "each class's rows by at most this much less than the active model.",
+    )
     threshold_quantile: float = Field(
         0.99, gt=0, lt=1, description="Benign-score quantile that becomes the flag threshold."
     )
@@ -84,6 +118,21 @@ class ServerSettings(BaseModel):
     )
     trim_fraction: float = Field(
         0.2, ge=0, lt=0.5, description="Update weight the trimmed mean drops at each end."
+    )
+    max_device_weight_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Largest share of a round's weight one device's updates may carry "
+        "(water-filling in the reduce step); with fewer devices than 1/share every device "
+        "weighs the same. 1 = no cap.",
+    )
+    count_cap_factor: float = Field(
+        4.0,
+        ge=0,
+        le=2**20,
+        description="Self-reported sample counts are clipped to this times the lower "
+        "median of the round's per-device counts (0 = only the fixed 65536 cap).",
     )
     dp_mode: Literal["off", "central", "local"] = Field(
         "off",
@@ -175,6 +224,8 @@ class ServerSettings(BaseModel):
             local_batch_size=0 if exact else int((model_spec or {}).get("batch_size", 0)),
             robust="none" if exact else self.robust_aggregation,
             trim_fraction=self.trim_fraction,
+            max_device_share=self.max_device_weight_share,
+            count_cap_factor=self.count_cap_factor,
             dp_mode="off" if exact else self.dp_mode,
             dp_clip=min(self.dp_clip_norm, self.norm_bound),  # the base's C replaces it
         )

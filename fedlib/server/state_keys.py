@@ -29,12 +29,25 @@ QUARANTINE = "quarantine/"
 FLEET = "fleet/fleet.json"
 HOLDOUT = "holdout/"
 HOLDOUT_POINTER = "holdout/current.json"
-#: Ledger names of inbox keys outside the ``updates/<client>/<update id>`` grammar.
+ROLLBACKS = "rollbacks/"
+#: The operator's newest rollback while it pins the active version (absent: no pin).
+ROLLBACK_PIN = "rollbacks/pin.json"
+#: Ledger names of inbox keys outside the ``updates/<client>/<update id>`` grammar whose
+#: second segment is no client id either.
 OTHER = "_other/"
+#: Under a device's own ledger/quarantine prefix: its objects whose name does not parse.
+NAME = "_name/"
+#: Verdicts that could not be written under their own key after the allowed attempts.
+UNRECORDABLE = "_unrecordable/"
+#: Per inbox object (by digest of its key): how often its verdict failed to be written.
+VERDICT_ATTEMPTS = "verdict-attempts/"
+#: Where the quarantine retention sweep resumes.
+QUARANTINE_SWEEP = "sweeps/quarantine.json"
 
 _JSON = ".json"
 _REASON = ".reason.json"
 _BYTES = ".bin"
+_STUB = ".stub.json"
 
 
 def safe_segment(value: str) -> str:
@@ -78,6 +91,11 @@ class RunKeys:
     @property
     def aggregate(self) -> str:
         return self.prefix + "aggregate.bin"
+
+    @property
+    def weights(self) -> str:
+        """The reduce step's final per-device weights (``records.RoundWeights``)."""
+        return self.prefix + "weights.json"
 
     def candidate(self, name: str) -> str:
         """A candidate package file (``model.onnx``, ``weights.bin``, ``metadata.json``)
@@ -141,13 +159,29 @@ def parse_privacy_charge(key: str) -> tuple[str, list[float]] | None:
 # -- ledger and quarantine ------------------------------------------------------------------
 
 
+def key_digest(inbox_key: str) -> str:
+    """SHA-256 of an inbox key: the bounded name of any key (S3 keys are any UTF-8)."""
+    return hashlib.sha256(inbox_key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def inbox_owner(inbox_key: str) -> str | None:
+    """The device whose prefix holds ``inbox_key`` (``updates/<client id>/...``), if any."""
+    parts = inbox_key.split("/", 2)
+    if len(parts) == 3 and parts[0] == "updates" and protocol.is_client_id(parts[1]):
+        return parts[1]
+    return None
+
+
 def ledger_name(inbox_key: str) -> str:
     """The ledger's name for an inbox key: ``<client>/<update id>`` when the key follows
-    the inbox grammar, else ``_other/<sha256 of the key>`` (bounded, never device text)."""
+    the inbox grammar, else ``<client>/_name/<sha256 of the key>`` under its device's
+    prefix, else ``_other/<sha256>`` (bounded, never device text)."""
     try:
         client_id, update_id = protocol.parse_inbox_key(inbox_key)
     except RejectedUpdate:
-        return OTHER + hashlib.sha256(inbox_key.encode()).hexdigest()
+        owner = inbox_owner(inbox_key)
+        digest = key_digest(inbox_key)
+        return f"{owner}/{NAME}{digest}" if owner else OTHER + digest
     return f"{client_id}/{update_id}"
 
 
@@ -155,16 +189,25 @@ def ledger_entry(inbox_key: str) -> str:
     return f"{LEDGER}{ledger_name(inbox_key)}{_JSON}"
 
 
+def ledger_fallback(inbox_key: str) -> str:
+    """Where an object's ``unrecordable`` verdict goes when its own key cannot be written."""
+    return f"{LEDGER}{UNRECORDABLE}{key_digest(inbox_key)}{_JSON}"
+
+
+def verdict_attempts(inbox_key: str) -> str:
+    return f"{VERDICT_ATTEMPTS}{key_digest(inbox_key)}{_JSON}"
+
+
 def ledger_client_prefix(client_id: str | None = None) -> str:
     return LEDGER + (f"{client_id}/" if client_id else "")
 
 
 def inbox_key_of_ledger_entry(key: str) -> str | None:
-    """The inbox key a ledger entry is about (None for ``_other/`` entries and non-entries)."""
+    """The inbox key a ledger entry is about (None for digest-named entries and non-entries)."""
     if not key.startswith(LEDGER) or not key.endswith(_JSON):
         return None
     name = key[len(LEDGER) : -len(_JSON)]
-    if name.startswith(OTHER):
+    if name.startswith((OTHER, UNRECORDABLE)):
         return None
     inbox = "updates/" + name
     try:
@@ -172,6 +215,12 @@ def inbox_key_of_ledger_entry(key: str) -> str | None:
     except RejectedUpdate:
         return None
     return inbox
+
+
+def quarantine_owner_prefix(inbox_key: str) -> str:
+    """The quarantine prefix a device's quota counts (``_other/`` for unowned keys)."""
+    owner = inbox_owner(inbox_key)
+    return f"{QUARANTINE}{owner}/" if owner else QUARANTINE + OTHER
 
 
 def quarantine_base(inbox_key: str, sha256: str | None) -> str:
@@ -185,6 +234,15 @@ def quarantine_bytes(inbox_key: str, sha256: str | None) -> str:
 
 def quarantine_reason(inbox_key: str, sha256: str | None) -> str:
     return quarantine_base(inbox_key, sha256) + _REASON
+
+
+def quarantine_stub(inbox_key: str, sha256: str | None) -> str:
+    """A bounded stand-in for bytes not kept whole (oversized, or over the device's quota)."""
+    return quarantine_base(inbox_key, sha256) + _STUB
+
+
+def quarantine_unrecordable(inbox_key: str) -> str:
+    return f"{QUARANTINE}{UNRECORDABLE}{key_digest(inbox_key)}{_STUB}"
 
 
 def is_quarantine_reason(key: str) -> bool:
@@ -205,3 +263,11 @@ def holdout_data(version: int) -> str:
 
 def holdout_pointer(version: int) -> str:
     return f"{HOLDOUT}v{version:06d}.json"
+
+
+# -- rollbacks --------------------------------------------------------------------------------
+
+
+def rollback_action(version: int) -> str:
+    """Who made rollback version ``version``, from which run, and why."""
+    return f"{ROLLBACKS}v{version:08d}.json"

@@ -52,6 +52,12 @@ verbatim, and the export is refused if that expires before the requested days.
 Replay of an *older* bundle is stopped by the device's installed version
 (``installed_version``), not by TUF state, because each verification starts from the
 pinned root alone.
+
+Bounded memory. A device may be small and the bundle hostile, so the verifier never
+holds the bundle: it streams it (gzip inflated chunk by chunk, each member copied to a
+file under the work directory while hashed), enforces the size limits from headers and
+as bytes arrive, and runs the TUF and signature checks over those files. Measured in
+``tests/test_airgap.py``: a gzip bomb costs the device well under 64 MB of RSS.
 """
 
 from __future__ import annotations
@@ -67,11 +73,11 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, BinaryIO, Final
 
 from tuf.api.metadata import Metadata, Root, Targets
 
@@ -100,6 +106,13 @@ MAX_MANIFEST_BYTES: Final = 1024 * 1024
 MAX_MANIFEST_DEPTH: Final = 8
 TAR_RECORD: Final = tarfile.RECORDSIZE  # 10240: what tar(1) and Python pad archives to
 _END_OF_ARCHIVE: Final = 2 * tarfile.BLOCKSIZE
+# Most zero bytes a tar writer leaves after the last member: the end marker, then
+# padding to a whole record. More is refused as it arrives (a bomb of zeros).
+MAX_TAIL_BYTES: Final = _END_OF_ARCHIVE + TAR_RECORD
+CHUNK_BYTES: Final = 64 * 1024  # members are copied to disk this much at a time
+# The largest single read tarfile may make: a PAX or GNU long-name header is read whole.
+MAX_READ_BYTES: Final = 1024 * 1024
+_REPLAY_BYTES: Final = 2 * tarfile.BLOCKSIZE
 FILE_MODE: Final = 0o644
 ROLES: Final = ("root", "timestamp", "snapshot", "targets")
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
@@ -211,6 +224,11 @@ def verify_bundle(
     newer than ``installed_version``; the files' signed lengths and hashes; the OpenSSF
     signature with ``trusted_package_keys``. Raises :class:`BundleVerificationError`
     saying why otherwise. Installs nothing.
+
+    Memory stays bounded whatever the bundle holds or claims (a gzip bomb, a huge
+    declared size): the bundle is read once, inflated and copied member by member to
+    ``workdir`` in small chunks while hashed, and every limit holds as bytes arrive
+    (:func:`_spool_bundle`). So ``workdir`` needs up to ``max_bundle_bytes`` free.
     """
     if not trusted_package_keys:
         raise BundleVerificationError("signature", "no trusted package-signing keys are pinned")
@@ -252,15 +270,15 @@ def verify(
         raise ValueError(f"installed_version must be an int or None, got {installed_version!r}")
     clock = datetime.now(UTC)
     check_time = max(clock, utc(now)) if now is not None else clock
-    raw = _read_input(bundle, max_bundle_bytes)
-    bundle_sha256 = hashlib.sha256(raw).hexdigest()
-    tar = _gunzip(raw, max_bundle_bytes) if raw[:2] == b"\x1f\x8b" else raw
-    members = _read_tar(tar, max_bundle_bytes)
-    manifest = _check_manifest(members)
-
     workdir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="fl-bundle-", dir=workdir))
     try:
+        spool = staging / "members"
+        spool.mkdir()
+        with _open_input(bundle, max_bundle_bytes) as raw:
+            members = _spool_bundle(raw, max_bundle_bytes, spool)
+            bundle_sha256 = raw.hexdigest()
+        manifest = _check_manifest(members)
         repo_dir = staging / "channel"
         _unpack(repo_dir, members)
         client = ChannelClient(
@@ -330,40 +348,6 @@ def verify(
     )
 
 
-def _read_input(bundle: bytes | Path, cap: int) -> bytes:
-    """The bundle's bytes, refusing more than ``cap`` before reading them."""
-    if isinstance(bundle, bytes | bytearray | memoryview):
-        data = bytes(bundle)
-        if len(data) > cap:
-            raise BundleVerificationError("too_large", f"{len(data)} bytes, limit {cap}")
-        return data
-    try:
-        with open(bundle, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size > cap:
-                raise BundleVerificationError("too_large", f"{bundle}: {size} bytes, limit {cap}")
-            data = fh.read(cap + 1)
-    except OSError as exc:
-        raise BundleVerificationError("malformed", f"cannot read {bundle}: {exc}") from None
-    if len(data) > cap:
-        raise BundleVerificationError("too_large", f"{bundle} grew past {cap} bytes")
-    return data
-
-
-def _gunzip(data: bytes, cap: int) -> bytes:
-    """Decompress at most ``cap`` bytes: a gzip bomb stops at the cap."""
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data)) as gz:
-            out = gz.read(cap + 1)  # short only at the end, after the CRC was checked
-    except EOFError as exc:
-        raise BundleVerificationError("truncated", f"the gzip stream is cut off: {exc}") from None
-    except (gzip.BadGzipFile, zlib.error, OSError) as exc:
-        raise BundleVerificationError("malformed", f"corrupt gzip stream: {exc}") from None
-    if len(out) > cap:
-        raise BundleVerificationError("too_large", f"decompresses to more than {cap} bytes")
-    return out
-
-
 def _member_problem(info: tarfile.TarInfo) -> str | None:
     """Why a tar member must not be extracted, or None when it is a plain file."""
     name = info.name
@@ -391,62 +375,247 @@ def _member_problem(info: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _read_tar(data: bytes, cap: int) -> dict[str, bytes]:
-    """Every member's bytes, by name, after refusing anything unsafe or incomplete."""
-    if len(data) < TAR_RECORD or len(data) % TAR_RECORD:
-        raise BundleVerificationError(
-            "truncated",
-            f"{len(data)} bytes is not a whole number of {TAR_RECORD}-byte tar records",
-        )
-    members: dict[str, bytes] = {}
+class _RawReader:
+    """The bundle's bytes as they are read: counted, hashed, refused past ``cap``.
+
+    Nothing is kept: the caller sees each chunk once, so memory does not grow with the
+    bundle, and the SHA-256 of the whole file is ready when the last byte was read.
+    """
+
+    def __init__(self, fh: BinaryIO, cap: int, name: str) -> None:
+        self._fh, self._cap, self._name = fh, cap, name
+        self._hash = hashlib.sha256()
+        self.count = 0
+        self._head = b""
+        self._head = self.read(2)  # peeked to tell gzip from tar, handed out again
+        self.gzipped = self._head == b"\x1f\x8b"
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            raise ValueError("unbounded read of an air-gap bundle")
+        head, self._head = self._head[:size], self._head[size:]
+        if len(head) == size:
+            return head
+        try:
+            data = self._fh.read(size - len(head))
+        except OSError as exc:
+            raise BundleVerificationError("malformed", f"cannot read {self._name}: {exc}") from None
+        self.count += len(data)
+        if self.count > self._cap:
+            raise BundleVerificationError(
+                "too_large", f"{self._name} is over {self._cap} bytes (it grew while read?)"
+            )
+        self._hash.update(data)
+        return head + data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Never used: gzip only seeks to rewind, and the bundle is read once."""
+        raise io.UnsupportedOperation("the bundle is read once, front to back")
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+@contextlib.contextmanager
+def _open_input(bundle: bytes | Path, cap: int) -> Iterator[_RawReader]:
+    """The bundle as a :class:`_RawReader`, refusing one over ``cap`` before reading it."""
+    if isinstance(bundle, bytes | bytearray | memoryview):
+        if len(bundle) > cap:
+            raise BundleVerificationError("too_large", f"{len(bundle)} bytes, limit {cap}")
+        yield _RawReader(io.BytesIO(bundle), cap, "the bundle")
+        return
+    try:
+        fh = open(bundle, "rb")  # noqa: SIM115 - closed below, after the size check
+    except OSError as exc:
+        raise BundleVerificationError("malformed", f"cannot read {bundle}: {exc}") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > cap:
+            raise BundleVerificationError("too_large", f"{bundle}: {size} bytes, limit {cap}")
+        yield _RawReader(fh, cap, str(bundle))
+
+
+class _TarStream:
+    """The (decompressed) tar as ``tarfile`` reads it, one bounded read at a time.
+
+    Forward-only, like a pipe: the bytes are never held, only counted, so inflation is
+    refused at ``cap`` as the bytes arrive, and no single read (a PAX or GNU long-name
+    header asks for its whole declared size at once) may exceed :data:`MAX_READ_BYTES`.
+    ``seek`` may go back over the last :data:`_REPLAY_BYTES` only: enough to look again
+    at the block where the archive ended.
+    """
+
+    def __init__(self, source: _RawReader | gzip.GzipFile, cap: int, compressed: bool) -> None:
+        self._source, self._cap, self._compressed = source, cap, compressed
+        self.pos = 0
+        self._replay = b""  # bytes handed out again after a seek back
+        self._recent = b""  # the last bytes handed out, for that seek back
+
+    def read(self, size: int = -1) -> bytes:
+        if not 0 <= size <= MAX_READ_BYTES:
+            raise BundleVerificationError(
+                "too_large",
+                f"a tar header near byte {self.pos} claims {size} bytes "
+                f"(limit {MAX_READ_BYTES}): a header bomb",
+            )
+        parts = [self._replay[:size]]
+        self._replay = self._replay[size:]
+        want = size - len(parts[0])
+        while want > 0:
+            chunk = self._source.read(min(want, CHUNK_BYTES))
+            if not chunk:
+                break
+            parts.append(chunk)
+            want -= len(chunk)
+            if self.pos + size - want > self._cap:
+                what = "decompresses to" if self._compressed else "holds"
+                raise BundleVerificationError("too_large", f"{what} more than {self._cap} bytes")
+        data = b"".join(parts)
+        self.pos += len(data)
+        self._recent = (self._recent + data)[-_REPLAY_BYTES:]
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET:
+            raise io.UnsupportedOperation("the bundle stream seeks to absolute offsets only")
+        back = self.pos - offset
+        if back > len(self._recent):
+            raise io.UnsupportedOperation(f"cannot seek back {back} bytes in the bundle stream")
+        if back > 0:
+            self._replay = self._recent[len(self._recent) - back :] + self._replay
+            self._recent = self._recent[: len(self._recent) - back]
+            self.pos = offset
+        while self.pos < offset and self.read(min(CHUNK_BYTES, offset - self.pos)):
+            pass
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def write(self, data: bytes) -> int:
+        raise io.UnsupportedOperation("the bundle stream is read-only")
+
+    def close(self) -> None:
+        """Nothing to release: the caller owns the source."""
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One member, copied to ``path`` on disk; its length and SHA-256 as it was copied."""
+
+    path: Path
+    length: int
+    sha256: str
+
+    def entry(self) -> dict[str, Any]:
+        return {"length": self.length, "sha256": self.sha256}
+
+
+def _spool_bundle(raw: _RawReader, cap: int, spool: Path) -> dict[str, _Member]:
+    """Every member copied to a file in ``spool``, by name, refusing anything unsafe.
+
+    Memory stays bounded whatever the bundle claims: gzip inflates chunk by chunk, each
+    member is copied in :data:`CHUNK_BYTES` pieces while hashed, and every size limit
+    (``cap`` in total and per member, :data:`MAX_MANIFEST_BYTES`, :data:`MAX_MEMBERS`,
+    :data:`MAX_READ_BYTES` per header) holds from the header or as bytes arrive, never
+    after inflating. A failing disk write is the device's problem, not the bundle's:
+    it surfaces as the ``OSError`` it is.
+    """
+    gz = gzip.GzipFile(fileobj=raw, mode="rb") if raw.gzipped else None
+    stream = _TarStream(gz or raw, cap, compressed=gz is not None)
+    members: dict[str, _Member] = {}
     total = 0
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            while (info := tar.next()) is not None:
-                if len(members) >= MAX_MEMBERS:
-                    raise BundleVerificationError("too_large", f"more than {MAX_MEMBERS} members")
-                problem = _member_problem(info)
-                if problem:
-                    raise BundleVerificationError("unsafe", problem)
-                if info.name in members:
-                    raise BundleVerificationError("unsafe", f"member {info.name!r} appears twice")
-                if not 0 <= info.size <= cap - total:
-                    raise BundleVerificationError(
-                        "too_large", f"member {info.name!r} would pass the {cap}-byte limit"
-                    )
-                fh = tar.extractfile(info)
-                content = fh.read(info.size + 1) if fh is not None else b""
-                if len(content) != info.size:
-                    raise BundleVerificationError("truncated", f"member {info.name!r} is cut off")
-                members[info.name] = content
-                total += info.size
-            end = tar.offset
+        tar = tarfile.TarFile(fileobj=stream, mode="r")
+        while (info := tar.next()) is not None:
+            if len(members) >= MAX_MEMBERS:
+                raise BundleVerificationError("too_large", f"more than {MAX_MEMBERS} members")
+            problem = _member_problem(info)
+            if problem:
+                raise BundleVerificationError("unsafe", problem)
+            if info.name in members:
+                raise BundleVerificationError("unsafe", f"member {info.name!r} appears twice")
+            if not 0 <= info.size <= cap - total:
+                raise BundleVerificationError(
+                    "too_large", f"member {info.name!r} would pass the {cap}-byte limit"
+                )
+            if info.name == MANIFEST and info.size > MAX_MANIFEST_BYTES:
+                raise BundleVerificationError(
+                    "too_large", f"{MANIFEST} is over {MAX_MANIFEST_BYTES} bytes"
+                )
+            fh = tar.extractfile(info)
+            if fh is None:  # not reached: only regular files pass _member_problem
+                raise BundleVerificationError("unsafe", f"member {info.name!r} has no content")
+            members[info.name] = _copy_member(fh, spool / f"{len(members):05d}", info)
+            total += info.size
+        end = tar.offset
+        _check_tail(stream, end)
+        if raw.read(1):  # not reached today: gzip reads to the end of its input
+            raise BundleVerificationError("malformed", "data after the end of the bundle")
     except BundleVerificationError:
         raise
+    except EOFError as exc:  # gzip ran out before its end marker
+        raise BundleVerificationError("truncated", f"the gzip stream is cut off: {exc}") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise BundleVerificationError("malformed", f"corrupt gzip stream: {exc}") from None
     except tarfile.ReadError as exc:
         reason = "truncated" if "end of data" in str(exc) else "malformed"
         raise BundleVerificationError(reason, f"not a complete tar file: {exc}") from None
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except (tarfile.TarError, ValueError, io.UnsupportedOperation) as exc:
         raise BundleVerificationError("malformed", f"not a valid tar file: {exc}") from None
-    tail = data[end:]
-    if len(tail) < _END_OF_ARCHIVE:
-        raise BundleVerificationError("truncated", "the tar end-of-archive marker is missing")
-    if tail.count(0) != len(tail):
-        raise BundleVerificationError(
-            "malformed", f"unreadable data at byte {end} (a corrupted tar header?)"
-        )
     if not members:
         raise BundleVerificationError("malformed", "the tar file is empty")
     return members
 
 
-def _check_manifest(members: Mapping[str, bytes]) -> _Manifest:
+def _copy_member(fh: IO[bytes], path: Path, info: tarfile.TarInfo) -> _Member:
+    """Copy one member's declared ``info.size`` bytes to a new file, hashing as it goes."""
+    digest = hashlib.sha256()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(path, flags, 0o600), "wb") as out:
+        left = info.size
+        while left:
+            chunk = fh.read(min(CHUNK_BYTES, left))
+            if not chunk:
+                raise BundleVerificationError("truncated", f"member {info.name!r} is cut off")
+            digest.update(chunk)
+            out.write(chunk)
+            left -= len(chunk)
+    return _Member(path=path, length=info.size, sha256=digest.hexdigest())
+
+
+def _check_tail(stream: _TarStream, end: int) -> None:
+    """After the last member: only the zero end marker and record padding, then EOF."""
+    stream.seek(end)  # back over the block tarfile found to be no header
+    tail = 0
+    while chunk := stream.read(CHUNK_BYTES):
+        if chunk.count(0) != len(chunk):
+            raise BundleVerificationError(
+                "malformed", f"unreadable data at byte {end} (a corrupted tar header?)"
+            )
+        tail += len(chunk)
+        if tail > MAX_TAIL_BYTES:
+            where = f"after the last member (byte {end})" if end else "and no member"
+            raise BundleVerificationError(
+                "malformed",
+                f"more than {MAX_TAIL_BYTES} zero bytes {where}: not a tar writer's "
+                "padding (a bomb of zeros?)",
+            )
+    size = end + tail
+    if size < TAR_RECORD or size % TAR_RECORD:
+        raise BundleVerificationError(
+            "truncated", f"{size} bytes is not a whole number of {TAR_RECORD}-byte tar records"
+        )
+    if tail < _END_OF_ARCHIVE:
+        raise BundleVerificationError("truncated", "the tar end-of-archive marker is missing")
+
+
+def _check_manifest(members: Mapping[str, _Member]) -> _Manifest:
     """Parse ``manifest.json`` strictly and check every other member against it."""
-    data = members.get(MANIFEST)
-    if data is None:
+    spooled = members.get(MANIFEST)
+    if spooled is None:
         raise BundleVerificationError("incomplete", f"the bundle has no {MANIFEST}")
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise BundleVerificationError("too_large", f"{MANIFEST} is over {MAX_MANIFEST_BYTES}")
+    data = spooled.path.read_bytes()  # at most MAX_MANIFEST_BYTES, checked from its header
     doc = _strict_json(data)
     if not isinstance(doc, dict) or set(doc) != _MANIFEST_FIELDS:
         raise BundleVerificationError(
@@ -472,7 +641,7 @@ def _check_manifest(members: Mapping[str, bytes]) -> _Manifest:
             "incomplete", f"member(s) not listed in {MANIFEST}: {extra[:5]}"
         )
     for name in sorted(present):
-        if listed[name] != entry(members[name]):
+        if listed[name] != members[name].entry():
             raise BundleVerificationError(
                 "tampered",
                 f"{name} does not match its SHA-256/length in {MANIFEST} "
@@ -494,11 +663,11 @@ def _check_manifest(members: Mapping[str, bytes]) -> _Manifest:
     )
 
 
-def _unpack(root: Path, members: Mapping[str, bytes]) -> None:
-    """Write the channel members into the fresh directory ``root``; nothing else."""
+def _unpack(root: Path, members: Mapping[str, _Member]) -> None:
+    """Move the spooled channel members into the fresh directory ``root``; nothing else."""
     root.mkdir()
     base = root.resolve()
-    for name, data in members.items():
+    for name, member in members.items():
         if name in (README, MANIFEST):
             continue
         parts = name.split("/")
@@ -513,10 +682,9 @@ def _unpack(root: Path, members: Mapping[str, bytes]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.parent.resolve().is_relative_to(base):
             raise BundleVerificationError("unsafe", f"member {name!r} escapes the work dir")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        fd = os.open(path, flags, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        if path.exists() or path.is_symlink():
+            raise BundleVerificationError("unsafe", f"member {name!r} is unpacked twice")
+        os.rename(member.path, path)  # same file system, no copy
 
 
 @contextlib.contextmanager
@@ -579,7 +747,7 @@ def _check_claims(
 
 
 def _check_members(
-    members: Mapping[str, bytes],
+    members: Collection[str],
     signed: Mapping[str, Metadata[Any]],
     root_version: int,
     version: int,

@@ -33,7 +33,7 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
-from fedlib.errors import VerificationError
+from fedlib.errors import ObjectExists, VerificationError
 from fedlib.files import atomic_write
 from fedlib.storage.store import NoSuchKey, ObjectStore
 from fedlib.trust.channel_layout import (
@@ -533,13 +533,16 @@ class ChannelRepository:
                 raise ChannelError("channel not initialised: call init() first")
         return self.store.get(self.layout.metadata_key(f"{version}.root.json"))
 
+    def targets(self) -> Targets:
+        """The verified targets metadata (root chain, snapshot, hashes checked): the one
+        list of what was published. Nothing else in the bucket is a package."""
+        return self._load().targets.signed
+
     def status(self) -> ChannelStatus:
         """The verified state of the channel, for the operator's page and the logs."""
         state = self._load()
         tgt = state.targets.signed
-        versions = sorted(
-            int(path[1:9]) for path in tgt.targets if re.fullmatch(r"v\d{8}\.json", path)
-        )
+        versions = published_versions(tgt)
         return ChannelStatus(
             root_version=state.root.signed.version,
             targets_version=tgt.version,
@@ -582,19 +585,44 @@ class ChannelRepository:
         except tuf_exc.RepositoryError as exc:
             raise VerificationError(f"channel metadata {filename} is malformed: {exc}") from exc
 
-    def _latest_root(self, present: dict[str, set[int]]) -> Metadata[Root]:
-        if not present[ROOT]:
-            raise ChannelError("channel not initialised: call init() first")
-        version = max(present[ROOT])
+    def _root(self, version: int) -> Metadata[Root]:
         _, md = self._get_metadata(f"{version}.root.json")
-        root = md.signed
-        if not isinstance(root, Root) or root.version != version:
+        if not isinstance(md.signed, Root) or md.signed.version != version:
             raise VerificationError(f"{version}.root.json is not root version {version}")
-        try:
-            root.verify_delegate(ROOT, md.signed_bytes, md.signatures)
-        except tuf_exc.UnsignedMetadataError as exc:
-            raise VerificationError(f"{version}.root.json is not signed by its root keys") from exc
         return cast(Metadata[Root], md)
+
+    def _latest_root(self, present: dict[str, set[int]]) -> Metadata[Root]:
+        """The newest root reached by walking the chain from ``1.root.json``, as
+        python-tuf's client does: N+1 must carry the threshold of N's root keys *and*
+        its own. Why: bucket write access can drop a self-signed ``99.root.json``
+        naming other keys; the walk stops at the first root the chain does not sign
+        (logged), so such a file is ignored rather than trusted."""
+        if 1 not in present[ROOT]:
+            raise ChannelError("channel not initialised: call init() first")
+        trusted = self._root(1)
+        try:
+            trusted.signed.verify_delegate(ROOT, trusted.signed_bytes, trusted.signatures)
+        except tuf_exc.UnsignedMetadataError as exc:
+            raise VerificationError("1.root.json is not signed by its root keys") from exc
+        version = 1
+        while version + 1 in present[ROOT]:
+            try:
+                nxt = self._root(version + 1)
+            except VerificationError as exc:
+                logger.warning("channel: root chain stops at v%d: %s", version, exc)
+                break
+            result = nxt.signed.get_root_verification_result(
+                trusted.signed, nxt.signed_bytes, nxt.signatures
+            )
+            if not result:  # needs both: the previous root's threshold and its own
+                logger.warning(
+                    "channel: %d.root.json is not signed by root v%d and itself: ignored",
+                    version + 1,
+                    version,
+                )
+                break
+            trusted, version = nxt, version + 1
+        return trusted
 
     def _verified(
         self, state_root: Metadata[Root], role: str, filename: str, kind: type[S]
@@ -686,7 +714,7 @@ class ChannelRepository:
     ) -> None:
         """Sign ``root`` as N+1 with old and new root keys; refuse it unless both verify."""
         old = state.root.signed
-        root.version = max(old.version, max(state.present[ROOT], default=0)) + 1
+        root.version = old.version + 1  # the chain: N+1 follows the newest verified root
         root.expires = self._expires(ROOT)
         md = Metadata(root)
         seen: set[str] = set()
@@ -704,7 +732,16 @@ class ChannelRepository:
                 f"signatures from root v{old.version}'s keys and "
                 f"{root.roles[ROOT].threshold} from its own"
             )
-        self._put_metadata(f"{root.version}.root.json", md.to_bytes(), if_absent=True)
+        name = f"{root.version}.root.json"
+        try:
+            self._put_metadata(name, md.to_bytes(), if_absent=True)
+        except ObjectExists:
+            # The chain walk ignored what is there (bucket junk, a forged root), unless
+            # another rotation has written a verified one since we loaded: then refuse.
+            if self._latest_root(self._present()).signed.version >= root.version:
+                raise ChannelError(f"another rotation wrote root v{root.version} first") from None
+            logger.warning("channel: %s held a root the chain does not sign; replaced", name)
+            self._put_metadata(name, md.to_bytes())
         state.present[ROOT].add(root.version)
         logger.info("channel: wrote root v%d", root.version)
 
@@ -759,6 +796,13 @@ class ChannelRepository:
         ts.expires = self._expires(TIMESTAMP)
         self._put_metadata("timestamp.json", sign(state.timestamp, TIMESTAMP))
         state.timestamp_floor = 0
+
+
+def published_versions(targets: Targets) -> tuple[int, ...]:
+    """Versions whose manifest the signed targets list, oldest first."""
+    return tuple(
+        sorted(int(path[1:9]) for path in targets.targets if re.fullmatch(r"v\d{8}\.json", path))
+    )
 
 
 def _active_from(targets: Targets) -> int | None:

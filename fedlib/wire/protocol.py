@@ -73,7 +73,9 @@ KeyId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 UpdateId = Annotated[
     str, Field(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 ]
-_CLIENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# fullmatch, not ``^...$``: ``$`` also matches before a trailing newline.
+_CLIENT_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_UPDATE_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -196,16 +198,32 @@ def new_update_id(now_ms: int | None = None) -> str:
 
 def inbox_key(client_id: str, update_id: str) -> str:
     """The idempotent object key of an update: one key per update, forever."""
-    if not _CLIENT_ID_RE.match(client_id):
+    if not _CLIENT_ID_RE.fullmatch(client_id):
         raise ValueError(f"bad client id {client_id!r}")
     return f"updates/{client_id}/{update_id}"
 
 
+def is_client_id(value: str) -> bool:
+    return _CLIENT_ID_RE.fullmatch(value) is not None
+
+
 def parse_inbox_key(key: str) -> tuple[str, str]:
-    """Split an inbox key into (client_id, update_id); refuse anything else."""
+    """Split an inbox key into (client_id, update_id); refuse anything else.
+
+    Strict: exactly ``updates/<client id>/<update id>``, the id a canonical (lowercase)
+    UUIDv7, so a name that parses is short and safe inside any state key."""
     parts = key.split("/")
-    if len(parts) != 3 or parts[0] != "updates" or not _CLIENT_ID_RE.match(parts[1]):
-        raise RejectedUpdate("malformed", f"object key {key!r} is not updates/<client>/<id>")
+    if (
+        len(parts) != 3
+        or parts[0] != "updates"
+        or not _CLIENT_ID_RE.fullmatch(parts[1])
+        or not _UPDATE_ID_RE.fullmatch(parts[2])
+    ):
+        shown = key[:80] + ("..." if len(key) > 80 else "")
+        raise RejectedUpdate(
+            "malformed_name",
+            f"object key {shown!r} ({len(key)} chars) is not updates/<client>/<UUIDv7>",
+        )
     return parts[1], parts[2]
 
 

@@ -34,6 +34,7 @@ from fedlib.integrations.airflow import runtime
 from fedlib.ops import dashboard
 from fedlib.ops.dashboard import Page
 from fedlib.server.deployment import Deployment
+from fedlib.server.records import ModelsIntegrity
 
 URL_PREFIX = "/dadm-fl"
 DAG_ID = "fl_round"
@@ -118,8 +119,8 @@ class Links:
         self.app = root if root.endswith(URL_PREFIX) else root + URL_PREFIX
         self.site = self.app[: -len(URL_PREFIX)]
 
-    def run_ui(self, run_id: str) -> str:
-        return f"{self.site}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}"
+    def run_ui(self, run_id: str, dag_id: str = DAG_ID) -> str:
+        return f"{self.site}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
 
     def round(self, run_id: str) -> str:
         return f"{self.app}/rounds/{quote(run_id, safe='')}"
@@ -180,10 +181,52 @@ def fmt_privacy(row: Any) -> str:
     return text
 
 
+def fmt_share(row: Any) -> str:
+    """The largest share of a round's weight one device had, and which device; "—" in
+    reports written before shares were recorded."""
+    share = getattr(row, "largest_weight_share", None)
+    if share is None:
+        return "—"
+    return f"{share:.1%}<br><code>{esc(row.largest_share_client or '?')}</code>"
+
+
+def devices_table(rows: Any) -> str:
+    """Each device's accepted updates and share of the round's weight."""
+    head = (
+        "<tr><th>Client</th><th>Accepted</th><th>Weight share</th><th>Count clipped</th>"
+        "<th>Share capped</th></tr>"
+    )
+    body = [
+        f'<tr class="device" data-client-id="{esc(d.client_id)}"><td>{esc(d.client_id)}</td>'
+        f'<td class="num">{d.accepted}</td><td class="num share">{d.weight_share:.1%}</td>'
+        f"<td>{'yes' if d.clipped else '—'}</td><td>{'yes' if d.capped else '—'}</td></tr>"
+        for d in rows
+    ]
+    if not rows:
+        body.append('<tr><td colspan="5" class="muted">no per-device weights recorded</td></tr>')
+    return f'<table id="devices">{head}{"".join(body)}</table>'
+
+
+def integrity_html(integrity: ModelsIntegrity) -> str:
+    """The models-bucket warning: objects no signed metadata names (reads ignore them)."""
+    if not integrity.total:
+        return ""
+    items = "".join(
+        f"<li><code>{esc(w.key)}</code>: {esc(w.reason)}</li>" for w in integrity.warnings
+    )
+    more = integrity.total - len(integrity.warnings)
+    tail = f"<li>... and {more} more</li>" if more else ""
+    return (
+        f'<div class="integrity warning" id="integrity"><p><strong>Integrity warning</strong>: '
+        f"{integrity.total} object(s) in the models bucket are not named by the signed "
+        f"channel and are ignored.</p><ul>{items}{tail}</ul></div>"
+    )
+
+
 def rounds_table(links: Links, rows: list[Any]) -> str:
     head = (
         "<tr><th>Round (run id)</th><th>Airflow</th><th>Created</th><th>Decision</th>"
-        "<th>Accepted</th><th>Rejected</th><th>Active AUC / AP</th>"
+        "<th>Accepted</th><th>Rejected</th><th>Largest device share</th><th>Active AUC / AP</th>"
         "<th>Candidate AUC / AP</th><th>Published</th><th>Rollback</th>"
         "<th>Privacy ε (δ)</th></tr>"
     )
@@ -197,7 +240,12 @@ def rounds_table(links: Links, rows: list[Any]) -> str:
         else:
             rejected = "0"
         rollback = "—"
-        if r.rollback and r.rollback.rolled_back:
+        if r.rollback and r.rollback.pinned:
+            rollback = (
+                f"{badge('pinned', 'rollback')} v{esc(r.rollback.active_version)}"
+                f'<br><span class="muted">{esc(r.rollback.reason)}</span>'
+            )
+        elif r.rollback and r.rollback.rolled_back:
             rollback = (
                 f"{badge('rollback')} v{esc(r.rollback.active_version)} → "
                 f"v{esc(r.rollback.published_version)} (model of v{esc(r.rollback.best_version)})"
@@ -211,6 +259,7 @@ def rounds_table(links: Links, rows: list[Any]) -> str:
             f"<td>{fmt_time(r.created_at_ms)}</td><td>{badge(r.decision)}"
             f'<br><span class="muted">{esc(r.message)}</span></td>'
             f'<td class="num">{r.accepted}</td><td>{rejected}</td>'
+            f'<td class="num largest-share">{fmt_share(r)}</td>'
             f'<td class="num">{fmt_metric(r.active_metrics, "auc")} / '
             f"{fmt_metric(r.active_metrics, 'ap')}</td>"
             f'<td class="num">{fmt_metric(r.candidate_metrics, "auc")} / '
@@ -219,11 +268,27 @@ def rounds_table(links: Links, rows: list[Any]) -> str:
             f'<td>{rollback}</td><td class="num privacy">{fmt_privacy(r)}</td></tr>'
         )
     if not rows:
-        body.append('<tr><td colspan="11" class="muted">no rounds yet</td></tr>')
+        body.append('<tr><td colspan="12" class="muted">no rounds yet</td></tr>')
     return f'<table id="rounds">{head}{"".join(body)}</table>'
 
 
-def versions_table(rows: list[Any]) -> str:
+def made_by(links: Links, v: Any) -> str:
+    """Who made a rollback version and a link to the run that made it (its record)."""
+    if not v.rollback_by:
+        return ""
+    text = f"by {esc(v.rollback_by)} via "
+    if v.rollback_run_id and v.rollback_source:
+        url = links.run_ui(v.rollback_run_id, v.rollback_source)
+        text += (
+            f'<a class="rollback-run" href="{esc(url)}" target="_top">'
+            f"{esc(v.rollback_source)} run {esc(v.rollback_run_id)} ↗</a>"
+        )
+    else:
+        text += esc(v.rollback_source)
+    return f'<br><span class="muted made-by">{text}</span>'
+
+
+def versions_table(rows: list[Any], links: Links) -> str:
     head = (
         "<tr><th>Version</th><th>AUC</th><th>AP</th><th>Parent</th><th>Rollback of</th>"
         "<th>Round</th><th>Created</th><th>Status</th></tr>"
@@ -239,7 +304,11 @@ def versions_table(rows: list[Any]) -> str:
             marks.append(badge("rolled back", "rolledback"))
         if v.error:
             marks.append(f'<span class="error">{esc(v.error)}</span>')
-        reason = f'<br><span class="muted">{esc(v.rollback_reason)}</span>' if v.is_rollback else ""
+        reason = (
+            f'<br><span class="muted">{esc(v.rollback_reason)}</span>{made_by(links, v)}'
+            if v.is_rollback
+            else ""
+        )
         body.append(
             f'<tr class="version" data-version="{v.version}"><td>v{v.version}</td>'
             f'<td class="num">{"—" if v.auc is None else f"{v.auc:.4f}"}</td>'
@@ -317,6 +386,7 @@ def round_details(links: Links, row: Any, *, figures: bool = False) -> str:
                 f"{fmt_metric(row.candidate_metrics, 'ap')}",
             ),
             ("Privacy ε (δ)", fmt_privacy(row)),
+            ("Largest device share", fmt_share(row)),
         ]
     if row.replay_of:
         items.append(("Replay of", f"<code>{esc(row.replay_of)}</code>"))
@@ -325,6 +395,7 @@ def round_details(links: Links, row: Any, *, figures: bool = False) -> str:
             (
                 "Rollback check",
                 (badge("rollback") + " " if row.rollback.rolled_back else "")
+                + (badge("pinned", "rollback") + " " if row.rollback.pinned else "")
                 + esc(row.rollback.reason),
             )
         )
@@ -420,6 +491,10 @@ def build_app() -> FastAPI:
     def api_versions(limit: Limit = dashboard.DEFAULT_LIMIT, offset: Offset = 0) -> dict[str, Any]:
         return data(dashboard.versions, limit=limit, offset=offset).as_dict()
 
+    @app.get("/api/integrity")
+    def api_integrity() -> dict[str, Any]:
+        return data(dashboard.models_integrity).to_doc()
+
     @app.get("/api/rejected")
     def api_rejected(scan: Limit = dashboard.DEFAULT_LIMIT) -> dict[str, Any]:
         found = data(dashboard.rejected_candidates, scan=scan)
@@ -439,6 +514,7 @@ def build_app() -> FastAPI:
         page = data(dashboard.rounds, limit=limit, offset=offset)
         plot = plot_svg(PLOT_VERSIONS, dashboard.rejected_in(page.items))
         body = (
+            f"{integrity_html(data(dashboard.models_integrity))}"
             f'<div class="plot">{plot}</div>'
             f'<p>Newest first. <a href="{esc(links.app)}/api/rounds">JSON</a></p>'
             f"{pager(links.app + '/rounds', page)}{rounds_table(links, page.items)}"
@@ -481,9 +557,10 @@ def build_app() -> FastAPI:
                 else ""
             )
             quarantine = f"<h2>Quarantine ({page.total})</h2>{quarantine_table(page.items)}{more}"
+        devices = f"<h2>Devices ({len(row.devices)})</h2>{devices_table(row.devices)}"
         if embedded:
-            return round_details(links, row, figures=True) + quarantine
-        return round_details(links, row) + rounds_table(links, [row]) + quarantine
+            return round_details(links, row, figures=True) + devices + quarantine
+        return round_details(links, row) + rounds_table(links, [row]) + devices + quarantine
 
     @app.get("/rounds/{run_id:path}", response_class=HTMLResponse)
     def round_page(request: Request, run_id: str) -> HTMLResponse:
@@ -510,7 +587,7 @@ def build_app() -> FastAPI:
         body = (
             f"<p>Newest first; metrics are each version's holdout scores when it was "
             f'published. <a href="{esc(links.app)}/api/versions">JSON</a></p>'
-            f"{pager(links.app + '/versions', page)}{versions_table(page.items)}"
+            f"{pager(links.app + '/versions', page)}{versions_table(page.items, links)}"
         )
         return html_page(request, "Model versions", body, "/versions")
 

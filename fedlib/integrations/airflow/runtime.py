@@ -15,7 +15,7 @@ import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import Asset
+from airflow.sdk import Asset, AssetAlias
 
 from fedlib.server.settings import ServerSettings
 
@@ -28,8 +28,13 @@ S3_CONN_ID = "fl_s3"
 SETTINGS_VARIABLE = "fl_settings"
 START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
 #: One logical asset per deployment ("the published model"), whatever the bucket is
-#: called; ``fl_round`` and ``fl_rollback`` emit its events when they publish.
+#: called; ``fl_round`` and ``fl_rollback`` emit its events when they publish, and only
+#: then (a DAG scheduled on it runs once per new version).
 MODEL_ASSET = Asset(name="fl_model", uri="dadm-fl://model/active")
+#: The outlet of a task that publishes only sometimes (``fl_round.check_active``): a task
+#: with ``MODEL_ASSET`` itself as outlet emits an event on every success, whereas through
+#: this alias an event exists only when the task adds one (when it published).
+MODEL_ASSET_IF_PUBLISHED = AssetAlias(name="fl_model_if_published")
 log = logging.getLogger("dadm_fl")
 
 
