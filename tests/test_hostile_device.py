@@ -258,3 +258,21 @@ def test_a_back_dated_update_id_does_not_join_a_past_interval(deployment):
     )
     taken = set(rr.plan_keys(deployment, current))
     assert {dated_1970, hour_ago, *honest} == taken
+
+
+def test_list_level_finds_devices_without_walking_their_keys(deployment, tmp_path):
+    """The plan's device discovery: one level under ``updates/`` (the "directories" and
+    the objects directly there), the same on SeaweedFS and on a local directory."""
+    from fedlib.storage.store import LocalStore
+
+    keys = ["updates/a/1", "updates/a/2", "updates/b/x/y", "updates/loose", "updates/c-d/1"]
+    local = LocalStore(tmp_path / "inbox")
+    for store in (deployment.inbox, local):
+        for key in keys:
+            store.put(key, b"1")
+        level = store.list_level("updates/")
+        assert level.prefixes == ["updates/a/", "updates/b/", "updates/c-d/"], store
+        assert [o.key for o in level.objects] == ["updates/loose"], store
+        assert level.objects[0].size == 1 and level.objects[0].last_modified_ms > 0
+        assert store.list_level("updates/b/").prefixes == ["updates/b/x/"]
+        assert store.list_level("nothing/").prefixes == []
