@@ -1,6 +1,6 @@
 """Scale-out: one real ``fl_round`` over N queued updates with 1 and with 2 task workers.
 
-    python -m bench.scaleout --updates 10000 --json [--clients 1000] [--shard-size 1000]
+    python -m bench.scaleout --updates 10000 --json [--clients N] [--shard-size 1000]
 
 Why: issue 6 asks whether a round scales by adding workers. The round's heavy phase is
 ``process_shard`` (verify, decrypt, validate, sum), mapped over shards; everything else
@@ -470,7 +470,12 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=10_000)
-    parser.add_argument("--clients", type=int, default=1_000)
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="enrolled devices (default: one per update; a device has one vote a round)",
+    )
     parser.add_argument("--shard-size", type=int, default=1_000)
     parser.add_argument(
         "--heartbeat",
@@ -482,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="keep all state here (default: temp dir)")
     parser.add_argument("--json", action="store_true", help="print the JSON object on one line")
     args = parser.parse_args(argv)
+    if args.clients is None:
+        args.clients = args.updates
     if args.updates < 2 or args.clients < 2 or args.shard_size < 1:
         parser.error("need --updates >= 2, --clients >= 2, --shard-size >= 1")
     shards = -(-args.updates // args.shard_size)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-UPDATES, CLIENTS, SHARD_SIZE = 200, 20, 50
+UPDATES, CLIENTS, SHARD_SIZE = 200, 200, 50  # one update per device: one vote a round
 
 
 @pytest.mark.slow

@@ -126,7 +126,7 @@ def test_round_small(capsys):
     """bench.round end to end at a tiny size: its own SeaweedFS, two shard sizes."""
     from bench.round import main as round_main
 
-    argv = ["--updates", "40", "--params", "2000", "--clients", "8", "--shard-size", "500,7"]
+    argv = ["--updates", "40", "--params", "2000", "--clients", "40", "--shard-size", "500,7"]
     r = _run(round_main, argv, capsys)
     assert (r["updates"], r["params"], r["shard_size"]) == (40, 2000, 500)
     assert abs(r["num_params"] - 2000) <= 20 and r["shards"] == 1
