@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlib import failpoints
 from fedlib.errors import ObjectExists, StoreError
 from fedlib.files import TMP_PREFIX, atomic_write
 from fedlib.storage.store import ObjectStore
@@ -46,7 +47,7 @@ class Spool:
     def add(self, update_id: str, envelope: bytes) -> Path:
         """Store an envelope durably under its update id."""
         target = self.pending_dir / f"{update_id}{SUFFIX}"
-        atomic_write(target, envelope)
+        atomic_write(target, envelope, torn_point=failpoints.SPOOL_TORN_WRITE)
         return target
 
     def pending(self) -> list[str]:

@@ -3,6 +3,7 @@
 Read it from the bottom up; imports only point down, and ``make lint`` enforces it
 (import-linter contracts in ``pyproject.toml``):
 
+- ``failpoints``: named points where fault tests kill the process (SIGKILL), below all;
 - ``errors``, ``files``: exceptions and atomic local writes, used by every layer;
 - ``wire``: byte and document formats (envelope, payload, package metadata, canonical
   JSON, compression): pure, no I/O;

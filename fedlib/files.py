@@ -2,7 +2,8 @@
 
 A crash leaves the old file or the new one, never a torn one; a private key written
 here is never readable by others, not even for a moment. No imports from the rest of
-``fedlib``: keys (crypto), stores (storage) and the device's state all use it.
+``fedlib`` but ``failpoints`` (fault tests): keys (crypto), stores (storage) and the
+device's state all use it.
 """
 
 from __future__ import annotations
@@ -11,14 +12,20 @@ import os
 import tempfile
 from pathlib import Path
 
+from fedlib import failpoints
+
 TMP_PREFIX = ".fl-tmp-"  # temp files of atomic writes; swept, never valid keys
 
 
-def atomic_write(path: Path | str, data: bytes, *, mode: int | None = None) -> None:
+def atomic_write(
+    path: Path | str, data: bytes, *, mode: int | None = None, torn_point: str | None = None
+) -> None:
     """Replace ``path`` with ``data`` all at once: a crash leaves the old file or the new.
 
     Temp file beside the target, fsync, optional chmod (before any byte is written, so a
     private key is never readable by others), rename, fsync of the directory.
+    ``torn_point``: a failpoint (fault tests) that, armed, kills the process once half
+    the bytes are in the temp file, before the fsync and the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,7 +34,13 @@ def atomic_write(path: Path | str, data: bytes, *, mode: int | None = None) -> N
         if mode is not None:
             os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            start = 0
+            if torn_point is not None and failpoints.is_armed(torn_point):
+                start = len(data) // 2
+                fh.write(data[:start])
+                fh.flush()  # in the file (the kernel keeps it), not yet fsynced or renamed
+                failpoints.failpoint(torn_point)
+            fh.write(data[start:])
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

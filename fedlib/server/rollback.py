@@ -22,6 +22,8 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+from fedlib import failpoints
+from fedlib.failpoints import failpoint
 from fedlib.models.evaluation import Metrics, evaluate_onnx
 from fedlib.models.package import ModelPackage
 from fedlib.server import state_keys
@@ -120,6 +122,7 @@ def _publish_rollback(
     deployment.state.put(state_keys.rollback_action(version), action.to_json())
     if pin:
         deployment.state.put(state_keys.ROLLBACK_PIN, action.to_json())
+    failpoint(failpoints.ROLLBACK_AFTER_PIN)  # fault tests: killed before the publish
     registry.publish(package)
     return action
 

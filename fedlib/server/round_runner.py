@@ -30,8 +30,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from fedlib import failpoints
 from fedlib.crypto import sealing
 from fedlib.errors import RejectedUpdate, StoreError
+from fedlib.failpoints import failpoint
 from fedlib.models.package import ModelPackage, weights_from_bytes
 from fedlib.server import privacy, robust, state_keys
 from fedlib.server.aggregation import (
@@ -585,6 +587,7 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
             deployment.state.put(run_keys.archive(index), pack_envelopes(accepted_bytes))
     partial = agg.to_bytes()
     deployment.state.put(run_keys.shard_partial(index), partial)
+    failpoint(failpoints.SHARD_AFTER_PARTIAL)  # fault tests: a worker killed right here
     put_record(deployment, run_keys.shard_verdicts(index), ShardVerdicts(verdicts=verdicts))
     rejected = Counter(v.reason or "unknown" for v in verdicts if not v.accepted)
     return ShardResult(
