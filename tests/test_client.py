@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +15,19 @@ from client.agent import InstalledModels, run_cycle, status
 from client.cli import main as client_main
 from client.config import ClientConfig
 from client.spool import Spool
+from fedlib import failpoints
 from fedlib.crypto import sealing, signing
 from fedlib.files import TMP_PREFIX
 from fedlib.models.package import ModelPackage
 from fedlib.ops.admin import client_config_document, write_client_config
+from fedlib.server.ledger import Ledger
+from fedlib.server.pipeline import run_round
 from fedlib.server.round_runner import round_inputs
 from fedlib.server.rounds import open_and_validate
 from fedlib.wire import protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 def make_client(deployment, tmp_path: Path, client_id: str, rows: np.ndarray, **overrides):
@@ -156,16 +166,55 @@ def test_lost_acknowledgement_is_not_uploaded_twice(deployment, tmp_path):
     assert inbox_keys(deployment) == [protocol.inbox_key("dev-ack", update_id)]
 
 
-def test_crash_mid_spool_write_leaves_spool_consistent(tmp_path):
-    spool = Spool(tmp_path / "spool")
-    spool.add(protocol.new_update_id(), b"whole")
-    torn = spool.pending_dir / f"{TMP_PREFIX}crashed"
-    torn.write_bytes(b"half an enve")
-    reopened = Spool(tmp_path / "spool")
-    assert not torn.exists()
-    assert len(reopened.pending()) == 1
-    name = reopened.pending()[0]
-    assert (reopened.pending_dir / f"{name}.env").read_bytes() == b"whole"
+def fl_client_run(config: ClientConfig, **env: str) -> subprocess.CompletedProcess[str]:
+    """``fl-client run`` in its own process, as cron starts it (failpoints from ``env``)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DADM_FAILPOINTS")}
+    return subprocess.run(
+        [str(BIN / "fl-client"), "run", "--config", str(config.state_dir.parent / "client.json")],
+        env={**base, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_fl_client_killed_mid_spool_write_recovers_and_the_round_publishes(deployment, tmp_path):
+    """A real ``fl-client run`` is killed with SIGKILL (failpoint) once half its sealed
+    update is in the spool's temp file, before the fsync and the rename. The next run
+    sweeps the torn file, trains again (nothing recorded the update as made), uploads one
+    whole update, and the round over it and three other devices publishes."""
+    data = deployment.dataset
+    configs = [make_client(deployment, tmp_path, c, data.clients[c]) for c in data.client_ids[:4]]
+    victim = configs[0]
+    pending = victim.state_dir / "spool" / "pending"
+
+    killed = fl_client_run(victim, DADM_FAILPOINTS=failpoints.SPOOL_TORN_WRITE)
+    assert killed.returncode == -signal.SIGKILL, (killed.stdout, killed.stderr)
+    (torn,) = pending.iterdir()  # what the kill left: a temp file with half an envelope
+    assert torn.name.startswith(TMP_PREFIX) and torn.stat().st_size > 0
+    torn_size = torn.stat().st_size
+    assert inbox_keys(deployment) == []  # nothing reached the inbox
+    assert not (victim.state_dir / "last_trained.json").exists()
+
+    again = fl_client_run(victim)
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    assert not torn.exists() and list(pending.iterdir()) == []  # swept, and the new one sent
+    (key,) = inbox_keys(deployment)
+    whole = deployment.inbox.get(key)
+    assert len(whole) // 2 == torn_size  # the torn file was half of a whole envelope
+    assert status(victim)["sent_updates"] == 1
+    assert fl_client_run(victim).returncode == 0  # a third run sends nothing more
+    assert inbox_keys(deployment) == [key]
+
+    for config in configs[1:]:
+        assert run_cycle(config).uploaded
+    queued = inbox_keys(deployment)
+    report = run_round(deployment, "after-the-kill")
+    assert report.decision.value == "published", report.message
+    assert report.accepted == 4 and not report.rejected
+    verdicts = list(Ledger(deployment.state).verdicts())
+    assert sorted(v.key for v in verdicts) == sorted(queued) and all(v.accepted for v in verdicts)
+    assert inbox_keys(deployment) == []
 
 
 def test_tampered_published_model_is_refused_and_old_one_kept(deployment, tmp_path):

@@ -354,36 +354,66 @@ def test_fl_admin_rollback_pins_like_the_dag_and_status_shows_it(
     assert dep.registry().active_version() == pinned + 1
 
 
-def test_a_pin_whose_rollback_never_published_pins_nothing(deployment):
-    """The state a crash between the pin write and the publish leaves: the operator's pin
-    for v3 (= v1, from v2), v3 never published. The automatic check then rolls back from
-    the degraded v2 and its own rollback takes the number v3 with the same target and
-    parent; it is still not the operator's (the signed reason differs), so it is not
-    pinned and later checks are free to move."""
+def test_fl_admin_rollback_killed_between_its_pin_and_its_publish(
+    deployment, tmp_path, monkeypatch
+):
+    """A real ``fl-admin rollback`` killed with SIGKILL (failpoint) after it wrote its
+    record and the operator's pin for v3 (= v1, from the degraded v2), before publishing
+    v3. That pin names a version that never became active, so it pins nothing: the next
+    ``fl-admin round`` (a new process) rolls back from the degraded v2 by itself, and its
+    rollback, which takes the same number with the same target and parent, is not taken
+    for the operator's (the signed reason differs). The operator's re-run then pins."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fedlib import failpoints
+    from fedlib.ops import dashboard
     from fedlib.server.records import RollbackAction
 
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DADM_FAILPOINTS")}
+    env["PYTHONPATH"] = str(root)
+
+    def fl_admin(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "fl-admin"), *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
     bad = publish_degraded(deployment)
-    leftover = RollbackAction(
-        version=bad.version + 1,
-        rollback_of=1,
-        parent_version=bad.version,
-        reason="back to v1",
-        automatic=False,
-        by="ops",
-        source="fl-admin",
-        created_at_ms=1,
-    )
-    deployment.state.put(state_keys.ROLLBACK_PIN, leftover.to_json())
+    admin_sees(deployment, tmp_path, monkeypatch)
+    env.update({k: v for k, v in os.environ.items() if k.startswith("FL_")})
+    rollback = ("rollback", "--to-version", "1", "--reason", "back to v1", "--by", "ops")
 
-    decision = check_active(deployment, run_id="after-the-crash")
-    assert decision.pinned is None and decision.rollback, decision
-    assert decision.published_version == leftover.version
-    meta = deployment.registry().read_version(leftover.version).metadata
+    killed = fl_admin(*rollback, DADM_FAILPOINTS=failpoints.ROLLBACK_AFTER_PIN)
+    assert killed.returncode == -signal.SIGKILL, (killed.stdout, killed.stderr)
+    pin = RollbackAction.from_json(deployment.state.get(state_keys.ROLLBACK_PIN))
+    assert (pin.version, pin.rollback_of, pin.parent_version) == (bad.version + 1, 1, bad.version)
+    assert deployment.registry().versions() == [1, bad.version]  # never published
+    assert deployment.registry().active_version() == bad.version
+
+    after = fl_admin("round", "--run-id", "after-the-kill")
+    assert after.returncode == 0, (after.stdout, after.stderr)
+    registry = deployment.registry()
+    assert registry.active_version() == pin.version  # the check rolled back by itself
+    meta = registry.read_version(pin.version).metadata
     assert (meta.rollback_of, meta.parent_version) == (1, bad.version)
-    assert check_active(deployment).pinned is None
-
-    from fedlib.ops import dashboard
-
-    (row,) = [v for v in dashboard.versions(deployment).items if v.version == leftover.version]
+    assert check_active(deployment).pinned is None  # the leftover pin pins nothing
+    (row,) = [v for v in dashboard.versions(deployment).items if v.version == pin.version]
     assert (row.rollback_by, row.rollback_source) == ("automatic", "fl_round")
-    assert row.rollback_run_id == "after-the-crash"
+    assert row.rollback_run_id == "after-the-kill"
+
+    # the operator sees the kill and runs the command again: now it publishes and pins
+    again = fl_admin(*rollback)
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    status = json.loads(fl_admin("status", "--json").stdout)
+    assert status["pinned"]["version"] == pin.version + 1 and status["pinned"]["by"] == "ops"
+    assert registry.active_version() == pin.version + 1
+    assert check_active(deployment).pinned is not None
