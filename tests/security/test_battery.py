@@ -956,7 +956,7 @@ def test_adversarial_battery_in_one_round(deployment):
 
     report = run_round(deployment, RUN_1)
 
-    assert report.decision in {"published", "rejected"}, report.summary()
+    assert report.decision == "published", report.summary()
     accepted_names = [*honest, *(k.name for k in INERT)]
     assert report.accepted == len(accepted_names), report.summary()
     assert report.rejected == dict(sorted(Counter(k.reason for k in BATTERY).items()))
@@ -987,7 +987,7 @@ def test_adversarial_battery_in_one_round(deployment):
 
     second = run_round(deployment, RUN_2)
 
-    assert second.decision in {"published", "rejected"}, second.summary()
+    assert second.decision == "published", second.summary()
     assert second.accepted == len(fresh), second.summary()
     assert second.rejected == dict(sorted(Counter(r for _, r in replays.values()).items()))
     verdicts = {v.key: v for v in load_verdicts(deployment, RUN_2)}
