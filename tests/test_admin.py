@@ -113,6 +113,12 @@ def test_round_through_cli(admin_env, tmp_path, capsys):
     for cid in data.client_ids[:2]:
         assert run_cycle(make_client(dep, tmp_path, cid, data.clients[cid])).uploaded
     capsys.readouterr()
+    # a dry run evaluates and reports, publishes nothing and consumes nothing
+    assert admin_main(["round", "--run-id", "r-dry", "--dry-run", "--json"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["decision"] == "dry_run" and dry["accepted"] == 2, dry
+    assert dry["published_version"] is None and dep.registry().versions() == [1]
+    assert len(list(dep.inbox.list("updates/"))) == 2
     assert admin_main(["round", "--run-id", "r1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["accepted"] == 2 and report["decision"] in {"published", "rejected"}

@@ -120,6 +120,14 @@ def test_server_key_rotation_keeps_old_updates_and_refuses_a_downgrade(fleet_env
     assert header.server_key_id == second != classic
     assert header.suite == protocol.SUITE_MLKEM768_X25519
 
+    # Retiring that key anyway (--force): the update sealed to it is quarantined.
+    assert admin_main(["retire-server-key", second]) == 1
+    assert "1 update(s) in the inbox are sealed to" in capsys.readouterr().err
+    assert admin_main(["retire-server-key", second, "--force"]) == 0
+    assert second not in [k["key_id"] for k in keys_doc(capsys)["server_keys"]]
+    report = run_round(capsys)
+    assert report["accepted"] == 0 and report["rejected"] == {"unknown_server_key": 1}, report
+
 
 def test_server_accepting_only_the_hybrid_suite_quarantines_classic_updates(fleet_env, capsys):
     dep, clients = fleet_env["deployment"], fleet_env["clients"]
@@ -162,15 +170,19 @@ def test_package_and_channel_key_rotation_under_uploads(fleet_env, capsys):
     for path in clients.values():
         assert cycle(path).uploaded
     assert admin_main(["rotate-package-key"]) == 0
-    assert admin_main(["rotate-channel-key", "--role", "targets"]) == 0
-    assert admin_main(["rotate-channel-key", "--role", "root"]) == 0
+    for role in ("targets", "snapshot", "timestamp"):  # each through the root chain
+        assert admin_main(["rotate-channel-key", "--role", role]) == 0
+    capsys.readouterr()
+    assert admin_main(["rotate-channel-key", "--role", "root", "--root-keys", "3"]) == 0
+    assert "channel root keys rotated (root v5)" in capsys.readouterr().out
+    assert len(dep.channel_repository(signing=True).keys.root) == 3
     keys = keys_doc(capsys)
     assert len(keys["package_signing_keys"]) == 2
-    assert keys["channel"]["root_version"] == 3  # targets rotation, then root rotation
+    assert keys["channel"]["root_version"] == 5  # 3 online-role rotations, then the root's
 
-    report = run_round(capsys)  # signed by the new key, published under root v3
+    report = run_round(capsys)  # signed by the new key, published under root v5
     assert report["accepted"] == 2 and report["published_version"] == 2, report
-    for path in clients.values():  # devices walk root 1 -> 2 -> 3 and trust the new key
+    for path in clients.values():  # devices walk root 1 -> ... -> 5 and trust the new key
         r = cycle(path)
         assert r.pulled_version == 2 and r.trained and r.uploaded, r
 
