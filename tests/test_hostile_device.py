@@ -150,9 +150,12 @@ def test_a_device_over_the_cap_keeps_the_rest_for_later_rounds(deployment):
     first = run_round(deployment, "cap-1")
     assert first.accepted == 2 and first.rejected == {"superseded": 15}, first.summary()
     assert rr.load_plan(deployment, "cap-1").capped_groups == 1
+    assert first.capped_devices == ["mallory"], first.summary()
+    assert "over the per-device cap (the rest waits): mallory" in first.summary()
     assert len(pending(deployment, "updates/mallory/")) == 4
     second = run_round(deployment, "cap-2", min_clients=1)
     assert second.accepted == 1 and second.rejected == {"superseded": 3}, second.summary()
+    assert second.capped_devices is None
     assert pending(deployment) == []
 
 
@@ -276,3 +279,17 @@ def test_list_level_finds_devices_without_walking_their_keys(deployment, tmp_pat
         assert level.objects[0].size == 1 and level.objects[0].last_modified_ms > 0
         assert store.list_level("updates/b/").prefixes == ["updates/b/x/"]
         assert store.list_level("nothing/").prefixes == []
+
+
+def test_a_device_s_objects_are_never_split_across_shards(deployment):
+    """Why the quarantine quota is exact within a round: whole devices per shard, even
+    when a device has more objects than a shard's size."""
+    keys = {}
+    for name in ("dev-a", "dev-b", "dev-c"):
+        key = enroll(deployment, name)
+        keys[name] = {sealed(deployment, name, key, scale=1e-3 * i)[0] for i in range(5)}
+    plan = rr.plan_round(deployment, "whole-devices", shard_size=4)
+    shards = [set(rr.load_shard(deployment, plan, i).keys) for i in range(plan.shard_count)]
+    assert plan.shard_count == 3 and sum(map(len, shards)) == 15
+    for device_keys in keys.values():
+        assert sum(bool(device_keys & shard) for shard in shards) == 1

@@ -43,6 +43,7 @@ from fedlib.server.aggregation import (
 from fedlib.server.deployment import Deployment, Holdout
 from fedlib.server.ledger import Ledger
 from fedlib.server.records import (
+    CAPPED_DEVICES_LISTED,
     AggregateResult,
     CandidateResult,
     Decision,
@@ -235,9 +236,11 @@ def inbox_groups(
     under a segment that is not a client id form one junk group, listed up to
     ``junk_limit`` (default ``cap``): it may take what the devices leave of the batch.
     Objects received after ``interval_end_ms`` are left out (entries of no group); each
-    listed object gets one ledger lookup (bounded by the cap, not by a device's history).
+    listed object gets one ledger lookup (bounded by the cap, not by a device's history),
+    plus one listing of the digest-named fallback verdicts per plan.
     Devices are listed ``SHARD_IO_CONCURRENCY`` at a time, yielded in name order."""
     ledger = Ledger(deployment.state)
+    fallback = ledger.fallback_digests()  # judged, but under the digest of their name
     level = deployment.inbox.list_level(INBOX)
 
     junk_limit = cap if junk_limit is None else junk_limit
@@ -250,7 +253,7 @@ def inbox_groups(
                 entries.append((info, False, True))  # marked late: dropped by the plan
                 continue
             well_formed = client is not None and _well_formed(info.key)
-            entries.append((info, well_formed, ledger.has_verdict(info.key)))
+            entries.append((info, well_formed, ledger.has_verdict(info.key, fallback)))
         return _Group(client, entries, capped=capped)
 
     junk: list[ObjectInfo] = list(level.objects[: junk_limit + 1])
@@ -385,6 +388,7 @@ def plan_round(
                 replay_count += 1
     flush()
     capped = sum(g.capped for g in groups)
+    capped_devices = sorted(g.client_id for g in groups if g.capped and g.client_id is not None)
     if waiting:
         message = f"waiting: {fresh_clients} of {need} clients"
         if updates:
@@ -408,6 +412,7 @@ def plan_round(
         holdout_version=deployment.holdout_version(),
         deferred={k: v for k, v in sorted(deferred.items()) if v} or None,
         capped_groups=capped or None,
+        capped_devices=capped_devices[:CAPPED_DEVICES_LISTED] or None,
     )
     put_record(deployment, RunKeys(run_id).plan, plan)
     return plan
@@ -1079,6 +1084,7 @@ def finalize_round(
             rejected=dict(sorted(rejected.items())),
             privacy=PrivacySummary.of(load_round_privacy(deployment, run_id)),
             deferred=plan.deferred,
+            capped_devices=plan.capped_devices,
         )
         if consume:
             ledger = Ledger(deployment.state)
@@ -1238,7 +1244,7 @@ def judge_unaddressable(
         except StoreError:
             failed.append((verdict, False))  # stays; the next round tries again
             continue
-        deployment.inbox.delete_unaddressable(info.key)
+        deployment.inbox.delete_unaddressable(info.key, etag=digest.etag)
         judged += 1
     return judged, failed
 
@@ -1341,8 +1347,10 @@ class JudgedBytesKeeper:
         """Whether ``size`` more bytes fit the device's quota (then they are counted).
 
         The device's usage is the listed size of its quarantine prefix (a server-side
-        fact), listed once per shard; shards running at once may each admit up to the
-        quota's remainder."""
+        fact), listed once per shard. That is exact within a round: the plan puts all of
+        a device's objects in one shard (the junk group too), and ``fl_round`` runs one
+        at a time (``max_active_runs=1``). Only two rounds started by hand at once (an
+        ``fl-admin round`` beside a DAG run) could each admit the remainder."""
         prefix = state_keys.quarantine_owner_prefix(inbox_key)
         if prefix not in self._used:
             self._used[prefix] = sum(info.size for info in self._state.list(prefix))

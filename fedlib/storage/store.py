@@ -199,8 +199,10 @@ class ObjectStore(Protocol):
         any other key: the ordinary methods name those)."""
         ...
 
-    def delete_unaddressable(self, key: str) -> None:
-        """:meth:`delete` of a key :meth:`list_unaddressable` yielded (ValueError else)."""
+    def delete_unaddressable(self, key: str, *, etag: str) -> bool:
+        """:meth:`delete` of a key :meth:`list_unaddressable` yielded (ValueError else),
+        only while its ETag is still ``etag`` (the version that was judged); whether it
+        was deleted (False: it changed, or is gone)."""
         ...
 
     def copy(self, src_key: str, dst_key: str, *, src_bucket: str | None = None) -> None:
@@ -692,16 +694,22 @@ class S3Store:
         except self._control_errors() as exc:
             raise self._control_error(exc, "get", key) from exc
 
-    def delete_unaddressable(self, key: str) -> None:
-        """:meth:`delete` of a key from :meth:`list_unaddressable`, by its exact name."""
+    def delete_unaddressable(self, key: str, *, etag: str) -> bool:
+        """:meth:`delete` of a key from :meth:`list_unaddressable`, by its exact name,
+        after a HEAD shows it is still the judged version (as :func:`delete_judged`
+        compares a fresh listing: a rewrite in between waits for the next round)."""
         _unaddressable_listed(key)
         try:
+            head = self._control().head_object(Bucket=self.bucket, Key=key)
+            if str(head.get("ETag", "")).strip('"') != etag:
+                return False
             self._control().delete_object(Bucket=self.bucket, Key=key)
         except self._control_errors() as exc:
             err = self._control_error(exc, "delete", key)
             if isinstance(err, NoSuchKey):
-                return
+                return False
             raise err from exc
+        return True
 
     def list_unaddressable(self, prefix: str, *, limit: int) -> Iterator[ObjectInfo]:
         """A ListObjectsV2 pass over ``prefix`` (control plane) keeping only such keys."""
@@ -1096,7 +1104,7 @@ class LocalStore:
     ) -> ObjectDigest:
         raise ValueError(f"{self.root} holds no object named {key!r}")
 
-    def delete_unaddressable(self, key: str) -> None:
+    def delete_unaddressable(self, key: str, *, etag: str) -> bool:
         raise ValueError(f"{self.root} holds no object named {key!r}")
 
     def exists(self, key: str) -> bool:
