@@ -11,14 +11,13 @@ from datetime import timedelta
 
 import numpy as np
 
-from fedlib.crypto import sealing
 from fedlib.server import round_runner as rr
 from fedlib.server import state_keys
 from fedlib.server.ledger import Ledger
 from fedlib.server.pipeline import run_round
-from fedlib.wire import compression, protocol
+from fedlib.wire import protocol
 from tests.test_fl_round_dag import T0, report_of, run_dag
-from tests.test_round_runner import enroll, upload_updates
+from tests.test_round_runner import enroll, put_dense_update, upload_updates
 
 #: The flood: more one-byte objects than a round's batch, under a prefix that sorts first.
 N_JUNK = 2000
@@ -35,31 +34,15 @@ def flood(deployment, count: int = N_JUNK) -> list[str]:
 
 def sealed(deployment, client_id, key, *, scale=0.0, update_id=None, created_at_ms=None):
     """A valid update of ``client_id`` (a small constant delta), put in the inbox."""
-    package = deployment.registry().read_active()
-    dim = package.metadata.num_params
-    blob = compression.encode(np.full(dim, scale), compression.CompressionConfig("dense32"))
-    meta = protocol.UpdateMeta.model_validate(
-        {
-            "schema": protocol.META_SCHEMA,
-            "model_kind": package.metadata.model_kind,
-            "num_params": dim,
-            "num_samples": 100,
-            "epochs": 1,
-            "compression": "dense32",
-        }
-    )
-    header, envelope = sealing.seal_update(
-        client_id=client_id,
-        client_key=key,
-        server_public_key=deployment.current_server_public_key(),
-        base_version=package.version,
-        payload=protocol.encode_payload(meta, blob),
+    dim = deployment.registry().read_active().metadata.num_params
+    return put_dense_update(
+        deployment,
+        client_id,
+        key,
+        np.full(dim, scale),
         update_id=update_id,
         created_at_ms=created_at_ms,
     )
-    object_key = protocol.inbox_key(client_id, header.update_id)
-    deployment.inbox.put(object_key, envelope)
-    return object_key, envelope
 
 
 def pending(deployment, prefix="updates/") -> list[str]:
