@@ -443,7 +443,7 @@ def render_performance(src: Mapping[str, Source]) -> str:
 
 def render_quality(src: Mapping[str, Source]) -> str:
     """README's model quality table (the synthetic fleet)."""
-    q, g = src["quality-autoencoder.json"], src["quality-gaussian.json"]
+    q, g, w = src["quality-autoencoder.json"], src["quality-gaussian.json"], src["wire.json"]
     same = "(identical)" if g.get("centralized_auc") == g.get("federated_auc") else ""
     lines = [
         f"Model quality (`make bench-quality`, {q.num('seeds', '.0f')} seeds, the synthetic "
@@ -474,7 +474,9 @@ def render_quality(src: Mapping[str, Source]) -> str:
         f"{g.num('global_client_auc', '.3f')}; pooled holdout "
         f"{q.num('personalized_pooled_auc', '.3f')} vs {q.num('global_pooled_auc', '.3f')} and "
         f"{g.num('personalized_pooled_auc', '.3f')} vs {g.num('global_pooled_auc', '.3f')} "
-        f"(`personalized_pooled_auc`).",
+        f"(`personalized_pooled_auc`). Bytes per update include the hybrid post-quantum "
+        f"sealing's {w.num('pq_cost.extra_bytes_per_update', '+,.0f')} B per envelope "
+        f"(`bench.wire`'s `pq_cost`), the default since these sizes were first published.",
     ]
     return "\n".join(lines)
 
@@ -672,6 +674,7 @@ def _goals_sources(results: Path) -> tuple[str, ...]:
     return tuple(names)
 
 
+QUALITY_SOURCES = ("quality-autoencoder.json", "quality-gaussian.json", "wire.json")
 PERFORMANCE_SOURCES = ("round.json", "round-memory.json", "aggregate.json", "wire.json")
 PERFORMANCE_SOURCES += ("client.json", "scaleout.json")
 TABLES: dict[str, Table] = {
@@ -684,7 +687,7 @@ TABLES: dict[str, Table] = {
             PERFORMANCE_SOURCES,
             render_performance,
         ),
-        Table("quality", ("quality-autoencoder.json", "quality-gaussian.json"), render_quality),
+        Table("quality", QUALITY_SOURCES, render_quality),
         Table("poisoning", ("poisoning.json",), render_poisoning),
         Table("targeted", ("targeted.json",), render_targeted),
         Table("load", ("round.json", "round-memory.json", "scaleout.json"), render_load),
