@@ -276,3 +276,33 @@ def test_a_device_s_objects_are_never_split_across_shards(deployment):
     assert plan.shard_count == 3 and sum(map(len, shards)) == 15
     for device_keys in keys.values():
         assert sum(bool(device_keys & shard) for shard in shards) == 1
+
+
+def test_one_flat_listing_plans_like_a_listing_per_device(deployment, monkeypatch):
+    """The plan reads devices from one flat listing of the inbox where it covers them
+    whole; cut short anywhere (a limit of 1, 4, 7 entries), the groups are the same as
+    with a listing per device, including a device over the cap."""
+    sizes = {"dev-a": 3, "dev-b": 1, "dev-c": 20, "dev-d": 2}
+    for client, n in sizes.items():
+        for _ in range(n):
+            deployment.inbox.put(protocol.inbox_key(client, protocol.new_update_id()), b"x")
+    deployment.inbox.put("updates/stray", b"x")
+
+    def groups() -> dict[str | None, tuple[list[str], bool]]:
+        return {
+            g.client_id: ([e[0].key for e in g.entries], g.capped)
+            for g in rr.inbox_groups(deployment, 16)
+        }
+
+    whole = groups()
+    assert {c: len(keys) for c, (keys, _) in whole.items()} == {
+        None: 1,
+        "dev-a": 3,
+        "dev-b": 1,
+        "dev-c": 16,
+        "dev-d": 2,
+    }
+    assert whole["dev-c"][1] and not whole["dev-a"][1]
+    for limit in (1, 4, 7, 30):
+        monkeypatch.setattr(rr, "FLAT_LISTING_LIMIT", limit)
+        assert groups() == whole, limit

@@ -267,14 +267,56 @@ def inbox_groups(
     if junk:
         yield group_of(None, junk, junk_limit)
 
+    known = listed_devices(deployment, [p for _, p in devices], cap + 1)
+
     def device_group(device: tuple[str, str]) -> _Group:
         client, prefix = device
-        return group_of(client, list(deployment.inbox.list(prefix, limit=cap + 1)), cap)
+        listed = known.get(prefix)
+        if listed is None:
+            listed = list(deployment.inbox.list(prefix, limit=cap + 1))
+        return group_of(client, listed[: cap + 1], cap)
 
     with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="plan") as pool:
         for group in pool.map(device_group, devices):
             if group.entries:
                 yield group
+
+
+#: Entries the plan's one flat listing of the inbox reads (see :func:`listed_devices`).
+FLAT_LISTING_LIMIT = 10_000
+
+
+def listed_devices(
+    deployment: Deployment, prefixes: list[str], per_device: int
+) -> dict[str, list[ObjectInfo]]:
+    """Each device prefix's objects (up to ``per_device``) from one flat listing of the
+    inbox, for the devices it covers whole; the others need a listing of their own.
+
+    Why: with one pending update per device, a listing per device is one request per
+    device; the flat listing reads 1,000 keys a request. A device's keys are contiguous
+    in any listing order (they share a prefix), so every device the listing has passed
+    is complete; only the one it stopped in may not be. At most
+    :data:`FLAT_LISTING_LIMIT` entries: a device flooding the start of the key space
+    costs the others that many entries, then they are listed one by one as before."""
+    wanted = set(prefixes)
+    found: dict[str, list[ObjectInfo]] = {}
+    last: str | None = None
+    count = 0
+    for info in deployment.inbox.list(INBOX, limit=FLAT_LISTING_LIMIT):
+        count += 1
+        head, sep, _ = info.key[len(INBOX) :].partition("/")
+        prefix = f"{INBOX}{head}/" if sep else None
+        last = prefix
+        if prefix in wanted:
+            entries = found.setdefault(prefix, [])
+            if len(entries) < per_device:
+                entries.append(info)
+    if count >= FLAT_LISTING_LIMIT and last is not None:
+        found.pop(last, None)  # the listing stopped inside it: list it on its own
+    elif count < FLAT_LISTING_LIMIT:  # the whole inbox: a device not seen has nothing
+        for prefix in wanted - found.keys():
+            found[prefix] = []
+    return found
 
 
 def plan_round(
