@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser test test-fast lint demo demo-stop bench bench-quality clean
+.PHONY: install browser test test-fast lint demo demo-stop bench bench-quality docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,11 @@ bench-quality: $(STAMP)
 	$(BIN)/python -m bench.poisoning --dataset bench/results/dataset.npz --seeds 3 --robust fltrust,trimmed_mean,median --json > bench/results/poisoning.json
 	$(BIN)/python -m bench.dp --dataset bench/results/dataset.npz --json > bench/results/dp.json
 	$(BIN)/python -m bench.targeted --seeds 3 --warmup 20 --rounds 12 --implant-fraction 2.0 --json > bench/results/targeted.json
+
+# The figure tables of README.md and RELIABILITY.md, rendered from bench/results/*.json
+# (tests/test_docs.py fails when the committed documents differ from this rendering).
+docs: $(STAMP)
+	$(BIN)/python -m bench.report
 
 clean:
 	rm -rf $(VENV) .state

@@ -11,14 +11,13 @@ from datetime import timedelta
 
 import numpy as np
 
-from fedlib.crypto import sealing
 from fedlib.server import round_runner as rr
 from fedlib.server import state_keys
 from fedlib.server.ledger import Ledger
 from fedlib.server.pipeline import run_round
-from fedlib.wire import compression, protocol
+from fedlib.wire import protocol
 from tests.test_fl_round_dag import T0, report_of, run_dag
-from tests.test_round_runner import enroll, upload_updates
+from tests.test_round_runner import enroll, put_dense_update, upload_updates
 
 #: The flood: more one-byte objects than a round's batch, under a prefix that sorts first.
 N_JUNK = 2000
@@ -35,31 +34,15 @@ def flood(deployment, count: int = N_JUNK) -> list[str]:
 
 def sealed(deployment, client_id, key, *, scale=0.0, update_id=None, created_at_ms=None):
     """A valid update of ``client_id`` (a small constant delta), put in the inbox."""
-    package = deployment.registry().read_active()
-    dim = package.metadata.num_params
-    blob = compression.encode(np.full(dim, scale), compression.CompressionConfig("dense32"))
-    meta = protocol.UpdateMeta.model_validate(
-        {
-            "schema": protocol.META_SCHEMA,
-            "model_kind": package.metadata.model_kind,
-            "num_params": dim,
-            "num_samples": 100,
-            "epochs": 1,
-            "compression": "dense32",
-        }
-    )
-    header, envelope = sealing.seal_update(
-        client_id=client_id,
-        client_key=key,
-        server_public_key=deployment.current_server_public_key(),
-        base_version=package.version,
-        payload=protocol.encode_payload(meta, blob),
+    dim = deployment.registry().read_active().metadata.num_params
+    return put_dense_update(
+        deployment,
+        client_id,
+        key,
+        np.full(dim, scale),
         update_id=update_id,
         created_at_ms=created_at_ms,
     )
-    object_key = protocol.inbox_key(client_id, header.update_id)
-    deployment.inbox.put(object_key, envelope)
-    return object_key, envelope
 
 
 def pending(deployment, prefix="updates/") -> list[str]:
@@ -150,9 +133,12 @@ def test_a_device_over_the_cap_keeps_the_rest_for_later_rounds(deployment):
     first = run_round(deployment, "cap-1")
     assert first.accepted == 2 and first.rejected == {"superseded": 15}, first.summary()
     assert rr.load_plan(deployment, "cap-1").capped_groups == 1
+    assert first.capped_devices == ["mallory"], first.summary()
+    assert "over the per-device cap (the rest waits): mallory" in first.summary()
     assert len(pending(deployment, "updates/mallory/")) == 4
     second = run_round(deployment, "cap-2", min_clients=1)
     assert second.accepted == 1 and second.rejected == {"superseded": 3}, second.summary()
+    assert second.capped_devices is None
     assert pending(deployment) == []
 
 
@@ -276,3 +262,47 @@ def test_list_level_finds_devices_without_walking_their_keys(deployment, tmp_pat
         assert level.objects[0].size == 1 and level.objects[0].last_modified_ms > 0
         assert store.list_level("updates/b/").prefixes == ["updates/b/x/"]
         assert store.list_level("nothing/").prefixes == []
+
+
+def test_a_device_s_objects_are_never_split_across_shards(deployment):
+    """Why the quarantine quota is exact within a round: whole devices per shard, even
+    when a device has more objects than a shard's size."""
+    keys = {}
+    for name in ("dev-a", "dev-b", "dev-c"):
+        key = enroll(deployment, name)
+        keys[name] = {sealed(deployment, name, key, scale=1e-3 * i)[0] for i in range(5)}
+    plan = rr.plan_round(deployment, "whole-devices", shard_size=4)
+    shards = [set(rr.load_shard(deployment, plan, i).keys) for i in range(plan.shard_count)]
+    assert plan.shard_count == 3 and sum(map(len, shards)) == 15
+    for device_keys in keys.values():
+        assert sum(bool(device_keys & shard) for shard in shards) == 1
+
+
+def test_one_flat_listing_plans_like_a_listing_per_device(deployment, monkeypatch):
+    """The plan reads devices from one flat listing of the inbox where it covers them
+    whole; cut short anywhere (a limit of 1, 4, 7 entries), the groups are the same as
+    with a listing per device, including a device over the cap."""
+    sizes = {"dev-a": 3, "dev-b": 1, "dev-c": 20, "dev-d": 2}
+    for client, n in sizes.items():
+        for _ in range(n):
+            deployment.inbox.put(protocol.inbox_key(client, protocol.new_update_id()), b"x")
+    deployment.inbox.put("updates/stray", b"x")
+
+    def groups() -> dict[str | None, tuple[list[str], bool]]:
+        return {
+            g.client_id: ([e[0].key for e in g.entries], g.capped)
+            for g in rr.inbox_groups(deployment, 16)
+        }
+
+    whole = groups()
+    assert {c: len(keys) for c, (keys, _) in whole.items()} == {
+        None: 1,
+        "dev-a": 3,
+        "dev-b": 1,
+        "dev-c": 16,
+        "dev-d": 2,
+    }
+    assert whole["dev-c"][1] and not whole["dev-a"][1]
+    for limit in (1, 4, 7, 30):
+        monkeypatch.setattr(rr, "FLAT_LISTING_LIMIT", limit)
+        assert groups() == whole, limit

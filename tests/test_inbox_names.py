@@ -269,9 +269,9 @@ def test_a_verdict_that_cannot_be_written_never_blocks_the_round(
     nor under the first device's ledger prefix. Each round finishes, writes every other
     verdict, reports the unwritten ones (count and key digests). The first device's
     accepted update is in the round's sum already: its verdict goes under a digest key at
-    once and its object goes. Mallory's junk stays in the inbox; after
-    ``verdict_write_attempts`` rounds it gets an ``unrecordable`` verdict under a digest
-    key, a bounded stub in quarantine, and goes."""
+    once and its object goes (uploaded again later, it is a replay). Mallory's junk stays
+    in the inbox; after ``verdict_write_attempts`` rounds it gets an ``unrecordable``
+    verdict under a digest key, a bounded stub in quarantine, and goes."""
     from fedlib.server.deployment import Deployment
     from scripts.seaweed import Credentials
     from tests.helpers import build_deployment
@@ -317,6 +317,7 @@ def test_a_verdict_that_cannot_be_written_never_blocks_the_round(
     limit = admin.settings.verdict_write_attempts
     first = upload_updates(admin, 1)  # accepted, but its own ledger key is refused
     (first_key,) = first
+    first_blob = admin.inbox.get(first_key)
     for attempt in range(1, limit):
         honest = upload_updates(admin, 2, start=2 * attempt - 1)
         report = run_round(server_side, f"unwritable-{attempt}")
@@ -331,7 +332,8 @@ def test_a_verdict_that_cannot_be_written_never_blocks_the_round(
             )
             fallback = json.loads(admin.state.get(state_keys.ledger_fallback(first_key)))
             assert fallback["accepted"] is True and fallback["key"] == first_key
-            assert Ledger(admin.state).read(first_key) is None
+            assert not admin.state.exists(state_keys.ledger_entry(first_key))
+            assert Ledger(admin.state).read(first_key).accepted is True  # via the digest
         else:
             assert (report.unrecorded.count, report.unrecorded.unrecordable) == (1, 0)
             assert report.unrecorded.sample == [digest]
@@ -352,6 +354,14 @@ def test_a_verdict_that_cannot_be_written_never_blocks_the_round(
     upload_updates(admin, 1, start=2 * limit - 1)
     clean = run_round(server_side, "unwritable-after")
     assert clean.unrecorded is None and clean.rejected == {}, clean.summary()
+
+    # The update judged under the digest key, uploaded again: a replay, never summed twice.
+    admin.inbox.put(first_key, first_blob)
+    upload_updates(admin, 1, start=1, seed=99)
+    again = run_round(admin, "unwritable-replayed")
+    assert again.accepted == 1 and again.rejected == {"replay": 1}, again.summary()
+    entry = Ledger(admin.state).read(first_key)
+    assert entry is not None and entry.reason == "replay", entry
 
 
 def test_the_251_character_name_through_the_fl_round_dag(airflow_deployment, dagbag):

@@ -24,7 +24,9 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -69,6 +71,7 @@ ROLLBACK = "tests/test_rollback.py::test_fl_admin_rollback_pins_like_the_dag_and
 CLIENT_RUN = (
     "tests/test_client.py::test_fl_client_killed_mid_spool_write_recovers_and_the_round_publishes"
 )
+DOCS = "tests/test_readme_commands.py::test_make_docs_runs_bench_report_which_changes_nothing"
 COMPOSE = "NOT RUN: no Docker daemon here; tests/test_compose.py validates docker-compose.yml"
 
 TABLE: dict[str, str] = {
@@ -141,6 +144,8 @@ TABLE: dict[str, str] = {
         "tests/test_plugin_api.py::test_json_api_with_a_token_matches_the_reports"
     ),
     "python -m bench.dp --json": "tests/test_bench_small.py::test_dp_small",
+    "python -m bench.report": DOCS,
+    "make docs": DOCS,
     "make test": ".ci/run",
     "make lint": ".ci/run",
     "make browser": ".ci/run",
@@ -176,6 +181,8 @@ EVIDENCE = {
     "set -a; . .state/demo/operator.env; set +a; .venv/bin/fl-admin status": "operator_command",
     "airflow api-server": "dashboard_server",
     "python -m bench.dp --json": "dp_main",
+    "python -m bench.report": '"-m", "bench.report"',
+    "make docs": "$(BIN)/python -m bench.report",
 }
 
 
@@ -300,3 +307,25 @@ def test_the_printed_connection_export_is_what_the_dags_read(tmp_path):
         endpoint_url="http://127.0.0.1:8333", access_key="KEY", secret_key="SECRET"
     ).airflow_connection()
     assert printed == ours
+
+
+def test_make_docs_runs_bench_report_which_changes_nothing(tmp_path):
+    """``make docs`` is ``python -m bench.report``; run in a copy of the documents and the
+    committed results (it rewrites files in place), it leaves every document as committed."""
+    recipe = re.search(r"^docs:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
+    assert recipe and recipe.group(1).strip() == "$(BIN)/python -m bench.report"
+    documents = ["README.md", "RELIABILITY.md", "docs/scale-out.md"]
+    for name in [*documents, "bench/__init__.py", "bench/report.py"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "bench" / "results", tmp_path / "bench" / "results")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.report"],
+        cwd=tmp_path,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in documents:
+        assert (tmp_path / name).read_text() == (ROOT / name).read_text(), name

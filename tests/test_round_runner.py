@@ -46,6 +46,24 @@ def upload_updates(deployment, count: int, *, seed: int = 0, start: int = 0):
 
 
 def forged_payload_update(deployment, client_id, key, delta, *, base_version=1, nan=False):
+    return put_dense_update(deployment, client_id, key, delta, base_version=base_version, nan=nan)[
+        0
+    ]
+
+
+def put_dense_update(
+    deployment,
+    client_id,
+    key,
+    delta,
+    *,
+    base_version=None,
+    nan=False,
+    update_id=None,
+    created_at_ms=None,
+):
+    """Seal ``delta`` (dense32, 100 samples) as ``client_id`` and put it in the inbox;
+    (object key, envelope). ``base_version`` None: the active version."""
     package = deployment.registry().read_active()
     blob = compression.encode(delta, compression.CompressionConfig("dense32"))
     if nan:  # a sender that does not use our encoder: NaN in the values
@@ -64,12 +82,14 @@ def forged_payload_update(deployment, client_id, key, delta, *, base_version=1, 
         client_id=client_id,
         client_key=key,
         server_public_key=deployment.current_server_public_key(),
-        base_version=base_version,
+        base_version=package.version if base_version is None else base_version,
         payload=protocol.encode_payload(meta, blob),
+        update_id=update_id,
+        created_at_ms=created_at_ms,
     )
     object_key = protocol.inbox_key(client_id, header.update_id)
     deployment.inbox.put(object_key, envelope)
-    return object_key
+    return object_key, envelope
 
 
 def test_round_publishes_then_waits(deployment):

@@ -659,9 +659,15 @@ def test_unaddressable_keys_are_listed_read_and_deleted_by_their_exact_name(
     assert (digest.size, digest.prefix) == (len(odd[0]), odd[0].encode()[:4])
     for ordinary in ("updates/c/fine", "/etc/passwd", ""):  # the ordinary methods, or none
         with pytest.raises(ValueError):
-            s3_bucket.delete_unaddressable(ordinary)
+            s3_bucket.delete_unaddressable(ordinary, etag=digest.etag)
         with pytest.raises(ValueError):
             s3_bucket.digest_unaddressable(ordinary)
-    s3_bucket.delete_unaddressable(odd[0])
+    # rewritten since it was judged: the new version stays (the next round judges it)
+    control.put_object(Bucket=s3_bucket.bucket, Key=odd[0], Body=b"rewritten")
+    assert s3_bucket.delete_unaddressable(odd[0], etag=digest.etag) is False
+    assert sorted(keys(s3_bucket.list_unaddressable("updates/", limit=10))) == sorted(odd)
+    fresh = s3_bucket.digest_unaddressable(odd[0])
+    assert s3_bucket.delete_unaddressable(odd[0], etag=fresh.etag) is True
     assert keys(s3_bucket.list_unaddressable("updates/", limit=10)) == [odd[1]]
+    assert s3_bucket.delete_unaddressable(odd[0], etag=fresh.etag) is False  # gone
     assert keys(s3_bucket.list("updates/")) == ["updates/c/fine"]

@@ -268,18 +268,8 @@ class StreamingAggregator:
     def add(self, delta: DecodedDelta, weight: float) -> int:
         """Add ``weight * delta``; returns the quantized weight actually used (units 2**-16)."""
         units = admit(delta, weight, self.dim, self.config)
-        scale = np.float64(math.ldexp(float(units), self._grid - WEIGHT_FRACTION_BITS))
-        values, indices = delta.values, delta.indices
-        for start in range(0, values.shape[0], _CHUNK):
-            part = values[start : start + _CHUNK]
-            q = _offset_rounded(part, scale, self._scratch[: part.shape[0]])
-            if indices is None:  # every coordinate gets the offset: it comes off in _carry
-                lo = self._lo[start : start + part.shape[0]]
-                np.add(lo, q, out=lo)
-            else:
-                np.subtract(q, _ROUNDER_BITS, out=q)
-                self._lo[indices[start : start + _CHUNK]] += q
-        if indices is None:
+        self._accumulate(delta, units, np.add)
+        if delta.indices is None:  # every coordinate got the offset: it comes off in _carry
             self._dense_pending += 1
         self.count += 1
         self.weight_units += units
@@ -287,6 +277,24 @@ class StreamingAggregator:
         if self._pending >= _CARRY_EVERY:
             self._carry()
         return units
+
+    def _accumulate(self, delta: DecodedDelta, units: int, op: np.ufunc) -> None:
+        """``op`` (add or subtract) the quantized ``units * 2**-16 * delta`` into the sum.
+
+        Dense deltas carry the rounding offset on every coordinate (settled in
+        :meth:`_carry`); sparse ones drop it here, per coordinate."""
+        scale = np.float64(math.ldexp(float(units), self._grid - WEIGHT_FRACTION_BITS))
+        values, indices = delta.values, delta.indices
+        for start in range(0, values.shape[0], _CHUNK):
+            part = values[start : start + _CHUNK]
+            q = _offset_rounded(part, scale, self._scratch[: part.shape[0]])
+            if indices is None:
+                lo = self._lo[start : start + part.shape[0]]
+                op(lo, q, out=lo)
+            else:
+                np.subtract(q, _ROUNDER_BITS, out=q)
+                where = indices[start : start + _CHUNK]
+                self._lo[where] = op(self._lo[where], q)
 
     def remove(self, delta: DecodedDelta, units: int) -> None:
         """Subtract exactly what ``add(delta, units * 2**-16)`` added (same quantization).
@@ -298,18 +306,8 @@ class StreamingAggregator:
             raise ValueError(f"delta has {delta.dim} params, aggregator {self.dim}")
         if units < 1 or self.count < 1 or units > self.weight_units:
             raise ValueError(f"cannot remove {units} weight units from this sum")
-        scale = np.float64(math.ldexp(float(units), self._grid - WEIGHT_FRACTION_BITS))
-        values, indices = delta.values, delta.indices
-        for start in range(0, values.shape[0], _CHUNK):
-            part = values[start : start + _CHUNK]
-            q = _offset_rounded(part, scale, self._scratch[: part.shape[0]])
-            if indices is None:  # the offset comes off too: one dense add fewer pending
-                lo = self._lo[start : start + part.shape[0]]
-                np.subtract(lo, q, out=lo)
-            else:
-                np.subtract(q, _ROUNDER_BITS, out=q)
-                self._lo[indices[start : start + _CHUNK]] -= q
-        if indices is None:
+        self._accumulate(delta, units, np.subtract)
+        if delta.indices is None:  # the offset came off too: one dense add fewer pending
             self._dense_pending -= 1  # may go negative: _carry adds the offset back
         self.count -= 1
         self.weight_units -= units

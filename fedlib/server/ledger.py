@@ -24,8 +24,22 @@ class Ledger:
     def verdict_key(self, inbox_key: str) -> str:
         return state_keys.ledger_entry(inbox_key)
 
-    def has_verdict(self, inbox_key: str) -> bool:
+    def has_verdict(self, inbox_key: str, fallback: set[str] | None = None) -> bool:
+        """Whether ``inbox_key`` was judged: its own entry, or (``fallback``: the digests
+        from :meth:`fallback_digests`) an entry under the digest of its name, where a
+        verdict goes when its own key could not be written."""
+        if fallback is not None and state_keys.key_digest(inbox_key) in fallback:
+            return True
         return self.state.exists(self.verdict_key(inbox_key))
+
+    def fallback_digests(self) -> set[str]:
+        """Key digests of the verdicts written under ``ledger/_unrecordable/``: one listing
+        (entries appear only when the state store refused a write, so it stays short)."""
+        return {
+            digest
+            for info in self.state.list(state_keys.LEDGER + state_keys.UNRECORDABLE)
+            if (digest := state_keys.fallback_digest(info.key)) is not None
+        }
 
     def processed_keys(self, client_id: str | None = None) -> set[str]:
         """Inbox keys that already have a verdict (of one client, or of everyone)."""
@@ -101,11 +115,15 @@ class Ledger:
         return self._put_once(self.verdict_key(verdict.key), doc)
 
     def read(self, inbox_key: str) -> LedgerEntry | None:
-        try:
-            data = self.state.get(self.verdict_key(inbox_key), max_bytes=1 << 20)
-        except NoSuchKey:
-            return None
-        return LedgerEntry.from_json(data, what=self.verdict_key(inbox_key))
+        """The verdict of ``inbox_key``: its own entry, else the one written under the
+        digest of its name (:meth:`record_fallback`, :meth:`record_unrecordable`)."""
+        for key in (self.verdict_key(inbox_key), state_keys.ledger_fallback(inbox_key)):
+            try:
+                data = self.state.get(key, max_bytes=1 << 20)
+            except NoSuchKey:
+                continue
+            return LedgerEntry.from_json(data, what=key)
+        return None
 
     def verdicts(self) -> Iterable[LedgerEntry]:
         for info in self.state.list(state_keys.LEDGER):

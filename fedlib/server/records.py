@@ -167,6 +167,8 @@ class RoundPlan(Record):
     #: Devices (and the junk group) with more inbox objects than the plan could list
     #: (``max_objects_per_device``): the rest stays for later rounds.
     capped_groups: int | None = None
+    #: The capped devices by id, first :data:`CAPPED_DEVICES_LISTED` in name order.
+    capped_devices: list[str] | None = None
 
     @property
     def shard_run(self) -> str:
@@ -497,6 +499,10 @@ class PrivacySummary(Record):
 # -- the report ---------------------------------------------------------------------------------
 
 
+#: How many capped devices a plan and a report name (the count is in ``capped_groups``).
+CAPPED_DEVICES_LISTED = 20
+
+
 class RoundReport(Record):
     """A finished round (``reports/<run>.json``): what the rounds page, ``fl-admin status``
     and the task log's summary show."""
@@ -520,6 +526,9 @@ class RoundReport(Record):
     privacy: PrivacySummary | None = None
     #: Inbox objects the plan left for later rounds, by reason (:class:`RoundPlan`).
     deferred: dict[str, int] | None = None
+    #: Devices that had more inbox objects than ``max_objects_per_device`` (the rest
+    #: stays for later rounds), first :data:`CAPPED_DEVICES_LISTED` by id.
+    capped_devices: list[str] | None = None
     #: Each device's accepted count and weight share (None: reports before them).
     devices: list[DeviceShare] | None = None
     largest_weight_share: float | None = None
@@ -541,6 +550,10 @@ class RoundReport(Record):
         ]
         if self.deferred:
             lines.append(f"  left in the inbox for later rounds: {self.deferred}")
+        if self.capped_devices:
+            lines.append(
+                "  over the per-device cap (the rest waits): " + ", ".join(self.capped_devices)
+            )
         if self.largest_weight_share is not None:
             lines.append(
                 f"  devices: {len(self.devices or ())}, largest weight share "

@@ -45,6 +45,7 @@ from fedlib.server.aggregation import (
 from fedlib.server.deployment import Deployment, Holdout
 from fedlib.server.ledger import Ledger
 from fedlib.server.records import (
+    CAPPED_DEVICES_LISTED,
     AggregateResult,
     CandidateResult,
     Decision,
@@ -237,9 +238,11 @@ def inbox_groups(
     under a segment that is not a client id form one junk group, listed up to
     ``junk_limit`` (default ``cap``): it may take what the devices leave of the batch.
     Objects received after ``interval_end_ms`` are left out (entries of no group); each
-    listed object gets one ledger lookup (bounded by the cap, not by a device's history).
+    listed object gets one ledger lookup (bounded by the cap, not by a device's history),
+    plus one listing of the digest-named fallback verdicts per plan.
     Devices are listed ``SHARD_IO_CONCURRENCY`` at a time, yielded in name order."""
     ledger = Ledger(deployment.state)
+    fallback = ledger.fallback_digests()  # judged, but under the digest of their name
     level = deployment.inbox.list_level(INBOX)
 
     junk_limit = cap if junk_limit is None else junk_limit
@@ -252,7 +255,7 @@ def inbox_groups(
                 entries.append((info, False, True))  # marked late: dropped by the plan
                 continue
             well_formed = client is not None and _well_formed(info.key)
-            entries.append((info, well_formed, ledger.has_verdict(info.key)))
+            entries.append((info, well_formed, ledger.has_verdict(info.key, fallback)))
         return _Group(client, entries, capped=capped)
 
     junk: list[ObjectInfo] = list(level.objects[: junk_limit + 1])
@@ -266,14 +269,56 @@ def inbox_groups(
     if junk:
         yield group_of(None, junk, junk_limit)
 
+    known = listed_devices(deployment, [p for _, p in devices], cap + 1)
+
     def device_group(device: tuple[str, str]) -> _Group:
         client, prefix = device
-        return group_of(client, list(deployment.inbox.list(prefix, limit=cap + 1)), cap)
+        listed = known.get(prefix)
+        if listed is None:
+            listed = list(deployment.inbox.list(prefix, limit=cap + 1))
+        return group_of(client, listed[: cap + 1], cap)
 
     with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="plan") as pool:
         for group in pool.map(device_group, devices):
             if group.entries:
                 yield group
+
+
+#: Entries the plan's one flat listing of the inbox reads (see :func:`listed_devices`).
+FLAT_LISTING_LIMIT = 10_000
+
+
+def listed_devices(
+    deployment: Deployment, prefixes: list[str], per_device: int
+) -> dict[str, list[ObjectInfo]]:
+    """Each device prefix's objects (up to ``per_device``) from one flat listing of the
+    inbox, for the devices it covers whole; the others need a listing of their own.
+
+    Why: with one pending update per device, a listing per device is one request per
+    device; the flat listing reads 1,000 keys a request. A device's keys are contiguous
+    in any listing order (they share a prefix), so every device the listing has passed
+    is complete; only the one it stopped in may not be. At most
+    :data:`FLAT_LISTING_LIMIT` entries: a device flooding the start of the key space
+    costs the others that many entries, then they are listed one by one as before."""
+    wanted = set(prefixes)
+    found: dict[str, list[ObjectInfo]] = {}
+    last: str | None = None
+    count = 0
+    for info in deployment.inbox.list(INBOX, limit=FLAT_LISTING_LIMIT):
+        count += 1
+        head, sep, _ = info.key[len(INBOX) :].partition("/")
+        prefix = f"{INBOX}{head}/" if sep else None
+        last = prefix
+        if prefix in wanted:
+            entries = found.setdefault(prefix, [])
+            if len(entries) < per_device:
+                entries.append(info)
+    if count >= FLAT_LISTING_LIMIT and last is not None:
+        found.pop(last, None)  # the listing stopped inside it: list it on its own
+    elif count < FLAT_LISTING_LIMIT:  # the whole inbox: a device not seen has nothing
+        for prefix in wanted - found.keys():
+            found[prefix] = []
+    return found
 
 
 def plan_round(
@@ -387,6 +432,7 @@ def plan_round(
                 replay_count += 1
     flush()
     capped = sum(g.capped for g in groups)
+    capped_devices = sorted(g.client_id for g in groups if g.capped and g.client_id is not None)
     if waiting:
         message = f"waiting: {fresh_clients} of {need} clients"
         if updates:
@@ -410,6 +456,7 @@ def plan_round(
         holdout_version=deployment.holdout_version(),
         deferred={k: v for k, v in sorted(deferred.items()) if v} or None,
         capped_groups=capped or None,
+        capped_devices=capped_devices[:CAPPED_DEVICES_LISTED] or None,
     )
     put_record(deployment, RunKeys(run_id).plan, plan)
     return plan
@@ -1082,6 +1129,7 @@ def finalize_round(
             rejected=dict(sorted(rejected.items())),
             privacy=PrivacySummary.of(load_round_privacy(deployment, run_id)),
             deferred=plan.deferred,
+            capped_devices=plan.capped_devices,
         )
         if consume:
             ledger = Ledger(deployment.state)
@@ -1241,7 +1289,7 @@ def judge_unaddressable(
         except StoreError:
             failed.append((verdict, False))  # stays; the next round tries again
             continue
-        deployment.inbox.delete_unaddressable(info.key)
+        deployment.inbox.delete_unaddressable(info.key, etag=digest.etag)
         judged += 1
     return judged, failed
 
@@ -1344,8 +1392,10 @@ class JudgedBytesKeeper:
         """Whether ``size`` more bytes fit the device's quota (then they are counted).
 
         The device's usage is the listed size of its quarantine prefix (a server-side
-        fact), listed once per shard; shards running at once may each admit up to the
-        quota's remainder."""
+        fact), listed once per shard. That is exact within a round: the plan puts all of
+        a device's objects in one shard (the junk group too), and ``fl_round`` runs one
+        at a time (``max_active_runs=1``). Only two rounds started by hand at once (an
+        ``fl-admin round`` beside a DAG run) could each admit the remainder."""
         prefix = state_keys.quarantine_owner_prefix(inbox_key)
         if prefix not in self._used:
             self._used[prefix] = sum(info.size for info in self._state.list(prefix))

@@ -194,6 +194,14 @@ def ledger_fallback(inbox_key: str) -> str:
     return f"{LEDGER}{UNRECORDABLE}{key_digest(inbox_key)}{_JSON}"
 
 
+def fallback_digest(key: str) -> str | None:
+    """The key digest a :func:`ledger_fallback` entry is named by (None for other keys)."""
+    prefix = LEDGER + UNRECORDABLE
+    if not key.startswith(prefix) or not key.endswith(_JSON):
+        return None
+    return key[len(prefix) : -len(_JSON)]
+
+
 def verdict_attempts(inbox_key: str) -> str:
     return f"{VERDICT_ATTEMPTS}{key_digest(inbox_key)}{_JSON}"
 

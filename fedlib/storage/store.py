@@ -199,8 +199,10 @@ class ObjectStore(Protocol):
         any other key: the ordinary methods name those)."""
         ...
 
-    def delete_unaddressable(self, key: str) -> None:
-        """:meth:`delete` of a key :meth:`list_unaddressable` yielded (ValueError else)."""
+    def delete_unaddressable(self, key: str, *, etag: str) -> bool:
+        """:meth:`delete` of a key :meth:`list_unaddressable` yielded (ValueError else),
+        only while its ETag is still ``etag`` (the version that was judged); whether it
+        was deleted (False: it changed, or is gone)."""
         ...
 
     def copy(self, src_key: str, dst_key: str, *, src_bucket: str | None = None) -> None:
@@ -692,40 +694,48 @@ class S3Store:
         except self._control_errors() as exc:
             raise self._control_error(exc, "get", key) from exc
 
-    def delete_unaddressable(self, key: str) -> None:
-        """:meth:`delete` of a key from :meth:`list_unaddressable`, by its exact name."""
+    def delete_unaddressable(self, key: str, *, etag: str) -> bool:
+        """:meth:`delete` of a key from :meth:`list_unaddressable`, by its exact name,
+        after a HEAD shows it is still the judged version (as :func:`delete_judged`
+        compares a fresh listing: a rewrite in between waits for the next round)."""
         _unaddressable_listed(key)
         try:
+            head = self._control().head_object(Bucket=self.bucket, Key=key)
+            if str(head.get("ETag", "")).strip('"') != etag:
+                return False
             self._control().delete_object(Bucket=self.bucket, Key=key)
         except self._control_errors() as exc:
             err = self._control_error(exc, "delete", key)
             if isinstance(err, NoSuchKey):
-                return
+                return False
             raise err from exc
+        return True
 
     def list_unaddressable(self, prefix: str, *, limit: int) -> Iterator[ObjectInfo]:
         """A ListObjectsV2 pass over ``prefix`` (control plane) keeping only such keys."""
+        odd = (info for info in self._control_objects(prefix) if not _addressable(info.key))
+        yield from itertools.islice(odd, limit)
+
+    def _control_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Every object under ``prefix`` through ListObjectsV2, page by page (lazily)."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-        found = 0
-        while found < limit:
+        if start_after:
+            kwargs["StartAfter"] = start_after
+        while True:
             try:
                 page = self._control().list_objects_v2(**kwargs)
             except self._control_errors() as exc:
                 raise self._control_error(exc, "list") from exc
             for obj in page.get("Contents", ()):
-                if _addressable(obj["Key"]):
-                    continue
                 yield ObjectInfo(
                     obj["Key"],
                     int(obj["Size"]),
                     str(obj.get("ETag", "")).strip('"'),
                     int(obj["LastModified"].timestamp() * 1000),
                 )
-                found += 1
-                if found >= limit:
-                    return
             if not page.get("IsTruncated"):
                 return
+            kwargs.pop("StartAfter", None)
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def exists(self, key: str) -> bool:
@@ -817,32 +827,15 @@ class S3Store:
         self, prefix: str, start_after: str | None, limit: int | None
     ) -> Iterator[ObjectInfo]:
         """The rest of a listing through boto3 (see :meth:`list`), addressable keys only."""
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-        if start_after:
-            kwargs["StartAfter"] = start_after
         yielded = 0
-        while True:
-            try:
-                page = self._control().list_objects_v2(**kwargs)
-            except self._control_errors() as exc:
-                raise self._control_error(exc, "list") from exc
-            for obj in page.get("Contents", ()):
-                if not _addressable(obj["Key"]):
-                    log.warning("s3://%s: skipping unaddressable key %r", self.bucket, obj["Key"])
-                    continue
-                yield ObjectInfo(
-                    obj["Key"],
-                    int(obj["Size"]),
-                    str(obj.get("ETag", "")).strip('"'),
-                    int(obj["LastModified"].timestamp() * 1000),
-                )
-                yielded += 1
-                if limit is not None and yielded >= limit:
-                    return
-            if not page.get("IsTruncated"):
+        for info in self._control_objects(prefix, start_after):
+            if not _addressable(info.key):
+                log.warning("s3://%s: skipping unaddressable key %r", self.bucket, info.key)
+                continue
+            yield info
+            yielded += 1
+            if limit is not None and yielded >= limit:
                 return
-            kwargs.pop("StartAfter", None)
-            kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def list_level(self, prefix: str) -> ListLevel:
         """A delimited listing (one request per 1,000 entries); a level holding a key
@@ -1096,7 +1089,7 @@ class LocalStore:
     ) -> ObjectDigest:
         raise ValueError(f"{self.root} holds no object named {key!r}")
 
-    def delete_unaddressable(self, key: str) -> None:
+    def delete_unaddressable(self, key: str, *, etag: str) -> bool:
         raise ValueError(f"{self.root} holds no object named {key!r}")
 
     def exists(self, key: str) -> bool:
