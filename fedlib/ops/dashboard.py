@@ -168,6 +168,9 @@ class VersionRow:
     version: int
     auc: float | None = None
     ap: float | None = None
+    #: The AUC's 95% bootstrap interval on the evaluation rows (None: not recorded).
+    auc_low: float | None = None
+    auc_high: float | None = None
     parent_version: int | None = None
     rollback_of: int | None = None
     rollback_reason: str | None = None
@@ -423,6 +426,8 @@ def _read_version_row(
         version=version,
         auc=_float_or_none(meta.metrics.get("auc")),
         ap=_float_or_none(meta.metrics.get("ap")),
+        auc_low=_float_or_none(meta.metrics.get("auc_low")),
+        auc_high=_float_or_none(meta.metrics.get("auc_high")),
         parent_version=meta.parent_version,
         rollback_of=meta.rollback_of,
         rollback_reason=meta.rollback_reason,

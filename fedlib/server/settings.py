@@ -95,6 +95,14 @@ class ServerSettings(BaseModel):
     threshold_quantile: float = Field(
         0.99, gt=0, lt=1, description="Benign-score quantile that becomes the flag threshold."
     )
+    holdout_calibration_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Share of the holdout's rows (per label and class, by a keyed hash of "
+        "each row) that calibrate: the threshold, the FLTrust reference and the gate's "
+        "comparison. The other rows evaluate: every published figure is computed on them.",
+    )
     staleness_exponent: float = Field(
         0.5, ge=0, description="Weight of an update s versions stale: 1/(1+s)**exponent."
     )
