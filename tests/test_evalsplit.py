@@ -11,6 +11,8 @@ keeps old rows in their part, and ``fl-admin holdout`` reports the parts and war
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 
 import numpy as np
@@ -267,12 +269,16 @@ def test_adding_evaluation_rows_moves_neither_threshold_nor_reference_but_the_fp
     assert ref1 is not None and ref2 is not None and np.array_equal(ref1, ref2)
 
 
-def test_the_split_key_is_made_once_per_deployment(s3_config, tmp_path, small_dataset):
-    one = build_deployment(s3_config, tmp_path / "a", small_dataset)
-    two = build_deployment(s3_config, tmp_path / "b", small_dataset)
-    assert one.holdout_split_key() == one.holdout_split_key() != two.holdout_split_key()
-    stored = records.HoldoutSplitKey.from_json(one.state.get(state_keys.HOLDOUT_SPLIT_KEY))
-    assert bytes.fromhex(stored.key) == one.holdout_split_key()
+def test_the_split_key_is_made_once_per_deployment(admin_env, capsys):
+    """``fl-admin init`` draws a deployment's key (the test helper pins one instead)."""
+    from fedlib.ops.admin import _deployment
+
+    assert admin_main(["init", "--holdout", str(admin_env["holdout"])]) == 0
+    capsys.readouterr()
+    dep = _deployment(argparse.Namespace(config=None))
+    stored = records.HoldoutSplitKey.from_json(dep.state.get(state_keys.HOLDOUT_SPLIT_KEY))
+    assert bytes.fromhex(stored.key) == dep.holdout_split_key() == dep.holdout_split_key()
+    assert len(stored.key) == 64 and stored.key != hashlib.sha256(b"").hexdigest()
 
 
 def test_fl_admin_holdout_reports_the_parts_and_warns_when_anomalies_are_few(
