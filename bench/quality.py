@@ -12,9 +12,10 @@ and aggregates them (``fedlib.server.rounds``), builds the candidate and exports
 final model is scored by onnxruntime on the labeled holdout's evaluation rows
 (:func:`holdout_split`, the server's split: the threshold, the FLTrust reference and the
 gate see only the calibration rows, so no printed figure is measured on rows that fitted
-anything). Baselines on the same evaluation rows: the same kind trained centrally on the pooled client rows, each client alone
-(``local_only_auc``, mean over clients), a centralized IsolationForest, and the
-no-training floor (distance from the mean of the scaled features).
+anything). Baselines on the same evaluation rows: the same kind trained centrally on
+the pooled client rows, each client alone (``local_only_auc``, mean over clients), a
+centralized IsolationForest, and the no-training floor (distance from the mean of the
+scaled features).
 
 ``--paired MODE`` trains a second federation per seed that differs only in the
 compression mode (same init, client seeds and server optimizer), and reports it as
@@ -400,6 +401,7 @@ def personalized_metrics(data: Dataset, ids: list[str], package: ModelPackage) -
     out["personalized_minus_global_client"] = out["personalized_auc"] - out["global_client_auc"]
     if data.holdout_owner is not None:
         keep = np.isin(data.holdout_owner, list(cals))
+        keep[holdout_split(data)[0]] = False  # the evaluation rows, as the federated AUC
         x, y, owner = data.holdout_X[keep], data.holdout_y[keep], data.holdout_owner[keep]
         g = onnx_score(onnx, x)[0]
         personal = np.empty_like(g)

@@ -307,3 +307,20 @@ def test_fl_admin_holdout_reports_the_parts_and_warns_when_anomalies_are_few(
     assert "evaluation" in out.out and "calibration" in out.out
     assert "WARNING: the evaluation part has" in out.err
     assert f"(< {MIN_EVALUATION_ANOMALIES})" in out.err
+
+
+# -- the bench ----------------------------------------------------------------------------------
+
+
+def test_bench_figures_are_on_evaluation_rows_next_to_the_in_sample_ones(small_dataset, capsys):
+    """``bench.quality``'s FPR is the evaluation rows' (``bench.evalsplit`` recomputes it
+    there), and the protocol before the split is 1% by construction on its own rows."""
+    from bench.evalsplit import main as evalsplit_main
+
+    assert evalsplit_main(["--dataset", str(small_dataset), "--seeds", "1", "--rounds", "2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["calibration_rows"] + doc["evaluation_rows"] == doc["holdout_rows"]
+    assert doc["federated_fpr_reported_by_quality"] == doc["out_of_sample_fpr"]
+    benign = doc["holdout_rows"] - doc["calibration_anomalies"] - doc["evaluation_anomalies"]
+    assert abs(doc["in_sample_whole_holdout_fpr"] - 0.01) <= 1 / benign
+    assert doc["auc_low"] <= doc["out_of_sample_auc"] <= doc["auc_high"]
