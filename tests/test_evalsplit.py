@@ -234,6 +234,23 @@ def test_a_round_publishes_figures_measured_on_rows_its_threshold_never_saw(
     assert f"gate on the {cal.labels.size} calibration rows" in report.message
     assert "evaluation rows AUC / AP" in report.summary()
 
+    # the interval is shown: on the rounds page (the dashboard's own renderer, from the
+    # stored report) and in `fl-admin status`'s document
+    from starlette.requests import Request
+
+    from fedlib.integrations.airflow.dashboard_app import Links, rounds_table, versions_table
+    from fedlib.ops import dashboard
+    from fedlib.ops.admin import status_document
+
+    shown = f"[{published['auc_low']:.3f}, {published['auc_high']:.3f}]"
+    links = Links(Request({"type": "http", "root_path": ""}))
+    assert shown in rounds_table(links, dashboard.rounds(deployment, limit=5).items)
+    assert shown in versions_table(dashboard.versions(deployment).items, links)
+    status = status_document(deployment)
+    (v2,) = (v for v in status["versions"] if v["version"] == 2)
+    assert (v2["auc_low"], v2["auc_high"]) == (published["auc_low"], published["auc_high"])
+    assert status["recent_rounds"][0]["candidate_auc_high"] == published["auc_high"]
+
 
 def test_adding_evaluation_rows_moves_neither_threshold_nor_reference_but_the_fpr(
     s3_config, tmp_path, small_dataset
@@ -295,6 +312,8 @@ def test_fl_admin_holdout_reports_the_parts_and_warns_when_anomalies_are_few(
     assert doc["calibration"]["anomalies"] + doc["evaluation"]["anomalies"] == data.holdout_y.sum()
     active = doc["active"]
     assert active["auc_low"] <= active["auc"] <= active["auc_high"]
+    assert admin_main(["status"]) == 0  # version 1's published AUC with its interval
+    assert f"[{active['auc_low']:.3f}, {active['auc_high']:.3f}]" in capsys.readouterr().out
 
     # a holdout with 24 anomalies: about 12 evaluate, below the rule's 30
     y = data.holdout_y
