@@ -312,6 +312,9 @@ def test_fl_admin_holdout_reports_the_parts_and_warns_when_anomalies_are_few(
     assert doc["calibration"]["anomalies"] + doc["evaluation"]["anomalies"] == data.holdout_y.sum()
     active = doc["active"]
     assert active["auc_low"] <= active["auc"] <= active["auc_high"]
+    # ~50 evaluation anomalies under an untrained model: an interval far wider than 0.02
+    assert any("interval" in w for w in doc["warnings"]), doc
+    assert "WARNING: the active model's AUC interval" in out.err
     assert admin_main(["status"]) == 0  # version 1's published AUC with its interval
     assert f"[{active['auc_low']:.3f}, {active['auc_high']:.3f}]" in capsys.readouterr().out
 

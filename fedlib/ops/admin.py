@@ -157,7 +157,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         registry.publish(package)
         print(
             f"published version 1 ({package.metadata.model_kind}, "
-            f"holdout AUC {package.metadata.metrics['auc']:.3f})"
+            f"AUC {package.metadata.metrics['auc']:.3f} on the holdout's evaluation rows)"
         )
     else:
         print(f"models already published (active version {registry.active_version()})")

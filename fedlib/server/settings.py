@@ -120,7 +120,8 @@ class ServerSettings(BaseModel):
     robust_aggregation: Literal["none", "fltrust", "trimmed_mean", "median"] = Field(
         "none",
         description="Poisoning defense (fedlib/robust.py): fltrust weights each update by "
-        "its agreement with a delta trained on the holdout's benign rows (streaming); "
+        "its agreement with a delta trained on the benign calibration rows of the holdout "
+        "(streaming); "
         "trimmed_mean/median replace the mean (devices send dense16; reduce holds "
         "4 bytes x updates x params).",
     )
