@@ -530,7 +530,9 @@ def build_app() -> FastAPI:
         body = (
             f"{integrity_html(data(dashboard.models_integrity))}"
             f'<div class="plot">{plot}</div>'
-            f'<p>Newest first. <a href="{esc(links.app)}/api/rounds">JSON</a></p>'
+            "<p>Newest first. AUC / AP on the holdout's evaluation rows (the gate compares "
+            "on its calibration rows), with the AUC's 95% bootstrap interval. "
+            f'<a href="{esc(links.app)}/api/rounds">JSON</a></p>'
             f"{pager(links.app + '/rounds', page)}{rounds_table(links, page.items)}"
             f"{pager(links.app + '/rounds', page)}"
         )
