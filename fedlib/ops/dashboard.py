@@ -155,6 +155,9 @@ class RoundRow:
     devices: tuple[DeviceShareRow, ...] = ()
     largest_weight_share: float | None = None
     largest_share_client: str | None = None
+    #: Which holdout rows the metrics are on: "evaluation" (None: reports before the split,
+    #: whole holdout).
+    metrics_part: str | None = None
 
     @property
     def rejected_total(self) -> int:
@@ -339,6 +342,7 @@ def _round_row(deployment: Deployment, info: ObjectInfo) -> RoundRow | None:
         ),
         largest_weight_share=_float_or_none(report.largest_weight_share),
         largest_share_client=report.largest_share_client,
+        metrics_part=(report.active_metrics.part if report.active_metrics else None),
     )
 
 
