@@ -75,6 +75,7 @@ bench-quality: $(STAMP)
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --kind gaussian --json > bench/results/quality-gaussian.json
 	$(BIN)/python -m bench.poisoning --dataset bench/results/dataset.npz --seeds 3 --robust fltrust,trimmed_mean,median --json > bench/results/poisoning.json
 	$(BIN)/python -m bench.dp --dataset bench/results/dataset.npz --json > bench/results/dp.json
+	$(BIN)/python -m bench.evalsplit --dataset bench/results/dataset.npz --seeds 5 --json > bench/results/evalsplit.json
 	$(BIN)/python -m bench.targeted --seeds 3 --warmup 20 --rounds 12 --implant-fraction 2.0 --json > bench/results/targeted.json
 
 # The figure tables of README.md and RELIABILITY.md, rendered from bench/results/*.json

@@ -9,10 +9,13 @@ Runs the real protocol path in-process: each client trains from the verified glo
 package (``client.update.make_update``: local epochs, clipping, top-k + 16-bit with
 error feedback, HPKE sealing, Ed25519 signing); the server opens, verifies, validates
 and aggregates them (``fedlib.server.rounds``), builds the candidate and exports ONNX; the
-final model is scored by onnxruntime on the labeled holdout. Baselines on the same
-rows: the same kind trained centrally on the pooled client rows, each client alone
-(``local_only_auc``, mean over clients), a centralized IsolationForest, and the
-no-training floor (distance from the mean of the scaled features).
+final model is scored by onnxruntime on the labeled holdout's evaluation rows
+(:func:`holdout_split`, the server's split: the threshold, the FLTrust reference and the
+gate see only the calibration rows, so no printed figure is measured on rows that fitted
+anything). Baselines on the same evaluation rows: the same kind trained centrally on
+the pooled client rows, each client alone (``local_only_auc``, mean over clients), a
+centralized IsolationForest, and the no-training floor (distance from the mean of the
+scaled features).
 
 ``--paired MODE`` trains a second federation per seed that differs only in the
 compression mode (same init, client seeds and server optimizer), and reports it as
@@ -69,7 +72,7 @@ from bench.make_dataset import Dataset, load_dataset
 from client.calibration import CalibrationError, DeviceCalibration, fit_calibration
 from client.update import make_update, seal_delta
 from fedlib.crypto import sealing
-from fedlib.models.evaluation import evaluate_onnx, gate
+from fedlib.models.evaluation import CALIBRATION_FRACTION, evaluate_onnx, gate, split_holdout
 from fedlib.models.model import KINDS, FeatureSchema, create_model, feature_moments, onnx_score
 from fedlib.models.package import ModelPackage
 from fedlib.models.training import local_delta
@@ -135,6 +138,18 @@ def pooled_schema(data: Dataset, ids: list[str]) -> FeatureSchema:
         cn, cs, css = feature_moments(data.clients[cid], "log1p")
         n, s, ss = n + cn, s + cs, ss + css
     return FeatureSchema.from_moments(data.feature_names, "log1p", n, s, ss)
+
+
+#: The bench's key of the holdout split: fixed, so every run splits a dataset alike.
+SPLIT_KEY = b"dadm-bench-holdout-split"
+
+
+def holdout_split(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """``(calibration, evaluation)`` row indices of the dataset's holdout, the server's
+    split (threshold, FLTrust reference and gate on calibration; figures on evaluation)."""
+    return split_holdout(
+        data.holdout_X, data.holdout_y, key=SPLIT_KEY, fraction=CALIBRATION_FRACTION
+    )
 
 
 def auc_of(scores: np.ndarray, y: np.ndarray) -> float:
@@ -221,7 +236,10 @@ def run_federated(
         dp_training = DpTraining(mode="central", report_unclipped=dp.adaptive)
         training = training.model_copy(update={"clip_norm": dp.clip_norm, "dp": dp_training})
         aggregation = dataclasses.replace(aggregation, dp_mode="central", dp_clip=dp.clip_norm)
-    calibration = data.holdout_X[data.holdout_y == 0]
+    cal, ev = holdout_split(data)
+    x_cal, y_cal = data.holdout_X[cal], data.holdout_y[cal]
+    x_ev, y_ev = data.holdout_X[ev], data.holdout_y[ev]
+    calibration = x_cal[y_cal == 0]
     model.calibrate_threshold(calibration)
     package = package_model(model, version=1, training=training, created_at_ms=0)
     versions = {1}
@@ -234,7 +252,7 @@ def run_federated(
     n_bad = round(cfg.malicious_fraction * len(ids)) if cfg.attack != "none" else 0
     attack_rng = np.random.default_rng([seed, 1])  # the honest clients' draws stay paired
     malicious = {str(c) for c in attack_rng.choice(ids, size=n_bad, replace=False)}
-    active = evaluate_onnx(package.onnx_bytes, data.holdout_X, data.holdout_y)
+    active = evaluate_onnx(package.onnx_bytes, x_cal, y_cal)
     for r in range(rounds):
         objects = []
         for cid in ids:
@@ -301,8 +319,8 @@ def run_federated(
             created_at_ms=0,
             dp=dp_round,
         )
-        if cfg.gate:  # the server's gate (fedlib.server.round_runner.gate) on the same holdout
-            scored = evaluate_onnx(candidate.onnx_bytes, data.holdout_X, data.holdout_y)
+        if cfg.gate:  # the server's gate (fedlib.server.round_runner.gate) on calibration rows
+            scored = evaluate_onnx(candidate.onnx_bytes, x_cal, y_cal)
             ok, _ = gate(scored, active, tolerance=DEFAULTS.auc_tolerance, floor=DEFAULTS.auc_floor)
             if not ok:
                 refused_rounds += 1
@@ -310,7 +328,7 @@ def run_federated(
             active = scored
         package, momentum = candidate, new_momentum
         versions.add(package.version)
-    metrics = evaluate_onnx(package.onnx_bytes, data.holdout_X, data.holdout_y)
+    metrics = evaluate_onnx(package.onnx_bytes, x_ev, y_ev)
     dim = package.metadata.num_params
     return {
         "federated_auc": metrics.auc,
@@ -383,6 +401,7 @@ def personalized_metrics(data: Dataset, ids: list[str], package: ModelPackage) -
     out["personalized_minus_global_client"] = out["personalized_auc"] - out["global_client_auc"]
     if data.holdout_owner is not None:
         keep = np.isin(data.holdout_owner, list(cals))
+        keep[holdout_split(data)[0]] = False  # the evaluation rows, as the federated AUC
         x, y, owner = data.holdout_X[keep], data.holdout_y[keep], data.holdout_owner[keep]
         g = onnx_score(onnx, x)[0]
         personal = np.empty_like(g)
@@ -400,7 +419,8 @@ def personalized_metrics(data: Dataset, ids: list[str], package: ModelPackage) -
 def run_seed(data: Dataset, cfg: QualityConfig, seed: int) -> dict[str, float]:
     ids = data.client_ids[: cfg.clients] if cfg.clients else list(data.client_ids)
     schema = pooled_schema(data, ids)
-    x_h, y_h = data.holdout_X, data.holdout_y
+    ev = holdout_split(data)[1]  # every figure on the evaluation rows, as the federated one
+    x_h, y_h = data.holdout_X[ev], data.holdout_y[ev]
     out = run_federated(data, ids, schema, cfg, seed)
     final: ModelPackage = out.pop("_final")  # type: ignore[assignment]
     out.update(personalized_metrics(data, ids, final))

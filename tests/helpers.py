@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -12,7 +13,9 @@ def build_deployment(s3_config: Any, keys_dir: Path, dataset_path: Path, **setti
     """A fresh deployment on ``s3_config``: its own buckets, keys, holdout and version 1."""
     from bench.make_dataset import load_dataset
     from fedlib.ops.admin import initial_package
+    from fedlib.server import state_keys
     from fedlib.server.deployment import Deployment, Holdout
+    from fedlib.server.records import HoldoutSplitKey
     from fedlib.server.settings import ServerSettings
 
     tag = uuid.uuid4().hex[:10]
@@ -30,6 +33,9 @@ def build_deployment(s3_config: Any, keys_dir: Path, dataset_path: Path, **setti
     dep.ensure_keys()
     dep.ensure_buckets()
     dep.init_channel()
+    # one holdout split for every test deployment (a real one draws its key at random)
+    split_key = HoldoutSplitKey(key=hashlib.sha256(b"tests: holdout split").hexdigest())
+    dep.state.put(state_keys.HOLDOUT_SPLIT_KEY, split_key.to_json(), if_absent=True)
     data = load_dataset(dataset_path)
     holdout = Holdout.from_bytes(Path(dataset_path).read_bytes())  # as fl-admin init reads it
     dep.save_holdout(holdout)

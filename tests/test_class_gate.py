@@ -24,6 +24,7 @@ from fedlib.models.evaluation import (
 )
 from fedlib.server.deployment import Holdout
 from fedlib.server.pipeline import run_round
+from fedlib.server.round_runner import load_evaluation
 from fedlib.wire import protocol
 from tests.helpers import build_deployment
 
@@ -154,8 +155,10 @@ def test_a_device_implanting_a_holdout_class_is_refused_by_the_per_class_gate(
     report = run_round(deployment, f"implant-{class_tolerance}")
     assert report.accepted == 3, report.summary()
     assert report.decision == decision, report.summary()
-    active = report.active_metrics.class_detection
-    candidate = report.candidate_metrics.class_detection
+    # what the gate judged: the holdout's calibration rows (the report shows evaluation rows)
+    evaluation = load_evaluation(deployment, f"implant-{class_tolerance}")
+    active = evaluation.calibration_active.class_detection
+    candidate = evaluation.calibration_candidate.class_detection
     assert active is not None and candidate is not None
     lost = active["error_spike"] - candidate["error_spike"]
     assert lost > 0.1, report.summary()  # the implant did make the class "normal"

@@ -71,6 +71,10 @@ ROLLBACK = "tests/test_rollback.py::test_fl_admin_rollback_pins_like_the_dag_and
 CLIENT_RUN = (
     "tests/test_client.py::test_fl_client_killed_mid_spool_write_recovers_and_the_round_publishes"
 )
+HOLDOUT = (
+    "tests/test_evalsplit.py::"
+    "test_fl_admin_holdout_reports_the_parts_and_warns_when_anomalies_are_few"
+)
 DOCS = "tests/test_readme_commands.py::test_make_docs_runs_bench_report_which_changes_nothing"
 COMPOSE = "NOT RUN: no Docker daemon here; tests/test_compose.py validates docker-compose.yml"
 
@@ -86,7 +90,8 @@ TABLE: dict[str, str] = {
     ),
     "fl-admin revoke dev-7": ADMIN + "test_init_enroll_status_revoke",
     "fl-admin revoke dev-7 --key-id OLD_ID": ROTATE_DEVICE,
-    "fl-admin holdout new-holdout.npz": ADMIN + "test_holdout_and_config_through_cli",
+    "fl-admin holdout": HOLDOUT,
+    "fl-admin holdout [new-holdout.npz] [--json]": HOLDOUT,
     "fl-admin status": ADMIN + "test_init_enroll_status_revoke",
     "fl-admin status [--json]": ADMIN + "test_init_enroll_status_revoke",
     "fl-admin round": ADMIN + "test_round_through_cli",

@@ -4,6 +4,7 @@
     fl-admin enroll CLIENT_ID --public-key client_key.pub.pem --out client.json
     fl-admin revoke CLIENT_ID
     fl-admin status [--json]
+    fl-admin holdout [FILE] [--json]           # new holdout version; its parts' sizes
     fl-admin rollback --to-version N --reason TEXT   # what the fl_rollback DAG does
     fl-admin keys --export-package-key OUT.pem   # for outside verifiers (model_signing)
     fl-admin bundles list | get KEY --out FILE   # air-gap bundles to carry across
@@ -33,8 +34,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedlib.crypto import pq_signing, sealing, signing
 from fedlib.errors import FedError, VerificationError
 from fedlib.files import atomic_write
-from fedlib.models.evaluation import evaluate_onnx
-from fedlib.models.model import KINDS, FeatureSchema, create_model
+from fedlib.models.evaluation import (
+    auc_interval,
+    evaluate_onnx,
+    precision_warnings,
+    score_metrics,
+)
+from fedlib.models.model import KINDS, FeatureSchema, create_model, onnx_score
 from fedlib.server import rotation
 from fedlib.server.credentials import IamCredentialIssuer
 from fedlib.server.deployment import Deployment, Holdout
@@ -113,20 +119,23 @@ def _deployment(args: argparse.Namespace) -> Deployment:
 def initial_package(
     deployment: Deployment, holdout: Holdout, *, kind: str | None = None, seed: int = 0
 ):
-    """Version 1: a fresh model whose scaling and threshold come from the server's holdout.
+    """Version 1: a fresh model whose scaling and threshold come from the benign rows of
+    the holdout's calibration part; its published metrics from the evaluation part.
 
     The holdout is the server's own data, so no device row is needed to start; later
     versions move only through federated updates.
     """
     settings = deployment.settings
     kind = kind or settings.model_kind
-    benign = holdout.benign()
+    parts = holdout.split(deployment.holdout_split_key(), settings.holdout_calibration_fraction)
+    benign = parts.calibration.benign()
     schema = FeatureSchema.from_data(holdout.feature_names, benign, "log1p")
     model = create_model(kind, schema, seed=seed)
     model.calibrate_threshold(benign, quantile=settings.threshold_quantile)
     training = settings.training(kind)
     draft = package_model(model, version=1, training=training)
-    metrics = evaluate_onnx(draft.onnx_bytes, holdout.features, holdout.labels).as_dict()
+    ev = parts.evaluation
+    metrics = evaluate_onnx(draft.onnx_bytes, ev.features, ev.labels, interval=True).as_dict()
     return package_model(model, version=1, training=training, metrics=metrics)
 
 
@@ -148,7 +157,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         registry.publish(package)
         print(
             f"published version 1 ({package.metadata.model_kind}, "
-            f"holdout AUC {package.metadata.metrics['auc']:.3f})"
+            f"AUC {package.metadata.metrics['auc']:.3f} on the holdout's evaluation rows)"
         )
     else:
         print(f"models already published (active version {registry.active_version()})")
@@ -232,10 +241,59 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def holdout_document(deployment: Deployment) -> dict[str, Any]:
+    """What ``fl-admin holdout`` reports: the current holdout's calibration and evaluation
+    parts (rows, anomalies), the active model's AUC and bootstrap interval on the
+    evaluation part, and why that part is too small for its figures (``warnings``)."""
+    parts = deployment.holdout_parts()
+    doc: dict[str, Any] = {
+        "version": parts.evaluation.version,
+        "calibration_fraction": deployment.settings.holdout_calibration_fraction,
+    }
+    for name, part in (("calibration", parts.calibration), ("evaluation", parts.evaluation)):
+        doc[name] = {"rows": int(part.labels.size), "anomalies": int(part.labels.sum())}
+    registry = deployment.registry()
+    active = registry.active_version()
+    interval = None
+    if active is not None:
+        ev = parts.evaluation
+        scores, flags = onnx_score(registry.read_version(active).onnx_bytes, ev.features)
+        low, high = auc_interval(scores, ev.labels)
+        interval = (low, high)
+        doc["active"] = {
+            "version": active,
+            "auc": score_metrics(scores, flags, ev.labels).auc,
+            "auc_low": low,
+            "auc_high": high,
+        }
+    doc["warnings"] = precision_warnings(doc["evaluation"]["anomalies"], interval)
+    return doc
+
+
 def cmd_holdout(args: argparse.Namespace) -> int:
     deployment = _deployment(args)
-    version = deployment.save_holdout(Holdout.from_bytes(Path(args.file).read_bytes()))
-    print(f"holdout version {version} is now current (rounds evaluate on it from now on)")
+    if args.file:
+        version = deployment.save_holdout(Holdout.from_bytes(Path(args.file).read_bytes()))
+        print(f"holdout version {version} is now current (rounds evaluate on it from now on)")
+    doc = holdout_document(deployment)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"holdout version {doc['version']}:")
+        for name, use in (
+            ("calibration", "threshold, FLTrust reference, gate"),
+            ("evaluation", "every published figure"),
+        ):
+            part = doc[name]
+            print(f"  {name:<12} {part['rows']:>7} rows, {part['anomalies']:>6} anomalies ({use})")
+        if "active" in doc:
+            a = doc["active"]
+            print(
+                f"  active v{a['version']} on the evaluation part: AUC {a['auc']:.3f} "
+                f"(95% bootstrap interval {a['auc_low']:.3f}-{a['auc_high']:.3f})"
+            )
+    for warning in doc["warnings"]:
+        print(f"WARNING: {warning}", file=sys.stderr)
     return 0
 
 
@@ -350,6 +408,8 @@ def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[s
         doc: dict[str, object] = {
             "version": row.version,
             "auc": row.auc,
+            "auc_low": row.auc_low,
+            "auc_high": row.auc_high,
             "ap": row.ap,
             "parent_version": row.parent_version,
             "rollback_of": row.rollback_of,
@@ -375,6 +435,10 @@ def status_document(deployment: Deployment, *, recent_rounds: int = 5) -> dict[s
             "accepted": r.accepted,
             "rejected": r.rejected_total,
             "published_version": r.published_version,
+            # the evaluation part's AUC and its 95% bootstrap interval (the report's)
+            "candidate_auc": (r.candidate_metrics or {}).get("auc"),
+            "candidate_auc_low": (r.candidate_metrics or {}).get("auc_low"),
+            "candidate_auc_high": (r.candidate_metrics or {}).get("auc_high"),
             "rolled_back": bool(r.rollback and r.rollback.rolled_back),
             "largest_weight_share": r.largest_weight_share,
             "largest_share_client": r.largest_share_client,
@@ -413,6 +477,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"pinned:          by {pin.describe()}")
     for v in doc["versions"]:
         auc = "-" if v["auc"] is None else f"{v['auc']:.3f}"
+        if v["auc_low"] is not None and v["auc_high"] is not None:
+            auc += f" [{v['auc_low']:.3f}, {v['auc_high']:.3f}]"
         extra = f" (rollback of {v['rollback_of']}" if v["rollback_of"] else ""
         if v["rollback_of"]:
             who = f" by {v['rollback_by']} via {v['rollback_source']}" if v["rollback_by"] else ""
@@ -430,9 +496,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             if share is not None
             else ""
         )
+        auc = r.get("candidate_auc")
+        scored = ""
+        if auc is not None:
+            scored = f", candidate AUC {auc:.3f}"
+            if r.get("candidate_auc_low") is not None and r.get("candidate_auc_high") is not None:
+                scored += f" [{r['candidate_auc_low']:.3f}, {r['candidate_auc_high']:.3f}]"
         print(
             f"  round {r['run_id']}: {r['decision']}{published}{rollback}, "
-            f"{r['accepted']} accepted, {r['rejected']} rejected{largest}"
+            f"{r['accepted']} accepted, {r['rejected']} rejected{scored}{largest}"
         )
     integrity = doc["integrity"]
     for warning in integrity["warnings"]:
@@ -595,8 +667,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enroll.set_defaults(func=cmd_enroll)
 
-    holdout = sub.add_parser("holdout", help="upload a new labeled holdout version")
-    holdout.add_argument("file", help=".npz with holdout_X, holdout_y[, feature_names]")
+    holdout = sub.add_parser(
+        "holdout",
+        help="upload a new labeled holdout version (optional) and report its calibration "
+        "and evaluation parts; warns when the evaluation part is too small",
+    )
+    holdout.add_argument(
+        "file", nargs="?", default=None, help=".npz with holdout_X, holdout_y[, feature_names]"
+    )
+    holdout.add_argument("--json", action="store_true")
     holdout.set_defaults(func=cmd_holdout)
 
     revoke = sub.add_parser("revoke", help="refuse every later update of a device")

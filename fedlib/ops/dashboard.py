@@ -155,6 +155,9 @@ class RoundRow:
     devices: tuple[DeviceShareRow, ...] = ()
     largest_weight_share: float | None = None
     largest_share_client: str | None = None
+    #: Which holdout rows the metrics are on: "evaluation" (None: reports before the split,
+    #: whole holdout).
+    metrics_part: str | None = None
 
     @property
     def rejected_total(self) -> int:
@@ -168,6 +171,9 @@ class VersionRow:
     version: int
     auc: float | None = None
     ap: float | None = None
+    #: The AUC's 95% bootstrap interval on the evaluation rows (None: not recorded).
+    auc_low: float | None = None
+    auc_high: float | None = None
     parent_version: int | None = None
     rollback_of: int | None = None
     rollback_reason: str | None = None
@@ -336,6 +342,7 @@ def _round_row(deployment: Deployment, info: ObjectInfo) -> RoundRow | None:
         ),
         largest_weight_share=_float_or_none(report.largest_weight_share),
         largest_share_client=report.largest_share_client,
+        metrics_part=(report.active_metrics.part if report.active_metrics else None),
     )
 
 
@@ -423,6 +430,8 @@ def _read_version_row(
         version=version,
         auc=_float_or_none(meta.metrics.get("auc")),
         ap=_float_or_none(meta.metrics.get("ap")),
+        auc_low=_float_or_none(meta.metrics.get("auc_low")),
+        auc_high=_float_or_none(meta.metrics.get("auc_high")),
         parent_version=meta.parent_version,
         rollback_of=meta.rollback_of,
         rollback_reason=meta.rollback_reason,

@@ -6,6 +6,7 @@ where things live. Private keys come from ``settings.keys_dir`` only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -23,12 +24,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, mldsa, x25519
 from fedlib.crypto import pq_signing, sealing, signing
 from fedlib.crypto.signing import key_id as signing_key_id
 from fedlib.files import atomic_write
+from fedlib.models.evaluation import split_holdout
 from fedlib.server import privacy, state_keys
 from fedlib.server.fleet import Fleet
-from fedlib.server.records import HoldoutPointer
+from fedlib.server.records import HoldoutPointer, HoldoutSplitKey
 from fedlib.server.registry import ModelRegistry
 from fedlib.server.settings import ServerSettings
-from fedlib.storage.store import NoSuchKey, ObjectStore, S3Config, S3Store
+from fedlib.storage.store import NoSuchKey, ObjectExists, ObjectStore, S3Config, S3Store
 from fedlib.trust.channel_repository import ChannelKeys, ChannelRepository
 
 
@@ -76,6 +78,22 @@ class Holdout:
     def benign(self) -> np.ndarray:
         return self.features[self.labels == 0]
 
+    def rows(self, index: np.ndarray) -> Holdout:
+        """The holdout restricted to rows ``index`` (same version and feature names)."""
+        return dataclasses.replace(
+            self,
+            features=self.features[index],
+            labels=self.labels[index],
+            classes=None if self.classes is None else self.classes[index],
+        )
+
+    def split(self, key: bytes, fraction: float) -> HoldoutParts:
+        """Its calibration and evaluation parts (the one split: ``split_holdout``)."""
+        cal, ev = split_holdout(
+            self.features, self.labels, self.classes, key=key, fraction=fraction
+        )
+        return HoldoutParts(calibration=self.rows(cal), evaluation=self.rows(ev))
+
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         arrays = {
@@ -105,6 +123,16 @@ class Holdout:
         if x.ndim != 2 or y.shape != (x.shape[0],) or not set(np.unique(y)) <= {0, 1}:
             raise ValueError("holdout needs holdout_X (N, d) and holdout_y (N,) in {0, 1}")
         return cls(x, y, names, classes=classes)
+
+
+@dataclass(frozen=True)
+class HoldoutParts:
+    """A holdout split in two disjoint parts: ``calibration`` fits (threshold, FLTrust
+    reference) and decides (the gate, the rollback check); ``evaluation`` is what every
+    published figure is computed on."""
+
+    calibration: Holdout
+    evaluation: Holdout
 
 
 def _classes_of(npz: Any, labels: np.ndarray) -> np.ndarray | None:
@@ -381,8 +409,30 @@ class Deployment:
         holdout = Holdout.from_bytes(data)
         return dataclasses.replace(holdout, version=pointer.version)
 
+    def holdout_split_key(self) -> bytes:
+        """The split's key (made at the first use, once: the first writer wins)."""
+        try:
+            data = self.state.get(state_keys.HOLDOUT_SPLIT_KEY, max_bytes=4096)
+        except NoSuchKey:
+            fresh = HoldoutSplitKey(key=os.urandom(32).hex())
+            with contextlib.suppress(ObjectExists):  # another process made it first
+                self.state.put(state_keys.HOLDOUT_SPLIT_KEY, fresh.to_json(), if_absent=True)
+            data = self.state.get(state_keys.HOLDOUT_SPLIT_KEY, max_bytes=4096)
+        record = HoldoutSplitKey.from_json(data, what=state_keys.HOLDOUT_SPLIT_KEY)
+        return bytes.fromhex(record.key)
+
+    def holdout_parts(self, version: int | None = None) -> HoldoutParts:
+        """A holdout version (default: current) split into calibration and evaluation."""
+        return self.load_holdout(version).split(
+            self.holdout_split_key(), self.settings.holdout_calibration_fraction
+        )
+
     def save_holdout(self, holdout: Holdout) -> int:
-        """Store a new holdout version (write-once) and make it current; returns its number."""
+        """Store a new holdout version (write-once) and make it current; returns its number.
+
+        Refuses (ValueError) a holdout whose calibration or evaluation part would lack
+        benign or anomalous rows: rounds could neither calibrate nor publish on it."""
+        holdout.split(self.holdout_split_key(), self.settings.holdout_calibration_fraction)
         version = (self.holdout_version() or 0) + 1
         data = holdout.to_bytes()
         key = state_keys.holdout_data(version)

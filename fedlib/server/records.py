@@ -97,14 +97,31 @@ class Metrics(Record):
     n_anomalies: float
     #: Flagged share of each anomaly class the holdout names (None: it names none).
     class_detection: dict[str, float] | None = None
+    #: Which rows: the holdout's ``evaluation`` part (published figures) or its
+    #: ``calibration`` part (what the gate compares); None: the whole holdout (documents
+    #: written before the split).
+    part: Literal["calibration", "evaluation"] | None = None
+    #: The AUC's 95% bootstrap interval on those rows (None: not computed).
+    auc_low: float | None = None
+    auc_high: float | None = None
 
     @model_serializer(mode="wrap")
     def _without_absent_classes(self, handler: SerializerFunctionWrapHandler) -> Any:
-        """Metrics of a holdout without classes serialize as they did before classes."""
+        """Metrics without classes, part or interval serialize as they did before them."""
         doc = handler(self)
-        if isinstance(doc, dict) and doc.get("class_detection") is None:
-            doc.pop("class_detection", None)
+        if isinstance(doc, dict):
+            for name in ("class_detection", "part", "auc_low", "auc_high"):
+                if doc.get(name) is None:
+                    doc.pop(name, None)
         return doc
+
+    def scalars(self) -> dict[str, float]:
+        """The numbers a package's metadata carries (no classes, no part name)."""
+        return {
+            k: float(v)
+            for k, v in self.model_dump(exclude={"class_detection", "part"}).items()
+            if v is not None
+        }
 
 
 class HoldoutPointer(Record):
@@ -115,6 +132,16 @@ class HoldoutPointer(Record):
     version: int
     key: str
     sha256: Sha256
+
+
+class HoldoutSplitKey(Record):
+    """The deployment's key of the holdout's calibration/evaluation split
+    (``holdout/split-key.json``, written once): rows are assigned by HMAC under it, so
+    whoever supplies rows cannot pick their part, and every holdout version splits its
+    old rows as before."""
+
+    schema_: Literal["dadm.holdout-split-key.v1"] = _schema("dadm.holdout-split-key.v1")
+    key: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class IntegrityWarning(Record):
@@ -443,8 +470,14 @@ class Evaluation(Record):
     (``rounds/<run>/evaluation.json``)."""
 
     schema_: Literal["dadm.round-evaluation.v1"] = _schema("dadm.round-evaluation.v1")
+    #: The published figures: the holdout's evaluation part (``part``; the whole holdout
+    #: in documents written before the split).
     active: Metrics
     candidate: Metrics | None = None
+    #: What the gate compared: the same models on the calibration part (None: documents
+    #: written before the split, whose gate saw ``active``/``candidate``).
+    calibration_active: Metrics | None = None
+    calibration_candidate: Metrics | None = None
     holdout_version: int | None = None
     publish: bool
     reason: str
@@ -561,13 +594,16 @@ class RoundReport(Record):
             )
         if self.active_metrics:
             active = self.active_metrics
+            rows = "evaluation rows" if active.part == "evaluation" else "holdout"
             line = (
-                f"  holdout AUC / AP: active v{self.base_version} "
-                f"{active.auc:.4f} / {active.ap:.4f}"
+                f"  {rows} AUC / AP: active v{self.base_version} "
+                f"{active.auc:.4f}{_interval(active)} / {active.ap:.4f}"
             )
             if self.candidate_metrics:
                 candidate = self.candidate_metrics
-                line += f", candidate {candidate.auc:.4f} / {candidate.ap:.4f}"
+                line += (
+                    f", candidate {candidate.auc:.4f}{_interval(candidate)} / {candidate.ap:.4f}"
+                )
             lines.append(line)
         if self.published_version:
             lines.append(f"  published version {self.published_version}")
@@ -593,6 +629,13 @@ class RoundReport(Record):
             else:
                 lines.append(f"  ROLLBACK due (not published: dry run): {rollback.reason}")
         return "\n".join(lines)
+
+
+def _interval(metrics: Metrics) -> str:
+    """The AUC's bootstrap interval as `` [low, high]`` ("" when not recorded)."""
+    if metrics.auc_low is None or metrics.auc_high is None:
+        return ""
+    return f" [{metrics.auc_low:.3f}, {metrics.auc_high:.3f}]"
 
 
 def _num(value: float | None, fmt: str) -> str:

@@ -5,7 +5,8 @@ the fleet sending scaled, sign-flipped or random deltas the mean is whatever the
 (``bench.poisoning``). Two families, chosen by ``robust_aggregation``:
 
 - ``fltrust`` (Cao et al., NDSS 2021, see :func:`trusted`): the server trains the base
-  model on clean rows it holds (the holdout's benign rows) to get a reference delta;
+  model on clean rows it holds (the benign rows of the holdout's calibration part, never
+  the evaluation rows the published figures come from) to get a reference delta;
   each update is capped at the reference's norm and weighted by its cosine with it.
   Streaming and exact like FedAvg, memory O(params), works with top-k updates. The
   measured default choice.

@@ -201,7 +201,8 @@ def check_active(
     publish: bool = True,
 ) -> RollbackDecision:
     """Re-score the active model and recent known-good ones; roll back if it degraded,
-    unless an operator's rollback pins the active version."""
+    unless an operator's rollback pins the active version. Compared on the holdout's
+    calibration part (a decision); a rollback version publishes evaluation-part figures."""
     settings = deployment.settings
     registry = deployment.registry()
     active = registry.active_version()
@@ -209,7 +210,8 @@ def check_active(
         raise RollbackRefused("no model is published")
     recent = registry.versions()[-RECENT_VERSIONS:]
     pkgs = packages(registry, sorted(set(recent) | {active}))
-    holdout: Holdout = deployment.load_holdout()
+    parts = deployment.holdout_parts()
+    holdout: Holdout = parts.calibration  # a decision: calibration rows
     good = [v for v in known_good(pkgs) if v != active]
     scores = {
         v: evaluate_onnx(pkgs[v].onnx_bytes, holdout.features, holdout.labels)
@@ -250,7 +252,12 @@ def check_active(
             pkgs[best],
             active,
             due,
-            scores[best],
+            evaluate_onnx(  # published with the version: evaluation rows
+                pkgs[best].onnx_bytes,
+                parts.evaluation.features,
+                parts.evaluation.labels,
+                interval=True,
+            ),
             created_at_ms,
             by="automatic",
             source="fl_round",
@@ -299,8 +306,8 @@ def manual_rollback(
             f"version {to_version} was rolled back away from; it is not known-good"
         )
     target = pkgs[to_version]
-    holdout = deployment.load_holdout()
-    metrics = evaluate_onnx(target.onnx_bytes, holdout.features, holdout.labels)
+    holdout = deployment.holdout_parts().evaluation  # published with the version
+    metrics = evaluate_onnx(target.onnx_bytes, holdout.features, holdout.labels, interval=True)
     if active is None:
         raise RollbackRefused("no model is published")
     return _publish_rollback(

@@ -26,7 +26,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
@@ -505,11 +505,12 @@ def round_inputs(
     deployment: Deployment, base: ModelPackage, holdout_version: int | None = None
 ) -> RoundInputs:
     """Validation inputs of a round; with FLTrust, the reference delta trained on the
-    benign rows of the round's holdout (the clean data the server already holds)."""
+    benign rows of the round's holdout's calibration part (the clean data the server
+    already holds; the evaluation part stays unseen by anything that fits)."""
     aggregation = aggregation_of(deployment, base)
     reference = None
     if aggregation.robust == "fltrust":
-        benign = deployment.load_holdout(holdout_version).benign()
+        benign = deployment.holdout_parts(holdout_version).calibration.benign()
         reference = robust.reference_delta(base, benign)
     return RoundInputs(
         reference=reference,
@@ -809,7 +810,7 @@ def build_round_candidate(deployment: Deployment, run_id: str) -> CandidateResul
         base,
         agg,
         version=version,
-        calibration_rows=deployment.load_holdout(plan.holdout_version).benign(),
+        calibration_rows=deployment.holdout_parts(plan.holdout_version).calibration.benign(),
         threshold_quantile=deployment.settings.threshold_quantile,
         round_id=plan.replay_of or run_id,
         created_at_ms=plan.created_at_ms,
@@ -944,12 +945,19 @@ def load_candidate(deployment: Deployment, run_id: str) -> ModelPackage:
 
 
 def evaluate(
-    deployment: Deployment, package: ModelPackage, holdout: Holdout | None = None
+    deployment: Deployment,
+    package: ModelPackage,
+    holdout: Holdout | None = None,
+    *,
+    interval: bool = False,
 ) -> ScoredMetrics:
-    holdout = holdout or deployment.load_holdout()
+    """``package`` scored on ``holdout`` (default: the current holdout's evaluation part)."""
+    holdout = holdout or deployment.holdout_parts().evaluation
     from fedlib.models.evaluation import evaluate_onnx
 
-    return evaluate_onnx(package.onnx_bytes, holdout.features, holdout.labels, holdout.classes)
+    return evaluate_onnx(
+        package.onnx_bytes, holdout.features, holdout.labels, holdout.classes, interval=interval
+    )
 
 
 #: Published versions whose per-class detection the gate compares a candidate with.
@@ -974,18 +982,27 @@ def recent_class_reference(
     return class_reference(recent)
 
 
-def _metrics(scored: ScoredMetrics) -> Metrics:
-    return Metrics(**scored.as_dict(), class_detection=dict(scored.class_detection) or None)
+def _metrics(scored: ScoredMetrics, part: Literal["calibration", "evaluation"]) -> Metrics:
+    return Metrics(
+        **scored.as_dict(), class_detection=dict(scored.class_detection) or None, part=part
+    )
 
 
 def evaluate_round(deployment: Deployment, run_id: str) -> Evaluation:
-    """Score candidate and active model on the round's holdout via ONNX; the gate's verdict."""
+    """Score candidate and active model on the round's holdout via ONNX; the gate's verdict.
+
+    The gate compares them on the calibration part; the figures published (report,
+    package metadata) are from the evaluation part, with the AUC's bootstrap interval."""
     plan = load_plan(deployment, run_id)
-    holdout = deployment.load_holdout(plan.holdout_version)
-    active = evaluate(deployment, deployment.registry().read_version(plan.base_version), holdout)
+    parts = deployment.holdout_parts(plan.holdout_version)
+    holdout = parts.calibration
+    base_pkg = deployment.registry().read_version(plan.base_version)
+    active = evaluate(deployment, base_pkg, holdout)
+    published = evaluate(deployment, base_pkg, parts.evaluation, interval=True)
     original = interval_record(deployment, plan.interval_key or "") if plan.replay_of else None
     dp_record = load_round_privacy(deployment, run_id)
     candidate: Metrics | None = None
+    calibration_candidate: Metrics | None = None
     replay: ReplayCheck | None = None
     try:
         candidate_pkg = load_candidate(deployment, run_id)
@@ -1007,7 +1024,11 @@ def evaluate_round(deployment: Deployment, run_id: str) -> Evaluation:
             class_tolerance=deployment.settings.class_detection_tolerance,
             class_reference=recent_class_reference(deployment, holdout, active),
         )
-        candidate = _metrics(scored)
+        reason += f" (gate on the {holdout.labels.size} calibration rows)"
+        calibration_candidate = _metrics(scored, "calibration")
+        candidate = _metrics(
+            evaluate(deployment, candidate_pkg, parts.evaluation, interval=True), "evaluation"
+        )
         if plan.replay_of:
             digest = candidate_pkg.digest()
             original_digest = original.candidate_digest if original else None
@@ -1026,8 +1047,10 @@ def evaluate_round(deployment: Deployment, run_id: str) -> Evaluation:
                 + "; nothing published"
             )
     evaluation = Evaluation(
-        active=_metrics(active),
+        active=_metrics(published, "evaluation"),
         candidate=candidate,
+        calibration_active=_metrics(active, "calibration"),
+        calibration_candidate=calibration_candidate,
         holdout_version=holdout.version,
         publish=publish,
         reason=reason,
@@ -1053,9 +1076,7 @@ def publish_round(deployment: Deployment, run_id: str) -> int:
         raise ValueError(f"run {run_id}: the gate did not pass a candidate; nothing to publish")
     candidate = load_candidate(deployment, run_id)
     final = ModelPackage(
-        metadata=candidate.metadata.model_copy(
-            update={"metrics": evaluation.candidate.model_dump(exclude={"class_detection"})}
-        ),
+        metadata=candidate.metadata.model_copy(update={"metrics": evaluation.candidate.scalars()}),
         onnx_bytes=candidate.onnx_bytes,
         weights=candidate.weights,
     )

@@ -95,6 +95,14 @@ class ServerSettings(BaseModel):
     threshold_quantile: float = Field(
         0.99, gt=0, lt=1, description="Benign-score quantile that becomes the flag threshold."
     )
+    holdout_calibration_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Share of the holdout's rows (per label and class, by a keyed hash of "
+        "each row) that calibrate: the threshold, the FLTrust reference and the gate's "
+        "comparison. The other rows evaluate: every published figure is computed on them.",
+    )
     staleness_exponent: float = Field(
         0.5, ge=0, description="Weight of an update s versions stale: 1/(1+s)**exponent."
     )
@@ -112,7 +120,8 @@ class ServerSettings(BaseModel):
     robust_aggregation: Literal["none", "fltrust", "trimmed_mean", "median"] = Field(
         "none",
         description="Poisoning defense (fedlib/robust.py): fltrust weights each update by "
-        "its agreement with a delta trained on the holdout's benign rows (streaming); "
+        "its agreement with a delta trained on the benign calibration rows of the holdout "
+        "(streaming); "
         "trimmed_mean/median replace the mean (devices send dense16; reduce holds "
         "4 bytes x updates x params).",
     )

@@ -29,6 +29,8 @@ QUARANTINE = "quarantine/"
 FLEET = "fleet/fleet.json"
 HOLDOUT = "holdout/"
 HOLDOUT_POINTER = "holdout/current.json"
+#: The key of the holdout's calibration/evaluation split (written once).
+HOLDOUT_SPLIT_KEY = "holdout/split-key.json"
 ROLLBACKS = "rollbacks/"
 #: The operator's newest rollback while it pins the active version (absent: no pin).
 ROLLBACK_PIN = "rollbacks/pin.json"

@@ -18,6 +18,7 @@ from fedlib.crypto import sealing
 from fedlib.models.training import local_delta
 from fedlib.server.ledger import Ledger
 from fedlib.server.pipeline import run_round
+from fedlib.server.round_runner import load_evaluation
 from fedlib.wire import protocol
 from tests.helpers import build_deployment
 
@@ -74,7 +75,9 @@ def test_without_a_defense_the_poisoned_candidate_is_refused_by_the_gate(make_de
     report = run_round(deployment, "poisoned-fedavg")
     assert report.accepted == HONEST + ATTACKER  # the bound alone lets it through
     assert report.decision == "rejected", report.summary()
-    damage = report.active_metrics.auc - report.candidate_metrics.auc
+    # the damage the gate judged, on the holdout's calibration rows
+    evaluation = load_evaluation(deployment, "poisoned-fedavg")
+    damage = evaluation.calibration_active.auc - evaluation.calibration_candidate.auc
     assert damage > deployment.settings.auc_tolerance, report.summary()
     assert deployment.registry().active_version() == 1
 

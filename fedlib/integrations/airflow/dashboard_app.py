@@ -107,6 +107,21 @@ def fmt_metric(metrics: dict[str, float] | None, name: str) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
+def fmt_auc(metrics: dict[str, float] | None) -> str:
+    """The AUC with its 95% bootstrap interval on the evaluation rows, when recorded."""
+    return fmt_interval(
+        (metrics or {}).get("auc"), (metrics or {}).get("auc_low"), (metrics or {}).get("auc_high")
+    )
+
+
+def fmt_interval(value: float | None, low: float | None, high: float | None) -> str:
+    if value is None:
+        return "—"
+    if low is None or high is None:
+        return f"{value:.4f}"
+    return f'{value:.4f} <span class="muted auc-interval">[{low:.3f}, {high:.3f}]</span>'
+
+
 def badge(text: str, cls: str | None = None) -> str:
     return f'<span class="badge {esc(cls or text)}">{esc(text)}</span>'
 
@@ -260,9 +275,9 @@ def rounds_table(links: Links, rows: list[Any]) -> str:
             f'<br><span class="muted">{esc(r.message)}</span></td>'
             f'<td class="num">{r.accepted}</td><td>{rejected}</td>'
             f'<td class="num largest-share">{fmt_share(r)}</td>'
-            f'<td class="num">{fmt_metric(r.active_metrics, "auc")} / '
+            f'<td class="num">{fmt_auc(r.active_metrics)} / '
             f"{fmt_metric(r.active_metrics, 'ap')}</td>"
-            f'<td class="num">{fmt_metric(r.candidate_metrics, "auc")} / '
+            f'<td class="num">{fmt_auc(r.candidate_metrics)} / '
             f"{fmt_metric(r.candidate_metrics, 'ap')}</td>"
             f'<td class="num">{"v" + esc(r.published_version) if r.published_version else "—"}</td>'
             f'<td>{rollback}</td><td class="num privacy">{fmt_privacy(r)}</td></tr>'
@@ -311,7 +326,7 @@ def versions_table(rows: list[Any], links: Links) -> str:
         )
         body.append(
             f'<tr class="version" data-version="{v.version}"><td>v{v.version}</td>'
-            f'<td class="num">{"—" if v.auc is None else f"{v.auc:.4f}"}</td>'
+            f'<td class="num">{fmt_interval(v.auc, v.auc_low, v.auc_high)}</td>'
             f'<td class="num">{"—" if v.ap is None else f"{v.ap:.4f}"}</td>'
             f"<td>{'v' + esc(v.parent_version) if v.parent_version else '—'}</td>"
             f"<td>{'v' + esc(v.rollback_of) if v.rollback_of else '—'}</td>"
@@ -378,12 +393,11 @@ def round_details(links: Links, row: Any, *, figures: bool = False) -> str:
             ("Rejected by reason", rejected or "0"),
             (
                 "Active AUC / AP",
-                f"{fmt_metric(row.active_metrics, 'auc')} / {fmt_metric(row.active_metrics, 'ap')}",
+                f"{fmt_auc(row.active_metrics)} / {fmt_metric(row.active_metrics, 'ap')}",
             ),
             (
                 "Candidate AUC / AP",
-                f"{fmt_metric(row.candidate_metrics, 'auc')} / "
-                f"{fmt_metric(row.candidate_metrics, 'ap')}",
+                f"{fmt_auc(row.candidate_metrics)} / {fmt_metric(row.candidate_metrics, 'ap')}",
             ),
             ("Privacy ε (δ)", fmt_privacy(row)),
             ("Largest device share", fmt_share(row)),
@@ -516,7 +530,9 @@ def build_app() -> FastAPI:
         body = (
             f"{integrity_html(data(dashboard.models_integrity))}"
             f'<div class="plot">{plot}</div>'
-            f'<p>Newest first. <a href="{esc(links.app)}/api/rounds">JSON</a></p>'
+            "<p>Newest first. AUC / AP on the holdout's evaluation rows (the gate compares "
+            "on its calibration rows), with the AUC's 95% bootstrap interval. "
+            f'<a href="{esc(links.app)}/api/rounds">JSON</a></p>'
             f"{pager(links.app + '/rounds', page)}{rounds_table(links, page.items)}"
             f"{pager(links.app + '/rounds', page)}"
         )
@@ -585,8 +601,9 @@ def build_app() -> FastAPI:
         links = Links(request)
         page = data(dashboard.versions, limit=limit, offset=offset)
         body = (
-            f"<p>Newest first; metrics are each version's holdout scores when it was "
-            f'published. <a href="{esc(links.app)}/api/versions">JSON</a></p>'
+            f"<p>Newest first; metrics are each version's scores when it was published, on "
+            "the holdout's evaluation rows (never used to fit its threshold), with the AUC's "
+            f'95% bootstrap interval. <a href="{esc(links.app)}/api/versions">JSON</a></p>'
             f"{pager(links.app + '/versions', page)}{versions_table(page.items, links)}"
         )
         return html_page(request, "Model versions", body, "/versions")
