@@ -55,6 +55,7 @@ SPACES: dict[str, dict[str, list[Any]]] = {
         "hidden": [[96, 32], [64, 16], [128, 64], [32, 8], [64]],
         "learning_rate_init": [0.002, 0.005, 0.01, 0.02],
         "batch_size": [16, 32],
+        "error_clip": [0.0, 1.0],
     },
 }
 """Search spaces; the first value of each key is the library's default where it has one."""
@@ -74,6 +75,7 @@ DEFAULTS: dict[str, Params] = {
         "hidden": [96, 32],
         "learning_rate_init": 0.002,
         "batch_size": 32,
+        "error_clip": 0.0,
     },
 }
 """Trial 0 of every search: the library's (or the model kind's) default."""
