@@ -104,6 +104,9 @@ def default_norm_bound(kind: str) -> float:
 @dataclass(frozen=True)
 class QualityConfig:
     kind: str = "autoencoder"
+    #: Model hyperparameters over the kind's ``default_spec`` (None = the defaults):
+    #: what bench.select varies.
+    spec: Mapping[str, Any] | None = None
     rounds: int = 100
     epochs: int = 1
     clients: int = 0  # 0 = every client in the file
@@ -228,7 +231,7 @@ def run_federated(
             **({} if exact else {"compression": cfg.compression}),
         }
     )
-    model = create_model(cfg.kind, schema, seed=seed)
+    model = create_model(cfg.kind, schema, spec=cfg.spec, seed=seed)
     aggregation = aggregation_config(cfg, model.spec)
     dp = dp_config(cfg, len(ids), aggregation.norm_bound)
     spent = Accountant(dp.accountant) if dp else None
@@ -434,14 +437,14 @@ def run_seed(data: Dataset, cfg: QualityConfig, seed: int) -> dict[str, float]:
 
     pooled = np.concatenate([data.clients[c] for c in ids])
     total_epochs = cfg.epochs * (1 if KINDS[cfg.kind].sufficient_statistics else cfg.rounds)
-    central = create_model(cfg.kind, schema, seed=seed)
+    central = create_model(cfg.kind, schema, spec=cfg.spec, seed=seed)
     central.fit_local(pooled, epochs=total_epochs, seed=seed)
     out["centralized_auc"] = auc_of(central.score(x_h), y_h)
     out["centralized_ap"] = float(average_precision_score(y_h, central.score(x_h)))
 
     local = []
     for i, cid in enumerate(ids):
-        m = create_model(cfg.kind, schema, seed=seed)
+        m = create_model(cfg.kind, schema, spec=cfg.spec, seed=seed)
         m.fit_local(data.clients[cid], epochs=total_epochs, seed=seed + i)
         local.append(auc_of(m.score(x_h), y_h))
     out["local_only_auc"] = float(np.mean(local))

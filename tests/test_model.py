@@ -143,14 +143,23 @@ def test_registry_and_spec_defaults(schema: FeatureSchema) -> None:
         "alpha",
         "solver",
         "momentum",
+        "error_clip",
     }
     assert json.loads(json.dumps(ae.spec)) == ae.spec
     assert ae.num_params == D * 8 + 8 * D + 8 + D
     default = create_model("autoencoder", schema)
-    assert default.spec["solver"] == "sgd" and default.spec["momentum"] == 0.9
+    assert default.spec["solver"] == "sgd" and default.spec["momentum"] == 0.5  # bench.select
     assert default.spec["hidden"] == [96, 32]  # tuned on the 40-template synthetic fleet
     assert default.num_params == D * 96 + 96 * 32 + 32 * D + 96 + 32 + D
-    for bad in ({"solver": "lbfgs"}, {"momentum": 1.0}, {"momentum": -0.1}, {"hidden": []}):
+    for bad in (
+        {"solver": "lbfgs"},
+        {"momentum": 1.0},
+        {"momentum": -0.1},
+        {"hidden": []},
+        {"error_clip": -1.0},
+        {"error_clip": True},
+        {"error_clip": "1"},
+    ):
         with pytest.raises(ValueError):
             create_model("autoencoder", schema, spec=bad)
     with pytest.raises(ValueError):
@@ -371,3 +380,48 @@ def test_onnx_export_deterministic(kind: str, schema: FeatureSchema, train: np.n
     assert clone.to_onnx() == first
     model.threshold = model.threshold * 2
     assert model.to_onnx() != first
+
+
+# --------------------------------------------------------------------------- error cap
+
+
+def test_error_clip_caps_each_feature_in_python_and_onnx(
+    schema: FeatureSchema, train: np.ndarray
+) -> None:
+    """A capped score bounds what one wild feature adds (at most clip^2 / d per feature),
+    and the exported graph applies the same cap."""
+    capped = create_model("autoencoder", schema, spec={"hidden": [8], "error_clip": 1.0}, seed=0)
+    capped.fit_local(train, epochs=3, seed=0)
+    plain = load_model(
+        "autoencoder", schema, {**capped.spec, "error_clip": 0.0}, capped.params(), None
+    )
+    x = train[:20].astype(np.float64)
+    x[:, 0] = 1e6  # one feature far outside anything seen
+    s_capped, s_plain = capped.score(x), plain.score(x)
+    assert np.all(s_capped <= 1.0 + 1e-12)  # mean of per-feature errors each <= 1.0^2
+    assert np.all(s_plain > 10 * s_capped)
+    z = schema.apply(x)
+    expected = np.minimum(np.square(capped._reconstruct(z) - z), 1.0).mean(axis=1)
+    np.testing.assert_allclose(s_capped, expected, rtol=1e-12)
+    onnx_scores, _ = onnx_score(capped.to_onnx(), x)
+    np.testing.assert_allclose(onnx_scores, s_capped, rtol=1e-4, atol=1e-5)
+    onnx_plain, _ = onnx_score(plain.to_onnx(), x)
+    np.testing.assert_allclose(onnx_plain, s_plain, rtol=1e-4)
+
+
+def test_stored_spec_without_error_clip_scores_as_before(
+    schema: FeatureSchema, train: np.ndarray
+) -> None:
+    """A package stored before ``error_clip`` existed reads it as 0 (no cap) and scores
+    the plain mean squared error, as when it was published; a new model gets the
+    default."""
+    model = create_model("autoencoder", schema, seed=0)
+    assert model.spec["error_clip"] == KINDS["autoencoder"].default_spec["error_clip"]
+    stored = {k: v for k, v in model.spec.items() if k != "error_clip"}
+    old = load_model("autoencoder", schema, stored, model.params(), None)
+    assert old.spec["error_clip"] == 0.0
+    x = train[:50]
+    z = schema.apply(x)
+    np.testing.assert_allclose(
+        old.score(x), np.square(old._reconstruct(z) - z).mean(axis=1), rtol=1e-12
+    )
