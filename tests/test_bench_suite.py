@@ -108,3 +108,22 @@ def test_select_and_suite_small(tmp_path: Path, capsys):
     assert goal["met"] == (goal["figure"] >= -0.02)
     worst = r["goals"]["worst_gap_to_isolation_forest"]
     assert worst["figure"] == min(t["federated_minus_isolation_forest"] for t in r["tasks"])
+
+
+def test_the_default_stays_unless_a_trial_beats_it_by_more_than_one_standard_error():
+    from bench.select import choose_federated
+
+    def trial(name, aucs):
+        return {
+            "params": {"name": name},
+            "val_auc": dict(zip("abcd", aucs, strict=True)),
+            "mean_val_auc": sum(aucs) / len(aucs),
+        }
+
+    incumbent = trial("default", [0.80, 0.90, 0.70, 0.95])
+    noisy = trial("noisy", [0.85, 0.86, 0.74, 0.91])  # +0.0025 on average, differences +-0.05
+    clear = trial("clear", [0.83, 0.93, 0.73, 0.97])  # +0.0275, every view better
+    assert choose_federated([incumbent, noisy])["chosen"] == {"name": "default"}
+    decided = choose_federated([incumbent, noisy, clear])
+    assert decided["chosen"] == {"name": "clear"} and decided["best_trial"] == {"name": "clear"}
+    assert decided["best_minus_default"] > decided["standard_error"]

@@ -161,7 +161,7 @@ TABLE: dict[str, str] = {
     "and dag-processor one by one: tests/security/test_faults.py)",
     "make bench": "NOT RUN: the performance suite (about 5 minutes, results committed in "
     "bench/results/); tests/test_bench_small.py runs each module small",
-    "make bench-quality": "NOT RUN: the quality suite (about 30 minutes, results committed "
+    "make bench-quality": "NOT RUN: the quality suite (about 70 minutes, results committed "
     "in bench/results/); tests/test_bench_small.py runs each module small",
     "pip install .[client]": "NOT RUN: an install from PyPI (CI's make test installs .venv)",
     "cp .env.example .env": COMPOSE,
