@@ -168,6 +168,9 @@ class Deployment:
     def __init__(self, settings: ServerSettings, s3: S3Config | None = None) -> None:
         self.settings = settings
         self.s3 = s3 or settings.s3()
+        # holdout version -> its parts: versions are write-once and digest-checked and
+        # the split key is written once, so a version splits the same for the process
+        self._holdout_parts: dict[int, HoldoutParts] = {}
 
     def store(self, bucket: str) -> ObjectStore:
         return S3Store(bucket, self.s3)
@@ -422,10 +425,16 @@ class Deployment:
         return bytes.fromhex(record.key)
 
     def holdout_parts(self, version: int | None = None) -> HoldoutParts:
-        """A holdout version (default: current) split into calibration and evaluation."""
-        return self.load_holdout(version).split(
-            self.holdout_split_key(), self.settings.holdout_calibration_fraction
-        )
+        """A holdout version (default: current) split into calibration and evaluation
+        (once per version and process: every shard of a round asks for the same one)."""
+        resolved = self._holdout_pointer(version).version
+        parts = self._holdout_parts.get(resolved)
+        if parts is None:
+            parts = self.load_holdout(resolved).split(
+                self.holdout_split_key(), self.settings.holdout_calibration_fraction
+            )
+            self._holdout_parts[resolved] = parts
+        return parts
 
     def save_holdout(self, holdout: Holdout) -> int:
         """Store a new holdout version (write-once) and make it current; returns its number.
