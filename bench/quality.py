@@ -135,12 +135,14 @@ class QualityConfig:
 
 
 def pooled_schema(data: Dataset, ids: list[str]) -> FeatureSchema:
-    """Scaling from summed per-client moments: what a statistics round would give."""
+    """Scaling from summed per-client moments: what a statistics round would give, with
+    the transform a default deployment picks from its benign holdout rows."""
+    transform = DEFAULTS.transform_for(data.holdout_X[data.holdout_y == 0])
     n, s, ss = 0, 0.0, 0.0
     for cid in ids:
-        cn, cs, css = feature_moments(data.clients[cid], "log1p")
+        cn, cs, css = feature_moments(data.clients[cid], transform)
         n, s, ss = n + cn, s + cs, ss + css
-    return FeatureSchema.from_moments(data.feature_names, "log1p", n, s, ss)
+    return FeatureSchema.from_moments(data.feature_names, transform, n, s, ss)
 
 
 #: The bench's key of the holdout split: fixed, so every run splits a dataset alike.
@@ -250,7 +252,7 @@ def run_federated(
     sizes: list[int] = []
     rejected = 0
     refused_rounds = 0
-    rounds = 1 if exact else cfg.rounds
+    rounds = 1 if exact and KINDS[cfg.kind].one_round else cfg.rounds
     momentum = None
     n_bad = round(cfg.malicious_fraction * len(ids)) if cfg.attack != "none" else 0
     attack_rng = np.random.default_rng([seed, 1])  # the honest clients' draws stay paired
@@ -436,16 +438,20 @@ def run_seed(data: Dataset, cfg: QualityConfig, seed: int) -> dict[str, float]:
         out["auc_minus_paired"] = out["federated_auc"] - twin["federated_auc"]
 
     pooled = np.concatenate([data.clients[c] for c in ids])
-    total_epochs = cfg.epochs * (1 if KINDS[cfg.kind].sufficient_statistics else cfg.rounds)
+    kind = KINDS[cfg.kind]
+    total_epochs = cfg.epochs * (1 if kind.sufficient_statistics else cfg.rounds)
     central = create_model(cfg.kind, schema, spec=cfg.spec, seed=seed)
-    central.fit_local(pooled, epochs=total_epochs, seed=seed)
+    # an EM kind's fit_local is one iteration: the centralized run gets as many as rounds
+    for _ in range(1 if kind.one_round else cfg.rounds):
+        central.fit_local(pooled, epochs=total_epochs, seed=seed)
     out["centralized_auc"] = auc_of(central.score(x_h), y_h)
     out["centralized_ap"] = float(average_precision_score(y_h, central.score(x_h)))
 
     local = []
     for i, cid in enumerate(ids):
         m = create_model(cfg.kind, schema, spec=cfg.spec, seed=seed)
-        m.fit_local(data.clients[cid], epochs=total_epochs, seed=seed + i)
+        for _ in range(1 if kind.one_round else cfg.rounds):
+            m.fit_local(data.clients[cid], epochs=total_epochs, seed=seed + i)
         local.append(auc_of(m.score(x_h), y_h))
     out["local_only_auc"] = float(np.mean(local))
 

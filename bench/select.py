@@ -41,29 +41,44 @@ from bench.detectors import SPACES, auc, fit_autoencoder_early, fit_detector, sa
 from bench.make_dataset import Dataset, make_dataset
 from bench.quality import QualityConfig, pooled_schema, run_federated
 from bench.tasks import TASKS, SelectionView, load_task
-from fedlib.models.model import AutoencoderModel
+from fedlib.models.model import KINDS
 from fedlib.models.package import ModelPackage
 from fedlib.server.settings import ServerSettings
 
 BUDGET = 12
 SEARCH_SEED = 17
 
-FEDERATED_SPACE: dict[str, list[Any]] = {
-    "hidden": [[96, 32]],
-    "learning_rate_init": [0.002, 0.005, 0.01, 0.02],
-    "momentum": [0.9, 0.5],
-    "server_momentum": [0.9, 0.5, 0.0],
-    "topk_fraction": [0.075],
-    "error_clip": [0.0, 1.0, 2.0],
+FEDERATED_SPACES: dict[str, dict[str, list[Any]]] = {
+    "autoencoder": {
+        "hidden": [[96, 32]],
+        "learning_rate_init": [0.002, 0.005, 0.01, 0.02],
+        "momentum": [0.9, 0.5],
+        "server_momentum": [0.9, 0.5, 0.0],
+        "topk_fraction": [0.075],
+        "error_clip": [0.0, 1.0, 2.0],
+    },
+    "gmm": {
+        "components": [8, 16, 32],
+        "reg": [0.01, 0.03, 0.1],
+        "shrinkage": [0.0, 0.25, 0.5, 0.75, 1.0],
+    },
 }
-"""The federated default's search space: local learning rate and momentum, server
-momentum, and the cap on each feature's squared reconstruction error in the score.
+"""Each model kind's search space, searched with the same budget.
 
-The architecture and the top-k fraction are held at the wire budget's values: together
-they set the bytes of every update (top-k + 16-bit of the 8,360-param net fits the
-sealed update in about a tenth of the dense float32 bytes) and every committed wire,
-client and round figure; a narrower net or a larger k costs that budget (see
-AutoencoderModel's docstring)."""
+Autoencoder: local learning rate and momentum, server momentum, and the cap on each
+feature's squared reconstruction error in the score. The architecture and the top-k
+fraction are held at the wire budget's values: together they set the bytes of every
+update (top-k + 16-bit of the 8,360-param net fits the sealed update in about a tenth
+of the dense float32 bytes); a narrower net or a larger k costs that budget (see
+AutoencoderModel's docstring).
+
+Gaussian mixture (federated EM, :class:`fedlib.models.model.GaussianMixtureModel`): the
+number of components, the ridge on every covariance and the shrinkage of each
+component's covariance towards the pooled one. It has no optimizer: a round is one EM
+iteration, the same for every device mix."""
+
+AE_SPEC_KEYS = ("hidden", "learning_rate_init", "momentum", "error_clip")
+"""The autoencoder trial keys that are model spec (the others are server settings)."""
 
 FLEET_VALIDATION_SEED = 1
 """The synthetic fleet drawn with this seed is the project's own domain in the
@@ -71,30 +86,44 @@ federated search (the published fleet, bench/results/dataset.npz, is seed 0: nev
 used for selection)."""
 
 
+def kind_default(kind: str) -> dict[str, Any]:
+    """A kind's shipped defaults (model spec and, for the autoencoder, server settings)."""
+    spec = KINDS[kind].default_spec
+    params: dict[str, Any] = {"kind": kind}
+    if kind == "autoencoder":
+        settings = ServerSettings()
+        params |= {k: spec[k] for k in AE_SPEC_KEYS}
+        params["hidden"] = list(spec["hidden"])
+        params["server_momentum"] = settings.server_momentum
+        params["topk_fraction"] = settings.topk_fraction
+        return params
+    return params | {k: spec[k] for k in FEDERATED_SPACES[kind]}
+
+
 def federated_default() -> dict[str, Any]:
-    """The shipped defaults (model spec and server settings), trial 0 of the search."""
-    spec = AutoencoderModel.default_spec
-    settings = ServerSettings()
-    return {
-        "hidden": list(spec["hidden"]),
-        "learning_rate_init": spec["learning_rate_init"],
-        "momentum": spec["momentum"],
-        "server_momentum": settings.server_momentum,
-        "topk_fraction": settings.topk_fraction,
-        "error_clip": spec["error_clip"],
-    }
+    """What a deployment ships: the default model kind with its defaults (trial 0)."""
+    return kind_default(ServerSettings().model_kind)
 
 
 def federated_config(params: Mapping[str, Any], rounds: int) -> QualityConfig:
-    """A bench.quality run of the autoencoder with these hyperparameters."""
-    spec = {k: params[k] for k in ("hidden", "learning_rate_init", "momentum", "error_clip")}
+    """A bench.quality run of the trial's model kind with these hyperparameters."""
+    kind = str(params.get("kind", "autoencoder"))  # trials stored before kinds: autoencoder
+    if kind != "autoencoder":
+        spec = {k: params[k] for k in FEDERATED_SPACES[kind]}
+        return QualityConfig(kind=kind, spec=spec, rounds=rounds)
     return QualityConfig(
         kind="autoencoder",
-        spec=spec,
+        spec={k: params[k] for k in AE_SPEC_KEYS},
         rounds=rounds,
         server_momentum=float(params["server_momentum"]),
         topk_fraction=float(params["topk_fraction"]),
     )
+
+
+def with_kind(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's params naming their kind (results stored before kinds were searched
+    hold autoencoder trials without the key)."""
+    return {"kind": "autoencoder", **params}
 
 
 def fleet_view(seed: int = FLEET_VALIDATION_SEED) -> SelectionView:
@@ -134,26 +163,49 @@ def train_federated(
     return float(out["federated_auc"]), package
 
 
-def federated_trials(budget: int, seed: int) -> list[dict[str, Any]]:
-    """The default, then distinct random draws from :data:`FEDERATED_SPACE`."""
-    keys = list(FEDERATED_SPACE)
-    grid = [
-        dict(zip(keys, combo, strict=True))
-        for combo in itertools.product(*FEDERATED_SPACE.values())
-    ]
-    default = federated_default()
-    rest = [g for g in grid if g != default]
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(rest), size=min(budget - 1, len(rest)), replace=False)
-    return [default, *(rest[int(i)] for i in picks)]
+def federated_trials(budget: int, seed: int, kinds: Sequence[str]) -> list[dict[str, Any]]:
+    """Trial 0 is the shipped default; then, per kind, its defaults and distinct random
+    draws from its space, ``budget`` configurations each."""
+    incumbent = federated_default()
+    trials = [incumbent]
+    for kind in kinds:
+        space = FEDERATED_SPACES[kind]
+        keys = list(space)
+        grid = [
+            {"kind": kind, **dict(zip(keys, combo, strict=True))}
+            for combo in itertools.product(*space.values())
+        ]
+        default = kind_default(kind)
+        rest = [g for g in grid if g != default]
+        rng = np.random.default_rng(seed)
+        picks = rng.choice(len(rest), size=min(budget - 1, len(rest)), replace=False)
+        for params in (default, *(rest[int(i)] for i in picks)):
+            if params not in trials:
+                trials.append(params)
+    return trials
 
 
 def select_federated(
-    views: Sequence[SelectionView], *, budget: int, rounds: int, seed: int = SEARCH_SEED
+    views: Sequence[SelectionView],
+    *,
+    budget: int,
+    rounds: int,
+    kinds: Sequence[str] = tuple(FEDERATED_SPACES),
+    reuse: Sequence[Mapping[str, Any]] = (),
+    seed: int = SEARCH_SEED,
 ) -> dict[str, Any]:
-    """One configuration for every task: the best mean validation AUC over tasks."""
+    """One configuration for every task: the best mean validation AUC over tasks.
+
+    ``reuse``: trials of an earlier run on the same views and rounds, taken instead of
+    training the same configuration again."""
+    stored = {json.dumps(with_kind(t["params"]), sort_keys=True): t for t in reuse}
+    names = sorted(v.name for v in views)
     trials = []
-    for params in federated_trials(budget, seed):
+    for params in federated_trials(budget, seed, kinds):
+        old = stored.get(json.dumps(params, sort_keys=True))
+        if old is not None and sorted(old["val_auc"]) == names:
+            trials.append({**old, "params": params})
+            continue
         cfg = federated_config(params, rounds)
         per_task = {v.name: train_federated(v, cfg, seed=0)[0] for v in views}
         trials.append(
@@ -163,7 +215,7 @@ def select_federated(
                 "mean_val_auc": statistics.fmean(per_task.values()),
             }
         )
-    return {"space": FEDERATED_SPACE, **choose_federated(trials), "trials": trials}
+    return {"space": FEDERATED_SPACES, **choose_federated(trials), "trials": trials}
 
 
 def choose_federated(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -228,6 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-fleet", action="store_true", help="leave the synthetic validation fleet out"
     )
+    parser.add_argument(
+        "--kinds",
+        default=",".join(FEDERATED_SPACES),
+        help="model kinds the federated search covers",
+    )
+    parser.add_argument(
+        "--reuse",
+        metavar="SELECTION_JSON",
+        help="take the federated trials (and, for the same tasks and budget, the centralized "
+        "searches) of an earlier run with the same rounds instead of training them again",
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument(
         "--decide",
@@ -240,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             stored = json.load(f)
         trials = stored["federated"]["trials"]
         stored["federated"] = {
-            "space": FEDERATED_SPACE,
+            "space": FEDERATED_SPACES,
             **choose_federated(trials),
             "trials": trials,
         }
@@ -248,17 +311,42 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     views = [load_task(name).selection_view() for name in args.tasks.split(",")]
+    earlier: dict[str, Any] = {}
+    if args.reuse:
+        with open(args.reuse) as f:
+            earlier = json.load(f)
+        if earlier["rounds"] != args.rounds:
+            raise SystemExit(f"{args.reuse} ran {earlier['rounds']} rounds, not {args.rounds}")
+    same = earlier.get("budget") == args.budget and earlier.get("search_seed") == SEARCH_SEED
     result: dict[str, Any] = {
         "protocol": "validation split only (bench.tasks); the test holdout is never loaded",
         "budget": args.budget,
         "rounds": args.rounds,
         "search_seed": SEARCH_SEED,
+        "feature_transform": ServerSettings().feature_transform,
         "tasks": [v.name for v in views],
-        "centralized": {v.name: select_centralized(v, budget=args.budget) for v in views},
+        "centralized": {
+            v.name: (
+                earlier["centralized"][v.name]
+                if same and v.name in earlier.get("centralized", {})
+                else select_centralized(v, budget=args.budget)
+            )
+            for v in views
+        },
     }
     if not args.skip_federated:
         fed_views = views if args.no_fleet else [*views, fleet_view()]
-        result["federated"] = select_federated(fed_views, budget=args.budget, rounds=args.rounds)
+        result["federated"] = select_federated(
+            fed_views,
+            budget=args.budget,
+            rounds=args.rounds,
+            kinds=args.kinds.split(","),
+            reuse=(
+                earlier.get("federated", {}).get("trials", [])
+                if earlier.get("feature_transform") == ServerSettings().feature_transform
+                else []  # trained under another scaling: not the same configuration
+            ),
+        )
     result["seconds"] = round(time.perf_counter() - started, 2)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0

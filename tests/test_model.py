@@ -15,6 +15,7 @@ from fedlib.models.model import (
     KINDS,
     AnomalyModel,
     FeatureSchema,
+    choose_transform,
     create_model,
     feature_moments,
     load_model,
@@ -24,7 +25,7 @@ from fedlib.models.model import (
 
 D = 16
 NAMES = [f"tpl_{i:02d}" for i in range(D)]
-ALL_KINDS = ["autoencoder", "gaussian"]
+ALL_KINDS = ["autoencoder", "gaussian", "gmm"]
 
 
 class World:
@@ -76,7 +77,9 @@ def holdout(world: World) -> tuple[np.ndarray, np.ndarray]:
 
 def _trained(kind: str, schema: FeatureSchema, train: np.ndarray) -> AnomalyModel:
     model = create_model(kind, schema, seed=3)
-    model.fit_local(train, epochs=15, seed=11)
+    # an EM kind's fit_local is one iteration (one round); give it as many as epochs
+    for _ in range(1 if model.one_round else 15):
+        model.fit_local(train, epochs=15, seed=11)
     return model
 
 
@@ -113,6 +116,20 @@ def test_from_moments_equals_direct_mean_std(train: np.ndarray, transform: Any) 
     np.testing.assert_allclose(z, (t - t.mean(axis=0)) / t.std(axis=0), rtol=1e-8, atol=1e-9)
 
 
+def test_choose_transform_log1p_for_counts_identity_for_measurements() -> None:
+    from fedlib.server.settings import ServerSettings
+
+    counts = np.array([[0.0, 3.0, 12.0], [1.0, 0.0, 250.0]])
+    measurements = np.array([[5.1, 3.5, 1.4], [6.2, 2.9, 4.3]])
+    assert choose_transform(counts) == "log1p"
+    assert choose_transform(measurements) == "identity"
+    assert choose_transform(-counts) == "identity"  # negative values are not counts
+    assert choose_transform(np.array([[1.0, np.inf]])) == "identity"
+    assert ServerSettings().feature_transform == "auto"
+    assert ServerSettings().transform_for(measurements) == "identity"
+    assert ServerSettings(feature_transform="log1p").transform_for(measurements) == "log1p"
+
+
 def test_std_floor_and_input_validation() -> None:
     x = np.zeros((10, 2), dtype=np.float32)
     x[:, 1] = np.arange(10)
@@ -131,7 +148,7 @@ def test_std_floor_and_input_validation() -> None:
 
 
 def test_registry_and_spec_defaults(schema: FeatureSchema) -> None:
-    assert {"autoencoder", "gaussian"} <= set(KINDS)
+    assert {"autoencoder", "gaussian", "gmm"} <= set(KINDS)
     assert KINDS["autoencoder"].preferred_compression == "topk16"
     assert KINDS["gaussian"].preferred_compression == "dense64"
     ae = create_model("autoencoder", schema, spec={"hidden": [8]})
@@ -174,6 +191,18 @@ def test_registry_and_spec_defaults(schema: FeatureSchema) -> None:
         create_model("autoencoder", schema, spec={"hiden": [8]})
     with pytest.raises(ValueError):
         create_model("gaussian", schema, spec={"ridge": -1.0})
+    gmm = create_model("gmm", schema, spec={"components": 4})
+    assert gmm.num_params == 4 * (1 + D + D * (D + 1) // 2)
+    for bad_gmm in (
+        {"components": 0},
+        {"components": 2.5},
+        {"components": True},
+        {"reg": 0.0},
+        {"shrinkage": 1.5},
+        {"shrinkage": -0.1},
+    ):
+        with pytest.raises(ValueError):
+            create_model("gmm", schema, spec=bad_gmm)
 
 
 def test_new_kind_plugs_in_without_touching_anything(schema: FeatureSchema) -> None:
@@ -320,6 +349,76 @@ def test_gaussian_federated_equals_pooled(world: World, schema: FeatureSchema) -
     solo = create_model("gaussian", schema)
     solo.fit_local(clients[0], epochs=1, seed=0)
     assert np.max(np.abs(solo.score(probe) - s_pool)) > 1e-3
+
+
+def _gmm_round(global_model: AnomalyModel, schema: FeatureSchema, clients: list[np.ndarray]) -> Any:
+    """One federated round: each device's E-step from the global params, row-weighted mean."""
+    acc = np.zeros(global_model.num_params)
+    total = 0
+    for i, rows in enumerate(clients):
+        local = load_model("gmm", schema, global_model.spec, global_model.params(), None)
+        n = local.fit_local(rows, epochs=1, seed=i)
+        acc += n * local.params()
+        total += n
+    return acc / total
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 0.5])
+def test_gmm_federated_em_equals_pooled_em_every_round(
+    world: World, schema: FeatureSchema, shrinkage: float
+) -> None:
+    """Non-IID devices, 12 rounds: every round's mean of device statistics is the pooled
+    E-step, so the federated mixture is the centralized EM's, round for round."""
+    mixes = [np.array(p) for p in ([0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [1, 0, 0])]
+    clients = [world.benign(n, p) for n, p in zip((37, 410, 123, 260), mixes, strict=True)]
+    spec = {"components": 6, "reg": 0.05, "shrinkage": shrinkage}
+    federated = create_model("gmm", schema, spec=spec)
+    pooled = create_model("gmm", schema, spec=spec)
+    rows = np.concatenate(clients)
+    for _ in range(12):
+        federated.set_params(_gmm_round(federated, schema, clients))
+        pooled.fit_local(rows, epochs=1, seed=0)
+        np.testing.assert_allclose(federated.params(), pooled.params(), rtol=0, atol=1e-9)
+    probe = np.concatenate([world.benign(200), world.anomalous(50)])
+    assert np.max(np.abs(federated.score(probe) - pooled.score(probe))) <= 1e-6
+    # the splits filled every component, and one device alone is another model
+    assert int(np.sum(federated.params()[:6] > 1e-6)) == 6
+    solo = create_model("gmm", schema, spec=spec)
+    for _ in range(12):
+        solo.fit_local(clients[0], epochs=1, seed=0)
+    assert np.max(np.abs(solo.score(probe) - pooled.score(probe))) > 1e-3
+
+
+def test_gmm_starts_from_one_component_and_doubles_until_full(
+    schema: FeatureSchema, train: np.ndarray
+) -> None:
+    model = create_model("gmm", schema, spec={"components": 8})
+    live = [int(np.sum(model.params()[:8] > 1e-6))]
+    for _ in range(4):
+        model.fit_local(train, epochs=1, seed=0)
+        live.append(int(np.sum(model.params()[:8] > 1e-6)))
+    assert live == [1, 2, 4, 8, 8]
+    assert abs(float(np.sum(model.params()[:8])) - 1.0) < 1e-12  # weights stay a distribution
+
+
+def test_gmm_scores_are_nonnegative_and_survive_tampered_params(
+    schema: FeatureSchema, train: np.ndarray, holdout: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Scores are >= 0 (device calibration takes their log); second moments that no data
+    could give (an indefinite covariance) are clipped, not a crash or NaN."""
+    model = _trained("gmm", schema, train)
+    x, _ = holdout
+    assert float(model.score(x).min()) >= 0.0
+    vec = model.params()
+    k = int(model.spec["components"])
+    vec[k + k * D :] *= -1.0  # every second moment negated
+    broken = load_model("gmm", schema, model.spec, vec, None)
+    scores = broken.score(x)
+    assert np.all(np.isfinite(scores)) and float(scores.min()) >= 0.0
+    empty = model.params()
+    empty[:k] = 0.0
+    with pytest.raises(ValueError, match="no component"):
+        load_model("gmm", schema, model.spec, empty, None).score(x)
 
 
 # --------------------------------------------------------------------------- ONNX

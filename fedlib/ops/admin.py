@@ -129,7 +129,7 @@ def initial_package(
     kind = kind or settings.model_kind
     parts = holdout.split(deployment.holdout_split_key(), settings.holdout_calibration_fraction)
     benign = parts.calibration.benign()
-    schema = FeatureSchema.from_data(holdout.feature_names, benign, "log1p")
+    schema = FeatureSchema.from_data(holdout.feature_names, benign, settings.transform_for(benign))
     model = create_model(kind, schema, seed=seed)
     model.calibrate_threshold(benign, quantile=settings.threshold_quantile)
     training = settings.training(kind)

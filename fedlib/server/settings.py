@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:  # imported where used: DAG files parse this module, keep it light
+    from fedlib.models.model import Transform
     from fedlib.server.aggregation import AggregationConfig
     from fedlib.server.privacy import PrivacyConfig
     from fedlib.storage.store import S3Config
@@ -81,6 +82,12 @@ class ServerSettings(BaseModel):
         "'unrecordable' one under a digest key.",
     )
     model_kind: str = Field("autoencoder", description="Model kind of version 1.")
+    feature_transform: Literal["auto", "log1p", "identity"] = Field(
+        "auto",
+        description="Scaling of version 1's features before standardization: log1p for "
+        "counts, identity for measurements; auto picks log1p when every benign holdout "
+        "value is a non-negative integer.",
+    )
     auc_tolerance: float = Field(
         0.01, ge=0, description="Gate: candidate AUC may trail the active model by this much."
     )
@@ -212,6 +219,14 @@ class ServerSettings(BaseModel):
     def dag_schedule(self) -> str | None:
         """``schedule`` for Airflow: a cron/preset string, or None for "none" (manual only)."""
         return None if self.schedule.strip().lower() in ("", "none", "manual") else self.schedule
+
+    def transform_for(self, benign_rows: Any) -> Transform:
+        """The feature transform version 1 uses, resolving ``auto`` from the rows."""
+        from fedlib.models.model import choose_transform
+
+        if self.feature_transform == "auto":
+            return choose_transform(benign_rows)
+        return self.feature_transform
 
     def aggregation(
         self, model_kind: str | None = None, model_spec: dict[str, Any] | None = None
