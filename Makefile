@@ -73,6 +73,7 @@ bench-quality: $(STAMP)
 	$(BIN)/python -m bench.make_dataset --out bench/results/dataset.npz
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --paired dense32 --json > bench/results/quality-autoencoder.json
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --kind gaussian --json > bench/results/quality-gaussian.json
+	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --kind gmm --json > bench/results/quality-gmm.json
 	$(BIN)/python -m bench.poisoning --dataset bench/results/dataset.npz --seeds 3 --robust fltrust,trimmed_mean,median --json > bench/results/poisoning.json
 	$(BIN)/python -m bench.dp --dataset bench/results/dataset.npz --json > bench/results/dp.json
 	$(BIN)/python -m bench.evalsplit --dataset bench/results/dataset.npz --seeds 5 --json > bench/results/evalsplit.json

@@ -6,8 +6,8 @@
 For each task of :mod:`bench.tasks` and each seed, with the hyperparameters
 :mod:`bench.select` chose on the validation split (read from its committed JSON):
 
-* ``federated_default``: the shipped autoencoder defaults (model spec and server
-  settings) trained through the real protocol path; the final package's ONNX graph
+* ``federated_default``: the shipped default (the deployment's ``model_kind`` with its
+  spec and server settings) trained through the real protocol path; the final package's ONNX graph
   scores the test holdout (the training run itself only ever sees the validation split);
 * ``federated_selected``: the same with the configuration selection chose, when it
   differs from the defaults;
@@ -95,10 +95,13 @@ def run_task(task: Task, selection: dict[str, Any], seeds: int, rounds: int) -> 
     }
 
 
-def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Issue 17's two goals for the federated default: the goal, the figure, met or not."""
-    mean_gap = statistics.fmean(r["federated_minus_best_centralized"] for r in rows)
-    worst = min(rows, key=lambda r: r["federated_minus_isolation_forest"])
+def goals(rows: list[dict[str, Any]], key: str = "federated_default") -> dict[str, Any]:
+    """Issue 17's two goals for a federated run (the default unless ``key`` names the
+    selected one): the goal, the figure, met or not."""
+    gaps = {r["task"]: r["auc"][key] - r["auc"]["best_centralized"] for r in rows}
+    to_forest = {r["task"]: r["auc"][key] - r["auc"]["isolation_forest"] for r in rows}
+    mean_gap = statistics.fmean(gaps.values())
+    worst_task = min(to_forest, key=lambda t: to_forest[t])
     return {
         "mean_gap_to_best_centralized": {
             "goal": f">= -{GOAL_MEAN_GAP}",
@@ -107,10 +110,11 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "worst_gap_to_isolation_forest": {
             "goal": f">= -{GOAL_IFOREST_GAP} on every task",
-            "figure": worst["federated_minus_isolation_forest"],
-            "task": worst["task"],
-            "met": worst["federated_minus_isolation_forest"] >= -GOAL_IFOREST_GAP,
+            "figure": to_forest[worst_task],
+            "task": worst_task,
+            "met": to_forest[worst_task] >= -GOAL_IFOREST_GAP,
         },
+        "gap_to_best_centralized_per_task": gaps,
     }
 
 
@@ -140,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         "tasks": rows,
         "mean_auc": {k: statistics.fmean(r["auc"][k] for r in rows) for k in keys},
         "goals": goals(rows),
+        **(
+            {"goals_selected": goals(rows, "federated_selected")}
+            if "federated_selected" in keys
+            else {}
+        ),
         "seconds": round(time.perf_counter() - started, 2),
     }
     print(json.dumps(result, indent=None if args.json else 2))

@@ -259,7 +259,11 @@ def test_adding_evaluation_rows_moves_neither_threshold_nor_reference_but_the_fp
     version 1's threshold and the FLTrust reference are bit-identical, the published FPR
     changes (those rows are measured, never fitted)."""
     deployment = build_deployment(
-        s3_config, tmp_path / "keys", small_dataset, robust_aggregation="fltrust"
+        s3_config,
+        tmp_path / "keys",
+        small_dataset,
+        robust_aggregation="fltrust",
+        model_kind="autoencoder",
     )
     base = deployment.registry().read_active()
     v1 = deployment.load_holdout()

@@ -223,7 +223,9 @@ def _normal_quantile(q: float) -> float:
 
 def test_settings_validate_the_dp_options():
     assert ServerSettings().privacy().enabled is False
-    ok = ServerSettings(dp_mode="central", dp_target_epsilon=3.0, dp_rounds=50)
+    ok = ServerSettings(
+        dp_mode="central", dp_target_epsilon=3.0, dp_rounds=50, model_kind="autoencoder"
+    )
     assert ok.privacy().total_noise_multiplier == pytest.approx(calibrate_noise(3.0, DELTA, 50))
     training = ok.training("autoencoder")
     assert training.dp is not None and training.dp.mode == "central"
@@ -242,7 +244,9 @@ def test_settings_validate_the_dp_options():
         {"dp_mode": "central", "dp_noise_multiplier": 1.0, "dp_delta": 1.0},
     ):
         with pytest.raises(ValidationError):
-            ServerSettings(**bad)
+            ServerSettings(**{"model_kind": "autoencoder", **bad})
+    with pytest.raises(ValidationError, match="iterative"):  # an exact kind
+        ServerSettings(dp_mode="central", dp_noise_multiplier=1.0, model_kind="gmm")
 
 
 # -- the device ---------------------------------------------------------------------------------
@@ -289,6 +293,7 @@ def test_device_reports_the_clipping_bit_in_central_mode_and_noises_in_local_mod
         dp_adaptive_clipping=True,
         dp_clip_norm=1.0,
         compression="dense32",
+        model_kind="autoencoder",
     ).training("autoencoder")
     package = _package_with(central)
     dim = package.metadata.num_params
@@ -300,7 +305,11 @@ def test_device_reports_the_clipping_bit_in_central_mode_and_noises_in_local_mod
     assert meta.metrics[protocol.UNCLIPPED_METRIC] == 1.0
 
     local = ServerSettings(
-        dp_mode="local", dp_noise_multiplier=2.0, dp_clip_norm=1.0, compression="dense32"
+        dp_mode="local",
+        dp_noise_multiplier=2.0,
+        dp_clip_norm=1.0,
+        compression="dense32",
+        model_kind="autoencoder",
     ).training("autoencoder")
     package = _package_with(local)
     meta, sent = _device_update(package, 0.5 * direction, noise_rng=np.random.default_rng(0))
@@ -318,6 +327,7 @@ def _dp_deployment(s3_config, tmp_path, small_dataset, **settings):
     from tests.helpers import build_deployment
 
     base = {
+        "model_kind": "autoencoder",  # DP is for the iterative kind
         "dp_mode": "central",
         "dp_noise_multiplier": 1.0,
         "dp_clip_norm": 1.0,

@@ -273,7 +273,9 @@ def test_reduce_equals_summing_with_the_final_weights(s3_config, tmp_path, small
     from fedlib.server.rounds import open_and_validate, summed_delta
     from fedlib.server.strategy import new_aggregator
 
-    dep = build_deployment(s3_config, tmp_path / mode, small_dataset, robust_aggregation=mode)
+    dep = build_deployment(
+        s3_config, tmp_path / mode, small_dataset, robust_aggregation=mode, model_kind="autoencoder"
+    )
     _honest(dep, 5)
     package = dep.registry().read_active()
     delta, _ = local_delta(package, dep.dataset.clients[dep.dataset.client_ids[5]], seed=5)
@@ -299,3 +301,57 @@ def test_reduce_equals_summing_with_the_final_weights(s3_config, tmp_path, small
         if units:
             direct.add(update_delta, units / 2**16)
     assert dep.state.get(RunKeys("w-1").aggregate) == direct.to_bytes()
+
+
+def test_gmm_rounds_over_s3_are_centralized_em_steps(s3_config, tmp_path, small_dataset):
+    """The Gaussian mixture through real rounds (sealed dense64 statistics, SeaweedFS, the
+    round runner): with every device in each round and ``min_rows`` 0, each published
+    version's params are one EM step on the pooled rows from the version before, and the
+    model gets better than version 1 (what the gate checks)."""
+    from fedlib.models.model import FeatureSchema, load_model
+    from fedlib.models.package import ModelPackage
+
+    def params_of(package: ModelPackage) -> tuple[FeatureSchema, np.ndarray]:
+        return FeatureSchema.from_dict(package.metadata.feature_schema), package.weights
+
+    dep = build_deployment(  # no share cap: the weights are the row counts (231 of 866)
+        s3_config,
+        tmp_path / "gmm",
+        small_dataset,
+        model_kind="gmm",
+        auc_tolerance=1.0,
+        max_device_weight_share=1.0,
+    )
+    v1 = dep.registry().read_active()
+    spec = {**v1.metadata.model_spec, "min_rows": 0}
+    dep.settings = dep.settings.model_copy(update={"model_kind": "gmm"})
+    ids = dep.dataset.client_ids
+    pooled = np.concatenate([dep.dataset.clients[c] for c in ids])
+    base: ModelPackage = v1
+    for r in range(3):
+        schema, weights = params_of(base)
+        centralized = load_model("gmm", schema, spec, weights, None)
+        centralized.fit_local(pooled, epochs=1, seed=0)
+        package = base
+        server_public = dep.current_server_public_key()
+        for i, cid in enumerate(ids):
+            local = load_model("gmm", schema, spec, weights, None)
+            n = local.fit_local(dep.dataset.clients[cid], epochs=1, seed=i)
+            update = seal_delta(
+                package,
+                local.params() - weights,
+                n,
+                client_id=cid,
+                client_key=enroll(dep, cid),
+                server_public_key=server_public,
+                residual=None,
+                clip=False,
+            )
+            dep.inbox.put(protocol.inbox_key(cid, update.update_id), update.envelope)
+        report = run_round(dep, f"gmm-{r}")
+        assert report.decision.value == "published", report.summary()
+        assert report.accepted == len(ids)
+        base = dep.registry().read_active()
+        np.testing.assert_allclose(params_of(base)[1], centralized.params(), rtol=0, atol=1e-6)
+    assert base.metadata.metrics is not None and v1.metadata.metrics is not None
+    assert base.metadata.metrics["auc"] > v1.metadata.metrics["auc"]

@@ -27,7 +27,7 @@ def test_precedence_file_env_overrides(tmp_path, monkeypatch):
     settings = ServerSettings.load(path, overrides={"min_clients": 9})
     assert settings.min_clients == 9 and settings.norm_bound == 7.0
     assert settings.dag_schedule is None
-    assert settings.aggregation().norm_bound == 7.0
+    assert settings.aggregation("autoencoder").norm_bound == 7.0  # an iterative kind's bound
 
 
 def test_unknown_keys_and_bad_values_are_refused(tmp_path):
@@ -39,3 +39,12 @@ def test_unknown_keys_and_bad_values_are_refused(tmp_path):
         ServerSettings.load(overrides={"server_momentum": 1.5})
     with pytest.raises(FileNotFoundError):
         ServerSettings.load(tmp_path / "missing.toml")
+
+
+def test_robust_aggregation_needs_an_iterative_kind():
+    """Refused, not silently ignored: an exact kind's round is only exact as the mean."""
+    assert ServerSettings(robust_aggregation="fltrust", model_kind="autoencoder")
+    for kind in ("gaussian", "gmm"):
+        with pytest.raises(ValidationError, match="iterative model kinds"):
+            ServerSettings(robust_aggregation="fltrust", model_kind=kind)
+        assert ServerSettings(model_kind=kind).aggregation().robust == "none"

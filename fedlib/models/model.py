@@ -437,11 +437,10 @@ class AutoencoderModel(AnomalyModel):
     2,632-param ``[32]`` net only ~3.5% fits, and that learned too slowly (0.89 vs 0.96
     dense after 60 rounds).
 
-    Learning rate 0.002, local momentum 0.9 and no ``error_clip`` stay the default:
-    ``bench.select`` searched learning rates, local and server momentum and
-    ``error_clip`` on validation splits only (five real-data tasks and a synthetic
-    validation fleet, bench/results/selection.json), and its best trial beat this
-    default by less than one standard error (the rule of :func:`bench.select.choose_federated`).
+    Learning rate 0.002, local momentum 0.9 and no ``error_clip`` are this kind's
+    defaults, searched by ``bench.select`` on validation splits only (five real-data
+    tasks and a synthetic validation fleet, bench/results/selection.json); the same
+    search chose the Gaussian mixture (``gmm``) as the deployment's default kind.
     ``error_clip`` caps each feature's squared error in the score at ``error_clip**2``
     (0 = no cap) so that one feature far outside what training saw does not outrank
     every real anomaly; a deployment may set it. Packages stored before the key read
@@ -781,17 +780,24 @@ class GaussianMixtureModel(AnomalyModel):
     params, so every device splits the same way and the mixture doubles each round until
     it is full (LBG initialisation). A component that empties is refilled the same way.
 
-    Chosen by ``bench.select`` on validation splits only (bench/results/selection.json):
-    on the five real-data tasks it is within a standard error of the best tuned
-    centralized detector, where the autoencoder trailed by 0.09 AUC.
-    ``reg`` is added to every covariance's diagonal, in scaled units (variance 1).
+    ``reg`` is added to every covariance's diagonal, in scaled units (variance 1), after
+    ``shrinkage`` pulled each component's covariance towards their weighted mean (a
+    component fitted on few rows borrows the shape of all). The defaults (32, 0.01,
+    0.25) and the kind itself as the deployment default were chosen by ``bench.select``
+    on validation splits only (bench/results/selection.json): the best trial beat the
+    autoencoder's default by more than one standard error of the per-view differences.
     """
 
     kind = "gmm"
     preferred_compression = "dense64"
     sufficient_statistics = True
     one_round = False
-    default_spec: ClassVar[Mapping[str, Any]] = {"components": 16, "reg": 0.03, "shrinkage": 0.5}
+    default_spec: ClassVar[Mapping[str, Any]] = {
+        "components": 32,
+        "reg": 0.01,
+        "shrinkage": 0.25,
+        "min_rows": 10,
+    }
     DEAD_WEIGHT: ClassVar[float] = 1e-6
     SPLIT_STEP: ClassVar[float] = 0.5
 
@@ -813,6 +819,9 @@ class GaussianMixtureModel(AnomalyModel):
         reg = spec["reg"]
         if isinstance(reg, bool) or not isinstance(reg, int | float) or not 0.0 < reg < 1e6:
             raise ValueError("reg must be a positive number")
+        min_rows = spec["min_rows"]
+        if isinstance(min_rows, bool) or not isinstance(min_rows, int | float) or min_rows < 0:
+            raise ValueError("min_rows must be a number >= 0")
         shrink = spec["shrinkage"]
         if isinstance(shrink, bool) or not isinstance(shrink, int | float) or not 0 <= shrink <= 1:
             raise ValueError("shrinkage must be a number in [0, 1]")
@@ -930,7 +939,15 @@ class GaussianMixtureModel(AnomalyModel):
     def fit_local(self, x_raw: Any, *, epochs: int, seed: int) -> int:
         """One E-step under the current (split) mixture; params become this device's
         row-mean statistics. ``epochs`` and ``seed`` have no effect: a round is one EM
-        iteration, so that the server's mean stays the pooled E-step."""
+        iteration, so that the server's mean stays the pooled E-step.
+
+        A component this device's rows barely populate is withheld: its statistics would
+        be the mean of those few rows, and one unusual window alone in a component would
+        travel as itself. A component is sent only where its responsibilities amount to
+        ``min_rows`` effective rows or more (``(sum r)^2 / sum r^2``); in its place the
+        device repeats the installed mixture's own statistics for it (public, and a
+        component nobody sends keeps its estimate instead of emptying). ``min_rows = 0``
+        sends everything: the exact pooled E-step."""
         z = self._scaled(x_raw)
         n = self._check_rows(z, epochs)
         self._split()
@@ -939,13 +956,15 @@ class GaussianMixtureModel(AnomalyModel):
         top = log_comp.max(axis=1, keepdims=True)
         resp = np.exp(log_comp - top)
         resp /= resp.sum(axis=1, keepdims=True)
-        k = self._pi.size
-        pi = np.zeros(k)
-        s1 = np.zeros_like(self._s1)
-        s2 = np.zeros_like(self._s2)
-        pi[live] = resp.sum(axis=0) / n
-        s1[live] = resp.T @ z / n
+        mass = resp.sum(axis=0)
+        effective = np.square(mass) / np.maximum(np.square(resp).sum(axis=0), 1e-300)
+        sent = effective >= float(self.spec["min_rows"])
+        pi, s1, s2 = self._pi.copy(), self._s1.copy(), self._s2.copy()
         for j, slot in enumerate(live):  # one BLAS product per component
+            if not sent[j]:
+                continue
+            pi[slot] = mass[j] / n
+            s1[slot] = resp[:, j] @ z / n
             moment = (z * resp[:, j : j + 1]).T @ z / n
             s2[slot] = np.triu(moment) + np.triu(moment, 1).T  # exactly what params() keeps
         self._install(pi, s1, s2)

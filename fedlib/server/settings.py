@@ -81,7 +81,12 @@ class ServerSettings(BaseModel):
         description="Rounds that may fail to write an object's verdict before it gets an "
         "'unrecordable' one under a digest key.",
     )
-    model_kind: str = Field("autoencoder", description="Model kind of version 1.")
+    model_kind: str = Field(
+        "autoencoder",
+        description="Model kind of version 1: autoencoder, gmm (Gaussian mixture, federated "
+        "EM; every round should reach most of the fleet), or gaussian. robust_aggregation "
+        "and dp_mode need the autoencoder.",
+    )
     feature_transform: Literal["auto", "log1p", "identity"] = Field(
         "auto",
         description="Scaling of version 1's features before standardization: log1p for "
@@ -311,6 +316,20 @@ class ServerSettings(BaseModel):
             budget_epsilon=self.dp_budget_epsilon,
             max_clip_norm=self.norm_bound,
         )
+
+    @model_validator(mode="after")
+    def _check_robust(self) -> ServerSettings:
+        """A robust statistic needs an iterative kind: a sufficient-statistics kind's
+        round is exact only as the plain mean, so the setting would be ignored."""
+        from fedlib.models.model import KINDS
+
+        kind = KINDS.get(self.model_kind)
+        if self.robust_aggregation != "none" and kind is not None and kind.sufficient_statistics:
+            raise ValueError(
+                f"robust_aggregation = {self.robust_aggregation!r} is for iterative model kinds "
+                f'(model_kind = "autoencoder"), not {self.model_kind}'
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_privacy(self) -> ServerSettings:

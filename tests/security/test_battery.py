@@ -165,6 +165,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+import pytest
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -177,6 +178,18 @@ from fedlib.server.pipeline import run_round
 from fedlib.server.round_runner import load_verdicts
 from fedlib.wire import protocol
 from tests.test_round_runner import enroll
+
+
+@pytest.fixture
+def deployment(s3_config: Any, tmp_path: Any, small_dataset: Any) -> Any:
+    """The battery's crafted objects are the iterative kind's: top-k deltas of the
+    autoencoder against its norm bound (the default kind sends whole statistics)."""
+    from tests.helpers import build_deployment
+
+    return build_deployment(
+        s3_config, tmp_path / "server-keys", small_dataset, model_kind="autoencoder"
+    )
+
 
 # -- the wire formats, written out here from their documentation ------------------------
 

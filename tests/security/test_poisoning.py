@@ -62,8 +62,11 @@ def upload_round(deployment, *, attack: str) -> str:
 @pytest.fixture
 def make_deployment(s3_config, tmp_path, small_dataset):
     def make(**settings):
-        return build_deployment(
-            s3_config, tmp_path / f"keys-{len(settings)}-{id(settings)}", small_dataset, **settings
+        return build_deployment(  # attacks and defenses on the iterative kind's deltas
+            s3_config,
+            tmp_path / f"keys-{len(settings)}-{id(settings)}",
+            small_dataset,
+            **{"model_kind": "autoencoder", **settings},
         )
 
     return make
