@@ -440,9 +440,10 @@ def run_seed(data: Dataset, cfg: QualityConfig, seed: int) -> dict[str, float]:
     pooled = np.concatenate([data.clients[c] for c in ids])
     kind = KINDS[cfg.kind]
     total_epochs = cfg.epochs * (1 if kind.sufficient_statistics else cfg.rounds)
+    # an EM kind's fit_local is one iteration: centralized and local runs get `rounds` of them
+    fits = 1 if kind.one_round else cfg.rounds
     central = create_model(cfg.kind, schema, spec=cfg.spec, seed=seed)
-    # an EM kind's fit_local is one iteration: the centralized run gets as many as rounds
-    for _ in range(1 if kind.one_round else cfg.rounds):
+    for _ in range(fits):
         central.fit_local(pooled, epochs=total_epochs, seed=seed)
     out["centralized_auc"] = auc_of(central.score(x_h), y_h)
     out["centralized_ap"] = float(average_precision_score(y_h, central.score(x_h)))
@@ -450,7 +451,7 @@ def run_seed(data: Dataset, cfg: QualityConfig, seed: int) -> dict[str, float]:
     local = []
     for i, cid in enumerate(ids):
         m = create_model(cfg.kind, schema, spec=cfg.spec, seed=seed)
-        for _ in range(1 if kind.one_round else cfg.rounds):
+        for _ in range(fits):
             m.fit_local(data.clients[cid], epochs=total_epochs, seed=seed + i)
         local.append(auc_of(m.score(x_h), y_h))
     out["local_only_auc"] = float(np.mean(local))

@@ -643,6 +643,22 @@ class AutoencoderModel(AnomalyModel):
 # --------------------------------------------------------------------------- gaussian
 
 
+def _whitener(cov: np.ndarray, floor: float) -> tuple[np.ndarray, float]:
+    """``(W, log det cov)`` with ``W W^T = cov^-1`` (``W = L^-T`` from Cholesky).
+
+    Averaged or tampered params can make a covariance indefinite; then its eigenvalues
+    are clipped at ``floor``.
+    """
+    try:
+        chol = np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        vals, vecs = np.linalg.eigh(cov)
+        vals = np.maximum(vals, floor)
+        return vecs / np.sqrt(vals), float(np.sum(np.log(vals)))
+    w = np.linalg.solve(chol, np.eye(cov.shape[0])).T
+    return w, 2.0 * float(np.sum(np.log(np.diag(chol))))
+
+
 @register_kind
 class GaussianModel(AnomalyModel):
     """Gaussian model of scaled features; score = squared Mahalanobis distance.
@@ -718,12 +734,7 @@ class GaussianModel(AnomalyModel):
             scale = float(np.trace(cov)) / d
             ridge = float(self.spec["ridge"]) * (scale if scale > 0.0 else 1.0)
             cov[np.diag_indices(d)] += ridge
-            try:
-                chol = np.linalg.cholesky(cov)
-                w = np.linalg.solve(chol, np.eye(d)).T
-            except np.linalg.LinAlgError:
-                vals, vecs = np.linalg.eigh(cov)
-                w = vecs / np.sqrt(np.maximum(vals, ridge))
+            w, _ = _whitener(cov, ridge)
             self._whitener = (self._mu.copy(), w)
         return self._whitener
 
@@ -893,15 +904,7 @@ class GaussianMixtureModel(AnomalyModel):
             whiteners = np.empty_like(cov)
             log_det = np.empty(live.size)
             for j in range(live.size):
-                try:
-                    chol = np.linalg.cholesky(cov[j])
-                    whiteners[j] = np.linalg.solve(chol, np.eye(d)).T
-                    log_det[j] = 2.0 * float(np.sum(np.log(np.diag(chol))))
-                except np.linalg.LinAlgError:
-                    vals, vecs = np.linalg.eigh(cov[j])
-                    vals = np.maximum(vals, reg)
-                    whiteners[j] = vecs / np.sqrt(vals)
-                    log_det[j] = float(np.sum(np.log(vals)))
+                whiteners[j], log_det[j] = _whitener(cov[j], reg)
             weights = self._pi[live] / float(np.sum(self._pi[live]))
             log_norm = np.log(weights) - 0.5 * log_det - 0.5 * d * math.log(2.0 * math.pi)
             self._cache = (np.log(weights), mu, whiteners, log_norm)
