@@ -98,10 +98,16 @@ def test_rounds_through_fl_admin_keep_working_with_junk_in_the_models_bucket(
     admin_env, capsys, caplog, tmp_path
 ):
     """``fl-admin round`` (check_active, plan, publish) with the junk present: the new
-    version is the channel's next number, and ``fl-admin status`` shows the warning."""
+    version is the channel's next number, and ``fl-admin status`` shows the warning.
+
+    The quality gate is opened: what is under test is the registry, and the split key of
+    each ``init`` is random, so on a rare calibration half four updates from an untrained
+    version fail the per-class check (seen once in CI)."""
     from fedlib.server.deployment import Deployment
     from fedlib.server.settings import ServerSettings
 
+    with admin_env["config"].open("a") as config:
+        config.write("auc_floor = 0.0\nauc_tolerance = 1.0\nclass_detection_tolerance = 1.0\n")
     assert admin_main(["init", "--holdout", str(admin_env["holdout"])]) == 0
     dep = Deployment(ServerSettings.load())
     dep.dataset = admin_env["data"]
