@@ -123,6 +123,11 @@ class QualityConfig:
     attack: str = "none"  # what malicious clients send: see ATTACKS
     malicious_fraction: float = 0.0
     gate: bool = False  # publish a round only if the server's holdout gate passes
+    #: Each device joins each round with this probability (its own seeded draw, the same
+    #: for every configuration of a seed); 1 = every device every round.
+    participation: float = 1.0
+    #: Mixture kinds: the stepwise-EM step (ServerSettings.em_step); None = the default.
+    em_step: float | None = None
     #: Central DP (fedlib.server.privacy): the epsilon the noise is calibrated to spend over
     #: ``rounds`` rounds at ``dp_delta``; None = off. Clip norm C, adaptive clipping.
     dp_epsilon: float | None = None
@@ -165,7 +170,10 @@ def aggregation_config(cfg: QualityConfig, spec: Mapping[str, Any]) -> Aggregati
     """The deployment's config for the kind, with this run's experiment switches applied."""
     base = DEFAULTS.aggregation(cfg.kind, dict(spec))
     if KINDS[cfg.kind].sufficient_statistics:
-        return dataclasses.replace(base, norm_bound=cfg.bound(), max_staleness=cfg.rounds)
+        step = (
+            {} if cfg.em_step is None or KINDS[cfg.kind].one_round else {"server_lr": cfg.em_step}
+        )
+        return dataclasses.replace(base, norm_bound=cfg.bound(), max_staleness=cfg.rounds, **step)
     return dataclasses.replace(
         base,
         norm_bound=cfg.bound(),
@@ -258,10 +266,13 @@ def run_federated(
     attack_rng = np.random.default_rng([seed, 1])  # the honest clients' draws stay paired
     malicious = {str(c) for c in attack_rng.choice(ids, size=n_bad, replace=False)}
     active = evaluate_onnx(package.onnx_bytes, x_cal, y_cal)
+    joins = np.random.default_rng([seed, 2])  # who joins a round: paired across configs
     for r in range(rounds):
         objects = []
         for cid in ids:
             seed_i = int(rng.integers(2**31))
+            if joins.random() >= cfg.participation:
+                continue
             if cid in malicious and cfg.attack == "absent":
                 continue
             if cid in malicious:
@@ -301,6 +312,8 @@ def run_federated(
             ),
             reference=(reference_delta(package, calibration) if cfg.robust == "fltrust" else None),
         )
+        if not objects:
+            continue
         agg, verdicts = aggregate_objects(objects, inputs)
         rejected += sum(not v.accepted for v in verdicts)
         dp_round = None
@@ -511,6 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp-delta", type=float, default=QualityConfig.dp_delta)
     parser.add_argument("--dp-clip", type=float, default=QualityConfig.dp_clip, help="C")
     parser.add_argument("--dp-adaptive", action="store_true", help="adaptive clipping")
+    parser.add_argument(
+        "--participation", type=float, default=1.0, help="chance a device joins a round"
+    )
+    parser.add_argument("--em-step", type=float, default=None, help="mixture kinds: EM step")
+    parser.add_argument("--spec", default=None, help="model spec over the kind's defaults (JSON)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     args = parser.parse_args(argv)
@@ -531,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         dp_delta=args.dp_delta,
         dp_clip=args.dp_clip,
         dp_adaptive=args.dp_adaptive,
+        participation=args.participation,
+        em_step=args.em_step,
+        spec=json.loads(args.spec) if args.spec else None,
     )
     data = load_dataset(args.dataset)
     started = time.perf_counter()

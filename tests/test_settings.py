@@ -48,3 +48,16 @@ def test_robust_aggregation_needs_an_iterative_kind():
         with pytest.raises(ValidationError, match="iterative model kinds"):
             ServerSettings(robust_aggregation="fltrust", model_kind=kind)
         assert ServerSettings(model_kind=kind).aggregation().robust == "none"
+
+
+def test_em_step_is_the_mixture_kinds_server_step():
+    """em_step reaches the mixture's rounds only: the Gaussian is one exact round (any
+    other step would no longer be the pooled fit) and the autoencoder has server_lr."""
+    settings = ServerSettings(em_step=0.25, server_lr=0.5)
+    assert settings.aggregation("gmm").server_lr == 0.25
+    assert settings.aggregation("gaussian").server_lr == 1.0
+    assert settings.aggregation("autoencoder").server_lr == 0.5
+    assert ServerSettings().aggregation("gmm").server_lr == 1.0
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValidationError):
+            ServerSettings(em_step=bad)

@@ -302,6 +302,13 @@ class AnomalyModel(abc.ABC):
     def _set_params(self, vec: np.ndarray) -> None:
         """Install a validated float64 vector (owned by the callee)."""
 
+    def statistics_reference(self) -> np.ndarray:
+        """For sufficient-statistics kinds: the statistics a device's E-step is computed
+        against (what a damped server step starts from, see
+        :func:`fedlib.server.rounds.stepwise_statistics`); the params themselves unless
+        ``fit_local`` first changes them deterministically (a mixture's splits)."""
+        return self.params()
+
     # -- training and scoring -------------------------------------------------
     @abc.abstractmethod
     def fit_local(self, x_raw: Any, *, epochs: int, seed: int) -> int:
@@ -938,6 +945,15 @@ class GaussianMixtureModel(AnomalyModel):
                 s1[target] = half * m
                 s2[target] = half * (cov[j] + np.outer(m, m))
         self._install(pi, s1, s2)
+
+    def statistics_reference(self) -> np.ndarray:
+        """The installed statistics after the splits every device makes first."""
+        installed = (self._pi, self._s1, self._s2)
+        try:
+            self._split()
+            return self.params()
+        finally:
+            self._install(*installed)
 
     def fit_local(self, x_raw: Any, *, epochs: int, seed: int) -> int:
         """One E-step under the current (split) mixture; params become this device's

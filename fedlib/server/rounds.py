@@ -304,13 +304,16 @@ def build_candidate(
     model = model_from_package(base)
     training = training or base.metadata.training
     spent = None
-    if dp is None:
+    config = getattr(agg, "config", None)
+    if dp is None and model.sufficient_statistics and isinstance(config, AggregationConfig):
+        params = stepwise_statistics(model, base.weights, agg.mean_delta(), config.server_lr)
+        new_momentum = None
+    elif dp is None:
         params, new_momentum = agg.step(base.weights, momentum)
     else:
         release = privacy.release_round(
             dp.config, agg.mean_delta(), agg.count, dp.clip_norm, dp.unclipped, dp.rng
         )
-        config = getattr(agg, "config", None)
         if not isinstance(config, AggregationConfig):
             raise ValueError("differential privacy needs the streaming (plain sum) aggregator")
         params, new_momentum = server_step(release.noisy_mean, base.weights, momentum, config)
@@ -328,6 +331,25 @@ def build_candidate(
         privacy=spent,
     )
     return candidate, new_momentum
+
+
+def stepwise_statistics(
+    model: AnomalyModel, base_params: np.ndarray, mean_delta: np.ndarray, step: float
+) -> np.ndarray:
+    """Sufficient-statistics kinds: the round's pooled statistics (``base_params``, the
+    installed ones, plus the mean delta) when ``step`` is 1, else a ``step`` of the way to them from
+    :meth:`~fedlib.models.model.AnomalyModel.statistics_reference`.
+
+    ``step`` < 1 is stepwise EM (Cappe & Moulines 2009; Liang & Klein 2009): when a
+    round hears from part of the fleet only, its pooled E-step describes those devices'
+    rows, and taking it whole (step 1) would refit the mixture to them and forget the
+    rest; a step near the round's share of the fleet keeps an exponentially weighted
+    memory of earlier rounds' statistics instead, in O(params) server state."""
+    pooled = np.asarray(base_params, dtype=np.float64) + mean_delta
+    if step == 1.0:
+        return pooled
+    reference = model.statistics_reference()
+    return reference + step * (pooled - reference)
 
 
 def package_model(

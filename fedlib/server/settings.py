@@ -129,6 +129,14 @@ class ServerSettings(BaseModel):
     server_momentum: float = Field(
         0.9, ge=0, lt=1, description="FedAvgM momentum (0 = plain FedAvg)."
     )
+    em_step: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Mixture kinds (gmm): how far a round moves the statistics towards its "
+        "pooled E-step (stepwise EM); 1 = a full EM step, right when every round hears from "
+        "most of the fleet, lower (about the share of devices a round reaches) otherwise.",
+    )
     robust_aggregation: Literal["none", "fltrust", "trimmed_mean", "median"] = Field(
         "none",
         description="Poisoning defense (fedlib/robust.py): fltrust weights each update by "
@@ -243,12 +251,13 @@ class ServerSettings(BaseModel):
         from fedlib.models.model import KINDS
         from fedlib.server.aggregation import AggregationConfig
 
-        exact = KINDS[model_kind or self.model_kind].sufficient_statistics
+        kind = KINDS[model_kind or self.model_kind]
+        exact = kind.sufficient_statistics
         return AggregationConfig(
             staleness_exponent=self.staleness_exponent,
             max_staleness=self.max_staleness,
             norm_bound=self.exact_norm_bound if exact else self.norm_bound,
-            server_lr=1.0 if exact else self.server_lr,
+            server_lr=(1.0 if kind.one_round else self.em_step) if exact else self.server_lr,
             server_momentum=0.0 if exact else self.server_momentum,
             local_batch_size=0 if exact else int((model_spec or {}).get("batch_size", 0)),
             robust="none" if exact else self.robust_aggregation,
