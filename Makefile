@@ -74,6 +74,11 @@ bench-quality: $(STAMP)
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --paired dense32 --json > bench/results/quality-autoencoder.json
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --kind gaussian --json > bench/results/quality-gaussian.json
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --kind gmm --json > bench/results/quality-gmm.json
+	# Partial rounds: each device joins a round with chance 0.3 (the mixture with full and stepwise EM steps).
+	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 2 --rounds 60 --participation 0.3 --json > bench/results/quality-partial-autoencoder.json
+	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 2 --rounds 200 --participation 0.3 --json > bench/results/quality-partial-autoencoder-long.json
+	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 2 --rounds 60 --participation 0.3 --kind gmm --em-step 1.0 --json > bench/results/quality-partial-gmm.json
+	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 2 --rounds 60 --participation 0.3 --kind gmm --em-step 0.3 --json > bench/results/quality-partial-gmm-step.json
 	$(BIN)/python -m bench.poisoning --dataset bench/results/dataset.npz --seeds 3 --robust fltrust,trimmed_mean,median --json > bench/results/poisoning.json
 	$(BIN)/python -m bench.dp --dataset bench/results/dataset.npz --json > bench/results/dp.json
 	$(BIN)/python -m bench.evalsplit --dataset bench/results/dataset.npz --seeds 5 --json > bench/results/evalsplit.json

@@ -801,9 +801,9 @@ class GaussianMixtureModel(AnomalyModel):
     ``reg`` is added to every covariance's diagonal, in scaled units (variance 1), after
     ``shrinkage`` pulled each component's covariance towards their weighted mean (a
     component fitted on few rows borrows the shape of all). The defaults (32, 0.01,
-    0.25) and the kind itself as the deployment default were chosen by ``bench.select``
-    on validation splits only (bench/results/selection.json): the best trial beat the
-    autoencoder's default by more than one standard error of the per-view differences.
+    0.25) were chosen by ``bench.select`` on validation splits only
+    (bench/results/selection.json), where the best trial beat the autoencoder's default
+    by more than one standard error of the per-view differences.
     """
 
     kind = "gmm"

@@ -84,8 +84,8 @@ class ServerSettings(BaseModel):
     model_kind: str = Field(
         "autoencoder",
         description="Model kind of version 1: autoencoder, gmm (Gaussian mixture, federated "
-        "EM; every round should reach most of the fleet), or gaussian. robust_aggregation "
-        "and dp_mode need the autoencoder.",
+        "EM; see em_step when rounds reach a small part of the fleet), or gaussian. "
+        "robust_aggregation and dp_mode need the autoencoder.",
     )
     feature_transform: Literal["auto", "log1p", "identity"] = Field(
         "auto",
