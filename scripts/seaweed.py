@@ -88,7 +88,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _pick_ports(fixed: dict[str, int]) -> dict[str, int]:
+def pick_ports(fixed: dict[str, int]) -> dict[str, int]:
     """HTTP port per component with both ``p`` and ``p + GRPC_OFFSET`` currently free."""
     ports = dict(fixed)
     taken = set(_RESERVED)
@@ -241,7 +241,7 @@ class SeaweedServer:
         repicks = 0
         while True:
             if not self.ports:
-                self.ports = _pick_ports(self._fixed_ports)
+                self.ports = pick_ports(self._fixed_ports)
             self._spawn()
             try:
                 self._wait_ready(began + timeout)

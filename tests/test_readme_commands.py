@@ -168,6 +168,7 @@ TABLE: dict[str, str] = {
     "mkdir -p secrets/dadm-fl deploy/holdout": COMPOSE,
     "sudo chown 50000 secrets/dadm-fl": COMPOSE,
     "docker compose build && docker compose up -d": COMPOSE,
+    "docker compose --profile celery up -d": COMPOSE,
 }
 NOT_RUN = {
     "make demo",
@@ -180,6 +181,7 @@ NOT_RUN = {
     "mkdir -p secrets/dadm-fl deploy/holdout",
     "sudo chown 50000 secrets/dadm-fl",
     "docker compose build && docker compose up -d",
+    "docker compose --profile celery up -d",
 }
 # For rows that are not fl-admin/fl-client: a string the named test's source contains.
 EVIDENCE = {
