@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser test test-fast lint demo demo-stop bench bench-quality docs clean
+.PHONY: install browser redis test test-fast lint demo demo-stop bench bench-quality docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,20 @@ browser:
 	  exit 1; \
 	fi
 
-test: $(STAMP) browser lint
+# Debian's redis-server, the Celery broker of tests/test_celery.py and bench.scaleout
+# --executor celery: installed with apt-get when missing, as root (like browser).
+redis:
+	@if [ -x /usr/bin/redis-server ]; then \
+	  true; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	else \
+	  echo "redis: /usr/bin/redis-server is missing; as root run:"; \
+	  echo "  apt-get update && apt-get install -y redis-server"; \
+	  exit 1; \
+	fi
+
+test: $(STAMP) browser redis lint
 	$(BIN)/pytest
 
 # The inner loop: unit tests only (no S3 server, no Airflow, nothing slow); CI runs `make test`.

@@ -105,11 +105,112 @@ class Group:
             self.proc.wait(timeout=5)
 
 
+def worker_name() -> str:
+    """``[core] hostname_callable`` of the Celery workers started here: workers on one
+    machine share its hostname, so each names itself (``DADM_WORKER_NAME``) and the task
+    instances say which worker ran them."""
+    import socket
+
+    return os.environ.get("DADM_WORKER_NAME") or socket.getfqdn()
+
+
+class Redis:
+    """A throwaway ``redis-server`` on 127.0.0.1 (the Celery broker), nothing on disk."""
+
+    def __init__(self, home: Path) -> None:
+        from scripts.postgres import free_port
+
+        home.mkdir(parents=True, exist_ok=True)
+        self.home = home
+        self.port = free_port()
+        self.group: Group | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 30.0) -> Redis:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (make redis)")
+        cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        cmd += ["--appendonly", "no", "--dir", str(self.home), "--protected-mode", "yes"]
+        self.group = Group("redis", cmd, dict(os.environ), self.home / "redis.log")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.group.alive():
+                raise RuntimeError(f"redis-server exited; see {self.group.log}")
+            with contextlib.suppress(OSError), _connect(self.port) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError(f"redis-server did not answer on port {self.port}")
+
+    def stop(self) -> None:
+        if self.group is not None:
+            self.group.stop()
+            self.group = None
+
+
+def worker_name_host() -> str:
+    """The ``%h`` Celery puts in a worker's name: this machine's hostname."""
+    import socket
+
+    return socket.gethostname()
+
+
+def _connect(port: int) -> Any:
+    import socket
+
+    return socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def celery_env(postgres: Any, redis: Redis) -> dict[str, str]:
+    """CeleryExecutor settings: metadata and task results in PostgreSQL, Redis brokers;
+    each worker takes one task at a time (so two workers split the shards)."""
+    return {
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres.url("airflow", "postgresql+psycopg2"),
+        "AIRFLOW__CELERY__BROKER_URL": redis.url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + postgres.url("airflow", "postgresql+psycopg2"),
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
+    }
+
+
+def private_copy(config: Path, folder: Path, *, keys: bool) -> Path:
+    """A machine's own ``fl-server.toml`` in ``folder``: its ``keys_dir`` is a private
+    copy of the deployment's keys (``keys``: what a worker's secrets mount holds), or a
+    folder that does not exist (the scheduler, DAG processor and API server hold none)."""
+    import tomllib
+
+    settings = tomllib.loads(config.read_text())
+    own_keys = folder / ("keys" if keys else "no-keys-here")
+    if keys:
+        shutil.copytree(settings["keys_dir"], own_keys)
+        own_keys.chmod(0o700)
+    lines = [
+        line
+        for line in config.read_text().splitlines()
+        if not line.replace(" ", "").startswith("keys_dir=")
+    ]
+    own = folder / "fl-server.toml"
+    own.write_text("\n".join([f'keys_dir = "{own_keys}"', *lines]) + "\n")
+    return own
+
+
 class Airflow:
-    """API server + DAG processor for the whole benchmark; one scheduler per measured run."""
+    """API server + DAG processor for the whole benchmark; one scheduler per measured run;
+    with ``executor_env`` from :func:`celery_env`, Celery workers (:meth:`start_worker`)."""
 
     def __init__(
-        self, home: Path, env: dict[str, str], conn: dict[str, Any], *, heartbeat_s: int
+        self,
+        home: Path,
+        env: dict[str, str],
+        conn: dict[str, Any],
+        *,
+        heartbeat_s: int,
+        executor_env: dict[str, str] | None = None,
     ) -> None:
         from scripts.demo import free_port
 
@@ -141,6 +242,7 @@ class Airflow:
             # that a second worker hides, inflating the speedup. See --heartbeat.
             AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL=str(heartbeat_s),
         )
+        self.env.update(executor_env or {})
         self.groups: list[Group] = []
         self.scheduler: Group | None = None
         self.client: Any = None
@@ -193,11 +295,47 @@ class Airflow:
             self.client.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
         return True
 
-    def start_scheduler(self, parallelism: int) -> None:
-        """A fresh scheduler whose LocalExecutor forks ``parallelism`` workers."""
+    def start_worker(self, name: str, fl_config: Path) -> Group:
+        """``airflow celery worker`` as its own machine would run it: its own
+        AIRFLOW_HOME, working directory, temporary directory, copy of the DAG files (what
+        an image ships) and copy of the keys; it shares only S3, PostgreSQL and Redis with
+        the rest. Waits until the worker answers Celery's ping."""
+        base = self.home.parent / name
+        base.mkdir(parents=True)
+        (base / "tmp").mkdir()
+        dags = shutil.copytree(ROOT / "dags", base / "dags")
+        env = dict(
+            self.env,
+            AIRFLOW_HOME=str(base / "airflow-home"),
+            AIRFLOW__CORE__DAGS_FOLDER=str(dags),
+            AIRFLOW__CORE__PLUGINS_FOLDER=str(base / "plugins"),
+            AIRFLOW__CORE__HOSTNAME_CALLABLE="bench.scaleout.worker_name",
+            DADM_WORKER_NAME=name,
+            FL_SERVER_CONFIG=str(private_copy(fl_config, base, keys=True)),
+            TMPDIR=str(base / "tmp"),
+            PYTHONPATH=str(ROOT),  # bench.scaleout.worker_name; fedlib is installed
+        )
+        cmd = [str(BIN / "airflow"), "celery", "worker", "--concurrency", "1"]
+        cmd += ["--celery-hostname", f"{name}@%h"]
+        group = Group(name, cmd, env, base / "worker.log")
+        self.groups.append(group)
+
+        def answers() -> bool:
+            ping = [str(BIN / "celery"), "--app"]
+            ping += ["airflow.providers.celery.executors.celery_executor.app", "inspect"]
+            ping += ["ping", "-d", f"{name}@{worker_name_host()}", "--timeout", "2"]
+            done = subprocess.run(ping, env=env, capture_output=True, text=True, cwd=base)
+            return done.returncode == 0
+
+        self._wait(answers, f"Celery worker {name}", 120)
+        return group
+
+    def start_scheduler(self, parallelism: int, **env_overrides: str) -> None:
+        """A fresh scheduler whose LocalExecutor forks ``parallelism`` workers (or whose
+        CeleryExecutor queues at most that many tasks); ``env_overrides`` on top."""
         self.stop_scheduler()
         began = datetime.now().astimezone()
-        env = dict(self.env, AIRFLOW__CORE__PARALLELISM=str(parallelism))
+        env = dict(self.env, AIRFLOW__CORE__PARALLELISM=str(parallelism), **env_overrides)
         self.scheduler = self._spawn("scheduler", env)
         self.groups.append(self.scheduler)
 
