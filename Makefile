@@ -70,7 +70,7 @@ demo-stop: $(STAMP)
 	$(BIN)/python -m scripts.demo stop
 
 # Performance (issue 6): every figure side by side in one run, JSON in bench/results/.
-bench: $(STAMP)
+bench: $(STAMP) redis
 	mkdir -p bench/results
 	test -f bench/results/dataset.npz || $(BIN)/python -m bench.make_dataset --out bench/results/dataset.npz
 	$(BIN)/python -m bench.aggregate --json > bench/results/aggregate.json
@@ -79,6 +79,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.round --json > bench/results/round.json
 	$(BIN)/python -m bench.round --memory-check --json > bench/results/round-memory.json
 	$(BIN)/python -m bench.scaleout --updates 10000 --json > bench/results/scaleout.json
+	$(BIN)/python -m bench.scaleout --updates 10000 --executor celery --json > bench/results/scaleout-celery.json
 
 # Model quality, poisoning, differential privacy and the real-data suite (about 1 hour on 2 cores).
 bench-quality: $(STAMP)

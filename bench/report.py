@@ -764,9 +764,7 @@ def render_load(src: Mapping[str, Source]) -> str:
     )
 
 
-def render_scaleout(src: Mapping[str, Source]) -> str:
-    """docs/scale-out.md: one real ``fl_round`` with 1, then 2 LocalExecutor workers."""
-    o = src["scaleout.json"]
+def _render_scaleout(o: Source, executor: str) -> str:
     runs = range(len(o.get("runs")))
     head = " | ".join(f"{o.num(f'runs.{i}.workers', '.0f')} worker(s)" for i in runs)
 
@@ -778,7 +776,7 @@ def render_scaleout(src: Mapping[str, Source]) -> str:
         [
             f"{o.num('updates', ',.0f')} updates from {o.num('clients', ',.0f')} enrolled "
             f"clients, `shard_size` {o.num('shard_size', ',.0f')} ({o.num('shards', '.0f')} "
-            f"shards), on {o.num('machine.nproc', '.0f')} cores:",
+            f"shards), {executor}, on {o.num('machine.nproc', '.0f')} cores:",
             "",
             f"| | {head} |",
             "|---|" + "---|" * len(runs),
@@ -795,12 +793,27 @@ def render_scaleout(src: Mapping[str, Source]) -> str:
             "",
             f"Speedup of the shard phase {o.num('speedup', '.2f')}x, of the whole run "
             f"{o.num('whole_run_speedup', '.2f')}x; "
-            f"{o.num('updates_per_s_per_worker', ',.0f')} updates/s from one worker "
+            f"{o.num('updates_per_s_per_worker', ',.0f')} updates/s from one worker, "
+            f"{o.num('updates_per_s_per_worker_at_2', ',.0f')} per worker with two "
             f"(`make bench`; load average {o.num('machine.loadavg_at_start.0', '.1f')} at the "
             f"start; updates sealed with the hybrid post-quantum suite). A shard task's time "
             f"includes a fixed cost: the process starts, parses the DAG, and loads the plan, "
             f"fleet, keys and base package.",
         ]
+    )
+
+
+def render_scaleout(src: Mapping[str, Source]) -> str:
+    """docs/scale-out.md: one real ``fl_round`` with 1, then 2 LocalExecutor workers."""
+    return _render_scaleout(src["scaleout.json"], "LocalExecutor")
+
+
+def render_scaleout_celery(src: Mapping[str, Source]) -> str:
+    """docs/scale-out.md: the same on CeleryExecutor, one worker process per worker."""
+    return _render_scaleout(
+        src["scaleout-celery.json"],
+        "CeleryExecutor (one `airflow celery worker` per worker, each with its own home, "
+        "DAG files and keys; PostgreSQL, Redis)",
     )
 
 
@@ -860,6 +873,7 @@ TABLES: dict[str, Table] = {
         Table("targeted", ("targeted.json",), render_targeted),
         Table("load", ("round.json", "round-memory.json", "scaleout.json"), render_load),
         Table("scaleout", ("scaleout.json",), render_scaleout),
+        Table("scaleout-celery", ("scaleout-celery.json",), render_scaleout_celery),
         Table("goals", (), render_goals),  # its sources: _goals_sources
     )
 }

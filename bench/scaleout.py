@@ -1,6 +1,7 @@
 """Scale-out: one real ``fl_round`` over N queued updates with 1 and with 2 task workers.
 
     python -m bench.scaleout --updates 10000 --json [--clients N] [--shard-size 1000]
+        [--executor local|celery]
 
 Why: issue 6 asks whether a round scales by adding workers. The round's heavy phase is
 ``process_shard`` (verify, decrypt, validate, sum), mapped over shards; everything else
@@ -29,6 +30,13 @@ run's start to end; ``speedup`` = 1-worker shard phase / 2-worker shard phase. O
 2-core machine SeaweedFS, the scheduler, the API server and the task processes share the
 cores, so expect a modest speedup (``shard_phase_cpu_busy`` shows how busy the whole
 machine was).
+
+``--executor celery``: the same measurement on CeleryExecutor (PostgreSQL for metadata
+and results, Redis as broker, ``make redis``): one ``airflow celery worker`` process per
+worker (concurrency 1), each with its own AIRFLOW_HOME, working and temporary directory,
+copy of ``dags/`` and copy of the keys; the API server, DAG processor and scheduler hold
+no keys. Workers are started afresh for each measurement; ``shards_per_host`` says which
+worker ran how many shards.
 
 All state lives in a temp dir (``--dir`` to keep it; kept on error, for the logs);
 every process started here is stopped at the end, also on error. Progress goes to
@@ -244,6 +252,7 @@ class Airflow:
         )
         self.env.update(executor_env or {})
         self.groups: list[Group] = []
+        self.workers: list[Group] = []
         self.scheduler: Group | None = None
         self.client: Any = None
 
@@ -301,6 +310,8 @@ class Airflow:
         an image ships) and copy of the keys; it shares only S3, PostgreSQL and Redis with
         the rest. Waits until the worker answers Celery's ping."""
         base = self.home.parent / name
+        if base.exists():  # a worker of an earlier measurement: a fresh machine
+            shutil.rmtree(base)
         base.mkdir(parents=True)
         (base / "tmp").mkdir()
         dags = shutil.copytree(ROOT / "dags", base / "dags")
@@ -319,6 +330,7 @@ class Airflow:
         cmd += ["--celery-hostname", f"{name}@%h"]
         group = Group(name, cmd, env, base / "worker.log")
         self.groups.append(group)
+        self.workers.append(group)
 
         def answers() -> bool:
             ping = [str(BIN / "celery"), "--app"]
@@ -344,6 +356,12 @@ class Airflow:
             return bool(beat) and datetime.fromisoformat(beat) > began
 
         self._wait(beating, f"a scheduler with parallelism {parallelism}", 120)
+
+    def stop_workers(self) -> None:
+        for group in self.workers:
+            group.stop()
+            self.groups.remove(group)
+        self.workers.clear()
 
     def stop_scheduler(self) -> None:
         if self.scheduler is not None:
@@ -386,6 +404,7 @@ class Airflow:
         for group in reversed(self.groups):
             group.stop()
         self.groups.clear()
+        self.workers.clear()
         self.scheduler = None
 
 
@@ -483,6 +502,7 @@ def measure(
     updates: int,
     seed: int,
     timeout: float,
+    start: Any,
 ) -> dict[str, Any]:
     """Fill the inbox, run ``fl_round`` with ``workers`` task processes, check the books."""
     from fedlib.server.state_keys import RunKeys
@@ -494,11 +514,12 @@ def measure(
     queued = [info.key for info in deployment.inbox.list("updates/")]
     if sorted(queued) != sorted(keys):
         raise RuntimeError(f"inbox holds {len(queued)} objects, expected the {updates} uploaded")
-    say(f"{workers} worker(s): {updates} updates queued in {upload_s:.1f}s; starting a scheduler")
-    airflow.start_scheduler(workers)
+    say(f"{workers} worker(s): {updates} updates queued in {upload_s:.1f}s; starting them")
+    start(workers)
     say(f"{workers} worker(s): triggering {DAG_ID}")
     state, run, tis, samples = airflow.run_dag({"max_updates": updates}, timeout)
     airflow.stop_scheduler()
+    airflow.stop_workers()
     if state != "success":
         failed = sorted({t["task_id"] for t in tis if t["state"] not in ("success", "skipped")})
         raise RuntimeError(f"{DAG_ID} run {run['dag_run_id']} ended {state}; tasks {failed}")
@@ -516,6 +537,20 @@ def measure(
     spans = [(_ts(t["start_date"]), _ts(t["end_date"])) for t in tis if t["start_date"]]
     overlap = max(sum(1 for s, e in spans if s <= m < e) for m in starts)
     rejected = sum(report["rejected"].values())
+    # The round-wide (unmapped) tasks, each run once: what no number of workers shortens.
+    serial = {
+        t["task_id"]: round(_ts(t["end_date"]) - _ts(t["start_date"]), 2)
+        for t in tis
+        if t.get("map_index", -1) == -1 and t["start_date"] and t["end_date"]
+    }
+    recorders = [t for t in tis if t["task_id"] == "record_shard" and t["start_date"]]
+    record_phase = (
+        max(_ts(t["end_date"]) for t in recorders) - min(_ts(t["start_date"]) for t in recorders)
+        if recorders
+        else 0.0
+    )
+    hosts = sorted({str(t.get("hostname")) for t in shards})
+    per_host = {h: sum(1 for t in shards if str(t.get("hostname")) == h) for h in hosts}
     result = {
         "workers": workers,
         "run_id": run_id,
@@ -528,6 +563,10 @@ def measure(
         "shard_task_s_max": round(durations[-1], 2),
         "max_concurrent_tasks": overlap,
         "shard_phase_updates_per_s": round(updates / phase, 1),
+        "shards_per_host": per_host,
+        "serial_task_s": round(sum(serial.values()), 2),
+        "serial_tasks_s": serial,
+        "record_phase_s": round(record_phase, 2),
         "shard_phase_cpu_busy": cpu_busy(samples, min(starts), max(ends)),
         "decision": report["decision"],
         "accepted": report["accepted"],
@@ -556,9 +595,34 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         model_params = deployment.registry().read_active().metadata.num_params
         say(f"deployment initialised, {len(clients)} clients enrolled; starting Airflow")
         conn = deployment.s3.airflow_connection()
-        airflow = Airflow(home / "airflow", env, conn, heartbeat_s=args.heartbeat)
+        with_keys = Path(env["FL_SERVER_CONFIG"])
+        executor_env = None
+        if args.executor == "celery":
+            from scripts.postgres import start_postgres
+
+            pg_base = Path(tempfile.mkdtemp(prefix="scaleout-pg-"))  # reachable by nobody
+            stack.callback(shutil.rmtree, pg_base, True)
+            postgres = start_postgres(pg_base)
+            stack.callback(postgres.stop, "immediate")
+            redis = Redis(home / "redis").start()
+            stack.callback(redis.stop)
+            executor_env = celery_env(postgres, redis)
+            (home / "central").mkdir()  # the control plane holds no keys
+            env["FL_SERVER_CONFIG"] = str(private_copy(with_keys, home / "central", keys=False))
+        airflow = Airflow(
+            home / "airflow", env, conn, heartbeat_s=args.heartbeat, executor_env=executor_env
+        )
         stack.callback(airflow.stop)
         airflow.start()
+
+        def start(workers: int) -> None:
+            if args.executor == "local":
+                airflow.start_scheduler(workers)
+                return
+            for i in range(workers):
+                airflow.start_worker(f"worker-{i + 1}", with_keys)
+            airflow.start_scheduler(2 * workers)
+
         runs = [
             measure(
                 airflow,
@@ -568,6 +632,7 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
                 updates=args.updates,
                 seed=i * 10_000_000,
                 timeout=args.timeout,
+                start=start,
             )
             for i, workers in enumerate((1, 2))
         ]
@@ -599,7 +664,12 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
                 "else running here: see loadavg and shard_phase_cpu_busy, whole machine)"
             ),
         },
-        "executor": "LocalExecutor, [core] parallelism = workers",
+        "executor": (
+            "LocalExecutor, [core] parallelism = workers"
+            if args.executor == "local"
+            else "CeleryExecutor: PostgreSQL, Redis, one airflow celery worker (concurrency 1, "
+            "own AIRFLOW_HOME, dags copy and keys) per worker"
+        ),
         "min_heartbeat_interval_s": args.heartbeat,
         "total_s": round(time.perf_counter() - started, 1),
     }
@@ -615,6 +685,12 @@ def main(argv: list[str] | None = None) -> int:
         help="enrolled devices (default: one per update; a device has one vote a round)",
     )
     parser.add_argument("--shard-size", type=int, default=1_000)
+    parser.add_argument(
+        "--executor",
+        choices=["local", "celery"],
+        default="local",
+        help="LocalExecutor (parallelism = workers) or CeleryExecutor (one worker process each)",
+    )
     parser.add_argument(
         "--heartbeat",
         type=int,

@@ -23,9 +23,10 @@ pending updates from the inbox bucket and:
    labeled holdout, next to the active model) → **gate**.
 4. **publish** a signed package (emits the `fl_model` asset event with version and
    metrics), or keep the active model.
-5. **finalize**: one write-once ledger verdict per update, rejected ones quarantined
-   with their bytes and reason, inbox copies deleted, round report written; the task
-   log ends with a readable summary.
+5. **record_shard** (mapped): per shard, one write-once ledger verdict per update
+   (rejected ones quarantined with their bytes and reason), then its inbox copies
+   deleted; **finalize** writes the round report from one small record per shard; the
+   task log ends with a readable summary.
 
 **Backfills are safe.** A run with a logical date takes the updates that arrived by its
 data interval's end and records what it produced for that interval. Running the same
@@ -150,11 +151,11 @@ def fl_round() -> None:
         return evaluation.to_doc()
 
     @task.branch
-    def gate(evaluation: object) -> str:
+    def gate(evaluation: object) -> list[str]:
         ctx = get_current_context()
         decision = pipeline().gate(runtime.deployment(), runtime.round_run(ctx))
         runtime.log.info("gate: %s", decision.value)
-        return "publish" if decision.value == "published" else "finalize"
+        return ["publish"] if decision.value == "published" else []
 
     @task(outlets=[MODEL_ASSET])
     def publish() -> int:
@@ -171,6 +172,15 @@ def fl_round() -> None:
         runtime.log.info("published version %d (%s)", version, metrics)
         return version
 
+    @task(trigger_rule=TriggerRule.NONE_FAILED, max_active_tis_per_dagrun=8)
+    def record_shard(index: int) -> dict:
+        ctx = get_current_context()
+        result = pipeline().record_shard(runtime.deployment(), runtime.round_run(ctx), index)
+        runtime.log.info(
+            "shard %d recorded: %d accepted, rejected %s", index, result.accepted, result.rejected
+        )
+        return result.to_doc()
+
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def finalize() -> dict:
         ctx = get_current_context()
@@ -184,9 +194,9 @@ def fl_round() -> None:
     results = process_shard.expand(index=shards)
     branch = gate(evaluate(build_candidate(reduce(results))))
     published = publish()
+    recorded = record_shard.expand(index=shards)
     done = finalize()
-    branch >> published >> done
-    branch >> done
+    branch >> published >> recorded >> done
     shards >> done
 
 

@@ -31,6 +31,7 @@ def test_fl_round_shape(dagbag):
         "evaluate",
         "gate",
         "publish",
+        "record_shard",
         "finalize",
     }
 

@@ -277,3 +277,56 @@ def test_a_failed_quarantine_stub_fails_the_shard_and_deletes_nothing(
     assert (stub.sha256, stub.size) == (hashlib.sha256(blob).hexdigest(), len(blob))
     assert stub.kept_because == "oversized"
     assert list(admin.inbox.list("updates/")) == []
+
+
+def test_each_shard_records_its_own_verdicts_and_finalize_reads_one_record_per_shard(
+    deployment,
+):
+    """Issue 18 item 3: the per-update work of finishing a round (ledger verdicts, inbox
+    deletes) is the mapped ``record_shard`` step's, so the round-wide ``finalize`` does
+    not grow with the batch. Shown by taking the per-update data away before finalize:
+    the shards' verdict files are deleted after ``record_shard``, and finalize still
+    reports every update from the shards' small records. ``record_shard`` run twice (a
+    retry) changes nothing."""
+    from fedlib.server import pipeline
+    from fedlib.server.pipeline import STEPS, RoundRun
+    from fedlib.server.records import ShardRecorded
+    from fedlib.server.round_runner import load_plan
+    from fedlib.server.state_keys import RunKeys
+
+    deployment.settings = deployment.settings.model_copy(update={"shard_size": 2})
+    sent = upload_updates(deployment, 5)
+    run = RoundRun(run_id="per-shard")
+    for step in STEPS[: [s.name for s in STEPS].index("record_shard")]:  # up to publish
+        if step.needs_publish and pipeline.gate(deployment, run).value != "published":
+            continue
+        if step.mapped:
+            for index in range(load_plan(deployment, run.run_id).shard_count):
+                step.run(deployment, run, index)
+        else:
+            step.run(deployment, run)
+    plan = load_plan(deployment, run.run_id)
+    assert not plan.waiting and deployment.registry().active_version() == 2
+    assert plan.shard_count >= 2
+    ledger = Ledger(deployment.state)
+    assert all(ledger.read(key) is None for key in sent)  # nothing recorded yet
+
+    first = pipeline.record_shard(deployment, run, 0)
+    shard0 = {v for v in sent if ledger.read(v) is not None}
+    assert len(shard0) == first.accepted > 0  # shard 0's verdicts, and only those
+    assert not shard0 & {i.key for i in deployment.inbox.list("updates/")}  # its objects gone
+    assert pipeline.record_shard(deployment, run, 0) == first  # a retry: the same
+    for index in range(1, plan.shard_count):
+        pipeline.record_shard(deployment, run, index)
+    keys = RunKeys(run.run_id)
+    for index in range(plan.shard_count):
+        assert isinstance(
+            ShardRecorded.model_validate_json(deployment.state.get(keys.shard_recorded(index))),
+            ShardRecorded,
+        )
+        deployment.state.delete(keys.shard_verdicts(index))  # the per-update data: gone
+
+    report = pipeline.finalize(deployment, run)
+    assert report.decision.value == "published" and report.accepted == 5, report.summary()
+    assert all(ledger.read(key).run_id == run.run_id for key in sent)
+    assert list(deployment.inbox.list("updates/")) == []

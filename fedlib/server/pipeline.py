@@ -15,7 +15,9 @@ and returns a small typed record (what the DAG passes on through XCom).
 - ``reduce`` -> ``build_candidate`` -> ``evaluate``;
 - ``gate``: :func:`decide` on the evaluation: publish or not;
 - ``publish``: only when the gate says :attr:`Decision.PUBLISHED` (ends a rollback pin);
-- ``finalize``: ledger, quarantine, inbox deletes (not in a dry run), the round report.
+- ``record_shard`` (mapped): each shard's ledger verdicts, quarantine and inbox deletes
+  (not in a dry run or a replay), so no round-wide step grows with the batch;
+- ``finalize``: the round report from one small record per shard, the interval record.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from fedlib.server.records import (
     RollbackDecision,
     RoundPlan,
     RoundReport,
+    ShardRecorded,
     ShardResult,
 )
 from fedlib.server.rollback import candidate_published
@@ -122,9 +125,9 @@ def publish(deployment: Deployment, run: RoundRun) -> int:
     return version
 
 
-def finalize(deployment: Deployment, run: RoundRun) -> RoundReport:
-    """Decide (again: the same inputs give the same answer), check a publication really
-    happened, then write the ledger and the report."""
+def settled(deployment: Deployment, run: RoundRun) -> tuple[Decision, int | None]:
+    """Decide (again: the same inputs give the same answer) and check that a publication
+    the gate passed really happened: what must hold before anything is consumed."""
     round_plan = round_runner.load_plan(deployment, run.run_id)
     decision = decide(
         round_plan, round_runner.load_evaluation(deployment, run.run_id), dry_run=run.dry_run
@@ -137,6 +140,21 @@ def finalize(deployment: Deployment, run: RoundRun) -> RoundReport:
                 f"run {run.run_id}: the gate passed candidate v{published_version} "
                 "but it was not published (did the publish step fail?)"
             )
+    return decision, published_version
+
+
+def record_shard(deployment: Deployment, run: RoundRun, index: int) -> ShardRecorded:
+    """One shard's verdicts into the ledger and its judged objects out of the inbox, once
+    the round is settled; a dry run or a replay only counts."""
+    settled(deployment, run)
+    replay = round_runner.load_plan(deployment, run.run_id).replay_of is not None
+    consume = not run.dry_run and not replay
+    return round_runner.record_shard(deployment, run.run_id, index, consume=consume)
+
+
+def finalize(deployment: Deployment, run: RoundRun) -> RoundReport:
+    """Settle the round again, then write the report (and the interval record)."""
+    decision, published_version = settled(deployment, run)
     consume = not run.dry_run  # a waiting plan holds only junk and replays: cleared
     return round_runner.finalize_round(
         deployment,
@@ -205,6 +223,7 @@ STEPS: tuple[Step, ...] = (
     Step("evaluate", evaluate, needs_batch=True),
     Step("gate", gate, needs_batch=True),
     Step("publish", publish, needs_batch=True, needs_publish=True),
+    Step("record_shard", record_shard, mapped=True),
     Step("finalize", finalize),
 )
 
@@ -240,10 +259,11 @@ def run_round(
             continue
         if step.mapped and round_plan is not None:
             for index in range(round_plan.shard_count):
-                shard: ShardResult = step.run(deployment, run, index)
+                shard: ShardResult | ShardRecorded = step.run(deployment, run, index)
                 rejected = sum(shard.rejected.values())
+                done = " recorded" if isinstance(shard, ShardRecorded) else ""
                 say(
-                    f"shard {index + 1}/{round_plan.shard_count}: "
+                    f"shard {index + 1}/{round_plan.shard_count}{done}: "
                     f"{shard.accepted} accepted, {rejected} rejected"
                 )
             continue

@@ -315,6 +315,19 @@ class UnrecordedVerdicts(Record):
     unrecordable: int = 0
 
 
+class ShardRecorded(Record):
+    """What a shard's ``record_shard`` task did with its verdicts (state bucket, one per
+    shard): the counts the report sums, and the verdicts it could not write. With
+    ``consumed`` False (a dry run, a replay) nothing was written or deleted."""
+
+    schema_: Literal["dadm.shard-recorded.v1"] = _schema("dadm.shard-recorded.v1")
+    index: int
+    consumed: bool
+    accepted: int
+    rejected: dict[str, int]
+    unrecorded: UnrecordedVerdicts = Field(default_factory=UnrecordedVerdicts)
+
+
 # -- step results (XCom) --------------------------------------------------------------------
 
 

@@ -65,6 +65,7 @@ from fedlib.server.records import (
     RoundReport,
     RoundWeights,
     ShardKeys,
+    ShardRecorded,
     ShardResult,
     ShardVerdicts,
     UnrecordedVerdicts,
@@ -1098,11 +1099,17 @@ def finalize_round(
     published_version: int | None = None,
     consume: bool = True,
 ) -> RoundReport:
-    """Write the ledger (once per object) and quarantine, delete the inbox copies, report.
+    """The round report, from the shards' :class:`ShardRecorded` records (the mapped
+    ``record_shard`` step wrote each shard's verdicts and deleted its inbox copies, so
+    this round-wide step reads one small record per shard, never one per update), plus
+    the bounded round-wide chores: names the data path cannot address, the quarantine
+    retention sweep, the interval record.
 
     ``decision`` comes from :func:`fedlib.server.pipeline.decide`; ``consume`` False (a
     dry run) writes the report only: no verdict, nothing deleted. A waiting round's plan
-    holds only junk and replays: their verdicts are written and they leave the inbox."""
+    holds only junk and replays: their verdicts are written and they leave the inbox. A
+    shard without its record (a run planned before ``record_shard`` existed) is recorded
+    here."""
     plan = load_plan(deployment, run_id)
     keys = RunKeys(run_id)
     evaluation = load_evaluation(deployment, run_id)
@@ -1133,9 +1140,12 @@ def finalize_round(
         report = RoundReport(**fields)
     else:
         accepted, rejected = 0, Counter[str]()
-        for verdicts in shard_verdicts(deployment, run_id, plan):
-            accepted += sum(v.accepted for v in verdicts)
-            rejected.update(v.reason for v in verdicts if not v.accepted and v.reason)
+        unrecorded = UnrecordedVerdicts()
+        for index in range(plan.shard_count):
+            recorded = shard_recorded(deployment, run_id, index, consume=consume)
+            accepted += recorded.accepted
+            rejected.update(recorded.rejected)
+            unrecorded = _merge_summaries(unrecorded, recorded.unrecorded)
         candidate_version = None
         with contextlib.suppress(NoSuchKey):
             fields["aggregate_digest"] = hashlib.sha256(
@@ -1153,14 +1163,6 @@ def finalize_round(
             capped_devices=plan.capped_devices,
         )
         if consume:
-            ledger = Ledger(deployment.state)
-            unrecorded = UnrecordedVerdicts()
-            with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="finalize") as pool:
-                for verdicts in shard_verdicts(deployment, run_id, plan):  # one shard in memory
-                    # every verdict of the shard is written before any of its objects goes
-                    written, failed = record_verdicts(deployment, ledger, verdicts, run_id, pool)
-                    unrecorded = _merge_unrecorded(unrecorded, failed)
-                    delete_judged(deployment, written, pool=pool)
             odd, failed = judge_unaddressable(deployment, run_id)
             unrecorded = _merge_unrecorded(unrecorded, failed)
             rejected_all = Counter(report.rejected)
@@ -1187,6 +1189,52 @@ def finalize_round(
                 )
     put_record(deployment, keys.report, report)
     return report
+
+
+def record_shard(
+    deployment: Deployment, run_id: str, index: int, *, consume: bool
+) -> ShardRecorded:
+    """One shard's share of finishing a round: write its verdicts to the ledger (once per
+    object; every verdict of the shard before any of its objects is deleted), delete its
+    judged inbox copies, then its :class:`ShardRecorded`. Idempotent: a retry finds the
+    verdicts written (write-once) and the objects gone. ``consume`` False counts only."""
+    verdicts = get_record(deployment, RunKeys(run_id).shard_verdicts(index), ShardVerdicts)
+    judged = verdicts.verdicts
+    unrecorded = UnrecordedVerdicts()
+    if consume:
+        ledger = Ledger(deployment.state)
+        with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="record") as pool:
+            written, failed = record_verdicts(deployment, ledger, judged, run_id, pool)
+            unrecorded = _merge_unrecorded(unrecorded, failed)
+            delete_judged(deployment, written, pool=pool)
+    rejected = Counter(v.reason for v in judged if not v.accepted and v.reason)
+    recorded = ShardRecorded(
+        index=index,
+        consumed=consume,
+        accepted=sum(v.accepted for v in judged),
+        rejected=dict(sorted(rejected.items())),
+        unrecorded=unrecorded,
+    )
+    put_record(deployment, RunKeys(run_id).shard_recorded(index), recorded)
+    return recorded
+
+
+def shard_recorded(
+    deployment: Deployment, run_id: str, index: int, *, consume: bool
+) -> ShardRecorded:
+    """The shard's record, or (none yet, or written with another ``consume``) made now."""
+    found = find_record(deployment, RunKeys(run_id).shard_recorded(index), ShardRecorded)
+    if found is not None and found.consumed == consume:
+        return found
+    return record_shard(deployment, run_id, index, consume=consume)
+
+
+def _merge_summaries(a: UnrecordedVerdicts, b: UnrecordedVerdicts) -> UnrecordedVerdicts:
+    return UnrecordedVerdicts(
+        count=a.count + b.count,
+        sample=[*a.sample, *b.sample][:UNRECORDED_SAMPLE],
+        unrecordable=a.unrecordable + b.unrecordable,
+    )
 
 
 #: Key digests of unwritten verdicts a report lists (the count is exact).

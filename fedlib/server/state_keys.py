@@ -110,6 +110,10 @@ class RunKeys:
     def shard_verdicts(self, index: int) -> str:
         return f"{self.prefix}shards/{index:05d}.verdicts.json"
 
+    def shard_recorded(self, index: int) -> str:
+        """What ``record_shard`` did with the shard's verdicts (``records.ShardRecorded``)."""
+        return f"{self.prefix}shards/{index:05d}.recorded.json"
+
     def shard_partial(self, index: int) -> str:
         return f"{self.prefix}shards/{index:05d}.partial"
 

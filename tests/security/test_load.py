@@ -33,7 +33,7 @@ THREADS = 16
 # The issue asks for a heap peak independent of the number of updates. The plan holds
 # each pending device's listing (at most ``max_objects_per_device`` entries each: it
 # grows with the devices waiting in the inbox, the same 11k-then-10k for both rounds
-# here) and writes one key file per shard, shards hold one shard's envelopes, finalize
+# here) and writes one key file per shard, shards hold one shard's envelopes, record_shard
 # reads verdicts one shard at a time. Measured before issue 16 (1,000 devices): 6.1 MiB
 # at 1k and 6.5 MiB at 10k updates (tracemalloc, shard size 500).
 MAX_BOOKKEEPING = 256  # bytes of round-wide heap growth per extra update
