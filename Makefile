@@ -79,6 +79,7 @@ bench: $(STAMP) redis
 	$(BIN)/python -m bench.round --json > bench/results/round.json
 	$(BIN)/python -m bench.round --memory-check --json > bench/results/round-memory.json
 	$(BIN)/python -m bench.scaleout --updates 10000 --json > bench/results/scaleout.json
+	$(BIN)/python -m bench.scaleout --updates 1000 --shard-size 100 --json > bench/results/scaleout-1k.json
 	$(BIN)/python -m bench.scaleout --updates 10000 --executor celery --json > bench/results/scaleout-celery.json
 
 # Model quality, poisoning, differential privacy and the real-data suite (about 1 hour on 2 cores).

@@ -357,6 +357,7 @@ def render_performance(src: Mapping[str, Source]) -> str:
     """README's speed table: one row per performance bench, each from its own file."""
     r, m, a = src["round.json"], src["round-memory.json"], src["aggregate.json"]
     w, c, o = src["wire.json"], src["client.json"], src["scaleout.json"]
+    k = src["scaleout-celery.json"]
     fastest = r.get("fastest_get")
     sizes = " and ".join(r.num(f"runs.{i}.shard_size", ".0f") for i in range(len(r.get("runs"))))
     same = "identical" if r.get("digests_match") else "**different**"
@@ -417,6 +418,12 @@ def render_performance(src: Mapping[str, Source]) -> str:
         f" s (**{o.num('speedup', '.2f')}x**), whole run {o.num('workers_1_whole_run_s', '.0f')}"
         f" vs {o.num('workers_2_whole_run_s', '.0f')} s; "
         f"{o.num('updates_per_s_per_worker', ',.0f')} updates/s per worker |",
+        f"| the same on CeleryExecutor (one worker process each, own home, DAG files and "
+        f"keys) | {k.num('runs.0.workers', '.0f')} vs {k.num('runs.1.workers', '.0f')} "
+        f"workers | shard phase {k.num('workers_1_shard_phase_s', '.1f')} s vs "
+        f"{k.num('workers_2_shard_phase_s', '.1f')} s (**{k.num('speedup', '.2f')}x**), whole "
+        f"run {k.num('workers_1_whole_run_s', '.0f')} vs {k.num('workers_2_whole_run_s', '.0f')}"
+        f" s; {k.num('updates_per_s_per_worker', ',.0f')} updates/s per worker |",
         "",
         f"What holds the round's ratio down on this machine: SeaweedFS shares the cores with "
         f"the round, and the pipeline's per-update Python work runs under one GIL. Per update "
@@ -808,6 +815,46 @@ def render_scaleout(src: Mapping[str, Source]) -> str:
     return _render_scaleout(src["scaleout.json"], "LocalExecutor")
 
 
+SERIAL_TASKS = (
+    "check_active",
+    "refresh_channel",
+    "plan",
+    "reduce",
+    "build_candidate",
+    "evaluate",
+    "gate",
+    "publish",
+    "finalize",
+)
+
+
+def render_serial(src: Mapping[str, Source]) -> str:
+    """docs/scale-out.md: the round-wide tasks at 1,000 and at 10,000 updates (1 worker)."""
+    small, large = src["scaleout-1k.json"], src["scaleout.json"]
+
+    def cell(o: Source, task: str) -> str:
+        return f"{o.num(f'runs.0.serial_tasks_s.{task}', '.2f')} s"
+
+    rows = [f"| `{t}` | {cell(small, t)} | {cell(large, t)} |" for t in SERIAL_TASKS]
+    return "\n".join(
+        [
+            f"The round-wide tasks (each runs once per round; one LocalExecutor worker), "
+            f"{small.num('updates', ',.0f')} updates in {small.num('shards', '.0f')} shards "
+            f"against {large.num('updates', ',.0f')} in {large.num('shards', '.0f')}:",
+            "",
+            f"| task | {small.num('updates', ',.0f')} updates | "
+            f"{large.num('updates', ',.0f')} updates |",
+            "|---|---|---|",
+            *rows,
+            f"| **all round-wide tasks** | **{small.num('runs.0.serial_task_s', '.1f')} s** | "
+            f"**{large.num('runs.0.serial_task_s', '.1f')} s** |",
+            f"| `record_shard` phase (mapped: ledger verdicts, inbox deletes) | "
+            f"{small.num('runs.0.record_phase_s', '.1f')} s | "
+            f"{large.num('runs.0.record_phase_s', '.1f')} s |",
+        ]
+    )
+
+
 def render_scaleout_celery(src: Mapping[str, Source]) -> str:
     """docs/scale-out.md: the same on CeleryExecutor, one worker process per worker."""
     return _render_scaleout(
@@ -846,7 +893,7 @@ QUALITY_SOURCES = (
     "wire.json",
 )
 PERFORMANCE_SOURCES = ("round.json", "round-memory.json", "aggregate.json", "wire.json")
-PERFORMANCE_SOURCES += ("client.json", "scaleout.json")
+PERFORMANCE_SOURCES += ("client.json", "scaleout.json", "scaleout-celery.json")
 TABLES: dict[str, Table] = {
     t.name: t
     for t in (
@@ -874,6 +921,7 @@ TABLES: dict[str, Table] = {
         Table("load", ("round.json", "round-memory.json", "scaleout.json"), render_load),
         Table("scaleout", ("scaleout.json",), render_scaleout),
         Table("scaleout-celery", ("scaleout-celery.json",), render_scaleout_celery),
+        Table("serial", ("scaleout-1k.json", "scaleout.json"), render_serial),
         Table("goals", (), render_goals),  # its sources: _goals_sources
     )
 }

@@ -32,8 +32,8 @@ pending updates from the inbox bucket and:
 data interval's end and records what it produced for that interval. Running the same
 interval again (a backfill with `--reprocess-behavior completed`, or clearing the run)
 recomputes the round from its archived inputs, reports whether the candidate's digest
-matches the original byte for byte, and publishes nothing. Intervals missed while the
-scheduler was down are processed in order by a backfill with `--max-active-runs 1`.
+matches the original byte for byte, and publishes nothing. After an outage the first
+scheduled run takes every update received meanwhile (one catch-up round).
 
 Manual runs take **Params**: `min_clients` (override for this run), `dry_run`
 (evaluate and report, publish and consume nothing), `max_updates`.
