@@ -52,6 +52,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -117,8 +118,6 @@ def worker_name() -> str:
     """``[core] hostname_callable`` of the Celery workers started here: workers on one
     machine share its hostname, so each names itself (``DADM_WORKER_NAME``) and the task
     instances say which worker ran them."""
-    import socket
-
     return os.environ.get("DADM_WORKER_NAME") or socket.getfqdn()
 
 
@@ -163,14 +162,10 @@ class Redis:
 
 def worker_name_host() -> str:
     """The ``%h`` Celery puts in a worker's name: this machine's hostname."""
-    import socket
-
     return socket.gethostname()
 
 
 def _connect(port: int) -> Any:
-    import socket
-
     return socket.create_connection(("127.0.0.1", port), timeout=2)
 
 

@@ -125,9 +125,10 @@ def publish(deployment: Deployment, run: RoundRun) -> int:
     return version
 
 
-def settled(deployment: Deployment, run: RoundRun) -> tuple[Decision, int | None]:
+def settled(deployment: Deployment, run: RoundRun) -> tuple[RoundPlan, Decision, int | None]:
     """Decide (again: the same inputs give the same answer) and check that a publication
-    the gate passed really happened: what must hold before anything is consumed."""
+    the gate passed really happened: what must hold before anything is consumed. Returns
+    the plan it read, the decision and the published version."""
     round_plan = round_runner.load_plan(deployment, run.run_id)
     decision = decide(
         round_plan, round_runner.load_evaluation(deployment, run.run_id), dry_run=run.dry_run
@@ -140,21 +141,20 @@ def settled(deployment: Deployment, run: RoundRun) -> tuple[Decision, int | None
                 f"run {run.run_id}: the gate passed candidate v{published_version} "
                 "but it was not published (did the publish step fail?)"
             )
-    return decision, published_version
+    return round_plan, decision, published_version
 
 
 def record_shard(deployment: Deployment, run: RoundRun, index: int) -> ShardRecorded:
     """One shard's verdicts into the ledger and its judged objects out of the inbox, once
     the round is settled; a dry run or a replay only counts."""
-    settled(deployment, run)
-    replay = round_runner.load_plan(deployment, run.run_id).replay_of is not None
-    consume = not run.dry_run and not replay
+    round_plan, _, _ = settled(deployment, run)
+    consume = not run.dry_run and round_plan.replay_of is None
     return round_runner.record_shard(deployment, run.run_id, index, consume=consume)
 
 
 def finalize(deployment: Deployment, run: RoundRun) -> RoundReport:
     """Settle the round again, then write the report (and the interval record)."""
-    decision, published_version = settled(deployment, run)
+    _, decision, published_version = settled(deployment, run)
     consume = not run.dry_run  # a waiting plan holds only junk and replays: cleared
     return round_runner.finalize_round(
         deployment,
