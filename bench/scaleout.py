@@ -251,7 +251,9 @@ class Airflow:
         self.scheduler: Group | None = None
         self.client: Any = None
 
-    def start(self) -> None:
+    def start(self, *, unpause: bool = True) -> None:
+        """Migrate the metadata DB, start the API server and DAG processor, wait until the
+        DAG is parsed; ``unpause``: then unpause it (else it stays as it was created)."""
         from scripts.demo import Airflow as RestClient
 
         proc = subprocess.run(
@@ -269,7 +271,7 @@ class Airflow:
         secret = self.home / "simple_auth_manager_passwords.json.generated"
         self._wait(secret.exists, "the generated admin password", 30)
         self.client = RestClient(self.url, json.loads(secret.read_text())["admin"])
-        self._wait(self._dag_parsed, f"the DAG processor to parse {DAG_ID}", 180)
+        self._wait(lambda: self._dag_parsed(unpause), f"the DAG processor to parse {DAG_ID}", 180)
 
     def _spawn(self, name: str, env: dict[str, str]) -> Group:
         return Group(name, [str(BIN / "airflow"), name], env, self.home / f"{name}.log")
@@ -293,9 +295,9 @@ class Airflow:
         health = resp.json()
         return health if health["metadatabase"]["status"] == "healthy" else None
 
-    def _dag_parsed(self) -> bool:
+    def _dag_parsed(self, unpause: bool) -> bool:
         dag = self.client.api("GET", f"/dags/{DAG_ID}")
-        if dag.get("is_paused"):
+        if unpause and dag.get("is_paused"):
             self.client.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
         return True
 

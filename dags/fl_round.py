@@ -29,11 +29,14 @@ pending updates from the inbox bucket and:
    task log ends with a readable summary.
 
 **Backfills are safe.** A run with a logical date takes the updates that arrived by its
-data interval's end and records what it produced for that interval. Running the same
-interval again (a backfill with `--reprocess-behavior completed`, or clearing the run)
-recomputes the round from its archived inputs, reports whether the candidate's digest
-matches the original byte for byte, and publishes nothing. After an outage the first
-scheduled run takes every update received meanwhile (one catch-up round).
+data interval's end (and that no earlier run took) and records what it produced for
+that interval. `airflow backfill create --max-active-runs 1` over a gap takes each
+interval's updates in order; a scheduled run that comes due while a backfill's runs are
+queued or running steps aside (takes nothing, says why). Running the same interval again
+(a backfill with `--reprocess-behavior completed`, or clearing the run) recomputes the
+round from its archived inputs, reports whether the candidate's digest matches the
+original byte for byte, and publishes nothing. After an outage the first scheduled run
+takes every update received meanwhile (one catch-up round).
 
 Manual runs take **Params**: `min_clients` (override for this run), `dry_run`
 (evaluate and report, publish and consume nothing), `max_updates`.
@@ -114,7 +117,7 @@ def fl_round() -> None:
     @task
     def plan() -> list[int]:
         ctx = get_current_context()
-        result = pipeline().plan(runtime.deployment(), runtime.round_run(ctx))
+        result = pipeline().plan(runtime.deployment(), runtime.planning_run(ctx))
         runtime.log.info("plan: %s", result.message)
         return list(range(result.shard_count))  # a waiting round still judges its junk
 

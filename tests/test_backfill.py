@@ -79,3 +79,21 @@ def test_intervals_in_order_by_receipt_time_then_a_replay_publishes_nothing(
     assert report["published_version"] is None
     assert dep.registry().versions() == [1, 2, 3] and dep.registry().active_version() == 3
     assert {ledger.read(k).run_id for k in first} == {run1.run_id}  # counted once
+
+
+def test_a_run_that_steps_aside_takes_nothing_and_the_next_run_takes_it_all(deployment):
+    """A scheduled run during a backfill plans nothing (not even junk): the backfill's
+    runs take their intervals first; a later run takes what is still pending."""
+    from fedlib.server.round_runner import plan_round
+
+    now = datetime.now(UTC)
+    keys = [upload_at(deployment, i, now) for i in (0, 1)]
+    deployment.inbox.put("updates/junk-object", b"not an envelope")
+    reason = "1 other run(s) of fl_round queued or running (a backfill's first)"
+    aside = plan_round(deployment, "scheduled-aside", step_aside=reason)
+    assert (aside.updates, aside.shard_count, aside.waiting) == (0, 0, True), aside
+    assert aside.message == f"waiting: {reason}"
+    assert list(plan_keys(deployment, aside)) == []
+    later = plan_round(deployment, "scheduled-after")
+    assert sorted(plan_keys(deployment, later)) == sorted([*keys, "updates/junk-object"])
+    assert not later.waiting

@@ -76,6 +76,11 @@ HOLDOUT = (
     "test_fl_admin_holdout_reports_the_parts_and_warns_when_anomalies_are_few"
 )
 DOCS = "tests/test_readme_commands.py::test_make_docs_runs_bench_report_which_changes_nothing"
+BACKFILL = (
+    "tests/test_backfill_scheduler.py::"
+    "test_readme_backfill_takes_each_interval_in_order_then_replays_byte_for_byte"
+)
+GAP = 'airflow backfill create --dag-id fl_round --from-date "$FROM" --to-date "$TO" '
 COMPOSE = "NOT RUN: no Docker daemon here; tests/test_compose.py validates docker-compose.yml"
 
 TABLE: dict[str, str] = {
@@ -149,6 +154,9 @@ TABLE: dict[str, str] = {
         "tests/test_plugin_api.py::test_json_api_with_a_token_matches_the_reports"
     ),
     "python -m bench.dp --json": "tests/test_bench_small.py::test_dp_small",
+    GAP + "--max-active-runs 1": BACKFILL,
+    GAP + "--max-active-runs 1 --reprocess-behavior completed": BACKFILL,
+    "airflow dags unpause fl_round": BACKFILL,
     "python -m bench.report": DOCS,
     "make docs": DOCS,
     "make test": ".ci/run",
@@ -189,6 +197,9 @@ EVIDENCE = {
     "airflow api-server": "dashboard_server",
     "python -m bench.dp --json": "dp_main",
     "python -m bench.report": '"-m", "bench.report"',
+    GAP + "--max-active-runs 1": "readme_backfill_commands()",
+    GAP + "--max-active-runs 1 --reprocess-behavior completed": "readme_backfill_commands()",
+    "airflow dags unpause fl_round": "readme_backfill_commands()",
     "make docs": "$(BIN)/python -m bench.report",
 }
 

@@ -49,7 +49,9 @@ class RoundRun:
     """One run of the round: its id, the operator's parameters and its fixed time.
 
     ``interval_key``/``interval_end_ms``: the data interval of a run with a logical date
-    (scheduled runs, backfills); None for runs without one, which take all pending."""
+    (scheduled runs, backfills); None for runs without one, which take all pending.
+    ``step_aside``: why this run takes nothing (a scheduled run while a backfill's runs
+    are queued or running: they take their intervals first, in order); None: it plans."""
 
     run_id: str
     min_clients: int | None = None
@@ -58,6 +60,7 @@ class RoundRun:
     created_at_ms: int | None = None
     interval_key: str | None = None
     interval_end_ms: int | None = None
+    step_aside: str | None = None
 
 
 # -- the steps --------------------------------------------------------------------------------
@@ -90,6 +93,7 @@ def plan(deployment: Deployment, run: RoundRun) -> RoundPlan:
         created_at_ms=run.created_at_ms,
         interval_key=run.interval_key,
         interval_end_ms=run.interval_end_ms,
+        step_aside=run.step_aside,
     )
 
 

@@ -332,6 +332,7 @@ def plan_round(
     created_at_ms: int | None = None,
     interval_key: str | None = None,
     interval_end_ms: int | None = None,
+    step_aside: str | None = None,
 ) -> RoundPlan:
     """Pick the batch fairly and split it into shards of whole devices; save the plan.
 
@@ -343,7 +344,8 @@ def plan_round(
     in the inbox. A run for a data interval takes what the store received by the
     interval's end. If that interval was already processed, the plan is the original one
     (a *replay*): the round is recomputed from the archived inputs and compared, and
-    nothing is published.
+    nothing is published. A run that steps aside (``step_aside``: why) lists nothing and
+    takes nothing: a waiting round that leaves the whole inbox to the runs before it.
     """
     if interval_key is not None:
         record = interval_record(deployment, interval_key)
@@ -370,7 +372,10 @@ def plan_round(
     deferred = Counter[str]()
     groups: list[_Group] = []
     cap = settings.max_objects_per_device
-    for group in inbox_groups(deployment, cap, junk_limit=limit, interval_end_ms=interval_end_ms):
+    listed: Iterable[_Group] = ()
+    if step_aside is None:
+        listed = inbox_groups(deployment, cap, junk_limit=limit, interval_end_ms=interval_end_ms)
+    for group in listed:
         if interval_end_ms is not None:  # received after the interval: the next one's
             late = [e for e in group.entries if arrival_ms(e[0]) > interval_end_ms]
             deferred["after_interval"] += len(late)
@@ -398,7 +403,7 @@ def plan_round(
     deferred["max_batch"] += sum(len(g.entries) - g.taken for g in groups)
     fresh_clients = sum(1 for g in groups if g.client_id is not None and g.fresh(g.taken))
     need = min_clients if min_clients is not None else settings.min_clients
-    waiting = fresh_clients < need
+    waiting = step_aside is not None or fresh_clients < need
 
     shard: list[ObjectInfo] = []
     shard_replays: list[str] = []
@@ -434,7 +439,9 @@ def plan_round(
     flush()
     capped = sum(g.capped for g in groups)
     capped_devices = sorted(g.client_id for g in groups if g.capped and g.client_id is not None)
-    if waiting:
+    if step_aside:
+        message = f"waiting: {step_aside}"
+    elif waiting:
         message = f"waiting: {fresh_clients} of {need} clients"
         if updates:
             message += f"; judging {updates} malformed or replayed objects"

@@ -104,6 +104,31 @@ def round_run(context: Any) -> RoundRun:
     )
 
 
+def planning_run(context: Any) -> RoundRun:
+    """:func:`round_run` for the plan step, which alone decides whether the run steps aside
+    (:func:`backfill_ahead`); the other steps read that decision from the plan."""
+    from dataclasses import replace
+
+    return replace(round_run(context), step_aside=backfill_ahead(context))
+
+
+def backfill_ahead(context: Any) -> str | None:
+    """Why a scheduled run takes nothing, or None. A scheduled run is created at the tick
+    and outranks backfill runs (Airflow starts them first and counts them apart), so
+    after a gap it would take every update a backfill's earlier intervals are about to
+    take, one at a time and in order. It steps aside while any other run of the DAG is
+    queued or running (``max_active_runs=1``: that is a backfill's, or a manual run that
+    takes everything anyway); the first scheduled run after the backfill takes what
+    arrived since. Manual and backfill runs never step aside."""
+    dag_run = context["dag_run"]
+    if dag_run.run_type != "scheduled":
+        return None
+    active = context["ti"].get_dr_count(dag_id=dag_run.dag_id, states=["queued", "running"])
+    if active <= 1:  # this run alone
+        return None
+    return f"{active - 1} other run(s) of {dag_run.dag_id} queued or running (a backfill's first)"
+
+
 def run_interval(context: Any) -> tuple[str | None, int | None]:
     """(interval key, end in ms) for runs with a logical date (scheduled, backfill, manual
     with a date); (None, None) for runs without one, which take everything pending."""
