@@ -81,6 +81,7 @@ bench: $(STAMP) redis
 	$(BIN)/python -m bench.scaleout --updates 10000 --json > bench/results/scaleout.json
 	$(BIN)/python -m bench.scaleout --updates 1000 --shard-size 100 --json > bench/results/scaleout-1k.json
 	$(BIN)/python -m bench.scaleout --updates 10000 --executor celery --json > bench/results/scaleout-celery.json
+	$(BIN)/python -m bench.fleet --json > bench/results/fleet.json
 
 # Model quality, poisoning, differential privacy and the real-data suite (about 1 hour on 2 cores).
 bench-quality: $(STAMP)

@@ -78,7 +78,13 @@ from fedlib.models.package import ModelPackage
 from fedlib.models.training import local_delta
 from fedlib.server.aggregation import AggregationConfig
 from fedlib.server.fleet import Fleet
-from fedlib.server.privacy import Accountant, PrivacyConfig, noise_rng, spend_summary
+from fedlib.server.privacy import (
+    Accountant,
+    PrivacyConfig,
+    calibrate_noise,
+    noise_rng,
+    spend_summary,
+)
 from fedlib.server.robust import reference_delta
 from fedlib.server.rounds import (
     DpRound,
@@ -134,6 +140,11 @@ class QualityConfig:
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
     dp_adaptive: bool = False
+    #: bench.fleet: simulate rounds of this many devices. The devices trained here stand
+    #: in for such a round's mean update; the noise on that mean is the accountant's
+    #: ``z * C`` over ``dp_cohort`` (as a round of that many would get), not over the few
+    #: trained. None: the noise of the devices actually trained.
+    dp_cohort: int | None = None
 
     def bound(self) -> float:
         return default_norm_bound(self.kind) if self.norm_bound is None else self.norm_bound
@@ -191,6 +202,17 @@ def dp_config(cfg: QualityConfig, clients: int, norm_bound: float) -> PrivacyCon
     and ``dp_rounds = cfg.rounds`` would run (noise calibrated by the accountant)."""
     if cfg.dp_epsilon is None:
         return None
+    if cfg.dp_cohort is not None:  # the same noise on the mean as a round of dp_cohort
+        z = calibrate_noise(cfg.dp_epsilon, cfg.dp_delta, cfg.rounds)
+        return PrivacyConfig(
+            mode="central",
+            noise_multiplier=z * clients / cfg.dp_cohort,
+            rounds=cfg.rounds,
+            delta=cfg.dp_delta,
+            clip_norm=cfg.dp_clip,
+            expected_clients=clients,
+            max_clip_norm=norm_bound,
+        )
     return PrivacyConfig(
         mode="central",
         target_epsilon=cfg.dp_epsilon,

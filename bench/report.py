@@ -348,7 +348,8 @@ def render_dp(src: Mapping[str, Source]) -> str:
         f"the untrained model's AUC ({d.num('no_training_auc', '.3f')}). The gate then "
         f"refuses nearly every candidate, so what a deployment would publish stays at the first "
         f"version's AUC. Useful DP needs that ratio well below one, i.e. thousands of devices per "
-        f"round (or a much smaller model): measured here only at {d.num('clients', '.0f')}.",
+        f"round (or a much smaller model): `bench.fleet` (below, under the performance "
+        f"figures) measures from what fleet size it holds.",
     ]
     return "\n".join(lines)
 
@@ -879,6 +880,101 @@ def render_scaleout_celery(src: Mapping[str, Source]) -> str:
     )
 
 
+REQUEST_TYPES = ("GET", "PUT", "LIST", "DELETE")
+
+
+def render_fleet(src: Mapping[str, Source]) -> str:
+    """README: bench.fleet's simulated fleets (the server's round) and DP by fleet size."""
+    f = src["fleet.json"]
+    fleets = f.get("systems.fleets")
+    last = len(f.get("systems.fleets.0.rounds")) - 1
+    lines = [
+        f"`python -m bench.fleet --json` (`bench/results/fleet.json`, "
+        f"{f.num('seconds', '.0f', 1 / 60)} minutes on {f.num('config.cpus', '.0f')} cores): "
+        f"every device online in a round with probability "
+        f"{f.num('config.participation', 'g')}, {f.pct('config.stragglers', '.0f')}% of those "
+        f"late (taken by the next round); the server's round in one process (one worker), "
+        f"the last of {f.num('config.rounds', '.0f')} rounds (it takes the stragglers of the "
+        f"one before); S3 requests counted by the S3 server:",
+        "",
+        "| fleet | updates in the round | round wall time | per-update part "
+        "(`process_shard` + `record_shard`) | round-wide part | `plan` | peak RSS "
+        "| S3 requests (GET / PUT / LIST / DELETE) | per update |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i in range(len(fleets)):
+        r = f"systems.fleets.{i}.rounds.{last}"
+        q = r + ".s3_requests"
+        per = " / ".join(f.ratio(f"{q}.{t}", r + ".updates", ".1f") for t in REQUEST_TYPES)
+        lines.append(
+            f"| {f.num(f'systems.fleets.{i}.devices', ',.0f')} "
+            f"| {f.num(r + '.updates', ',.0f')} | {f.num(r + '.wall_s', '.1f')} s "
+            f"| {f.num(r + '.per_update_s', '.1f')} s | {f.num(r + '.round_wide_s', '.1f')} s "
+            f"| {f.num(r + '.step_s.plan', '.1f')} s "
+            f"| {f.num(r + '.peak_rss_mb', '.0f')} MB "
+            f"| {' / '.join(f.num(f'{q}.{t}', ',.0f') for t in REQUEST_TYPES)} | {per} |"
+        )
+    s = "systems.schedule"
+    lines += [
+        "",
+        f"**Workers for {f.num(s + '.devices', ',.0f')} devices on a "
+        f"{f.num(s + '.schedule_s', '.0f', 1 / 60)}-minute schedule** "
+        f"(`ceil(updates / rate / (schedule - round-wide part))`): at this run's in-process "
+        f"rate ({f.num(s + '.in_process.per_worker_updates_per_s', ',.0f')} updates/s per "
+        f"worker) a typical round of {f.num(s + '.typical_round_updates', ',.0f')} updates "
+        f"needs {f.num(s + '.in_process.workers_typical_round', '.0f')} (round-wide part "
+        f"{f.num(s + '.in_process.round_wide_s', '.0f')} s), a round with every device online "
+        f"{f.num(s + '.in_process.workers_all_online', '.0f')} (round-wide part scaled "
+        f"linearly to {f.num(s + '.in_process.round_wide_all_online_s', '.0f')} s: `plan` lists "
+        f"every pending device).",
+    ]
+    if "airflow_celery" in f.get(s):
+        c = s + ".airflow_celery"
+        lines[-1] += (
+            f" Through Airflow with one Celery worker (`scaleout-celery.json`: "
+            f"{f.num(c + '.per_worker_updates_per_s', ',.0f')} updates/s per worker for both "
+            f"mapped phases, task start-up included; round-wide "
+            f"{f.num(c + '.round_wide_s', '.0f')} s, all online "
+            f"{f.num(c + '.round_wide_all_online_s', '.0f')} s): "
+            f"{f.num(c + '.workers_typical_round', '.0f')} and "
+            f"{f.num(c + '.workers_all_online', '.0f')}."
+        )
+    d = "dp"
+    eps = sorted(f.get("dp.epsilons"), key=float, reverse=True)
+    sizes = range(len(f.get(f"dp.epsilons.{eps[0]}.fleets")))
+    heads = [f.num(f"dp.epsilons.{eps[0]}.fleets.{i}.fleet", ",.0f") for i in sizes]
+    lines += [
+        "",
+        f"**Central DP by fleet size** (the AUC minus the same seeds without DP, "
+        f"{f.num(d + '.no_dp_auc', '.3f')}; {f.num(d + '.rounds', '.0f')} rounds, C = "
+        f"{f.num(d + '.clip_norm', 'g')}, delta = {f.num(d + '.delta', 'g')}; noise on the mean "
+        f"as for a round of fleet × {f.num(d + '.participation', 'g')} devices, the "
+        f"{f.num(d + '.trained_devices', '.0f')} trained devices standing in for that round's "
+        f"mean; within {f.num(d + '.tolerance', 'g')} in bold):",
+        "",
+        "| epsilon | z | " + " | ".join(f"{h} devices" for h in heads) + " | smallest within |",
+        "|---|---|" + "---|" * len(heads) + "---|",
+    ]
+    for e in eps:
+        cells = []
+        for i in sizes:
+            row = f"dp.epsilons.{e}.fleets.{i}"
+            text = f.num(row + ".auc_minus_no_dp", "+.3f")
+            cells.append(f"**{text}**" if f.get(row + ".within_tolerance") else text)
+        smallest = f.get(f"dp.smallest_fleet_within_tolerance.{e}")
+        found = (
+            f.num(f"dp.smallest_fleet_within_tolerance.{e}", ",.0f")
+            if smallest is not None
+            else "none measured"
+        )
+        lines.append(
+            f"| `{e}` | {f.num(f'dp.epsilons.{e}.noise_multiplier', '.2f')} | "
+            + " | ".join(cells)
+            + f" | {found} |"
+        )
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -941,6 +1037,7 @@ TABLES: dict[str, Table] = {
             ("scaleout-1k.json", "scaleout.json", "scaleout-before-record-shard.json"),
             render_serial,
         ),
+        Table("fleet", ("fleet.json",), render_fleet),
         Table("goals", (), render_goals),  # its sources: _goals_sources
     )
 }

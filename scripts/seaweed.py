@@ -133,8 +133,12 @@ class SeaweedServer:
         ports: dict[str, int] | None = None,
         die_with_parent: bool = False,
         iam_writable: bool = True,
+        metrics_port: int | None = None,
     ) -> None:
         self.die_with_parent = die_with_parent
+        #: Prometheus metrics (``SeaweedFS_s3_request_total`` by bucket, type and status:
+        #: what bench.fleet counts) on this port; None: no metrics listener.
+        self.metrics_port = metrics_port
         # The embedded IAM API (same port as S3) is read-only unless told otherwise;
         # fedlib.server.credentials needs CreateUser/CreateAccessKey/PutUserPolicy on it.
         # Only identities with the Admin action may call it.
@@ -223,6 +227,8 @@ class SeaweedServer:
         for name in COMPONENTS:
             port = self.ports[name]
             cmd += [f"-{name}.port={port}", f"-{name}.port.grpc={port + GRPC_OFFSET}"]
+        if self.metrics_port is not None:
+            cmd.append(f"-metricsPort={self.metrics_port}")
         return cmd
 
     def _write_config(self) -> None:

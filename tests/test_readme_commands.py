@@ -154,6 +154,7 @@ TABLE: dict[str, str] = {
         "tests/test_plugin_api.py::test_json_api_with_a_token_matches_the_reports"
     ),
     "python -m bench.dp --json": "tests/test_bench_small.py::test_dp_small",
+    "python -m bench.fleet --json": "tests/test_bench_fleet.py::test_fleet_small",
     GAP + "--max-active-runs 1": BACKFILL,
     GAP + "--max-active-runs 1 --reprocess-behavior completed": BACKFILL,
     "airflow dags unpause fl_round": BACKFILL,
@@ -167,7 +168,7 @@ TABLE: dict[str, str] = {
     "make demo-stop": "NOT RUN: stops what make demo started",
     "airflow standalone": "NOT RUN: what make demo starts (tests start api-server, scheduler "
     "and dag-processor one by one: tests/security/test_faults.py)",
-    "make bench": "NOT RUN: the performance suite (about 5 minutes, results committed in "
+    "make bench": "NOT RUN: the performance suite (about 35 minutes, results committed in "
     "bench/results/); tests/test_bench_small.py runs each module small",
     "make bench-quality": "NOT RUN: the quality suite (about 70 minutes, results committed "
     "in bench/results/); tests/test_bench_small.py runs each module small",
@@ -196,6 +197,7 @@ EVIDENCE = {
     "set -a; . .state/demo/operator.env; set +a; .venv/bin/fl-admin status": "operator_command",
     "airflow api-server": "dashboard_server",
     "python -m bench.dp --json": "dp_main",
+    "python -m bench.fleet --json": "fleet_main",
     "python -m bench.report": '"-m", "bench.report"',
     GAP + "--max-active-runs 1": "readme_backfill_commands()",
     GAP + "--max-active-runs 1 --reprocess-behavior completed": "readme_backfill_commands()",

@@ -39,6 +39,19 @@ class Fleet:
 
     entries: dict[str, ClientEntry] = field(default_factory=dict)
     _keys: dict[str, sealing.ClientKey] = field(default_factory=dict, repr=False)
+    #: Key ids by client, for the first ``_indexed`` entries (entries are never removed:
+    #: a revocation replaces one): enrolling device n costs O(1), not a scan of n - 1.
+    _by_client: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _indexed: int = field(default=0, repr=False)
+
+    def _key_ids(self, client_id: str) -> list[str]:
+        """Every key id ever enrolled for ``client_id`` (revoked ones too)."""
+        if self._indexed != len(self.entries):
+            self._by_client = {}
+            for kid, entry in self.entries.items():
+                self._by_client.setdefault(entry.client_id, []).append(kid)
+            self._indexed = len(self.entries)
+        return self._by_client.get(client_id, [])
 
     def enroll(
         self,
@@ -80,21 +93,23 @@ class Fleet:
             raise EnrollmentRefused(
                 f"{client_id} has no active key to add one next to: enroll without --add-key"
             )
+        in_step = self._indexed == len(self.entries)
         self.entries[kid] = ClientEntry(
             client_id=client_id,
             key_id=kid,
             public_key_pem=public_key_pem.decode("ascii"),
             enrolled_at_ms=now_ms if now_ms is not None else int(time.time() * 1000),
         )
+        if in_step:  # keep the index current instead of rebuilding it
+            self._by_client.setdefault(client_id, []).append(kid)
+            self._indexed += 1
         self._keys.pop(kid, None)
         return kid
 
     def active_keys(self, client_id: str) -> list[str]:
         """Key ids the client can sign with now (not revoked), sorted."""
         return sorted(
-            kid
-            for kid, e in self.entries.items()
-            if e.client_id == client_id and e.revoked_at_ms is None
+            kid for kid in self._key_ids(client_id) if self.entries[kid].revoked_at_ms is None
         )
 
     def revoke(self, client_id: str, *, now_ms: int | None = None) -> list[str]:
