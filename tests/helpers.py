@@ -44,15 +44,21 @@ def build_deployment(s3_config: Any, keys_dir: Path, dataset_path: Path, **setti
     return dep
 
 
-def expose_to_airflow(deployment: Any, tmp_path: Path, monkeypatch: Any) -> None:
-    """Make the DAGs see ``deployment``: an fl-server.toml and the fl_s3 connection."""
+def write_server_toml(deployment: Any, path: Path, extra: str = "") -> Path:
+    """``deployment``'s buckets, keys and min_clients as an fl-server.toml (+ ``extra``)."""
     settings = deployment.settings
     names = ("inbox_bucket", "models_bucket", "state_bucket", "airgap_bucket", "keys_dir")
-    toml = tmp_path / "fl-server.toml"
-    toml.write_text(
+    path.write_text(
         "\n".join(f'{n} = "{getattr(settings, n)}"' for n in names)
         + f"\nmin_clients = {settings.min_clients}\n"
+        + extra
     )
+    return path
+
+
+def expose_to_airflow(deployment: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """Make the DAGs see ``deployment``: an fl-server.toml and the fl_s3 connection."""
+    toml = write_server_toml(deployment, tmp_path / "fl-server.toml")
     conn = deployment.s3.airflow_connection()
     monkeypatch.setenv("FL_SERVER_CONFIG", str(toml))
     monkeypatch.setenv("AIRFLOW_CONN_FL_S3", json.dumps(conn))

@@ -32,6 +32,7 @@ from fedlib.server.ledger import Ledger
 from fedlib.server.round_runner import load_plan, plan_keys
 from fedlib.server.state_keys import RunKeys
 from scripts.postgres import start_postgres
+from tests.helpers import write_server_toml
 from tests.test_backfill import upload_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,13 +106,7 @@ def test_readme_backfill_takes_each_interval_in_order_then_replays_byte_for_byte
     first, recheck = commands[:2], commands[2:]
     assert first[1] == f"airflow dags unpause {DAG_ID}", first
 
-    settings = deployment.settings
-    names = ("inbox_bucket", "models_bucket", "state_bucket", "airgap_bucket", "keys_dir")
-    config = tmp_path / "fl-server.toml"
-    config.write_text(
-        "\n".join(f'{n} = "{getattr(settings, n)}"' for n in names)
-        + f'\nmin_clients = {settings.min_clients}\nschedule = "* * * * *"\n'
-    )
+    config = write_server_toml(deployment, tmp_path / "fl-server.toml", 'schedule = "* * * * *"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("FL_")}
     env["FL_SERVER_CONFIG"] = str(config)
     ledger = Ledger(deployment.state)
