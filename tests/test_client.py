@@ -197,7 +197,7 @@ def test_fl_client_killed_mid_spool_write_recovers_and_the_round_publishes(deplo
     assert killed.returncode == -signal.SIGKILL, (killed.stdout, killed.stderr)
     (torn,) = pending.iterdir()  # what the kill left: a temp file with half an envelope
     assert torn.name.startswith(TMP_PREFIX) and torn.stat().st_size > 0
-    torn_size = torn.stat().st_size
+    torn_bytes = torn.read_bytes()
     assert inbox_keys(deployment) == []  # nothing reached the inbox
     assert not (victim.state_dir / "last_trained.json").exists()
 
@@ -206,7 +206,10 @@ def test_fl_client_killed_mid_spool_write_recovers_and_the_round_publishes(deplo
     assert not torn.exists() and list(pending.iterdir()) == []  # swept, and the new one sent
     (key,) = inbox_keys(deployment)
     whole = deployment.inbox.get(key)
-    assert len(whole) // 2 == torn_size  # the torn file was half of a whole envelope
+    # The torn file was the first half of an envelope. The retrained envelope is a new one
+    # (its header's numbers are rendered as text), so its length may differ by a few bytes.
+    assert torn_bytes[:4] == whole[:4]  # the envelope magic
+    assert abs(len(whole) // 2 - len(torn_bytes)) <= 16, (len(whole), len(torn_bytes))
     assert status(victim)["sent_updates"] == 1
     assert fl_client_run(victim).returncode == 0  # a third run sends nothing more
     assert inbox_keys(deployment) == [key]
