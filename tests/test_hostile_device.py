@@ -280,13 +280,16 @@ def test_a_device_s_objects_are_never_split_across_shards(deployment):
 
 def test_one_flat_listing_plans_like_a_listing_per_device(deployment, monkeypatch):
     """The plan reads devices from one flat listing of the inbox where it covers them
-    whole; cut short anywhere (a limit of 1, 4, 7 entries), the groups are the same as
+    whole; cut short anywhere (a limit of 1, 4, 7 entries: then a delimited listing finds the
+    devices), the groups are the same as
     with a listing per device, including a device over the cap."""
     sizes = {"dev-a": 3, "dev-b": 1, "dev-c": 20, "dev-d": 2}
     for client, n in sizes.items():
         for _ in range(n):
             deployment.inbox.put(protocol.inbox_key(client, protocol.new_update_id()), b"x")
     deployment.inbox.put("updates/stray", b"x")
+    deployment.inbox.put("updates/Not A Client/x", b"x")  # a segment that is no client id
+    deployment.inbox.put("updates/dev-b/deeper/x", b"x")  # under a device, not a name
 
     def groups() -> dict[str | None, tuple[list[str], bool]]:
         return {
@@ -296,9 +299,9 @@ def test_one_flat_listing_plans_like_a_listing_per_device(deployment, monkeypatc
 
     whole = groups()
     assert {c: len(keys) for c, (keys, _) in whole.items()} == {
-        None: 1,
+        None: 2,
         "dev-a": 3,
-        "dev-b": 1,
+        "dev-b": 2,
         "dev-c": 16,
         "dev-d": 2,
     }

@@ -330,3 +330,55 @@ def test_each_shard_records_its_own_verdicts_and_finalize_reads_one_record_per_s
     assert report.decision.value == "published" and report.accepted == 5, report.summary()
     assert all(ledger.read(key).run_id == run.run_id for key in sent)
     assert list(deployment.inbox.list("updates/")) == []
+
+
+def _plan_requests(seaweed_factory, tmp_path, small_dataset, pending: int) -> dict[str, int]:
+    """The S3 requests one plan makes over ``pending`` well-formed objects, by type, as the
+    SeaweedFS server itself counts them (its Prometheus counter)."""
+    from bench.fleet import s3_requests
+    from fedlib.server import round_runner as rr
+    from scripts.demo import free_port
+    from tests.helpers import build_deployment
+
+    metrics_port = free_port(9400)
+    server = seaweed_factory(metrics_port=metrics_port)
+    deployment = build_deployment(server.s3_config(), tmp_path / f"keys-{pending}", small_dataset)
+    for i in range(pending):  # the plan reads names only: any bytes under a well-formed key
+        deployment.inbox.put(protocol.inbox_key(f"device-{i:05d}", protocol.new_update_id()), b"x")
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    buckets = {deployment.inbox.bucket, deployment.state.bucket}
+    before = s3_requests(url, buckets)
+    plan = rr.plan_round(deployment, f"plan-{pending}", min_clients=1, shard_size=1000)
+    assert plan.updates == pending and plan.client_count == pending and not plan.waiting
+    after = s3_requests(url, buckets)
+    return {kind: after[kind] - before[kind] for kind in after if after[kind] - before[kind]}
+
+
+def test_a_plan_makes_no_request_per_object(seaweed_factory, tmp_path, small_dataset):
+    """The plan is the one task no worker count shortens: over 40 and over 400 pending
+    updates it makes the same requests (the listing reads 1,000 keys a page; no ledger
+    lookup per object: the shards do those, in parallel)."""
+    few = _plan_requests(seaweed_factory, tmp_path, small_dataset, 40)
+    many = _plan_requests(seaweed_factory, tmp_path, small_dataset, 400)
+    assert many == few, (few, many)
+    assert sum(many.values()) < 40, many
+
+
+def test_a_retried_shard_does_not_take_its_own_verdicts_for_replays(deployment):
+    """A shard task run again after its run wrote some of its verdicts (the objects not
+    yet deleted) sums the same objects to the same partial: only another run's verdict
+    makes a key a replay."""
+    from fedlib.server import round_runner as rr
+    from fedlib.server.state_keys import RunKeys
+
+    upload_updates(deployment, 3)
+    plan = rr.plan_round(deployment, "r-retry")
+    assert plan.shard_count == 1
+    first = rr.process_shard(deployment, "r-retry", 0)
+    ledger = Ledger(deployment.state)
+    for verdict in rr.load_verdicts(deployment, "r-retry"):
+        assert ledger.record(verdict, run_id="r-retry")  # written; the deletes never ran
+    partial = deployment.state.get(RunKeys("r-retry").shard_partial(0))
+    again = rr.process_shard(deployment, "r-retry", 0)
+    assert again == first and again.accepted == 3
+    assert deployment.state.get(RunKeys("r-retry").shard_partial(0)) == partial

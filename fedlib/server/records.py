@@ -177,7 +177,9 @@ class RoundPlan(Record):
     base_version: int
     shard_count: int
     updates: int
-    replay_count: int
+    #: Objects the plan found already judged: written by plans before the shards looked
+    #: verdicts up themselves (a plan no longer makes a request per object); now 0.
+    replay_count: int = 0
     client_count: int
     waiting: bool
     message: str
@@ -204,11 +206,13 @@ class RoundPlan(Record):
 
 
 class ShardKeys(Record):
-    """The inbox keys of one shard, and which of them already had a ledger verdict."""
+    """The inbox keys of one shard."""
 
     schema_: Literal["dadm.shard-keys.v1"] = _schema("dadm.shard-keys.v1")
     keys: list[str]
-    replays: list[str]
+    #: Keys the plan found already judged (plans before the shards looked verdicts up
+    #: themselves; empty now): a replay of such a plan skips them as the original did.
+    replays: list[str] = []
     #: When the store received each key (ms, parallel to ``keys``; absent in older
     #: documents): which of a device's updates is its newest, from the server's clock.
     received_ms: list[int] | None = None

@@ -82,7 +82,7 @@ from fedlib.server.rounds import (
 )
 from fedlib.server.state_keys import RunKeys
 from fedlib.server.strategy import aggregator_from_bytes, new_aggregator
-from fedlib.storage.store import NoSuchKey, ObjectInfo, ObjectTooLarge
+from fedlib.storage.store import ListLevel, NoSuchKey, ObjectInfo, ObjectTooLarge
 from fedlib.trust.package import PACKAGE_FILES
 from fedlib.wire import protocol
 from fedlib.wire.protocol import PackageMetadata
@@ -195,16 +195,16 @@ INBOX = "updates/"
 @dataclasses.dataclass
 class _Group:
     """One device's objects listed for a round (``client_id`` None: the junk group of
-    keys outside ``updates/<client>/``), each with whether it is well-formed and fresh."""
+    keys outside ``updates/<client>/``), each with whether its name is well-formed."""
 
     client_id: str | None
-    entries: list[tuple[ObjectInfo, bool, bool]]  # (info, well-formed, already ledgered)
+    entries: list[tuple[ObjectInfo, bool]]  # (info, well-formed name)
     capped: bool = False
     taken: int = 0
 
-    def fresh(self, count: int | None = None) -> int:
+    def well_formed(self, count: int | None = None) -> int:
         chosen = self.entries if count is None else self.entries[:count]
-        return sum(ok and not done for _, ok, done in chosen)
+        return sum(ok for _, ok in chosen)
 
 
 def _device_of(prefix: str) -> str | None:
@@ -235,16 +235,25 @@ def inbox_groups(
 ) -> Iterator[_Group]:
     """The inbox by device, each group listed up to ``cap`` objects (one more to know
     it was capped), so a device with 100k objects costs one bounded listing a round.
-    Device prefixes come from one delimited listing; keys directly under ``updates/`` or
-    under a segment that is not a client id form one junk group, listed up to
-    ``junk_limit`` (default ``cap``): it may take what the devices leave of the batch.
-    Objects received after ``interval_end_ms`` are left out (entries of no group); each
-    listed object gets one ledger lookup (bounded by the cap, not by a device's history),
-    plus one listing of the digest-named fallback verdicts per plan.
-    Devices are listed ``SHARD_IO_CONCURRENCY`` at a time, yielded in name order."""
-    ledger = Ledger(deployment.state)
-    fallback = ledger.fallback_digests()  # judged, but under the digest of their name
-    level = deployment.inbox.list_level(INBOX)
+    Keys directly under ``updates/`` or under a segment that is not a client id form one
+    junk group, listed up to ``junk_limit`` (default ``cap``): it may take what the
+    devices leave of the batch. Objects received after ``interval_end_ms`` are marked
+    late. No object is looked up in the ledger here (that is one request per object, in
+    the one task no worker count shortens): the shard that opens an object checks its
+    verdict (:func:`process_shard`).
+
+    One flat listing (:data:`FLAT_LISTING_LIMIT` keys at most, 1,000 a request) is the
+    whole plan's I/O when it covers the inbox; past that, device prefixes come from a
+    delimited listing and the devices the flat listing did not cover whole are listed
+    ``SHARD_IO_CONCURRENCY`` at a time. Groups are yielded in name order."""
+    flat = list(deployment.inbox.list(INBOX, limit=FLAT_LISTING_LIMIT))
+    whole = len(flat) < FLAT_LISTING_LIMIT
+    by_prefix = _by_prefix(flat) if whole else {}
+    if whole:
+        top = sorted(by_prefix.pop(INBOX, []), key=lambda o: o.key)
+        level = ListLevel(sorted(by_prefix), top)
+    else:
+        level = deployment.inbox.list_level(INBOX)
 
     junk_limit = cap if junk_limit is None else junk_limit
 
@@ -253,10 +262,9 @@ def inbox_groups(
         entries = []
         for info in listed[:limit]:
             if interval_end_ms is not None and arrival_ms(info) > interval_end_ms:
-                entries.append((info, False, True))  # marked late: dropped by the plan
+                entries.append((info, False))  # late: dropped by the plan
                 continue
-            well_formed = client is not None and _well_formed(info.key)
-            entries.append((info, well_formed, ledger.has_verdict(info.key, fallback)))
+            entries.append((info, client is not None and _well_formed(info.key)))
         return _Group(client, entries, capped=capped)
 
     junk: list[ObjectInfo] = list(level.objects[: junk_limit + 1])
@@ -266,11 +274,15 @@ def inbox_groups(
         if client is not None:
             devices.append((client, prefix))
         elif len(junk) <= junk_limit:
-            junk += deployment.inbox.list(prefix, limit=junk_limit + 1 - len(junk))
+            more = junk_limit + 1 - len(junk)
+            if whole:
+                junk += by_prefix[prefix][:more]
+            else:
+                junk += deployment.inbox.list(prefix, limit=more)
     if junk:
         yield group_of(None, junk, junk_limit)
 
-    known = listed_devices(deployment, [p for _, p in devices], cap + 1)
+    known = listed_devices(flat, [p for _, p in devices], cap + 1)
 
     def device_group(device: tuple[str, str]) -> _Group:
         client, prefix = device
@@ -289,8 +301,18 @@ def inbox_groups(
 FLAT_LISTING_LIMIT = 10_000
 
 
+def _by_prefix(flat: list[ObjectInfo]) -> dict[str, list[ObjectInfo]]:
+    """A flat listing of the inbox by "directory" ``updates/<segment>/`` (listing order
+    kept); the keys directly under ``updates/`` under ``updates/`` itself."""
+    grouped: dict[str, list[ObjectInfo]] = {}
+    for info in flat:
+        head, sep, _ = info.key[len(INBOX) :].partition("/")
+        grouped.setdefault(f"{INBOX}{head}/" if sep else INBOX, []).append(info)
+    return grouped
+
+
 def listed_devices(
-    deployment: Deployment, prefixes: list[str], per_device: int
+    flat: list[ObjectInfo], prefixes: list[str], per_device: int
 ) -> dict[str, list[ObjectInfo]]:
     """Each device prefix's objects (up to ``per_device``) from one flat listing of the
     inbox, for the devices it covers whole; the others need a listing of their own.
@@ -305,7 +327,7 @@ def listed_devices(
     found: dict[str, list[ObjectInfo]] = {}
     last: str | None = None
     count = 0
-    for info in deployment.inbox.list(INBOX, limit=FLAT_LISTING_LIMIT):
+    for info in flat:
         count += 1
         head, sep, _ = info.key[len(INBOX) :].partition("/")
         prefix = f"{INBOX}{head}/" if sep else None
@@ -339,9 +361,12 @@ def plan_round(
     Devices are walked round-robin, each getting at most ``max_objects_per_device``
     objects (the junk group too), the total bounded by ``max_updates``/``max_batch``:
     one device's junk cannot crowd out the others. ``min_clients`` counts devices with a
-    planned well-formed update that has no ledger verdict yet. A waiting round still
-    plans (and so judges and clears) the junk and the replays; well-formed updates stay
-    in the inbox. A run for a data interval takes what the store received by the
+    planned object whose name is a well-formed update key; what the object holds (a
+    valid update, garbage, a replay of a judged key) is found by its shard, so a device
+    counts once either way, like a device that uploads garbage. A waiting round still
+    plans (and so judges and clears) the malformed names; well-formed updates stay in
+    the inbox. The plan's cost is the inbox listing (1,000 keys a request), no request
+    per object. A run for a data interval takes what the store received by the
     interval's end. If that interval was already processed, the plan is the original one
     (a *replay*): the round is recomputed from the archived inputs and compared, and
     nothing is published. A run that steps aside (``step_aside``: why) lists nothing and
@@ -401,41 +426,36 @@ def plan_round(
             extra = min(budget, len(group.entries) - group.taken)
             group.taken, budget = group.taken + extra, budget - extra
     deferred["max_batch"] += sum(len(g.entries) - g.taken for g in groups)
-    fresh_clients = sum(1 for g in groups if g.client_id is not None and g.fresh(g.taken))
+    fresh_clients = sum(1 for g in groups if g.client_id is not None and g.well_formed(g.taken))
     need = min_clients if min_clients is not None else settings.min_clients
     waiting = step_aside is not None or fresh_clients < need
 
     shard: list[ObjectInfo] = []
-    shard_replays: list[str] = []
-    shard_count = updates = replay_count = 0
+    shard_count = updates = 0
 
     def flush() -> None:
-        nonlocal shard, shard_replays, shard_count
+        nonlocal shard, shard_count
         if shard:
             put_record(
                 deployment,
                 RunKeys(run_id).shard_keys(shard_count),
                 ShardKeys(
                     keys=[i.key for i in shard],
-                    replays=shard_replays,
                     received_ms=[i.last_modified_ms for i in shard],
                 ),
             )
-            shard, shard_replays, shard_count = [], [], shard_count + 1
+            shard, shard_count = [], shard_count + 1
 
     for group in groups:  # whole groups per shard: a device's keys are contiguous
         chosen = group.entries[: group.taken]
-        if waiting:  # only what is judged without a round: junk and replays
-            deferred["waiting"] += group.fresh(group.taken)
-            chosen = [e for e in chosen if not e[1] or e[2]]
+        if waiting:  # only what is judged without a round: malformed names
+            deferred["waiting"] += group.well_formed(group.taken)
+            chosen = [e for e in chosen if not e[1]]
         if shard and len(shard) + len(chosen) > size:
             flush()
-        for info, _, done in chosen:
+        for info, _ in chosen:
             updates += 1
             shard.append(info)
-            if done:
-                shard_replays.append(info.key)
-                replay_count += 1
     flush()
     capped = sum(g.capped for g in groups)
     capped_devices = sorted(g.client_id for g in groups if g.capped and g.client_id is not None)
@@ -454,7 +474,6 @@ def plan_round(
         base_version=base_version,
         shard_count=shard_count,
         updates=updates,
-        replay_count=replay_count,
         client_count=fresh_clients,
         waiting=waiting,
         message=message,
@@ -534,7 +553,12 @@ def round_inputs(
 
 
 def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResult:
-    """Open, verify, validate and sum one shard; write its partial sum, then its verdicts."""
+    """Open, verify, validate and sum one shard; write its partial sum, then its verdicts.
+
+    Each object's ledger entry is looked up here, beside its GET (the plan makes no
+    request per object): a key judged before (a re-upload under a judged name, or an
+    object a crashed run judged but did not delete) gets a ``replay`` or
+    ``duplicate_update_id`` verdict and is never counted again."""
     plan = load_plan(deployment, run_id)
     shard = load_shard(deployment, plan, index)
     keys, replays = shard.keys, set(shard.replays)
@@ -564,8 +588,13 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
                 raise NoSuchKey(key, "not accepted in the original run")
             return pack[key], accepted[key]
     else:
+        fallback = ledger.fallback_digests()  # judged, but under the digest of their name
 
         def fetch(key: str) -> tuple[bytes, str]:
+            if ledger.has_verdict(key, fallback):  # one HEAD; the entry is read only then
+                first = ledger.read(key)
+                if first is None or first.run_id != run_id:  # not this run's own, retried
+                    replays.add(key)  # set.add under the GIL, before objects() reads it
             return deployment.inbox.get_with_etag(key, max_bytes=inputs.max_envelope_bytes)
 
     def objects() -> Generator[tuple[str, bytes]]:
