@@ -720,23 +720,21 @@ def reduce_round(deployment: Deployment, run_id: str) -> AggregateResult:
         data = deployment.state.get(keys.shard_partial(index))
         total.merge(aggregator_from_bytes(data, aggregation))
 
-    def accepted() -> Iterator[tuple[int, UpdateWeight]]:  # one shard's verdicts at a time
-        for index, verdicts in enumerate(shard_verdicts(deployment, run_id, plan)):
-            for verdict in verdicts:
-                if verdict.accepted:
-                    yield index, _update_weight(verdict, plan.base_version)
-
-    policy = final_weights(lambda: (u for _, u in accepted()), aggregation)
+    # Each shard's verdicts are read and parsed once; the weight policy's passes go over
+    # these small records (a few fields per accepted update, not the verdicts).
+    weights = [
+        [_update_weight(v, plan.base_version) for v in verdicts if v.accepted]
+        for verdicts in shard_verdicts(deployment, run_id, plan)
+    ]
+    policy = final_weights(lambda: itertools.chain.from_iterable(weights), aggregation)
     inputs: RoundInputs | None = None
     reweighted = 0
     with single_threaded_blas():
-        for index, verdicts in enumerate(shard_verdicts(deployment, run_id, plan)):
+        for index, updates in enumerate(weights):
             todo = []  # this shard's updates whose weight changes (bounded by the shard)
-            for verdict in verdicts:
-                if verdict.accepted:
-                    update = _update_weight(verdict, plan.base_version)
-                    if (units := policy.units(update)) != update.units:
-                        todo.append((update, units))
+            for update in updates:
+                if (units := policy.units(update)) != update.units:
+                    todo.append((update, units))
             if not todo:
                 continue
             inputs = inputs or round_inputs(deployment, base, plan.holdout_version)
