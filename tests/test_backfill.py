@@ -4,6 +4,7 @@ runs for given logical dates."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 from client.update import make_update
@@ -41,9 +42,14 @@ def test_intervals_in_order_by_receipt_time_then_a_replay_publishes_nothing(
     that ended before the uploads takes none of them, even the one whose UUIDv7 claims
     that interval; the next intervals take them in order; re-running one is a replay."""
     dep = airflow_deployment
+    slot = timedelta(minutes=15)
+    # The first uploads and the back-dated one must be received in one slot: not across
+    # a boundary the store's clock may pass while they are sent (a loaded machine).
+    to_boundary = slot - (datetime.now(UTC) - datetime.fromtimestamp(0, UTC)) % slot
+    if to_boundary < timedelta(seconds=60):
+        time.sleep(to_boundary.total_seconds() + 1)
     now = datetime.now(UTC)
     first = [upload_at(dep, i, now) for i in (0, 1)]
-    slot = timedelta(minutes=15)
     received = max(i.last_modified_ms for i in dep.inbox.list("updates/"))
     epoch = datetime.fromtimestamp(0, UTC)
     l1 = epoch + (datetime.fromtimestamp(received / 1000, UTC) - epoch) // slot * slot + slot
