@@ -1,0 +1,371 @@
+"""The device reads the logs it guards: incrementally, each line once, into time windows.
+
+``client.json`` names log sources (a path or glob and a format). Every run reads what
+was appended since the last one and keeps, per time window, how many times each
+*masked* message occurred (:func:`fedlib.models.logfeatures.mask`: no IP, number, id,
+path or user name survives masking). The features a model trains on are computed from
+these windows with the installed package's vocabulary at the time they are needed, so a
+new vocabulary re-counts every retained window and a device never mixes counts made
+with two vocabularies. Raw lines are never stored; nothing here leaves the device.
+
+Files are known by a fingerprint of their first line (as Filebeat and Fluent Bit do),
+not by name or inode: when ``syslog`` is rotated to ``syslog.1`` and later compressed to
+``syslog.2.gz``, the reader recognises the file it was reading and goes on from its
+offset (in the uncompressed bytes), so rotation, compression and renames neither skip
+nor repeat a line. A file shorter than the offset it was read to was truncated
+(``copytruncate``): it is read again from the start. Only complete lines are counted
+(the last line of a live file waits for its newline); a line over ``max_line_bytes``
+is skipped, counted in ``skipped_long``. Undecodable bytes become U+FFFD. A line that
+does not start an entry of the format (a stack trace's continuation, garbage) is
+counted in ``continuation`` and belongs to the entry before it.
+
+The cursors and the windows are one state file written atomically after each read, so
+a run killed mid-read counts nothing of what it read, and the next run reads it again.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, BinaryIO, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedlib.files import atomic_write
+from fedlib.models.logfeatures import (
+    Entry,
+    JournalExportParser,
+    RegexFormat,
+    mask,
+    parse_json_line,
+    parse_syslog,
+    window_start,
+)
+
+log = logging.getLogger(__name__)
+
+LOG_STATE_SCHEMA: Final = "dadm.device-log-state.v1"
+FINGERPRINT_BYTES = 1024
+#: A masked message longer than this is counted as unknown (no template is that long).
+MAX_MASKED_CHARS = 2048
+
+
+class LogSource(BaseModel):
+    """One log source of ``client.json``: files (a glob) in one format."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str  # a path or glob; relative to client.json's folder
+    format: Literal["syslog", "journald", "jsonl", "regex"] = "syslog"
+    regex: str | None = None  # format "regex": named groups "message" and (optional) "time"
+    time_format: str | None = None  # strptime format of the regex's "time" (else ISO 8601)
+
+    @model_validator(mode="after")
+    def _regex_given(self) -> LogSource:
+        if self.format == "regex":
+            if not self.regex:
+                raise ValueError('format "regex" needs "regex"')
+            RegexFormat(self.regex, self.time_format)  # compiles, has "message"
+        return self
+
+
+class LogSettings(BaseModel):
+    """How log sources become windows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_seconds: Annotated[int, Field(ge=10, le=86_400)] = 300
+    retention_days: Annotated[float, Field(gt=0, le=366)] = 7.0
+    max_line_bytes: Annotated[int, Field(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
+    #: Distinct masked messages kept per window; further ones count as unknown.
+    max_messages_per_window: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
+
+
+class FileCursor(BaseModel):
+    """Where reading stopped in one file (by fingerprint of its first line)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str  # where it was last seen (information only)
+    offset: int  # bytes of the uncompressed content consumed (complete lines only)
+    last_time: float | None = None  # time of the last entry (for entries without one)
+    size: int = 0  # compressed files: the size at which it was read to its end
+    done: bool = False  # a compressed file read to its end: never grows again
+
+
+class Window(BaseModel):
+    """One time window: each masked message's count, lines over the cap, all lines."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: float
+    lines: int = 0
+    overflow: int = 0  # lines whose masked message was not kept (cap): unknown
+    messages: dict[str, int] = Field(default_factory=dict)
+
+
+class LogStats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    entries: int = 0
+    continuation: int = 0
+    skipped_long: int = 0
+    skipped_no_time: int = 0
+    skipped_invalid: int = 0
+    truncated_files: int = 0
+
+
+class LogState(BaseModel):
+    """The device's log state: one document, written atomically."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: Literal["dadm.device-log-state.v1"] = Field(default=LOG_STATE_SCHEMA, alias="schema")
+    window_seconds: int
+    cursors: dict[str, FileCursor] = Field(default_factory=dict)
+    windows: dict[str, Window] = Field(default_factory=dict)  # key: str(int(start))
+    stats: LogStats = Field(default_factory=LogStats)
+
+    @classmethod
+    def load(cls, path: Path, window_seconds: int) -> LogState:
+        if not path.exists():
+            return cls(window_seconds=window_seconds)
+        state = cls.model_validate_json(path.read_bytes())
+        if state.window_seconds != window_seconds:  # windows of another length: recount
+            log.warning("window length changed: log windows are counted again")
+            return cls(window_seconds=window_seconds)
+        return state
+
+    def save(self, path: Path) -> None:
+        atomic_write(path, self.model_dump_json(by_alias=True).encode())
+
+    def ordered_windows(self) -> list[Window]:
+        return sorted(self.windows.values(), key=lambda w: w.start)
+
+
+def state_path(state_dir: Path) -> Path:
+    return Path(state_dir) / "logs" / "windows.json"
+
+
+def source_files(source: LogSource, base: Path) -> list[Path]:
+    """The files a source names now, in name order (directories and unreadable left out)."""
+    pattern = source.path if os.path.isabs(source.path) else str(base / source.path)
+    return sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
+
+
+def fingerprint(path: Path) -> str | None:
+    """SHA-256 of the first line (at most :data:`FINGERPRINT_BYTES` bytes, uncompressed);
+    None while the file holds no complete line of that length yet."""
+    try:
+        with _open(path) as fh:
+            head = fh.readline(FINGERPRINT_BYTES)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        log.warning("%s: cannot read (%s)", path, exc)
+        return None
+    if not head.endswith(b"\n") and len(head) < FINGERPRINT_BYTES:
+        return None
+    return hashlib.sha256(head).hexdigest()
+
+
+def _open(path: Path) -> BinaryIO:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return path.open("rb")
+
+
+class LogReader:
+    """Reads the configured sources into :class:`LogState` (see the module docstring)."""
+
+    def __init__(
+        self, sources: list[LogSource], settings: LogSettings, *, base: Path, state: LogState
+    ) -> None:
+        self.sources = sources
+        self.settings = settings
+        self.base = base
+        self.state = state
+
+    def read(self, *, now: float | None = None) -> int:
+        """Read every source's new lines; the number of entries counted."""
+        counted = 0
+        for source in self.sources:
+            for path in source_files(source, self.base):
+                counted += self._read_file(source, path)
+        self._expire(time.time() if now is None else now)
+        return counted
+
+    def _read_file(self, source: LogSource, path: Path) -> int:
+        key = fingerprint(path)
+        if key is None:
+            return 0
+        compressed = path.suffix == ".gz"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return 0
+        cursor = self.state.cursors.get(key)
+        if cursor is not None and cursor.done and cursor.size == size:
+            return 0
+        if cursor is None:
+            cursor = FileCursor(path=str(path), offset=0)
+        elif not compressed and size < cursor.offset:  # copytruncate: read it again
+            self.state.stats.truncated_files += 1
+            cursor = FileCursor(path=str(path), offset=0)
+        elif not compressed and size == cursor.offset:
+            cursor.path = str(path)
+            return 0
+        mtime = path.stat().st_mtime
+        counted = 0
+        try:
+            with _open(path) as fh:
+                if compressed:
+                    _skip(fh, cursor.offset)
+                else:
+                    fh.seek(cursor.offset)
+                entries = (
+                    self._journal(fh, cursor, final=compressed)
+                    if source.format == "journald"
+                    else self._lines(fh, cursor, source, mtime, final=compressed)
+                )
+                for entry in entries:
+                    counted += self._count(entry, cursor)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            log.warning("%s: read stopped (%s); what was read before counts", path, exc)
+        cursor.path = str(path)
+        if compressed:
+            cursor.done, cursor.size = True, size
+        self.state.cursors[key] = cursor
+        return counted
+
+    def _lines(
+        self, fh: BinaryIO, cursor: FileCursor, source: LogSource, mtime: float, *, final: bool
+    ) -> Iterator[Entry]:
+        year = datetime.fromtimestamp(mtime, UTC).year
+        limit = self.settings.max_line_bytes
+        stats = self.state.stats
+        pattern = (
+            RegexFormat(source.regex, source.time_format)
+            if source.format == "regex" and source.regex
+            else None
+        )
+        while True:
+            raw = fh.readline(limit + 1)
+            if not raw:
+                return
+            if len(raw) > limit:  # too long: drop it through its newline
+                consumed = len(raw)
+                while not raw.endswith(b"\n"):
+                    raw = fh.readline(limit + 1)
+                    if not raw:
+                        if not final:
+                            return  # its end is not written yet: read it next run
+                        break
+                    consumed += len(raw)
+                cursor.offset += consumed
+                stats.skipped_long += 1
+                continue
+            if not raw.endswith(b"\n") and not final:
+                return  # a line still being written
+            cursor.offset += len(raw)
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if not line.strip():
+                continue
+            if source.format == "syslog":
+                entry = parse_syslog(line, year=year)
+                if entry is not None and entry.time is not None:
+                    entry = _year_rollover(entry, mtime)
+            elif source.format == "jsonl":
+                entry = parse_json_line(line)
+                if entry is None:
+                    stats.skipped_invalid += 1
+                    continue
+            elif pattern is not None:
+                entry = pattern.parse(line)
+            else:
+                return
+            if entry is None:
+                stats.continuation += 1
+                continue
+            yield entry
+
+    def _journal(self, fh: BinaryIO, cursor: FileCursor, *, final: bool) -> Iterator[Entry]:
+        parser = JournalExportParser(max_field=self.settings.max_line_bytes)
+        start = cursor.offset
+        while chunk := fh.read(1 << 20):
+            for entry in parser.feed(chunk):
+                cursor.offset = start + parser.record_end
+                if entry is None:
+                    self.state.stats.skipped_invalid += 1
+                else:
+                    yield entry
+        if final:
+            for entry in parser.feed(b"\n\n"):
+                if entry is not None:
+                    yield entry
+        self.state.stats.skipped_long += parser.skipped_fields
+
+    def _count(self, entry: Entry, cursor: FileCursor) -> int:
+        stats = self.state.stats
+        when = entry.time if entry.time is not None else cursor.last_time
+        if when is None:
+            stats.skipped_no_time += 1
+            return 0
+        cursor.last_time = when
+        start = window_start(when, self.state.window_seconds)
+        window_key = str(int(start))
+        window = self.state.windows.get(window_key)
+        if window is None:
+            window = self.state.windows[window_key] = Window(start=start)
+        window.lines += 1
+        stats.entries += 1
+        masked = mask(entry.message)[:MAX_MASKED_CHARS]
+        if masked in window.messages:
+            window.messages[masked] += 1
+        elif len(window.messages) < self.settings.max_messages_per_window:
+            window.messages[masked] = 1
+        else:
+            window.overflow += 1
+        return 1
+
+    def _expire(self, now: float) -> None:
+        cutoff = now - self.settings.retention_days * 86_400
+        for key in [k for k, w in self.state.windows.items() if w.start < cutoff]:
+            del self.state.windows[key]
+
+
+def _skip(fh: BinaryIO, count: int) -> None:
+    while count > 0:
+        chunk = fh.read(min(count, 1 << 20))
+        if not chunk:
+            return
+        count -= len(chunk)
+
+
+def _year_rollover(entry: Entry, mtime: float) -> Entry:
+    """An RFC 3164 stamp has no year: the year the file was last written, unless that
+    puts the entry after the file's last write (December's lines in a file last written
+    in January): then the year before."""
+    if entry.time is not None and entry.time > mtime + 86_400:
+        stamp = datetime.fromtimestamp(entry.time, UTC)
+        try:
+            return Entry(stamp.replace(year=stamp.year - 1).timestamp(), entry.message)
+        except ValueError:  # 29 February
+            return entry
+    return entry
+
+
+def ingest(
+    sources: list[LogSource], settings: LogSettings, *, base: Path, state_dir: Path
+) -> LogState:
+    """Read the sources' new lines into the device's log state (saved atomically)."""
+    path = state_path(state_dir)
+    state = LogState.load(path, settings.window_seconds)
+    LogReader(sources, settings, base=base, state=state).read()
+    state.save(path)
+    return state

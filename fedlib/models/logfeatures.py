@@ -1,0 +1,445 @@
+"""From log entries to the model's features: masking, template matching, window counts.
+
+The operator's miner (``fl-admin templates learn``) and every device use these same
+functions, so a line maps to the same feature everywhere:
+
+1. a *format* splits an entry into its time and its message (:func:`parse_syslog`,
+   :func:`parse_json_line`, :class:`RegexFormat`; journald's export format is parsed
+   by :class:`JournalExportParser`, entries not lines);
+2. :func:`mask` replaces the variable parts of the message (UUIDs, MAC and IP
+   addresses, paths, user names, hex ids, numbers) with typed tokens, in the order of
+   :data:`MASKS`;
+3. :class:`TemplateMatcher` finds the template of the masked message in the
+   vocabulary (:mod:`fedlib.wire.vocabulary`), or none (``unknown``);
+4. :class:`WindowCounts` counts per time window; :meth:`WindowCounts.features` is a
+   row in the order of :meth:`TemplateVocabulary.feature_names`.
+
+Nothing here reads files or keeps state across runs: that is the device's
+(:mod:`client.logs`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+import numpy as np
+
+from fedlib.wire.vocabulary import WILDCARD, WINDOW_STATS, TemplateVocabulary
+
+_H = "[0-9a-fA-F]"
+#: The masking rules, applied in this order to each whitespace-separated token (no rule
+#: matches across a space): (name, regex, replacement).
+MASKS: Final[tuple[tuple[str, str, str], ...]] = (
+    ("uuid", rf"\b{_H}{{8}}-{_H}{{4}}-{_H}{{4}}-{_H}{{4}}-{_H}{{12}}\b", "<UUID>"),
+    ("mac", rf"\b(?:{_H}{{2}}[:-]){{5}}{_H}{{2}}\b", "<MAC>"),
+    (
+        "ipv6",
+        rf"(?<![\w:])(?:(?:{_H}{{1,4}}:){{7}}{_H}{{1,4}}"
+        rf"|(?:{_H}{{1,4}}:)*{_H}{{0,4}}::(?:{_H}{{1,4}}:)*{_H}{{0,4}})(?![\w:])",
+        "<IP>",
+    ),
+    ("ipv4", r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?(?![\d.])", "<IP>"),
+    ("path", r"(?<![\w./<>])(?:/[\w.\-@%+~]+)+/?", "<PATH>"),
+    ("hex", rf"\b0x{_H}+\b|\b(?={_H}*\d)(?={_H}*[a-fA-F]){_H}{{8,}}\b", "<HEX>"),
+    # a number, with a short unit stuck to it (12.5ms, 10GB); not inside a word (ssh2)
+    ("num", r"(?<![\w<.])[-+]?\d+(?:\.\d+)*(?:[a-zA-Z%]{1,3}\b)?(?![\w>])", "<NUM>"),
+    # then, by position among the tokens (:func:`_mask_users`): the name after
+    # "user"/"User", in "for NAME from", after sudo's tag, and in ruser=/logname=/user=/
+    # USER=/acct= values
+    ("user", r"[\w.\-@$]+", "<USER>"),
+)
+MASK_NAMES: Final = [name for name, *_ in MASKS]
+_TOKEN_RULES: Final = [(re.compile(rx), token) for name, rx, token in MASKS if name != "user"]
+_USER: Final = re.compile(MASKS[-1][1])
+_USER_KEYS: Final = ("ruser=", "logname=", "user=", "USER=", "acct=")
+_FOR_NOT_A_NAME: Final = frozenset({"user", "invalid", "User"})
+_MEMO_LIMIT: Final = 262_144
+_token_memo: dict[str, str] = {}
+
+
+def _mask_token(token: str) -> str:
+    for regex, replacement in _TOKEN_RULES:
+        token = regex.sub(replacement, token)
+    return token
+
+
+def mask(message: str) -> str:
+    """``message`` with its variable parts replaced by typed tokens (:data:`MASKS`),
+    whitespace collapsed to single spaces. Tokens repeat across lines, so each token's
+    context-free masking is memoised (bounded)."""
+    tokens = message.split()
+    memo = _token_memo
+    out = []
+    for token in tokens:
+        masked = memo.get(token)
+        if masked is None:
+            if len(memo) >= _MEMO_LIMIT:
+                memo.clear()
+            masked = memo[token] = _mask_token(token)
+        out.append(masked)
+    _mask_users(tokens, out)
+    return " ".join(out)
+
+
+def _mask_users(tokens: list[str], out: list[str]) -> None:
+    last = len(tokens) - 1
+    for i, token in enumerate(tokens):
+        if i and tokens[i - 1] in ("user", "User"):
+            out[i] = _USER.sub("<USER>", out[i], count=1)
+        elif i and i < last and tokens[i - 1] == "for" and tokens[i + 1] == "from":
+            if token not in _FOR_NOT_A_NAME:
+                out[i] = _USER.sub("<USER>", out[i], count=1)
+        elif i == 1 and last >= 2 and tokens[0] == "sudo:" and tokens[2] == ":":
+            out[i] = "<USER>"
+        elif "=" in token:
+            for key in _USER_KEYS:
+                if token.startswith(key) and len(token) > len(key):
+                    out[i] = key + _USER.sub("<USER>", token[len(key) :], count=1)
+                    break
+
+
+# ---------------------------------------------------------------------------- matching
+
+
+@dataclass
+class _Node:
+    literal: dict[str, _Node] = field(default_factory=dict)
+    wildcard: _Node | None = None
+    template: int | None = None
+
+
+class TemplateMatcher:
+    """A masked message's template id, or None. Literal tokens are tried before ``<*>``
+    at each position (depth first), so of two templates that both match, the one with a
+    literal where the other has ``<*>`` earliest wins: the same answer on every device.
+    A bounded memo of recent messages makes repeated messages one dict lookup."""
+
+    def __init__(self, vocabulary: TemplateVocabulary, *, memo_size: int = 65_536) -> None:
+        if vocabulary.masks != MASK_NAMES:
+            raise ValueError(
+                f"vocabulary {vocabulary.version} was mined with masks {vocabulary.masks}; "
+                f"this software masks {MASK_NAMES}"
+            )
+        self.vocabulary = vocabulary
+        self._roots: dict[int, _Node] = {}
+        for template in vocabulary.templates:
+            node = self._roots.setdefault(len(template.tokens), _Node())
+            for token in template.tokens:
+                if token == WILDCARD:
+                    node.wildcard = node.wildcard or _Node()
+                    node = node.wildcard
+                else:
+                    node = node.literal.setdefault(token, _Node())
+            if node.template is None:
+                node.template = template.id
+        self._memo: dict[str, int | None] = {}
+        self._memo_size = memo_size
+
+    def match(self, masked: str) -> int | None:
+        try:
+            return self._memo[masked]
+        except KeyError:
+            pass
+        tokens = masked.split()
+        root = self._roots.get(len(tokens))
+        found = None if root is None else _search(root, tokens, 0)
+        if len(self._memo) >= self._memo_size:
+            self._memo.clear()
+        self._memo[masked] = found
+        return found
+
+
+def _search(node: _Node, tokens: list[str], at: int) -> int | None:
+    if at == len(tokens):
+        return node.template
+    child = node.literal.get(tokens[at])
+    if child is not None:
+        found = _search(child, tokens, at + 1)
+        if found is not None:
+            return found
+    if node.wildcard is not None:
+        return _search(node.wildcard, tokens, at + 1)
+    return None
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One log entry: when (epoch seconds, None if the entry carried no time we could
+    read) and what (the message the templates are matched against)."""
+
+    time: float | None
+    message: str
+
+
+_MONTHS: Final = {
+    m: i + 1
+    for i, m in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+    )
+}
+#: RFC 3164 (``Dec  6 20:48:19 host app[pid]: msg``) and RFC 5424 / ISO 8601 stamps
+#: (``2026-12-06T20:48:19.123+00:00 host app[pid]: msg``); the app tag is kept in the
+#: message (``app: msg``), its pid is not.
+_SYSLOG: Final = re.compile(
+    r"(?:<\d{1,3}>\d? ?)?"
+    r"(?:(?P<bsd>(?P<mon>[A-Z][a-z]{2}) +(?P<day>\d{1,2}) (?P<hms>\d\d:\d\d:\d\d))"
+    r"|(?P<iso>\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?))"
+    r" (?P<host>\S+) (?P<app>[^\s:\[]{1,64})(?:\[\d+\])?:? ?(?P<msg>.*)",
+    re.DOTALL,
+)
+
+
+def parse_iso_time(text: str) -> float | None:
+    """An ISO 8601 time as epoch seconds (no zone: UTC); None if it is not one."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def parse_syslog(line: str, *, year: int) -> Entry | None:
+    """A syslog line; None when it does not start with a syslog header (a continuation
+    of the previous entry). RFC 3164 stamps carry no year or zone: ``year``, UTC."""
+    match = _SYSLOG.match(line)
+    if match is None:
+        return None
+    if match.group("bsd"):
+        mon = _MONTHS.get(match.group("mon"))
+        if mon is None:
+            return None
+        hh, mm, ss = (int(x) for x in match.group("hms").split(":"))
+        try:
+            when: float | None = datetime(
+                year, mon, int(match.group("day")), hh, mm, ss, tzinfo=UTC
+            ).timestamp()
+        except ValueError:
+            return None
+    else:
+        when = parse_iso_time(match.group("iso"))
+    return Entry(when, f"{match.group('app')}: {match.group('msg')}")
+
+
+JSON_TIME_KEYS: Final = ("time", "timestamp", "ts", "@timestamp", "date")
+JSON_MESSAGE_KEYS: Final = ("message", "msg", "MESSAGE", "log")
+
+
+def parse_json_line(line: str) -> Entry | None:
+    """A JSON-lines entry: the time from the first of :data:`JSON_TIME_KEYS` (ISO 8601
+    or epoch seconds/milliseconds), the message from :data:`JSON_MESSAGE_KEYS`, prefixed
+    with ``level`` and ``logger``/``app`` when present. None if not a JSON object."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    when = None
+    for key in JSON_TIME_KEYS:
+        if key in doc:
+            when = _json_time(doc[key])
+            break
+    message = next((doc[k] for k in JSON_MESSAGE_KEYS if isinstance(doc.get(k), str)), None)
+    if message is None:
+        return None
+    prefix = [str(doc[k]) for k in ("level", "logger", "app") if isinstance(doc.get(k), str)]
+    return Entry(when, " ".join([*prefix, message]))
+
+
+def _json_time(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float) and math.isfinite(value):
+        return value / 1000.0 if value > 1e11 else float(value)  # ms or s since the epoch
+    if isinstance(value, str):
+        return parse_iso_time(value)
+    return None
+
+
+class RegexFormat:
+    """A format given as a regex with named groups ``message`` and (optionally) ``time``
+    (ISO 8601, or ``time_format`` for :meth:`datetime.strptime`, UTC unless it has a zone)."""
+
+    def __init__(self, pattern: str, time_format: str | None = None) -> None:
+        self.regex = re.compile(pattern)
+        if "message" not in self.regex.groupindex:
+            raise ValueError("a log format regex needs a named group 'message'")
+        self.time_format = time_format
+
+    def parse(self, line: str) -> Entry | None:
+        match = self.regex.match(line)
+        if match is None:
+            return None
+        when = None
+        if "time" in self.regex.groupindex and match.group("time"):
+            text = match.group("time")
+            if self.time_format:
+                try:
+                    stamp = datetime.strptime(text, self.time_format)
+                except ValueError:
+                    stamp = None
+                if stamp is not None:
+                    when = (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+            else:
+                when = parse_iso_time(text)
+        return Entry(when, match.group("message"))
+
+
+class JournalExportParser:
+    """``journalctl -o export``: entries of ``FIELD=value`` lines ended by an empty line;
+    a field whose value is not plain text is ``FIELD\\n``, a little-endian u64 length,
+    the bytes and ``\\n``. Fed bytes in any chunks; yields an entry per complete record
+    (``MESSAGE`` with ``SYSLOG_IDENTIFIER`` as its app, ``__REALTIME_TIMESTAMP`` in µs).
+    A field over ``max_field`` bytes is dropped (counted in :attr:`skipped_fields`).
+    :attr:`record_end` is how many bytes fed so far end at a record's end: where a
+    reader that stops now goes on from."""
+
+    def __init__(self, *, max_field: int = 65_536) -> None:
+        self.max_field = max_field
+        self.buffer = b""
+        self.fields: dict[str, bytes] = {}
+        self.skipped_fields = 0
+        self.record_end = 0
+        self._consumed = 0  # bytes fed and no longer in the buffer
+        self._skip = 0  # bytes of an oversized binary field still to drop
+
+    def _drop(self, count: int) -> None:
+        self.buffer = self.buffer[count:]
+        self._consumed += count
+
+    def feed(self, data: bytes) -> Iterator[Entry | None]:
+        """Entries completed by ``data`` (None for a record with no MESSAGE)."""
+        self.buffer += data
+        while True:
+            if self._skip:
+                dropped = min(self._skip, len(self.buffer))
+                self._drop(dropped)
+                self._skip -= dropped
+                if self._skip:
+                    return
+            newline = self.buffer.find(b"\n")
+            if newline < 0:
+                if len(self.buffer) > self.max_field + 64:  # a line too long to keep
+                    self._drop(len(self.buffer))
+                    self.skipped_fields += 1
+                return
+            line = self.buffer[:newline]
+            if not line:  # end of record
+                self._drop(1)
+                self.record_end = self._consumed
+                if self.fields:
+                    yield self._entry()
+                self.fields = {}
+                continue
+            name, eq, value = line.partition(b"=")
+            if eq:
+                self._drop(newline + 1)
+                self._keep(name, value)
+                continue
+            # binary field: name \n u64le length, data, \n
+            if len(self.buffer) < newline + 9:
+                return
+            size = int.from_bytes(self.buffer[newline + 1 : newline + 9], "little")
+            end = newline + 9 + size + 1
+            if size > self.max_field:
+                self.skipped_fields += 1
+                self._drop(newline + 9)
+                self._skip = size + 1
+                continue
+            if len(self.buffer) < end:
+                return
+            self._keep(name, self.buffer[newline + 9 : end - 1])
+            self._drop(end)
+
+    def _keep(self, name: bytes, value: bytes) -> None:
+        if len(value) > self.max_field:
+            self.skipped_fields += 1
+            return
+        if name in (b"MESSAGE", b"__REALTIME_TIMESTAMP", b"SYSLOG_IDENTIFIER", b"_COMM"):
+            self.fields[name.decode("ascii")] = value
+
+    def _entry(self) -> Entry | None:
+        message = self.fields.get("MESSAGE")
+        if message is None:
+            return None
+        when = None
+        stamp = self.fields.get("__REALTIME_TIMESTAMP", b"")
+        if stamp.isdigit():
+            when = int(stamp) / 1e6
+        app = self.fields.get("SYSLOG_IDENTIFIER") or self.fields.get("_COMM") or b""
+        text = message.decode("utf-8", "replace")
+        return Entry(when, f"{app.decode('utf-8', 'replace')}: {text}" if app else text)
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+@dataclass
+class WindowCounts:
+    """One time window's counts: per template id, unknown lines, all lines."""
+
+    start: float
+    seconds: float
+    templates: dict[int, int] = field(default_factory=dict)
+    unknown: int = 0
+    lines: int = 0
+
+    def add(self, template: int | None) -> None:
+        self.lines += 1
+        if template is None:
+            self.unknown += 1
+        else:
+            self.templates[template] = self.templates.get(template, 0) + 1
+
+    def features(self, vocabulary: TemplateVocabulary) -> np.ndarray:
+        """The row :meth:`TemplateVocabulary.feature_names` names."""
+        ids = sorted(t.id for t in vocabulary.templates)
+        counts = [float(self.templates.get(i, 0)) for i in ids]
+        stats = {
+            "line_rate": self.lines / self.seconds,
+            "distinct_templates": float(len(self.templates)),
+            "unknown_share": self.unknown / self.lines if self.lines else 0.0,
+        }
+        return np.asarray([*counts, float(self.unknown), *(stats[s] for s in WINDOW_STATS)])
+
+
+def window_start(when: float, seconds: float) -> float:
+    return math.floor(when / seconds) * seconds
+
+
+def count_entries(
+    entries: Iterator[Entry],
+    matcher: TemplateMatcher,
+    *,
+    window_seconds: float,
+    on_match: Callable[[Entry, str, int | None], None] | None = None,
+) -> dict[float, WindowCounts]:
+    """Windows of ``entries`` (an entry without a time takes the previous entry's)."""
+    windows: dict[float, WindowCounts] = {}
+    last: float | None = None
+    for entry in entries:
+        when = entry.time if entry.time is not None else last
+        if when is None:
+            continue
+        last = when
+        masked = mask(entry.message)
+        template = matcher.match(masked)
+        start = window_start(when, window_seconds)
+        window = windows.get(start)
+        if window is None:
+            window = windows[start] = WindowCounts(start, window_seconds)
+        window.add(template)
+        if on_match is not None:
+            on_match(entry, masked, template)
+    return windows

@@ -1,0 +1,283 @@
+"""The device's log reader on files in real formats: every entry counted exactly once
+across appends, rotation, compression, truncation, torn last lines and kills; garbage,
+invalid UTF-8 and absurdly long lines skipped with a count, never a crash."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import struct
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from client.logs import LogSettings, LogSource, LogState, fingerprint, ingest, state_path
+from fedlib.models.logfeatures import (
+    JournalExportParser,
+    TemplateMatcher,
+    mask,
+    parse_json_line,
+    parse_syslog,
+)
+from fedlib.ops.templates import learn
+
+T0 = datetime(2026, 3, 14, 9, 0, 0, tzinfo=UTC).timestamp()
+SETTINGS = LogSettings(window_seconds=300, retention_days=366)
+
+
+def syslog_line(i: int, *, rng: random.Random) -> str:
+    """An RFC 3164 line ``i`` seconds after T0, of one of a few sshd/cron/kernel kinds."""
+    stamp = datetime.fromtimestamp(T0 + i, UTC).strftime("%b %e %H:%M:%S")
+    kind = i % 4
+    if kind == 0:
+        ip = f"10.0.{rng.randrange(256)}.{rng.randrange(256)}"
+        msg = f"sshd[{rng.randrange(99999)}]: Accepted password for u{i % 7} from {ip} port 22 ssh2"
+    elif kind == 1:
+        msg = "CRON[77]: pam_unix(cron:session): session opened for user root(uid=0) by (uid=0)"
+    elif kind == 2:
+        msg = f"kernel: [{rng.random() * 1e4:.6f}] eth0: link up, {rng.choice([100, 1000])}Mbps"
+    else:
+        msg = f"systemd[1]: Started Session {i} of User u{i % 5}."
+    return f"{stamp} host {msg}\n"
+
+
+def write(path: Path, lines: list[str], *, mode: str = "a") -> None:
+    with path.open(mode + "b") as fh:
+        fh.write("".join(lines).encode())
+    os.utime(path, (T0 + 10 * 86_400, T0 + 10 * 86_400))  # written in the same year
+
+
+def counted(state: LogState) -> int:
+    return sum(w.lines for w in state.windows.values())
+
+
+def run(tmp_path: Path, source: LogSource, settings: LogSettings = SETTINGS) -> LogState:
+    return ingest([source], settings, base=tmp_path, state_dir=tmp_path / "state")
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(19)
+
+
+def test_appends_rotation_compression_and_truncation_count_each_line_once(tmp_path, rng):
+    logs = tmp_path / "log"
+    logs.mkdir()
+    live = logs / "syslog"
+    source = LogSource(path="log/syslog*", format="syslog")
+    lines = [syslog_line(i, rng=rng) for i in range(2000)]
+
+    write(live, lines[:500])
+    assert counted(run(tmp_path, source)) == 500
+    write(live, lines[500:800])  # appended
+    assert counted(run(tmp_path, source)) == 800
+    assert counted(run(tmp_path, source)) == 800  # nothing new: nothing counted
+
+    # logrotate: syslog -> syslog.1, a new syslog; lines land in both before the next run
+    write(live, lines[800:900])
+    live.rename(logs / "syslog.1")
+    write(live, lines[900:1000], mode="w")
+    assert counted(run(tmp_path, source)) == 1000
+
+    # the next rotation compresses syslog.1 into syslog.2.gz (a new file: same content)
+    with gzip.open(logs / "syslog.2.gz", "wb") as gz:
+        gz.write((logs / "syslog.1").read_bytes())
+    (logs / "syslog.1").unlink()
+    write(live, lines[1000:1100])
+    live.rename(logs / "syslog.1")
+    write(live, lines[1100:1200], mode="w")
+    assert counted(run(tmp_path, source)) == 1200
+
+    # copytruncate: the live file copied away, then cut to zero and written again
+    (logs / "syslog.3").write_bytes(live.read_bytes())
+    write(live, lines[1200:1300], mode="w")
+    state = run(tmp_path, source)
+    assert counted(state) == 1300
+    assert state.stats.entries == 1300 and state.stats.continuation == 0
+
+    # windows hold what was written in them, by the lines' own times
+    expected: dict[int, int] = {}
+    for i in range(1300):
+        start = int((T0 + i) // 300 * 300)
+        expected[start] = expected.get(start, 0) + 1
+    assert {int(w.start): w.lines for w in state.windows.values()} == expected
+
+
+def test_a_line_still_being_written_waits_for_its_newline(tmp_path, rng):
+    live = tmp_path / "app.log"
+    source = LogSource(path="app.log", format="syslog")
+    whole = syslog_line(1, rng=rng)
+    write(live, [syslog_line(0, rng=rng), whole[:20]])
+    assert counted(run(tmp_path, source)) == 1
+    write(live, [whole[20:]])
+    state = run(tmp_path, source)
+    assert counted(state) == 2
+    (msg,) = [m for w in state.windows.values() for m in w.messages if m.startswith("CRON")]
+    assert (
+        msg
+        == "CRON: pam_unix(cron:session): session opened for user <USER>(uid=<NUM>) by (uid=<NUM>)"
+    )
+
+
+def test_garbage_multiline_invalid_utf8_and_absurd_lines_are_counted_or_skipped(tmp_path, rng):
+    live = tmp_path / "syslog"
+    source = LogSource(path="syslog", format="syslog")
+    settings = LogSettings(window_seconds=300, retention_days=366, max_line_bytes=4096)
+    body = [syslog_line(0, rng=rng)]
+    body += ["java.lang.IllegalStateException: boom\n", "\tat a.b.C.run(C.java:42)\n"]
+    body += [syslog_line(1, rng=rng)]
+    write(live, body)
+    with live.open("ab") as fh:
+        stamp = datetime.fromtimestamp(T0 + 2, UTC).strftime("%b %e %H:%M:%S")
+        fh.write(f"{stamp} host app: caf\xe9 ".encode("latin-1") + b"\xff\xfe bytes\n")
+        fh.write(b"x" * (10 * 1024 * 1024) + b"\n")  # 10 MiB in one line
+        fh.write(b"\x00\x01\x02 binary noise without a header\n")
+    write(live, [syslog_line(3, rng=rng)])
+    state = run(tmp_path, source, settings)
+    assert counted(state) == 4  # four entries
+    assert state.stats.continuation == 3  # two stack-trace lines, one of noise
+    assert state.stats.skipped_long == 1
+    messages = [m for w in state.windows.values() for m in w.messages]
+    assert any("\ufffd" in m for m in messages)  # undecodable bytes kept as U+FFFD
+    assert counted(run(tmp_path, source, settings)) == 4  # and nothing twice
+
+
+def test_a_run_killed_mid_read_counts_nothing_of_it(tmp_path, rng):
+    """The cursors and windows are one atomically replaced file: a reader that dies
+    before saving leaves the previous state, and the next run reads those lines again."""
+    live = tmp_path / "syslog"
+    source = LogSource(path="syslog", format="syslog")
+    write(live, [syslog_line(i, rng=rng) for i in range(100)])
+    assert counted(run(tmp_path, source)) == 100
+    before = state_path(tmp_path / "state").read_bytes()
+    write(live, [syslog_line(i, rng=rng) for i in range(100, 150)])
+    pid = os.fork()
+    if pid == 0:  # the child reads, then is killed before it saves
+        from client.logs import LogReader
+
+        state = LogState.load(state_path(tmp_path / "state"), 300)
+        LogReader([source], SETTINGS, base=tmp_path, state=state).read()
+        os.kill(os.getpid(), 9)
+    os.waitpid(pid, 0)
+    assert state_path(tmp_path / "state").read_bytes() == before
+    assert counted(run(tmp_path, source)) == 150
+
+
+def journal_record(when_us: int, message: bytes, *, binary: bool = False) -> bytes:
+    fields = [f"__REALTIME_TIMESTAMP={when_us}".encode(), b"SYSLOG_IDENTIFIER=sshd", b"_PID=9"]
+    if binary:  # journald's export of a value that is not plain text
+        fields.append(b"MESSAGE\n" + struct.pack("<Q", len(message)) + message)
+    else:
+        fields.append(b"MESSAGE=" + message)
+    return b"\n".join(fields) + b"\n\n"
+
+
+def test_journald_export_with_binary_multiline_fields(tmp_path):
+    path = tmp_path / "journal.export"
+    records = [
+        journal_record(
+            int((T0 + i) * 1e6), f"Accepted password for u{i} from 10.0.0.{i} port 22".encode()
+        )
+        for i in range(50)
+    ]
+    records.append(journal_record(int((T0 + 60) * 1e6), b"line one\nline two \xff", binary=True))
+    data = b"".join(records)
+    path.write_bytes(data[: len(data) // 2])  # half a stream: whole records only count
+    source = LogSource(path="journal.export", format="journald")
+    first = counted(run(tmp_path, source))
+    assert 0 < first < 51
+    path.write_bytes(data)
+    state = run(tmp_path, source)
+    assert counted(state) == 51
+    messages = {m for w in state.windows.values() for m in w.messages}
+    assert "sshd: Accepted password for <USER> from <IP> port <NUM>" in messages
+    assert any(m.startswith("sshd: line one line two") for m in messages)
+
+    parser = JournalExportParser()  # fed a byte at a time: the same entries
+    one_by_one = [e for b in range(len(data)) for e in parser.feed(data[b : b + 1])]
+    assert len(one_by_one) == 51 and parser.record_end == len(data)
+
+
+def test_json_lines_and_a_regex_format(tmp_path):
+    lines = [
+        json.dumps(
+            {
+                "ts": f"2026-03-14T09:00:0{i % 10}Z",
+                "level": "info",
+                "msg": f"GET /items/{i} 200",
+            }
+        )
+        for i in range(30)
+    ]
+    lines += ["not json at all", json.dumps([1, 2]), json.dumps({"ts": T0, "no": "message"})]
+    (tmp_path / "app.jsonl").write_text("\n".join(lines) + "\n")
+    state = run(tmp_path, LogSource(path="app.jsonl", format="jsonl"))
+    assert counted(state) == 30 and state.stats.skipped_invalid == 3
+    assert {m for w in state.windows.values() for m in w.messages} == {"info GET <PATH> <NUM>"}
+
+    (tmp_path / "nginx.log").write_text(
+        "".join(
+            f"14/Mar/2026:09:00:{i:02d} +0000 | upstream timed out after {i}ms\n" for i in range(20)
+        )
+    )
+    regex = LogSource(
+        path="nginx.log",
+        format="regex",
+        regex=r"(?P<time>\S+ \S+) \| (?P<message>.*)",
+        time_format="%d/%b/%Y:%H:%M:%S %z",
+    )
+    state = ingest([regex], SETTINGS, base=tmp_path, state_dir=tmp_path / "state-regex")
+    assert counted(state) == 20
+    assert min(w.start for w in state.windows.values()) == T0 // 300 * 300
+
+
+def test_retention_drops_old_windows(tmp_path, rng):
+    live = tmp_path / "syslog"
+    write(live, [syslog_line(i * 600, rng=rng) for i in range(10)])  # ten windows, 10 min apart
+    settings = LogSettings(window_seconds=300, retention_days=1)
+    state = ingest([LogSource(path="syslog")], settings, base=tmp_path, state_dir=tmp_path / "s")
+    assert state.windows == {}  # all older than a day (they are from T0, in March)
+
+
+def test_fingerprint_waits_for_a_whole_first_line(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"no newline yet")
+    assert fingerprint(path) is None
+    path.write_bytes(b"first line\nsecond")
+    assert fingerprint(path) is not None
+
+
+def test_syslog_and_json_parsers():
+    entry = parse_syslog("Mar 14 09:00:05 host sshd[42]: hello world", year=2026)
+    assert entry is not None and entry.time == T0 + 5 and entry.message == "sshd: hello world"
+    iso = parse_syslog("2026-03-14T10:00:05.5+01:00 host app: hi", year=1999)
+    assert iso is not None and iso.time == T0 + 5.5
+    assert parse_syslog("\tat a.b.C(C.java:1)", year=2026) is None
+    assert parse_json_line('{"time": 1773478805000, "message": "x"}').time == T0 + 5  # ms
+
+
+def test_mining_and_matching_agree_on_masked_messages(rng):
+    messages = [syslog_line(i, rng=rng).split(" host ", 1)[1].strip() for i in range(400)]
+    entries = [parse_syslog(f"Mar 14 09:00:00 host {m}", year=2026) for m in messages]
+    vocabulary = learn([e.message for e in entries], version=1)
+    matcher = TemplateMatcher(vocabulary)
+    assert all(matcher.match(mask(e.message)) is not None for e in entries)
+    assert matcher.match(mask("sshd: something never seen before at all")) is None
+    names = vocabulary.feature_names()
+    assert names[-4:] == ["unknown", "line_rate", "distinct_templates", "unknown_share"]
+    assert len(names) == len(vocabulary.templates) + 4
+
+
+def test_a_file_truncated_in_place_is_read_again_from_its_start(tmp_path, rng):
+    """Same first line (so the same fingerprint) but shorter than where reading stopped:
+    truncated and written again, every line of the new content counts."""
+    live = tmp_path / "syslog"
+    lines = [syslog_line(i, rng=rng) for i in range(12)]
+    write(live, lines[:10])
+    assert counted(run(tmp_path, LogSource(path="syslog"))) == 10
+    write(live, [lines[0], lines[10], lines[11]], mode="w")
+    state = run(tmp_path, LogSource(path="syslog"))
+    assert counted(state) == 13 and state.stats.truncated_files == 1
