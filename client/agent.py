@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from client.calibration import CalibrationError, DeviceCalibration, fit_calibration
 from client.config import ClientConfig
 from client.features import FeatureError, load_feature_file, load_features
+from client.logs import LogReader, LogState, closed_windows, state_path, window_rows
 from client.spool import Spool, UploadReport
 from client.update import LocalUpdate, make_update
 from fedlib.crypto import sealing
 from fedlib.errors import StoreError, VerificationError
 from fedlib.files import atomic_write
+from fedlib.models.logfeatures import TemplateMatcher
 from fedlib.models.model import FeatureSchema, onnx_score
 from fedlib.models.package import ModelPackage
 from fedlib.storage.store import open_store
@@ -55,6 +58,7 @@ class CycleReport:
     offline: bool = False
     messages: list[str] = field(default_factory=list)
     calibration_threshold: float | None = None
+    log_entries: int | None = None  # log entries counted this run (None: no log sources)
     seconds: float = 0.0
     ok: bool = True
 
@@ -218,7 +222,12 @@ def train_update(
     """Train from the package's weights on local rows; return the sealed update."""
     meta = package.metadata
     schema = FeatureSchema.from_dict(meta.feature_schema)
-    rows = load_features(config.features_dir, list(schema.names), max_rows=meta.training.max_rows)
+    try:
+        rows = local_rows(config, schema, max_rows=meta.training.max_rows)
+    except FeatureError as exc:
+        report.ok = False
+        report.messages.append(f"no local rows: {exc}")
+        return None
     report.num_rows = int(rows.shape[0])
     if rows.shape[0] < meta.training.min_rows:
         report.messages.append(
@@ -275,15 +284,56 @@ class ResidualStore:
 CALIBRATION_FILE = "calibration.json"  # this device's calibration, in state_dir; never uploaded
 
 
-def features_fingerprint(directory: Path, max_rows: int) -> str:
-    """Identity of the local feature files (names, sizes, mtimes): refit only on change."""
+def features_fingerprint(config: ClientConfig, max_rows: int) -> str:
+    """Identity of the local data (feature files' names, sizes, mtimes; the log state's
+    bytes): refit only on change."""
     h = hashlib.sha256(str(max_rows).encode())
-    with contextlib.suppress(OSError):
-        for p in sorted(Path(directory).iterdir()):
-            if p.suffix in (".npy", ".csv"):
-                st = p.stat()
-                h.update(f"\0{p.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    if config.features_dir is not None:
+        with contextlib.suppress(OSError):
+            for p in sorted(Path(config.features_dir).iterdir()):
+                if p.suffix in (".npy", ".csv"):
+                    st = p.stat()
+                    h.update(f"\0{p.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    if config.log_sources:
+        with contextlib.suppress(OSError):
+            h.update(b"\0logs\0" + state_path(config.state_dir).read_bytes())
     return h.hexdigest()
+
+
+def log_matcher(schema: FeatureSchema) -> TemplateMatcher:
+    """The installed model's vocabulary as a matcher; a model without one cannot count logs."""
+    if schema.vocabulary is None:
+        raise FeatureError(
+            "the installed model has no template vocabulary, so log lines cannot be "
+            "counted into its features (the operator publishes one: fl-admin templates)"
+        )
+    return TemplateMatcher(schema.vocabulary)
+
+
+def local_rows(
+    config: ClientConfig, schema: FeatureSchema, *, max_rows: int, now: float | None = None
+) -> np.ndarray:
+    """The newest ``max_rows`` local feature rows: the feature files' rows, then the log
+    windows' (closed windows, counted with the installed vocabulary)."""
+    blocks = []
+    if config.features_dir is not None:
+        blocks.append(load_features(config.features_dir, list(schema.names), max_rows=max_rows))
+    if config.log_sources:
+        state = LogState.load(state_path(config.state_dir), config.logs.window_seconds)
+        windows = closed_windows(state, now=time.time() if now is None else now)
+        blocks.append(window_rows(windows[-max_rows:], log_matcher(schema), state.window_seconds))
+    return np.concatenate(blocks)[-max_rows:]
+
+
+def ingest_logs(config: ClientConfig, report: CycleReport) -> None:
+    """Read what the log sources appended since the last run (see :mod:`client.logs`)."""
+    if not config.log_sources:
+        return
+    path = state_path(config.state_dir)
+    state = LogState.load(path, config.logs.window_seconds)
+    reader = LogReader(config.log_sources, config.logs, base=config.state_dir, state=state)
+    report.log_entries = reader.read()
+    state.save(path)
 
 
 def load_calibration(config: ClientConfig) -> DeviceCalibration | None:
@@ -310,14 +360,14 @@ def refresh_calibration(
         digest = hashlib.sha256(package.onnx_bytes).hexdigest()
         wanted = settings.calibration_config()
         max_rows = package.metadata.training.max_rows
-        fingerprint = features_fingerprint(config.features_dir, max_rows)
+        fingerprint = features_fingerprint(config, max_rows)
         old = load_calibration(config)
         key = (digest, fingerprint, wanted)
         if old is not None and (old.model_digest, old.data_fingerprint, old.config) == key:
             report.calibration_threshold = old.threshold
             return
         schema = FeatureSchema.from_dict(package.metadata.feature_schema)
-        rows = load_features(config.features_dir, list(schema.names), max_rows=max_rows)
+        rows = local_rows(config, schema, max_rows=max_rows)
         calibration = fit_calibration(
             rows,
             onnx_score(package.onnx_bytes, rows)[0],
@@ -362,27 +412,8 @@ def score_features(config: ClientConfig, path: Path) -> dict[str, object]:
         "model_version": package.version,
         "rows": int(rows.shape[0]),
     }
-    calibration = load_calibration(config)
-    digest = hashlib.sha256(package.onnx_bytes).hexdigest()
-    if calibration is not None and calibration.model_digest == digest:
-        score = calibration.score(rows, g)
-        flag = score > calibration.threshold
-        out.update(
-            personalized=True,
-            threshold=calibration.threshold,
-            false_alarm_rate=calibration.false_alarm_rate,
-        )
-    else:
-        score, flag = g, g_flag
-        why = "no calibration yet"
-        if calibration is not None:
-            why = f"the calibration belongs to model version {calibration.model_version}"
-        out.update(
-            personalized=False,
-            reason=f"{why}: global model only (`fl-client run` calibrates)",
-            threshold=None,
-            false_alarm_rate=None,
-        )
+    score, flag, how = _personalized(config, package, rows, g, g_flag)
+    out.update(how)
     out.update(
         flagged=int(flag.sum()),
         score=_finite_list(score),
@@ -390,6 +421,118 @@ def score_features(config: ClientConfig, path: Path) -> dict[str, object]:
         global_score=_finite_list(g),
         global_flag=[bool(f) for f in g_flag],
     )
+    return out
+
+
+def _scored(
+    config: ClientConfig, package: ModelPackage, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+    """(score, flag, how) of ``rows``: this device's calibration when it belongs to the
+    installed model, else the global model's own score and threshold."""
+    g, g_flag = onnx_score(package.onnx_bytes, rows)
+    return _personalized(config, package, rows, g, g_flag)
+
+
+def _personalized(
+    config: ClientConfig,
+    package: ModelPackage,
+    rows: np.ndarray,
+    g: np.ndarray,
+    g_flag: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
+    calibration = load_calibration(config)
+    digest = hashlib.sha256(package.onnx_bytes).hexdigest()
+    if calibration is not None and calibration.model_digest == digest:
+        score = calibration.score(rows, g)
+        return (
+            score,
+            score > calibration.threshold,
+            {
+                "personalized": True,
+                "threshold": calibration.threshold,
+                "false_alarm_rate": calibration.false_alarm_rate,
+            },
+        )
+    why = "no calibration yet"
+    if calibration is not None:
+        why = f"the calibration belongs to model version {calibration.model_version}"
+    return (
+        g,
+        g_flag,
+        {
+            "personalized": False,
+            "reason": f"{why}: global model only (`fl-client run` calibrates)",
+            "threshold": None,
+            "false_alarm_rate": None,
+        },
+    )
+
+
+#: Templates shown per flagged window by ``fl-client score``.
+EXPLAINED_TEMPLATES = 3
+
+
+def score_logs(
+    config: ClientConfig, *, windows: int = 12, now: float | None = None
+) -> dict[str, object]:
+    """Read the log sources' new lines, then score the newest ``windows`` closed windows
+    with the installed model (and this device's calibration). Each flagged window comes
+    with the templates that contribute most: the columns furthest from the fleet's
+    normal (the model's own standardization, ``(transform(count) - mean) / std``), each
+    with its count and one masked line of that window. This stays on the device."""
+    ingest_logs(config, CycleReport(client_id=config.client_id))
+    installed = InstalledModels(config.state_dir / "models")
+    package = installed.load_current(config.trusted_package_keys())
+    schema = FeatureSchema.from_dict(package.metadata.feature_schema)
+    matcher = log_matcher(schema)
+    vocabulary = matcher.vocabulary
+    patterns = {t.feature: t.pattern for t in vocabulary.templates}
+    state = LogState.load(state_path(config.state_dir), config.logs.window_seconds)
+    chosen = closed_windows(state, now=time.time() if now is None else now)[-windows:]
+    out: dict[str, object] = {
+        "client_id": config.client_id,
+        "model_version": package.version,
+        "vocabulary_version": vocabulary.version,
+        "window_seconds": state.window_seconds,
+        "windows": [],
+    }
+    if not chosen:
+        return out
+    rows = window_rows(chosen, matcher, state.window_seconds)
+    score, flag, how = _scored(config, package, rows)
+    out.update(how)
+    deviation = schema.apply(rows)
+    explained = len(vocabulary.templates) + 1  # template columns and "unknown"
+    scored = []
+    for i, window in enumerate(chosen):
+        item: dict[str, object] = {
+            "start": datetime.fromtimestamp(window.start, UTC).isoformat(),
+            "end": datetime.fromtimestamp(window.start + state.window_seconds, UTC).isoformat(),
+            "lines": window.lines,
+            "score": float(score[i]),
+            "flagged": bool(flag[i]),
+        }
+        if flag[i]:
+            examples: dict[str, tuple[int, str]] = {}  # feature -> (count, masked line)
+            for message, count in window.messages.items():
+                template = matcher.match(message)
+                feature = "unknown" if template is None else f"tpl_{template}"
+                if count > examples.get(feature, (0, ""))[0]:
+                    examples[feature] = (count, message)
+            top = np.argsort(-np.abs(deviation[i, :explained]), kind="stable")
+            item["templates"] = [
+                {
+                    "feature": schema.names[j],
+                    "pattern": patterns.get(schema.names[j]),
+                    "count": int(rows[i, j]),
+                    "deviation": round(float(deviation[i, j]), 2),
+                    "example": examples.get(schema.names[j], (0, None))[1],
+                }
+                for j in top[:EXPLAINED_TEMPLATES]
+            ]
+        scored.append(item)
+    out["windows"] = scored
+    out["flagged"] = int(flag.sum())
     return out
 
 
@@ -416,6 +559,7 @@ def run_cycle(config: ClientConfig) -> CycleReport:
     installed = InstalledModels(state / "models")
     spool = Spool(state / "spool")
 
+    ingest_logs(config, report)
     config = pull_model(config, installed, report)
     report.installed_version = installed.current_version()
     refresh_calibration(config, installed, report)

@@ -20,6 +20,7 @@ from client.agent import (
     install_bundle_file,
     run_cycle,
     score_features,
+    score_logs,
     status,
     verify_bundle_file,
 )
@@ -130,13 +131,53 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    config = _config(args)
     try:
-        result = score_features(_config(args), Path(args.features))
+        if args.features:
+            result = score_features(config, Path(args.features))
+        elif config.log_sources:
+            result = score_logs(config, windows=args.windows)
+        else:
+            print("fl-client score: give a feature file (no log_sources in the config)")
+            return EXIT_FAILED
     except VerificationError as exc:
         print(f"fl-client: the installed model does not verify: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps(result))
+    except FeatureError as exc:
+        print(f"fl-client score: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.features or args.json:  # a feature file's scores are JSON, as they always were
+        print(json.dumps(result))
+    else:
+        print(render_log_scores(result))
     return EXIT_OK
+
+
+def render_log_scores(result: dict) -> str:
+    """``fl-client score`` on logs, for a person: flagged windows and why."""
+    windows = result["windows"]
+    lines = [
+        f"model version {result['model_version']} (vocabulary {result['vocabulary_version']}), "
+        f"{len(windows)} windows of {result['window_seconds']} s, "
+        f"{result.get('flagged', 0)} flagged"
+        + ("" if result.get("personalized", True) else f" ({result.get('reason')})")
+    ]
+    for window in windows:
+        if not window["flagged"]:
+            continue
+        lines.append(
+            f"FLAGGED {window['start']} .. {window['end']}  score {window['score']:.3f}  "
+            f"{window['lines']} lines"
+        )
+        for t in window["templates"]:
+            direction = "more" if t["deviation"] > 0 else "fewer"
+            lines.append(
+                f"  {t['feature']} ({direction} than usual, {t['deviation']:+.1f} sd): "
+                f"{t['count']}x  {t['pattern'] or 'lines no template matches'}"
+            )
+            if t["example"]:
+                lines.append(f"      e.g. {t['example']}")
+    return "\n".join(lines)
 
 
 def cmd_verify_bundle(args: argparse.Namespace) -> int:
@@ -193,9 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--activate", action="store_true", help="switch to the enrolled next key")
     rotate.set_defaults(func=cmd_rotate_key)
     score = sub.add_parser(
-        "score", help="score a feature file: global model + this device's calibration (JSON)"
+        "score",
+        help="score a feature file (JSON), or the newest log windows with reasons: "
+        "global model + this device's calibration",
     )
-    score.add_argument("features", help="a .npy or .csv feature file")
+    score.add_argument("features", nargs="?", help="a .npy or .csv feature file")
+    score.add_argument("--windows", type=int, default=12, help="newest log windows to score")
+    score.add_argument("--json", action="store_true", help="machine-readable output (logs)")
     score.add_argument("--config", help="client.json (default: $FL_CLIENT_CONFIG)")
     score.set_defaults(func=cmd_score)
     return parser

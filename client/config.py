@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from client.calibration import CalibrationConfig
+from client.logs import LogSettings, LogSource
 from fedlib.crypto import pq_signing, sealing
 from fedlib.files import atomic_write
 from fedlib.storage.store import S3Config
@@ -69,11 +70,21 @@ class ClientConfig(BaseModel):
     require_post_quantum: bool = False  # never seal (or accept a config) without PQ
     package_signing_keys_pem: list[str] = Field(min_length=1)  # OpenSSF signing, P-256
     channel_root_json: str  # the pinned TUF root of the model channel
-    features_dir: Path
+    #: Feature files (``*.npy``/``*.csv``), or ``log_sources``, or both: with log sources
+    #: the device counts its own logs with the installed model's template vocabulary.
+    features_dir: Path | None = None
+    log_sources: list[LogSource] = Field(default_factory=list)
+    logs: LogSettings = Field(default_factory=LogSettings)
     state_dir: Path
     key_path: Path | None = None
     one_update_per_version: bool = True
     personalization: PersonalizationSettings = Field(default_factory=PersonalizationSettings)
+
+    @model_validator(mode="after")
+    def _has_data(self) -> ClientConfig:
+        if self.features_dir is None and not self.log_sources:
+            raise ValueError("name features_dir or log_sources: the device needs local data")
+        return self
 
     @property
     def signing_key_path(self) -> Path:
@@ -120,6 +131,10 @@ class ClientConfig(BaseModel):
             value = getattr(config, name)
             if value is not None and not value.is_absolute():
                 updates[name] = (base / value).resolve()
+        updates["log_sources"] = [
+            s if Path(s.path).is_absolute() else s.model_copy(update={"path": str(base / s.path)})
+            for s in config.log_sources
+        ]
         return config.model_copy(update=updates)
 
     def save(self, path: Path) -> None:

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, BinaryIO, Final, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedlib.files import atomic_write
@@ -43,9 +44,11 @@ from fedlib.models.logfeatures import (
     Entry,
     JournalExportParser,
     RegexFormat,
+    TemplateMatcher,
     mask,
     parse_json_line,
     parse_syslog,
+    window_features,
     window_start,
 )
 
@@ -369,3 +372,26 @@ def ingest(
     LogReader(sources, settings, base=base, state=state).read()
     state.save(path)
     return state
+
+
+def closed_windows(state: LogState, *, now: float) -> list[Window]:
+    """The windows that ended by ``now``, oldest first (a window still filling waits)."""
+    seconds = state.window_seconds
+    return [w for w in state.ordered_windows() if w.start + seconds <= now]
+
+
+def window_rows(
+    windows: list[Window], matcher: TemplateMatcher, window_seconds: float
+) -> np.ndarray:
+    """Feature rows of ``windows`` under the matcher's vocabulary (one per window)."""
+    width = len(matcher.vocabulary.feature_names())
+    if not windows:
+        return np.zeros((0, width), dtype=np.float64)
+    return np.stack(
+        [
+            window_features(
+                w.messages, lines=w.lines, window_seconds=window_seconds, matcher=matcher
+            )
+            for w in windows
+        ]
+    )

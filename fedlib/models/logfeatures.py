@@ -11,8 +11,9 @@ functions, so a line maps to the same feature everywhere:
    :data:`MASKS`;
 3. :class:`TemplateMatcher` finds the template of the masked message in the
    vocabulary (:mod:`fedlib.wire.vocabulary`), or none (``unknown``);
-4. :class:`WindowCounts` counts per time window; :meth:`WindowCounts.features` is a
-   row in the order of :meth:`TemplateVocabulary.feature_names`.
+4. per time window, each masked message's count (:func:`masked_windows` here, the
+   device's :mod:`client.logs` incrementally); :func:`window_features` turns a window
+   into a row in the order of :meth:`TemplateVocabulary.feature_names`.
 
 Nothing here reads files or keeps state across runs: that is the device's
 (:mod:`client.logs`).
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
@@ -140,6 +141,8 @@ class TemplateMatcher:
                 node.template = template.id
         self._memo: dict[str, int | None] = {}
         self._memo_size = memo_size
+        #: Template ids in feature order (the columns before ``unknown``).
+        self.template_ids = sorted(t.id for t in vocabulary.templates)
 
     def match(self, masked: str) -> int | None:
         try:
@@ -385,61 +388,56 @@ class JournalExportParser:
 # ----------------------------------------------------------------------------- windows
 
 
-@dataclass
-class WindowCounts:
-    """One time window's counts: per template id, unknown lines, all lines."""
-
-    start: float
-    seconds: float
-    templates: dict[int, int] = field(default_factory=dict)
-    unknown: int = 0
-    lines: int = 0
-
-    def add(self, template: int | None) -> None:
-        self.lines += 1
-        if template is None:
-            self.unknown += 1
-        else:
-            self.templates[template] = self.templates.get(template, 0) + 1
-
-    def features(self, vocabulary: TemplateVocabulary) -> np.ndarray:
-        """The row :meth:`TemplateVocabulary.feature_names` names."""
-        ids = sorted(t.id for t in vocabulary.templates)
-        counts = [float(self.templates.get(i, 0)) for i in ids]
-        stats = {
-            "line_rate": self.lines / self.seconds,
-            "distinct_templates": float(len(self.templates)),
-            "unknown_share": self.unknown / self.lines if self.lines else 0.0,
-        }
-        return np.asarray([*counts, float(self.unknown), *(stats[s] for s in WINDOW_STATS)])
-
-
 def window_start(when: float, seconds: float) -> float:
     return math.floor(when / seconds) * seconds
 
 
-def count_entries(
-    entries: Iterator[Entry],
-    matcher: TemplateMatcher,
+def window_features(
+    messages: Mapping[str, int],
     *,
+    lines: int,
     window_seconds: float,
-    on_match: Callable[[Entry, str, int | None], None] | None = None,
-) -> dict[float, WindowCounts]:
-    """Windows of ``entries`` (an entry without a time takes the previous entry's)."""
-    windows: dict[float, WindowCounts] = {}
+    matcher: TemplateMatcher,
+) -> np.ndarray:
+    """One window's feature row (:meth:`TemplateVocabulary.feature_names`) from its
+    masked messages' counts: each template's count, unknown lines (no template, or not
+    kept: ``lines`` minus the kept messages' total), lines per second, distinct
+    templates, unknown share. The one function both the device and the server's
+    holdout counting use."""
+    ids = matcher.template_ids
+    column = {template_id: i for i, template_id in enumerate(ids)}
+    row = np.zeros(len(ids) + 1 + len(WINDOW_STATS), dtype=np.float64)
+    for message, count in messages.items():
+        template = matcher.match(message)
+        if template is not None:
+            row[column[template]] += count
+    unknown = lines - float(row[: len(ids)].sum())
+    distinct = float(np.count_nonzero(row[: len(ids)]))
+    stats = {
+        "line_rate": lines / window_seconds,
+        "distinct_templates": distinct,
+        "unknown_share": unknown / lines if lines else 0.0,
+    }
+    row[len(ids)] = unknown
+    row[len(ids) + 1 :] = [stats[name] for name in WINDOW_STATS]
+    return row
+
+
+def masked_windows(
+    entries: Iterable[Entry], *, window_seconds: float
+) -> dict[float, tuple[int, dict[str, int]]]:
+    """``{window start: (lines, {masked message: count})}`` of ``entries`` (an entry
+    without a time takes the previous entry's; one before any time is left out)."""
+    windows: dict[float, tuple[int, dict[str, int]]] = {}
     last: float | None = None
     for entry in entries:
         when = entry.time if entry.time is not None else last
         if when is None:
             continue
         last = when
-        masked = mask(entry.message)
-        template = matcher.match(masked)
         start = window_start(when, window_seconds)
-        window = windows.get(start)
-        if window is None:
-            window = windows[start] = WindowCounts(start, window_seconds)
-        window.add(template)
-        if on_match is not None:
-            on_match(entry, masked, template)
+        lines, messages = windows.get(start, (0, {}))
+        masked = mask(entry.message)
+        messages[masked] = messages.get(masked, 0) + 1
+        windows[start] = (lines + 1, messages)
     return windows

@@ -29,6 +29,7 @@ a model is fully described by ``(kind, schema.to_dict(), spec, params(), thresho
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
 import itertools
 import json
@@ -39,6 +40,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar
 
 import numpy as np
+
+from fedlib.wire.vocabulary import TemplateVocabulary
 
 if TYPE_CHECKING:
     from sklearn.neural_network import MLPRegressor
@@ -131,14 +134,23 @@ def feature_moments(x_raw: Any, transform: str = "log1p") -> tuple[int, np.ndarr
 
 @dataclass(frozen=True)
 class FeatureSchema:
-    """Column names plus the transform and standardization every model applies first."""
+    """Column names plus the transform and standardization every model applies first.
+
+    ``vocabulary``: when devices count log lines into features, the template vocabulary
+    the names come from (:meth:`TemplateVocabulary.feature_names`), signed with the model
+    so every device maps a line to the same column."""
 
     names: list[str]
     transform: Transform
     mean: list[float]
     std: list[float]
+    vocabulary: TemplateVocabulary | None = None
 
     def __post_init__(self) -> None:
+        if self.vocabulary is not None and self.names != self.vocabulary.feature_names():
+            raise ValueError(
+                f"feature names are not those of template vocabulary {self.vocabulary.version}"
+            )
         d = len(self.names)
         if d == 0:
             raise ValueError("a feature schema needs at least one feature")
@@ -199,32 +211,46 @@ class FeatureSchema:
 
     @classmethod
     def from_data(
-        cls, names: Sequence[str], x_raw: Any, transform: Transform = "log1p"
+        cls,
+        names: Sequence[str],
+        x_raw: Any,
+        transform: Transform = "log1p",
+        *,
+        vocabulary: TemplateVocabulary | None = None,
     ) -> FeatureSchema:
-        """Centralized shortcut (tests, benchmarks): moments of one local matrix."""
+        """Moments of one matrix (the server's holdout at ``fl-admin init``, tests)."""
         n, s, ss = feature_moments(x_raw, transform)
-        return cls.from_moments(names, transform, n, s, ss)
+        schema = cls.from_moments(names, transform, n, s, ss)
+        return dataclasses.replace(schema, vocabulary=vocabulary) if vocabulary else schema
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form; floats round-trip exactly through ``json``."""
-        return {
+        """JSON-able form; floats round-trip exactly through ``json``. Without a
+        vocabulary the key is left out (older packages keep their bytes and digests)."""
+        doc: dict[str, Any] = {
             "names": list(self.names),
             "transform": self.transform,
             "mean": [float(v) for v in self.mean],
             "std": [float(v) for v in self.std],
         }
+        if self.vocabulary is not None:
+            doc["vocabulary"] = self.vocabulary.model_dump(mode="json", by_alias=True)
+        return doc
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> FeatureSchema:
         """Inverse of :meth:`to_dict`; refuses missing or unknown keys."""
         keys = {"names", "transform", "mean", "std"}
-        if set(raw) != keys:
-            raise ValueError(f"feature schema keys must be exactly {sorted(keys)}")
+        if set(raw) - {"vocabulary"} != keys:
+            raise ValueError(f"feature schema keys must be exactly {sorted(keys)} (+ vocabulary)")
+        vocabulary = raw.get("vocabulary")
         return cls(
             names=[str(n) for n in raw["names"]],
             transform=raw["transform"],
             mean=[float(v) for v in raw["mean"]],
             std=[float(v) for v in raw["std"]],
+            vocabulary=None
+            if vocabulary is None
+            else TemplateVocabulary.model_validate(vocabulary),
         )
 
 

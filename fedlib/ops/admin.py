@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from fedlib.models.evaluation import (
     score_metrics,
 )
 from fedlib.models.model import KINDS, FeatureSchema, create_model, onnx_score
+from fedlib.ops import templates
 from fedlib.server import rotation
 from fedlib.server.credentials import IamCredentialIssuer
 from fedlib.server.deployment import Deployment, Holdout
@@ -49,6 +51,7 @@ from fedlib.server.rounds import package_model
 from fedlib.server.settings import ServerSettings
 from fedlib.storage.store import S3Config
 from fedlib.trust.package import SIGNATURE_FILE
+from fedlib.wire.vocabulary import TemplateVocabulary
 
 
 class SetupError(FedError):
@@ -117,7 +120,12 @@ def _deployment(args: argparse.Namespace) -> Deployment:
 
 
 def initial_package(
-    deployment: Deployment, holdout: Holdout, *, kind: str | None = None, seed: int = 0
+    deployment: Deployment,
+    holdout: Holdout,
+    *,
+    kind: str | None = None,
+    seed: int = 0,
+    vocabulary: TemplateVocabulary | None = None,
 ):
     """Version 1: a fresh model whose scaling and threshold come from the benign rows of
     the holdout's calibration part; its published metrics from the evaluation part.
@@ -129,7 +137,9 @@ def initial_package(
     kind = kind or settings.model_kind
     parts = holdout.split(deployment.holdout_split_key(), settings.holdout_calibration_fraction)
     benign = parts.calibration.benign()
-    schema = FeatureSchema.from_data(holdout.feature_names, benign, settings.transform_for(benign))
+    schema = FeatureSchema.from_data(
+        holdout.feature_names, benign, settings.transform_for(benign), vocabulary=vocabulary
+    )
     model = create_model(kind, schema, seed=seed)
     model.calibrate_threshold(benign, quantile=settings.threshold_quantile)
     training = settings.training(kind)
@@ -141,6 +151,14 @@ def initial_package(
 
 def cmd_init(args: argparse.Namespace) -> int:
     holdout = Holdout.from_bytes(Path(args.holdout).read_bytes())  # before any side effect
+    vocabulary = None
+    if args.vocabulary:
+        vocabulary = TemplateVocabulary.from_json(Path(args.vocabulary).read_bytes())
+        if holdout.feature_names != vocabulary.feature_names():
+            raise ValueError(
+                f"the holdout's features are not those of vocabulary {vocabulary.version}: "
+                "count it with `fl-admin templates holdout` and this vocabulary"
+            )
     deployment = _deployment(args)
     deployment.ensure_keys()
     deployment.ensure_buckets()
@@ -153,7 +171,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     deployment.save_fleet(deployment.load_fleet())
     registry = deployment.registry(signing=True)
     if registry.active_version() is None:
-        package = initial_package(deployment, holdout, kind=args.model_kind, seed=args.seed)
+        package = initial_package(
+            deployment, holdout, kind=args.model_kind, seed=args.seed, vocabulary=vocabulary
+        )
         registry.publish(package)
         print(
             f"published version 1 ({package.metadata.model_kind}, "
@@ -166,19 +186,68 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_templates_learn(args: argparse.Namespace) -> int:
+    previous = None
+    if args.previous:
+        previous = TemplateVocabulary.from_json(Path(args.previous).read_bytes())
+
+    def messages() -> Iterator[str]:
+        for path in args.logs:
+            for entry in templates.read_sample(Path(path), args.format, regex=args.regex):
+                yield entry.message
+
+    vocabulary = templates.learn(
+        messages(),
+        version=previous.version + 1 if previous else 1,
+        previous=previous,
+        similarity=args.similarity,
+        min_count=args.min_count,
+        max_templates=args.max_templates,
+    )
+    doc = vocabulary.model_dump(mode="json", by_alias=True)
+    atomic_write(args.out, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode())
+    kept = sum(t.count for t in vocabulary.templates)
+    print(
+        f"vocabulary {vocabulary.version}: {len(vocabulary.templates)} templates covering "
+        f"{kept} sample lines, written to {args.out} (review it, then "
+        "`fl-admin init --vocabulary` it with a holdout counted by `templates holdout`)"
+    )
+    return 0
+
+
+def cmd_templates_holdout(args: argparse.Namespace) -> int:
+    vocabulary = TemplateVocabulary.from_json(Path(args.vocabulary).read_bytes())
+    periods = templates.read_periods(Path(args.labels))
+    holdout = templates.count_holdout(
+        [Path(p) for p in args.logs],
+        vocabulary,
+        log_format=args.format,
+        regex=args.regex,
+        window_seconds=args.window_seconds,
+        anomalous=periods,
+    )
+    atomic_write(args.out, holdout.to_bytes())
+    print(
+        f"{len(holdout.labels)} windows ({int(holdout.labels.sum())} anomalous) with the "
+        f"{len(holdout.feature_names)} features of vocabulary {vocabulary.version}: {args.out}"
+    )
+    return 0
+
+
 def client_config_document(
     deployment: Deployment,
     client_id: str,
     *,
-    features_dir: str,
+    features_dir: str | None,
     state_dir: str,
     access_key: str | None,
     secret_key: str | None,
+    log_sources: list[dict[str, str]] | None = None,
 ) -> dict[str, object]:
     """What a device needs, as written by ``enroll``: no secret of the server's."""
     settings = deployment.settings
     server_key = deployment.current_server_public_key()
-    return {
+    doc: dict[str, object] = {
         "client_id": client_id,
         "inbox_url": f"s3://{settings.inbox_bucket}",
         "models_url": f"s3://{settings.models_bucket}",
@@ -196,9 +265,13 @@ def client_config_document(
             for _, key in sorted(deployment.trusted_package_keys().items())
         ],
         "channel_root_json": deployment.channel_root().decode(),
-        "features_dir": features_dir,
         "state_dir": state_dir,
     }
+    if features_dir is not None:
+        doc["features_dir"] = features_dir
+    if log_sources:
+        doc["log_sources"] = log_sources
+    return doc
 
 
 def write_client_config(path: Path | str, doc: dict[str, object]) -> None:
@@ -227,13 +300,17 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         access_key, secret_key = creds.access_key, creds.secret_key
         print(f"issued least-privilege S3 keys for {args.client_id} ({creds.user_name})")
     deployment.save_fleet(fleet)
+    logs = [{"path": path, "format": args.log_format} for path in args.log or ()]
     doc = client_config_document(
         deployment,
         args.client_id,
-        features_dir=args.features_dir,
+        features_dir=None
+        if logs and args.features_dir is None
+        else args.features_dir or "features",
         state_dir=args.state_dir,
         access_key=access_key,
         secret_key=secret_key,
+        log_sources=logs,
     )
     out = Path(args.out)
     write_client_config(out, doc)
@@ -647,13 +724,48 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--holdout", required=True, help=".npz with holdout_X, holdout_y")
     init.add_argument("--model-kind", default=None, choices=sorted(KINDS))
     init.add_argument("--seed", type=int, default=0)
+    init.add_argument(
+        "--vocabulary", help="template vocabulary (fl-admin templates learn): devices count logs"
+    )
     init.set_defaults(func=cmd_init)
+
+    tpl = sub.add_parser("templates", help="the log template vocabulary devices count with")
+    tpl_sub = tpl.add_subparsers(dest="templates_command", required=True)
+    learn = tpl_sub.add_parser("learn", help="mine templates from sample logs (Drain)")
+    learn.add_argument("logs", nargs="+", help="sample log files (.gz read as gzip)")
+    learn.add_argument("--format", default="syslog", choices=templates.FORMATS)
+    learn.add_argument("--regex", help="format regex: named groups message and time")
+    learn.add_argument("--out", required=True, help="the vocabulary file to review")
+    learn.add_argument("--previous", help="the vocabulary this one replaces (keeps its ids)")
+    learn.add_argument("--min-count", type=int, default=2, help="drop rarer templates")
+    learn.add_argument("--max-templates", type=int, default=1024)
+    learn.add_argument("--similarity", type=float, default=0.4, help="Drain's sim_th")
+    learn.set_defaults(func=cmd_templates_learn)
+    count = tpl_sub.add_parser(
+        "holdout", help="count labeled logs into a holdout .npz with a vocabulary's features"
+    )
+    count.add_argument("logs", nargs="+")
+    count.add_argument("--vocabulary", required=True)
+    count.add_argument("--format", default="syslog", choices=templates.FORMATS)
+    count.add_argument("--regex")
+    count.add_argument(
+        "--labels", required=True, help="CSV of anomalous periods: start,end[,class] (ISO 8601)"
+    )
+    count.add_argument("--window-seconds", type=int, default=300)
+    count.add_argument("--out", required=True)
+    count.set_defaults(func=cmd_templates_holdout)
 
     enroll = sub.add_parser("enroll", help="register a device key, write its client config")
     enroll.add_argument("client_id")
     enroll.add_argument("--public-key", required=True)
     enroll.add_argument("--out", required=True)
-    enroll.add_argument("--features-dir", default="features")
+    enroll.add_argument(
+        "--features-dir", default=None, help="feature files (default: features, unless --log)"
+    )
+    enroll.add_argument(
+        "--log", action="append", help="a log file or glob the device reads (repeatable)"
+    )
+    enroll.add_argument("--log-format", default="syslog", choices=templates.FORMATS)
     enroll.add_argument("--state-dir", default="state")
     enroll.add_argument(
         "--access-key", default=None, help="device S3 key (default: issue one via IAM)"

@@ -13,21 +13,27 @@ their meaning), and numbers new patterns after its largest id.
 
 from __future__ import annotations
 
+import csv
 import gzip
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from drain3.drain import Drain
+import numpy as np
 
 from fedlib.models.logfeatures import (
     MASK_NAMES,
     Entry,
     JournalExportParser,
     RegexFormat,
+    TemplateMatcher,
     mask,
+    masked_windows,
+    parse_iso_time,
     parse_json_line,
     parse_syslog,
+    window_features,
 )
+from fedlib.server.deployment import Holdout
 from fedlib.wire.vocabulary import WILDCARD, Template, TemplateVocabulary
 
 FORMATS = ("syslog", "journald", "jsonl", "regex")
@@ -75,6 +81,8 @@ def learn(
 ) -> TemplateVocabulary:
     """The vocabulary Drain mines from ``messages`` (masked here): the ``max_templates``
     most frequent templates seen at least ``min_count`` times."""
+    from drain3.drain import Drain  # the operator's tool only: not loaded by rounds
+
     drain = Drain(depth=depth, sim_th=similarity, max_children=100, param_str=WILDCARD)
     for message in messages:
         masked = mask(message)
@@ -98,4 +106,70 @@ def learn(
         templates.append(Template(id=template_id, pattern=pattern, count=count))
     return TemplateVocabulary(
         version=version, masks=list(MASK_NAMES), templates=sorted(templates, key=lambda t: t.id)
+    )
+
+
+def read_periods(path: Path) -> list[tuple[float, float, str]]:
+    """Anomalous periods from a CSV ``start,end[,class]`` (ISO 8601 or epoch seconds; a
+    header row is skipped)."""
+    periods = []
+    with path.open(newline="") as fh:
+        for number, row in enumerate(csv.reader(fh), 1):
+            if not row or row[0].strip().lower() == "start":
+                continue
+            start, end = (_time(v, path, number) for v in row[:2])
+            if end <= start:
+                raise ValueError(f"{path}:{number}: the period ends before it starts")
+            periods.append((start, end, row[2].strip() if len(row) > 2 else ""))
+    return periods
+
+
+def _time(value: str, path: Path, number: int) -> float:
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    when = parse_iso_time(text)
+    if when is None:
+        raise ValueError(f"{path}:{number}: {text!r} is not an ISO 8601 time")
+    return when
+
+
+def count_holdout(
+    paths: list[Path],
+    vocabulary: TemplateVocabulary,
+    *,
+    log_format: str,
+    regex: str | None,
+    window_seconds: int,
+    anomalous: list[tuple[float, float, str]],
+) -> Holdout:
+    """Labeled windows for the server's holdout, counted as devices count them
+    (:func:`fedlib.models.logfeatures.window_features`), each file on its own (one
+    host's log: windows of two hosts are never added together). A window that overlaps
+    an anomalous period is anomalous (its class: the period's)."""
+    matcher = TemplateMatcher(vocabulary)
+    rows, labels, classes = [], [], []
+    for path in paths:
+        windows = masked_windows(
+            read_sample(path, log_format, regex=regex), window_seconds=window_seconds
+        )
+        for start in sorted(windows):
+            lines, messages = windows[start]
+            rows.append(
+                window_features(
+                    messages, lines=lines, window_seconds=window_seconds, matcher=matcher
+                )
+            )
+            hit = [c for a, b, c in anomalous if a < start + window_seconds and b > start]
+            labels.append(1 if hit else 0)
+            classes.append(hit[0] if hit else "")
+    if not rows:
+        raise ValueError("no log entries with a time in these files")
+    return Holdout(
+        features=np.asarray(rows, dtype=np.float64),
+        labels=np.asarray(labels, dtype=np.int64),
+        feature_names=vocabulary.feature_names(),
+        classes=np.asarray(classes, dtype=str) if any(classes) else None,
     )
