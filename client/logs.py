@@ -49,7 +49,6 @@ from fedlib.models.logfeatures import (
     parse_json_line,
     parse_syslog,
     window_features,
-    window_start,
 )
 
 log = logging.getLogger(__name__)
@@ -224,7 +223,7 @@ class LogReader:
             cursor.path = str(path)
             return 0
         mtime = path.stat().st_mtime
-        counted = 0
+        tally = _Tally(cursor.offset, cursor.last_time)
         try:
             with _open(path) as fh:
                 if compressed:
@@ -232,109 +231,127 @@ class LogReader:
                 else:
                     fh.seek(cursor.offset)
                 entries = (
-                    self._journal(fh, cursor, final=compressed)
+                    self._journal(fh, tally, final=compressed)
                     if source.format == "journald"
-                    else self._lines(fh, cursor, source, mtime, final=compressed)
+                    else self._lines(fh, tally, source, mtime, final=compressed)
                 )
                 for entry in entries:
-                    counted += self._count(entry, cursor)
+                    self._count(entry, tally)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             log.warning("%s: read stopped (%s); what was read before counts", path, exc)
+        finally:  # what was counted and where it ends, together
+            self._apply(tally, cursor)
         cursor.path = str(path)
         if compressed:
             cursor.done, cursor.size = True, size
         self.state.cursors[key] = cursor
-        return counted
+        return tally.entries
 
     def _lines(
-        self, fh: BinaryIO, cursor: FileCursor, source: LogSource, mtime: float, *, final: bool
+        self, fh: BinaryIO, tally: _Tally, source: LogSource, mtime: float, *, final: bool
     ) -> Iterator[Entry]:
         year = datetime.fromtimestamp(mtime, UTC).year
         limit = self.settings.max_line_bytes
-        stats = self.state.stats
         pattern = (
             RegexFormat(source.regex, source.time_format)
             if source.format == "regex" and source.regex
             else None
         )
+        fmt = source.format
+        readline = fh.readline
+        late = mtime + 86_400
         while True:
-            raw = fh.readline(limit + 1)
+            raw = readline(limit + 1)
             if not raw:
                 return
             if len(raw) > limit:  # too long: drop it through its newline
                 consumed = len(raw)
                 while not raw.endswith(b"\n"):
-                    raw = fh.readline(limit + 1)
+                    raw = readline(limit + 1)
                     if not raw:
                         if not final:
                             return  # its end is not written yet: read it next run
                         break
                     consumed += len(raw)
-                cursor.offset += consumed
-                stats.skipped_long += 1
+                tally.offset += consumed
+                tally.skipped_long += 1
                 continue
-            if not raw.endswith(b"\n") and not final:
+            if raw[-1:] != b"\n" and not final:
                 return  # a line still being written
-            cursor.offset += len(raw)
+            tally.offset += len(raw)
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             if not line.strip():
                 continue
-            if source.format == "syslog":
+            if fmt == "syslog":
                 entry = parse_syslog(line, year=year)
-                if entry is not None and entry.time is not None:
-                    entry = _year_rollover(entry, mtime)
-            elif source.format == "jsonl":
+                if entry is not None and entry.time is not None and entry.time > late:
+                    entry = _year_rollover(entry)
+            elif fmt == "jsonl":
                 entry = parse_json_line(line)
                 if entry is None:
-                    stats.skipped_invalid += 1
+                    tally.skipped_invalid += 1
                     continue
             elif pattern is not None:
                 entry = pattern.parse(line)
             else:
                 return
             if entry is None:
-                stats.continuation += 1
+                tally.continuation += 1
                 continue
             yield entry
 
-    def _journal(self, fh: BinaryIO, cursor: FileCursor, *, final: bool) -> Iterator[Entry]:
+    def _journal(self, fh: BinaryIO, tally: _Tally, *, final: bool) -> Iterator[Entry]:
         parser = JournalExportParser(max_field=self.settings.max_line_bytes)
-        start = cursor.offset
+        start = tally.offset
         while chunk := fh.read(1 << 20):
             for entry in parser.feed(chunk):
-                cursor.offset = start + parser.record_end
+                tally.offset = start + parser.record_end
                 if entry is None:
-                    self.state.stats.skipped_invalid += 1
+                    tally.skipped_invalid += 1
                 else:
                     yield entry
         if final:
             for entry in parser.feed(b"\n\n"):
                 if entry is not None:
                     yield entry
-        self.state.stats.skipped_long += parser.skipped_fields
+        tally.skipped_long += parser.skipped_fields
 
-    def _count(self, entry: Entry, cursor: FileCursor) -> int:
-        stats = self.state.stats
-        when = entry.time if entry.time is not None else cursor.last_time
+    def _count(self, entry: Entry, tally: _Tally) -> None:
+        when = entry.time if entry.time is not None else tally.last_time
         if when is None:
-            stats.skipped_no_time += 1
-            return 0
-        cursor.last_time = when
-        start = window_start(when, self.state.window_seconds)
-        window_key = str(int(start))
-        window = self.state.windows.get(window_key)
+            tally.skipped_no_time += 1
+            return
+        tally.last_time = when
+        start = int(when - when % self.state.window_seconds)
+        window = tally.windows.get(start)
         if window is None:
-            window = self.state.windows[window_key] = Window(start=start)
-        window.lines += 1
-        stats.entries += 1
+            window = self.state.windows.get(str(start))
+            if window is None:
+                window = self.state.windows[str(start)] = Window(start=start)
+            tally.windows[start] = window
+            tally.lines[start] = tally.overflow[start] = 0
+        tally.lines[start] += 1
+        tally.entries += 1
         masked = mask(entry.message)[:MAX_MASKED_CHARS]
-        if masked in window.messages:
-            window.messages[masked] += 1
-        elif len(window.messages) < self.settings.max_messages_per_window:
-            window.messages[masked] = 1
+        messages = window.messages
+        if masked in messages:
+            messages[masked] += 1
+        elif len(messages) < self.settings.max_messages_per_window:
+            messages[masked] = 1
         else:
-            window.overflow += 1
-        return 1
+            tally.overflow[start] += 1
+
+    def _apply(self, tally: _Tally, cursor: FileCursor) -> None:
+        cursor.offset, cursor.last_time = tally.offset, tally.last_time
+        for start, window in tally.windows.items():
+            window.lines += tally.lines[start]
+            window.overflow += tally.overflow[start]
+        stats = self.state.stats
+        stats.entries += tally.entries
+        stats.continuation += tally.continuation
+        stats.skipped_long += tally.skipped_long
+        stats.skipped_invalid += tally.skipped_invalid
+        stats.skipped_no_time += tally.skipped_no_time
 
     def _expire(self, now: float) -> None:
         cutoff = now - self.settings.retention_days * 86_400
@@ -350,17 +367,43 @@ def _skip(fh: BinaryIO, count: int) -> None:
         count -= len(chunk)
 
 
-def _year_rollover(entry: Entry, mtime: float) -> Entry:
-    """An RFC 3164 stamp has no year: the year the file was last written, unless that
-    puts the entry after the file's last write (December's lines in a file last written
-    in January): then the year before."""
-    if entry.time is not None and entry.time > mtime + 86_400:
-        stamp = datetime.fromtimestamp(entry.time, UTC)
-        try:
-            return Entry(stamp.replace(year=stamp.year - 1).timestamp(), entry.message)
-        except ValueError:  # 29 February
-            return entry
-    return entry
+def _year_rollover(entry: Entry) -> Entry:
+    """An RFC 3164 stamp has no year: it is read in the year the file was last written,
+    which puts December's lines of a file last written in January after the file's last
+    write (the caller's test): they are from the year before."""
+    if entry.time is None:
+        return entry
+    stamp = datetime.fromtimestamp(entry.time, UTC)
+    try:
+        return Entry(stamp.replace(year=stamp.year - 1).timestamp(), entry.message)
+    except ValueError:  # 29 February
+        return entry
+
+
+class _Tally:
+    """One file's read in progress, in plain attributes (a line costs no model
+    validation); :meth:`LogReader._apply` moves it into the state in one step."""
+
+    __slots__ = (
+        "continuation",
+        "entries",
+        "last_time",
+        "lines",
+        "offset",
+        "overflow",
+        "skipped_invalid",
+        "skipped_long",
+        "skipped_no_time",
+        "windows",
+    )
+
+    def __init__(self, offset: int, last_time: float | None) -> None:
+        self.offset, self.last_time = offset, last_time
+        self.entries = self.continuation = self.skipped_long = 0
+        self.skipped_invalid = self.skipped_no_time = 0
+        self.windows: dict[int, Window] = {}
+        self.lines: dict[int, int] = {}
+        self.overflow: dict[int, int] = {}
 
 
 def ingest(

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from client.logs import LogSettings, LogSource, LogState, fingerprint, ingest, state_path
 from fedlib.models.logfeatures import (
@@ -281,3 +283,27 @@ def test_a_file_truncated_in_place_is_read_again_from_its_start(tmp_path, rng):
     write(live, [lines[0], lines[10], lines[11]], mode="w")
     state = run(tmp_path, LogSource(path="syslog"))
     assert counted(state) == 13 and state.stats.truncated_files == 1
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    day=st.integers(1, 28),
+    clock=st.tuples(st.integers(0, 23), st.integers(0, 59), st.integers(0, 59)),
+    host=st.from_regex(r"[a-z0-9.\-]{1,12}", fullmatch=True),
+    tag=st.one_of(
+        st.from_regex(r"[A-Za-z0-9_\-./()]{1,10}", fullmatch=True),
+        st.from_regex(r"[A-Za-z0-9_\-]{1,8}\[[0-9a-z]{0,5}\]", fullmatch=True),
+        st.text(min_size=0, max_size=12),
+    ),
+    sep=st.sampled_from([": ", ":", " ", ":  ", "::"]),
+    message=st.text(max_size=40),
+)
+def test_the_fast_syslog_path_reads_lines_as_the_regex_does(day, clock, host, tag, sep, message):
+    """Common RFC 3164 lines go through string operations, the rest through the regex:
+    wherever the fast path answers, it answers what the regex would."""
+    from fedlib.models.logfeatures import _parse_bsd_fast, _parse_syslog_regex
+
+    line = f"Mar {day:2d} {clock[0]:02d}:{clock[1]:02d}:{clock[2]:02d} {host} {tag}{sep}{message}"
+    fast = _parse_bsd_fast(line, 2026)
+    if fast is not None:
+        assert fast == _parse_syslog_regex(line, 2026), line

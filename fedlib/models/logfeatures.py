@@ -84,7 +84,8 @@ def mask(message: str) -> str:
                 memo.clear()
             masked = memo[token] = _mask_token(token)
         out.append(masked)
-    _mask_users(tokens, out)
+    if "ser" in message or "for" in message or "=" in message or message.startswith("sudo:"):
+        _mask_users(tokens, out)  # (most lines can name no user: no walk for them)
     return " ".join(out)
 
 
@@ -212,22 +213,72 @@ def parse_iso_time(text: str) -> float | None:
     return when.timestamp()
 
 
+_bsd_memo: dict[str, float | None] = {}
+_bsd_memo_year = [0]
+
+
+def _bsd_time(stamp: str, year: int) -> float | None:
+    """``Dec  6 20:48:19`` in ``year``, UTC (memoised: a busy log repeats each second)."""
+    if year != _bsd_memo_year[0]:
+        _bsd_memo.clear()
+        _bsd_memo_year[0] = year
+    try:
+        return _bsd_memo[stamp]
+    except KeyError:
+        pass
+    mon_name, day, hms = stamp.split()
+    mon = _MONTHS.get(mon_name)
+    when = None
+    if mon is not None:
+        hh, mm, ss = (int(x) for x in hms.split(":"))
+        try:
+            when = datetime(year, mon, int(day), hh, mm, ss, tzinfo=UTC).timestamp()
+        except ValueError:
+            when = None
+    if len(_bsd_memo) >= _MEMO_LIMIT:
+        _bsd_memo.clear()
+    _bsd_memo[stamp] = when
+    return when
+
+
+def _parse_bsd_fast(line: str, year: int) -> Entry | None:
+    """The common RFC 3164 shape (``Mon dd hh:mm:ss host tag[pid]: msg``) with string
+    operations; None for anything else (the regex decides those, the same way)."""
+    if line[:3] not in _MONTHS or line[3:4] != " " or line[15:16] != " ":
+        return None
+    stamp = line[:15]
+    if stamp[6:7] != " " or stamp[9:10] != ":" or stamp[12:13] != ":":
+        return None
+    host_end = line.find(" ", 16)
+    if host_end <= 16:
+        return None
+    tag, sep, message = line[host_end + 1 :].partition(": ")
+    if not sep or not tag or len(tag) > 72 or " " in tag or ":" in tag:
+        return None
+    app, bracket, pid = tag.partition("[")
+    if not app or len(app) > 64 or (bracket and not (pid[-1:] == "]" and pid[:-1].isdigit())):
+        return None
+    when = _bsd_time(stamp, year)
+    if when is None:
+        return None
+    return Entry(when, f"{app}: {message}")
+
+
 def parse_syslog(line: str, *, year: int) -> Entry | None:
     """A syslog line; None when it does not start with a syslog header (a continuation
     of the previous entry). RFC 3164 stamps carry no year or zone: ``year``, UTC."""
+    fast = _parse_bsd_fast(line, year)
+    return fast if fast is not None else _parse_syslog_regex(line, year)
+
+
+def _parse_syslog_regex(line: str, year: int) -> Entry | None:
     match = _SYSLOG.match(line)
     if match is None:
         return None
-    if match.group("bsd"):
-        mon = _MONTHS.get(match.group("mon"))
-        if mon is None:
-            return None
-        hh, mm, ss = (int(x) for x in match.group("hms").split(":"))
-        try:
-            when: float | None = datetime(
-                year, mon, int(match.group("day")), hh, mm, ss, tzinfo=UTC
-            ).timestamp()
-        except ValueError:
+    bsd = match.group("bsd")
+    if bsd:
+        when: float | None = _bsd_time(bsd, year)
+        if when is None:
             return None
     else:
         when = parse_iso_time(match.group("iso"))
