@@ -39,7 +39,17 @@ def test_a_device_with_only_log_paths_trains_uploads_scores_and_explains(
     (tmp_path / "sample.log").write_text(syslog_text(sample.lines))
     vocab_path = tmp_path / "vocabulary.json"
     assert (
-        admin_main(["templates", "learn", str(tmp_path / "sample.log"), "--out", str(vocab_path)])
+        admin_main(
+            [
+                "templates",
+                "learn",
+                str(tmp_path / "sample.log"),
+                "--format",
+                "syslog",
+                "--out",
+                str(vocab_path),
+            ]
+        )
         == 0
     )
     vocabulary = TemplateVocabulary.from_json(vocab_path.read_bytes())
@@ -101,6 +111,8 @@ def test_a_device_with_only_log_paths_trains_uploads_scores_and_explains(
                     str(out),
                     "--log",
                     "log/syslog*",
+                    "--log-format",
+                    "syslog",
                     "--state-dir",
                     "state",
                 ]

@@ -83,11 +83,22 @@ BACKFILL = (
 GAP = 'airflow backfill create --dag-id fl_round --from-date "$FROM" --to-date "$TO" '
 COMPOSE = "NOT RUN: no Docker daemon here; tests/test_compose.py validates docker-compose.yml"
 
+LOGS_E2E = (
+    "tests/test_logs_e2e.py::test_a_device_with_only_log_paths_trains_uploads_scores_and_explains"
+)
 TABLE: dict[str, str] = {
     # -- operator: fl-admin
     "fl-admin init": ADMIN + "test_round_through_cli",
     "fl-admin init --holdout holdout.npz": ADMIN + "test_round_through_cli",
     "fl-admin enroll": ADMIN + "test_init_enroll_status_revoke",
+    "fl-admin enroll dev-7 --public-key dev-7.pub.pem --out dev-7/client.json --log "
+    "'/var/log/syslog*' --log-format syslog": LOGS_E2E,
+    "fl-admin templates learn LOGS... --out vocabulary.json": LOGS_E2E,
+    "fl-admin templates learn sample/*.log --format syslog --out vocabulary.json": LOGS_E2E,
+    "fl-admin templates holdout labeled/*.log --vocabulary vocabulary.json --labels "
+    "anomalies.csv --out holdout.npz": LOGS_E2E,
+    "fl-admin init --holdout holdout.npz --vocabulary vocabulary.json": LOGS_E2E,
+    "fl-client score --config client.json": LOGS_E2E,
     "fl-admin enroll dev-7 --public-key dev-7.pub.pem --out dev-7/client.json": ADMIN
     + "test_init_enroll_status_revoke",
     "fl-admin enroll dev-7 --add-key --public-key new.pub.pem --out dev-7/client.json": (
