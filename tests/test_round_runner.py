@@ -382,3 +382,21 @@ def test_a_retried_shard_does_not_take_its_own_verdicts_for_replays(deployment):
     again = rr.process_shard(deployment, "r-retry", 0)
     assert again == first and again.accepted == 3
     assert deployment.state.get(RunKeys("r-retry").shard_partial(0)) == partial
+
+
+def test_a_report_lists_the_largest_shares_and_counts_every_device(deployment, monkeypatch):
+    """The report (and finalize, which writes it) stays bounded: it lists the largest
+    weight shares and the count; every device's share is in the round's weights record."""
+    from fedlib.server import records
+    from fedlib.server import round_runner as rr
+
+    monkeypatch.setattr(records, "REPORT_DEVICES_LISTED", 2)
+    upload_updates(deployment, 3)
+    report = run_round(deployment, "r-listed")
+    assert report.decision == "published", report.message
+    weights = rr.load_round_weights(deployment, "r-listed")
+    assert weights is not None and len(weights.devices) == 3
+    ranked = sorted(weights.devices, key=lambda d: (d.weight_share, d.client_id), reverse=True)
+    assert report.device_count == 3 and report.devices == ranked[:2]
+    assert report.largest_share_client == weights.largest.client_id
+    assert "devices: 3," in report.summary()

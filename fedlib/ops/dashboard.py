@@ -152,7 +152,8 @@ class RoundRow:
     privacy_budget: float | None = None
     privacy_refused: bool = False
     #: Each device's accepted count and weight share; empty in reports before them.
-    devices: tuple[DeviceShareRow, ...] = ()
+    devices: tuple[DeviceShareRow, ...] = ()  # the largest shares (a report lists 100)
+    device_count: int = 0  # every device with an accepted update
     largest_weight_share: float | None = None
     largest_share_client: str | None = None
     #: Which holdout rows the metrics are on: "evaluation" (None: reports before the split,
@@ -340,6 +341,7 @@ def _round_row(deployment: Deployment, info: ObjectInfo) -> RoundRow | None:
             )
             for d in report.devices or ()
         ),
+        device_count=report.device_count or len(report.devices or ()),
         largest_weight_share=_float_or_none(report.largest_weight_share),
         largest_share_client=report.largest_share_client,
         metrics_part=(report.active_metrics.part if report.active_metrics else None),

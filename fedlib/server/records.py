@@ -382,6 +382,28 @@ class RoundWeights(Record):
         return max(self.devices, key=lambda d: (d.weight_share, d.client_id), default=None)
 
 
+#: Devices a round report lists, largest weight shares first (the whole list is the
+#: round's :class:`RoundWeights`): a report and the step that writes it stay the same
+#: size whether 10 or 100,000 devices took part.
+REPORT_DEVICES_LISTED = 100
+
+
+class RoundWeightsSummary(Record):
+    """What a round report says of the weights (``rounds/<run>/weights-summary.json``),
+    written by the reduce step beside the full :class:`RoundWeights`."""
+
+    schema_: Literal["dadm.round-weights-summary.v1"] = _schema("dadm.round-weights-summary.v1")
+    device_count: int
+    #: The :data:`REPORT_DEVICES_LISTED` largest shares, largest first (ties: larger
+    #: client id first, as :attr:`RoundWeights.largest`).
+    top: list[DeviceShare]
+
+    @classmethod
+    def of(cls, devices: list[DeviceShare]) -> RoundWeightsSummary:
+        ranked = sorted(devices, key=lambda d: (d.weight_share, d.client_id), reverse=True)
+        return cls(device_count=len(devices), top=ranked[:REPORT_DEVICES_LISTED])
+
+
 class CandidateResult(Record):
     """A built (not yet published) candidate: its version and content digest."""
 
@@ -579,8 +601,11 @@ class RoundReport(Record):
     #: Devices that had more inbox objects than ``max_objects_per_device`` (the rest
     #: stays for later rounds), first :data:`CAPPED_DEVICES_LISTED` by id.
     capped_devices: list[str] | None = None
-    #: Each device's accepted count and weight share (None: reports before them).
+    #: Devices' accepted counts and weight shares, the :data:`REPORT_DEVICES_LISTED`
+    #: largest first (None: reports before them); all of them: ``rounds/<run>/weights.json``.
     devices: list[DeviceShare] | None = None
+    #: How many devices had an accepted update (None: reports that listed them all).
+    device_count: int | None = None
     largest_weight_share: float | None = None
     largest_share_client: str | None = None
     #: Verdicts this round could not write (None: every verdict was written).
@@ -606,7 +631,7 @@ class RoundReport(Record):
             )
         if self.largest_weight_share is not None:
             lines.append(
-                f"  devices: {len(self.devices or ())}, largest weight share "
+                f"  devices: {self.device_count or len(self.devices or ())}, largest weight share "
                 f"{self.largest_weight_share:.1%} ({self.largest_share_client})"
             )
         if self.active_metrics:

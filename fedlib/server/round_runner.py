@@ -64,6 +64,7 @@ from fedlib.server.records import (
     RoundPlan,
     RoundReport,
     RoundWeights,
+    RoundWeightsSummary,
     ShardKeys,
     ShardRecorded,
     ShardResult,
@@ -744,26 +745,28 @@ def reduce_round(deployment: Deployment, run_id: str) -> AggregateResult:
                 delta, _ = summed_delta(opened, inputs)
                 total.reweight(delta, update.units, units)
             reweighted += len(todo)
+    shares = [
+        DeviceShare(
+            client_id=d.client_id,
+            accepted=d.accepted,
+            weight_share=d.share,
+            clipped=d.clipped,
+            capped=d.capped,
+        )
+        for d in policy.devices
+    ]
     put_record(
         deployment,
         keys.weights,
         RoundWeights(
-            devices=[
-                DeviceShare(
-                    client_id=d.client_id,
-                    accepted=d.accepted,
-                    weight_share=d.share,
-                    clipped=d.clipped,
-                    capped=d.capped,
-                )
-                for d in policy.devices
-            ],
+            devices=shares,
             count_cap=policy.count_cap,
             max_device_share=aggregation.max_device_share,
             equal_weights=policy.equal_weights,
             reweighted=reweighted,
         ),
     )
+    put_record(deployment, keys.weights_summary, RoundWeightsSummary.of(shares))
     blob = total.to_bytes()
     deployment.state.put(keys.aggregate, blob)
     return AggregateResult(count=total.count, digest=hashlib.sha256(blob).hexdigest())
@@ -793,13 +796,24 @@ def load_round_weights(deployment: Deployment, run_id: str) -> RoundWeights | No
     return find_record(deployment, RunKeys(run_id).weights, RoundWeights)
 
 
-def weight_report_fields(weights: RoundWeights | None) -> dict[str, Any]:
-    """The round report's per-device counts and shares, and the largest share."""
-    if weights is None:
+def load_weights_summary(deployment: Deployment, run_id: str) -> RoundWeightsSummary | None:
+    """What the report says of the weights: the reduce step's summary (a run reduced
+    before summaries existed: made from its full weights record)."""
+    summary = find_record(deployment, RunKeys(run_id).weights_summary, RoundWeightsSummary)
+    if summary is None and (weights := load_round_weights(deployment, run_id)) is not None:
+        summary = RoundWeightsSummary.of(weights.devices)
+    return summary
+
+
+def weight_report_fields(summary: RoundWeightsSummary | None) -> dict[str, Any]:
+    """The round report's device count, largest shares and the largest share (a
+    bounded part of the weights: finalize reads no record per device)."""
+    if summary is None:
         return {}
-    largest = weights.largest
+    largest = summary.top[0] if summary.top else None
     return {
-        "devices": weights.devices,
+        "devices": summary.top,
+        "device_count": summary.device_count,
         "largest_weight_share": largest.weight_share if largest else None,
         "largest_share_client": largest.client_id if largest else None,
     }
@@ -1187,7 +1201,7 @@ def finalize_round(
             ).hexdigest()
             candidate = load_candidate(deployment, run_id)
             fields["candidate_digest"], candidate_version = candidate.digest(), candidate.version
-        fields.update(weight_report_fields(load_round_weights(deployment, run_id)))
+        fields.update(weight_report_fields(load_weights_summary(deployment, run_id)))
         report = RoundReport(
             **fields,
             accepted=accepted,

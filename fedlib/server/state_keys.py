@@ -99,6 +99,11 @@ class RunKeys:
         """The reduce step's final per-device weights (``records.RoundWeights``)."""
         return self.prefix + "weights.json"
 
+    @property
+    def weights_summary(self) -> str:
+        """What the round report takes of the weights (``records.RoundWeightsSummary``)."""
+        return self.prefix + "weights-summary.json"
+
     def candidate(self, name: str) -> str:
         """A candidate package file (``model.onnx``, ``weights.bin``, ``metadata.json``)
         or ``momentum.bin``, the server optimizer's buffer that goes with it."""

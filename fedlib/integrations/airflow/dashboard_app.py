@@ -573,7 +573,12 @@ def build_app() -> FastAPI:
                 else ""
             )
             quarantine = f"<h2>Quarantine ({page.total})</h2>{quarantine_table(page.items)}{more}"
-        devices = f"<h2>Devices ({len(row.devices)})</h2>{devices_table(row.devices)}"
+        shown = (
+            f", the {len(row.devices)} largest shares"
+            if len(row.devices) < row.device_count
+            else ""
+        )
+        devices = f"<h2>Devices ({row.device_count}{shown})</h2>{devices_table(row.devices)}"
         if embedded:
             return round_details(links, row, figures=True) + devices + quarantine
         return round_details(links, row) + rounds_table(links, [row]) + devices + quarantine
