@@ -54,10 +54,19 @@ MASKS: Final[tuple[tuple[str, str, str], ...]] = (
     # "user"/"User", in "for NAME from", after sudo's tag, and in ruser=/logname=/user=/
     # USER=/acct= values
     ("user", r"[\w.\-@$]+", "<USER>"),
+    # and an HTTP status right after the request's path or protocol keeps its class
+    # (``GET /x 503`` -> ``GET <PATH> <5xx>``): which class it is means something, the
+    # number within it less so, and a plain <NUM> would make errors look like successes
+    ("http_status", r"[1-5][0-9][0-9]", "<Nxx>"),
 )
 MASK_NAMES: Final = [name for name, *_ in MASKS]
-_TOKEN_RULES: Final = [(re.compile(rx), token) for name, rx, token in MASKS if name != "user"]
-_USER: Final = re.compile(MASKS[-1][1])
+_POSITIONAL: Final = frozenset({"user", "http_status"})
+_TOKEN_RULES: Final = [
+    (re.compile(rx), token) for name, rx, token in MASKS if name not in _POSITIONAL
+]
+_STATUS: Final = re.compile(r"[1-5][0-9][0-9]")
+_AFTER_REQUEST: Final = re.compile(r'^/|HTTP/\d(?:\.\d)?"?$')
+_USER: Final = re.compile(r"[\w.\-@$]+")
 _USER_KEYS: Final = ("ruser=", "logname=", "user=", "USER=", "acct=")
 _FOR_NOT_A_NAME: Final = frozenset({"user", "invalid", "User"})
 _MEMO_LIMIT: Final = 262_144
@@ -86,7 +95,15 @@ def mask(message: str) -> str:
         out.append(masked)
     if "ser" in message or "for" in message or "=" in message or message.startswith("sudo:"):
         _mask_users(tokens, out)  # (most lines can name no user: no walk for them)
+    if "/" in message:
+        _mask_status(tokens, out)
     return " ".join(out)
+
+
+def _mask_status(tokens: list[str], out: list[str]) -> None:
+    for i in range(1, len(tokens)):
+        if _STATUS.fullmatch(tokens[i]) and _AFTER_REQUEST.search(tokens[i - 1]):
+            out[i] = f"<{tokens[i][0]}xx>"
 
 
 def _mask_users(tokens: list[str], out: list[str]) -> None:
@@ -226,14 +243,16 @@ def _bsd_time(stamp: str, year: int) -> float | None:
         return _bsd_memo[stamp]
     except KeyError:
         pass
-    mon_name, day, hms = stamp.split()
-    mon = _MONTHS.get(mon_name)
     when = None
-    if mon is not None:
-        hh, mm, ss = (int(x) for x in hms.split(":"))
+    parts = stamp.split()
+    clock = parts[2].split(":") if len(parts) == 3 else []
+    mon = _MONTHS.get(parts[0]) if parts else None
+    digits = len(clock) == 3 and all(len(x) == 2 and x.isascii() and x.isdigit() for x in clock)
+    if mon is not None and digits and parts[1].isascii() and parts[1].isdigit():
+        hh, mm, ss = (int(x) for x in clock)
         try:
-            when = datetime(year, mon, int(day), hh, mm, ss, tzinfo=UTC).timestamp()
-        except ValueError:
+            when = datetime(year, mon, int(parts[1]), hh, mm, ss, tzinfo=UTC).timestamp()
+        except ValueError:  # 31 February, 25 o'clock
             when = None
     if len(_bsd_memo) >= _MEMO_LIMIT:
         _bsd_memo.clear()
@@ -250,10 +269,12 @@ def _parse_bsd_fast(line: str, year: int) -> Entry | None:
     if stamp[6:7] != " " or stamp[9:10] != ":" or stamp[12:13] != ":":
         return None
     host_end = line.find(" ", 16)
-    if host_end <= 16:
+    if host_end <= 16 or len(line[16:host_end].split()) != 1:
         return None
     tag, sep, message = line[host_end + 1 :].partition(": ")
-    if not sep or not tag or len(tag) > 72 or " " in tag or ":" in tag:
+    if not sep or not tag or len(tag) > 72 or ":" in tag or len(tag.split()) != 1:
+        return None
+    if tag != tag.strip():
         return None
     app, bracket, pid = tag.partition("[")
     if not app or len(app) > 64 or (bracket and not (pid[-1:] == "]" and pid[:-1].isdigit())):
