@@ -345,3 +345,24 @@ def test_the_syslog_parser_never_raises_on_garbage(head, rest):
     for line in (head + rest, head + "09:00:05 h a: " + rest, head + "9x:00:05 h a: " + rest):
         entry = parse_syslog(line, year=2026)
         assert entry is None or isinstance(entry.message, str)
+
+
+def test_a_wildcard_with_few_values_is_split_into_one_template_per_value():
+    """Drain merges ``link up`` and ``link down`` (one token of five differs); a position
+    with a handful of values is a category, so each value seen gets its own template,
+    while a position with many values (a counter, an id) stays a wildcard."""
+    rng = random.Random(3)
+    messages = []
+    for i in range(400):
+        messages.append(f"kernel: eth0 link {rng.choice(['up', 'down'])} now")
+        messages.append(f"app: GET /items/{i} {rng.choice([200, 503])} {rng.random():.2f}ms")
+        messages.append(f"worker: job j{rng.randrange(10**6)} done")
+    vocabulary = learn(messages, version=1, min_count=2)
+    patterns = {t.pattern for t in vocabulary.templates}
+    assert {"kernel: eth0 link up now", "kernel: eth0 link down now"} <= patterns
+    assert {"app: GET <PATH> <2xx> <NUM>", "app: GET <PATH> <5xx> <NUM>"} <= patterns
+    assert "worker: job <*> done" in patterns
+    assert not any(p.startswith("worker: job j") for p in patterns)
+    matcher = TemplateMatcher(vocabulary)
+    ids = {t.pattern: t.id for t in vocabulary.templates}
+    assert matcher.match(mask("kernel: eth0 link down now")) == ids["kernel: eth0 link down now"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -69,6 +70,12 @@ def read_sample(
                 yield entry
 
 
+#: A wildcard position of a mined template with at most this many distinct values in
+#: the sample is a category (``up``/``down``, ``GET``/``POST``, ``<2xx>``/``<5xx>``),
+#: not a parameter: each frequent value gets a template of its own.
+MAX_CATEGORY_VALUES = 6
+
+
 def learn(
     messages: Iterable[str],
     *,
@@ -79,21 +86,30 @@ def learn(
     min_count: int = 1,
     max_templates: int = 1024,
 ) -> TemplateVocabulary:
-    """The vocabulary Drain mines from ``messages`` (masked here): the ``max_templates``
-    most frequent templates seen at least ``min_count`` times."""
+    """The vocabulary mined from ``messages`` (masked here): the ``max_templates`` most
+    frequent templates seen at least ``min_count`` times.
+
+    Drain clusters messages by similarity, so with its default threshold two messages
+    that differ in one short token become one template with ``<*>`` there, even when
+    that token is what matters (``... link up`` / ``... link down``, an HTTP status
+    class). A second pass over the sample splits such positions: where a template's
+    wildcard took at most :data:`MAX_CATEGORY_VALUES` distinct values, each combination
+    of values seen ``min_count`` times becomes a template of its own (the wildcard
+    template stays for values never seen; devices try literals first)."""
     from drain3.drain import Drain  # the operator's tool only: not loaded by rounds
 
     drain = Drain(depth=depth, sim_th=similarity, max_children=100, param_str=WILDCARD)
+    seen: Counter[str] = Counter()
     for message in messages:
         masked = mask(message)
         if masked:
             drain.add_log_message(masked)
-    clusters = sorted(drain.clusters, key=lambda c: (-c.size, c.get_template()))
-    kept: dict[str, int] = {}
-    for cluster in clusters:
-        pattern = " ".join(cluster.log_template_tokens)
-        if cluster.size >= min_count and pattern not in kept and len(kept) < max_templates:
-            kept[pattern] = cluster.size
+            seen[masked] += 1
+    mined = {" ".join(c.log_template_tokens): c.size for c in drain.clusters}
+    counts = _split_categories(mined, seen)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    kept = {p: n for p, n in ranked if n >= min_count}
+    kept = dict(list(kept.items())[:max_templates])
     if not kept:
         raise ValueError("no templates: the sample holds no log entries")
     old_ids = {t.pattern: t.id for t in previous.templates} if previous else {}
@@ -107,6 +123,57 @@ def learn(
     return TemplateVocabulary(
         version=version, masks=list(MASK_NAMES), templates=sorted(templates, key=lambda t: t.id)
     )
+
+
+def _split_categories(mined: dict[str, int], seen: Counter[str]) -> dict[str, int]:
+    """Template -> sample lines it covers, the mined templates' categorical wildcard
+    positions split into one template per value combination (see :func:`learn`)."""
+    vocabulary = TemplateVocabulary(
+        version=1,
+        masks=list(MASK_NAMES),
+        templates=[Template(id=i + 1, pattern=p) for i, p in enumerate(sorted(mined))],
+    )
+    matcher = TemplateMatcher(vocabulary)
+    patterns = {t.id: t.tokens for t in vocabulary.templates}
+    combos: dict[int, Counter[tuple[str, ...]]] = {}
+    values: dict[int, list[set[str] | None]] = {}
+    for message, count in seen.items():
+        template = matcher.match(message)
+        if template is None:
+            continue
+        tokens = message.split()
+        wild = [i for i, t in enumerate(patterns[template]) if t == WILDCARD]
+        if not wild:
+            continue
+        slots = values.setdefault(template, [set() for _ in wild])
+        for k, i in enumerate(wild):
+            slot = slots[k]
+            if slot is not None:
+                slot.add(tokens[i])
+                if len(slot) > MAX_CATEGORY_VALUES:
+                    slots[k] = None  # a parameter
+        combos.setdefault(template, Counter())[tuple(tokens[i] for i in wild)] += count
+    out: dict[str, int] = {}
+    for template, shape in patterns.items():
+        pattern = " ".join(shape)
+        found = values.get(template)
+        if not found or all(slot is None for slot in found):
+            out[pattern] = mined[pattern]
+            continue
+        wild = [i for i, t in enumerate(shape) if t == WILDCARD]
+        split: Counter[tuple[str, ...]] = Counter()
+        for combo, count in combos[template].items():
+            key = tuple(v if found[k] is not None else WILDCARD for k, v in enumerate(combo))
+            split[key] += count
+        out[pattern] = mined[pattern]  # the general one, for values not in the sample
+        for key, count in split.items():
+            filled = list(shape)
+            for k, i in enumerate(wild):
+                filled[i] = key[k]
+            specific = " ".join(filled)
+            if specific != pattern:
+                out[specific] = out.get(specific, 0) + count
+    return out
 
 
 def read_periods(path: Path) -> list[tuple[float, float, str]]:
