@@ -88,6 +88,7 @@ bench-quality: $(STAMP)
 	mkdir -p bench/results
 	$(BIN)/python -m bench.make_dataset --out bench/results/dataset.npz
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --paired dense32 --json > bench/results/quality-autoencoder.json
+	$(BIN)/python -m bench.logquality --json > bench/results/logquality.json
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --kind gaussian --json > bench/results/quality-gaussian.json
 	$(BIN)/python -m bench.quality --dataset bench/results/dataset.npz --seeds 5 --kind gmm --json > bench/results/quality-gmm.json
 	# Partial rounds: each device joins a round with chance 0.3 (the mixture with full and stepwise EM steps).

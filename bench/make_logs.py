@@ -156,6 +156,7 @@ class DeviceLogs:
     lines: list[tuple[float, str]]
     labels: np.ndarray  # per window: 1 anomalous
     kinds: list[str]  # per window: the anomaly's name, "" if benign
+    line_kinds: list[str]  # per line: the event kind that made it (ground truth)
 
 
 def device_logs(
@@ -172,22 +173,43 @@ def device_logs(
     one anomaly pattern."""
     rng = np.random.default_rng([seed, device])
     rates = rng.gamma(2.0, 1.5, size=len(BENIGN)) * rng.uniform(0.5, 2.0)  # per window
-    lines: list[tuple[float, str]] = []
+    made: list[tuple[float, str, str]] = []
     labels = np.zeros(windows, dtype=np.int64)
     kinds = [""] * windows
     for w in range(windows):
         t0 = start + w * window_seconds
         day = 1.0 + 0.5 * math.sin(2 * math.pi * (t0 % 86_400) / 86_400)
-        for (_, make), rate in zip(BENIGN, rates, strict=True):
+        for (kind, make), rate in zip(BENIGN, rates, strict=True):
             for _ in range(rng.poisson(rate * day)):
-                lines.append((t0 + rng.uniform(0, window_seconds), make(rng)))
+                made.append((t0 + rng.uniform(0, window_seconds), make(rng), kind))
         if rng.random() < anomaly_rate:
             name, make, count = ANOMALIES[int(rng.integers(len(ANOMALIES)))]
             labels[w], kinds[w] = 1, name
             for _ in range(max(1, rng.poisson(count))):
-                lines.append((t0 + rng.uniform(0, window_seconds), make(rng)))
-    lines.sort(key=lambda item: item[0])
-    return DeviceLogs(lines, labels, kinds)
+                made.append((t0 + rng.uniform(0, window_seconds), make(rng), name))
+    made.sort(key=lambda item: item[0])
+    return DeviceLogs([(t, text) for t, text, _ in made], labels, kinds, [k for *_, k in made])
+
+
+#: Every event kind, benign then anomalous: the count path's feature columns.
+EVENT_KINDS: tuple[str, ...] = tuple(n for n, _ in BENIGN) + tuple(n for n, *_ in ANOMALIES)
+
+
+def kind_counts(
+    logs: DeviceLogs, *, windows: int, window_seconds: int = 300, start: float = START
+) -> np.ndarray:
+    """The count path: per window, how many lines of each event kind the generator made
+    (what a parser that never errs would count), then the same window statistics the
+    log path computes (lines per second, distinct kinds, unknown share: 0)."""
+    column = {k: i for i, k in enumerate(EVENT_KINDS)}
+    counts = np.zeros((windows, len(EVENT_KINDS)), dtype=np.float64)
+    for (when, _), kind in zip(logs.lines, logs.line_kinds, strict=True):
+        counts[int((when - start) // window_seconds), column[kind]] += 1
+    lines = counts.sum(axis=1)
+    stats = np.column_stack(
+        [lines / window_seconds, np.count_nonzero(counts, axis=1), np.zeros(windows)]
+    )
+    return np.hstack([counts, np.zeros((windows, 1)), stats])
 
 
 def syslog_text(lines: list[tuple[float, str]], host: str = "host") -> str:

@@ -910,6 +910,47 @@ def render_scaleout_celery(src: Mapping[str, Source]) -> str:
 REQUEST_TYPES = ("GET", "PUT", "LIST", "DELETE")
 
 
+def render_logs(src: Mapping[str, Source]) -> str:
+    """README: devices that read raw logs against exact counts, and parsing speed."""
+    q, c = src["logquality.json"], src["client.json"]
+    p = "log_parsing"
+    met = "met" if q.get("goal_met") else "not met"
+    speed_met = "met" if c.get(f"{p}.goal_met") else "not met"
+    return "\n".join(
+        [
+            f"`python -m bench.logquality --json` (`bench/results/logquality.json`): one "
+            f"synthetic fleet of {q.num('fleet.device_windows', ',.0f')} device windows and "
+            f"{q.num('fleet.holdout_windows', ',.0f')} labeled holdout windows "
+            f"({q.num('fleet.holdout_anomalous', ',.0f')} anomalous), trained the same way "
+            f"({q.get('kind')}, {q.num('seeds', '.0f')} seeds) from the devices' raw syslog "
+            f"(read, masked, matched to {q.num('fleet.templates', '.0f')} mined templates) "
+            f"and from the generator's exact counts of its "
+            f"{q.num('fleet.event_kinds', '.0f')} event kinds:",
+            "",
+            "| features | federated AUC | centralized | IsolationForest | no training |",
+            "|---|---|---|---|---|",
+            f"| raw logs on the device | **{q.num('logs_auc')}** | "
+            f"{q.num('logs_centralized_auc')} | {q.num('logs_isolation_forest_auc')} | "
+            f"{q.num('logs_no_training_auc')} |",
+            f"| exact event counts | **{q.num('counts_auc')}** | "
+            f"{q.num('counts_centralized_auc')} | {q.num('counts_isolation_forest_auc')} | "
+            f"{q.num('counts_no_training_auc')} |",
+            "",
+            f"Logs minus counts: {q.num('auc_logs_minus_counts', '+.4f')} AUC (goal: no worse "
+            f"than {q.num('goal_auc_gap', 'g')} below; {met}); lines no template matched: "
+            f"{q.pct('fleet.device_unknown_share', '.2f')}%. Parsing (`bench.client`, "
+            f"{c.num(f'{p}.lines', ',.0f')} lines, {c.num(f'{p}.file_mb', '.0f')} MB of syslog): "
+            f"{c.num(f'{p}.reader_lines_per_s', ',.0f')} lines/s, "
+            f"{c.num(f'{p}.reader_cpu_s_per_100k_lines', '.2f')} s of CPU per "
+            f"{c.num(f'{p}.per_lines', ',.0f')} lines "
+            f"({c.num(f'{p}.reader_vs_floor_cpu', '.0f')}x reading and decoding the lines "
+            f"alone); a day of a busy host, {c.num(f'{p}.goal_lines', ',.0f')} lines, would "
+            f"take {c.num(f'{p}.projected_cpu_s_for_10m_lines', '.0f')} s of CPU (goal: under "
+            f"{c.num(f'{p}.goal_cpu_s', '.0f')} s; {speed_met}).",
+        ]
+    )
+
+
 def render_fleet(src: Mapping[str, Source]) -> str:
     """README: bench.fleet's simulated fleets (the server's round) and DP by fleet size."""
     f = src["fleet.json"]
@@ -1071,6 +1112,7 @@ TABLES: dict[str, Table] = {
             render_serial,
         ),
         Table("fleet", ("fleet.json",), render_fleet),
+        Table("logs", ("logquality.json", "client.json"), render_logs),
         Table("goals", (), render_goals),  # its sources: _goals_sources
     )
 }

@@ -166,6 +166,9 @@ TABLE: dict[str, str] = {
     ),
     "python -m bench.dp --json": "tests/test_bench_small.py::test_dp_small",
     "python -m bench.fleet --json": "tests/test_bench_fleet.py::test_fleet_small",
+    "python -m bench.logquality --json": (
+        "tests/test_bench_logquality.py::test_a_tiny_run_reports_both_paths_side_by_side"
+    ),
     GAP + "--max-active-runs 1": BACKFILL,
     GAP + "--max-active-runs 1 --reprocess-behavior completed": BACKFILL,
     "airflow dags unpause fl_round": BACKFILL,
@@ -209,6 +212,7 @@ EVIDENCE = {
     "airflow api-server": "dashboard_server",
     "python -m bench.dp --json": "dp_main",
     "python -m bench.fleet --json": "fleet_main",
+    "python -m bench.logquality --json": "logquality.main",
     "python -m bench.report": '"-m", "bench.report"',
     GAP + "--max-active-runs 1": "readme_backfill_commands()",
     GAP + "--max-active-runs 1 --reprocess-behavior completed": "readme_backfill_commands()",

@@ -230,34 +230,36 @@ def parse_iso_time(text: str) -> float | None:
     return when.timestamp()
 
 
-_bsd_memo: dict[str, float | None] = {}
-_bsd_memo_year = [0]
+_bsd_days: dict[tuple[str, int], float | None] = {}
 
 
 def _bsd_time(stamp: str, year: int) -> float | None:
-    """``Dec  6 20:48:19`` in ``year``, UTC (memoised: a busy log repeats each second)."""
-    if year != _bsd_memo_year[0]:
-        _bsd_memo.clear()
-        _bsd_memo_year[0] = year
-    try:
-        return _bsd_memo[stamp]
-    except KeyError:
-        pass
-    when = None
-    parts = stamp.split()
-    clock = parts[2].split(":") if len(parts) == 3 else []
-    mon = _MONTHS.get(parts[0]) if parts else None
-    digits = len(clock) == 3 and all(len(x) == 2 and x.isascii() and x.isdigit() for x in clock)
-    if mon is not None and digits and parts[1].isascii() and parts[1].isdigit():
-        hh, mm, ss = (int(x) for x in clock)
-        try:
-            when = datetime(year, mon, int(parts[1]), hh, mm, ss, tzinfo=UTC).timestamp()
-        except ValueError:  # 31 February, 25 o'clock
-            when = None
-    if len(_bsd_memo) >= _MEMO_LIMIT:
-        _bsd_memo.clear()
-    _bsd_memo[stamp] = when
-    return when
+    """``Dec  6 20:48:19`` (``Mon dd hh:mm:ss``, day space-padded) in ``year``, UTC; None
+    if it is no such time. The day's start is memoised; the clock is read by position."""
+    clock = stamp[7:]
+    if len(clock) != 8 or clock[2] != ":" or clock[5] != ":":
+        return None
+    hh, mm, ss = clock[0:2], clock[3:5], clock[6:8]
+    if not (hh.isdecimal() and mm.isdecimal() and ss.isdecimal()):
+        return None
+    h, m, sec = int(hh), int(mm), int(ss)
+    if h > 23 or m > 59 or sec > 59:
+        return None
+    key = (stamp[:6], year)
+    day = _bsd_days.get(key, -1.0)
+    if day == -1.0:
+        mon = _MONTHS.get(stamp[:3])
+        text = stamp[4:6].strip()
+        day = None
+        if mon is not None and stamp[3] == " " and text.isdecimal():
+            try:
+                day = datetime(year, mon, int(text), tzinfo=UTC).timestamp()
+            except ValueError:  # 31 February
+                day = None
+        if len(_bsd_days) >= _MEMO_LIMIT:
+            _bsd_days.clear()
+        _bsd_days[key] = day
+    return None if day is None else day + h * 3600 + m * 60 + sec
 
 
 def _parse_bsd_fast(line: str, year: int) -> Entry | None:
@@ -269,12 +271,12 @@ def _parse_bsd_fast(line: str, year: int) -> Entry | None:
     if stamp[6:7] != " " or stamp[9:10] != ":" or stamp[12:13] != ":":
         return None
     host_end = line.find(" ", 16)
-    if host_end <= 16 or len(line[16:host_end].split()) != 1:
+    if host_end <= 16 or not line[16:host_end].isprintable():  # no other whitespace
         return None
     tag, sep, message = line[host_end + 1 :].partition(": ")
-    if not sep or not tag or len(tag) > 72 or ":" in tag or len(tag.split()) != 1:
+    if not sep or not tag or len(tag) > 72 or ":" in tag or " " in tag:
         return None
-    if tag != tag.strip():
+    if not tag.isprintable():
         return None
     app, bracket, pid = tag.partition("[")
     if not app or len(app) > 64 or (bracket and not (pid[-1:] == "]" and pid[:-1].isdigit())):
@@ -296,9 +298,9 @@ def _parse_syslog_regex(line: str, year: int) -> Entry | None:
     match = _SYSLOG.match(line)
     if match is None:
         return None
-    bsd = match.group("bsd")
-    if bsd:
-        when: float | None = _bsd_time(bsd, year)
+    if match.group("bsd"):
+        stamp = f"{match.group('mon')} {match.group('day'):>2} {match.group('hms')}"
+        when: float | None = _bsd_time(stamp, year)
         if when is None:
             return None
     else:
