@@ -208,9 +208,10 @@ class LogReader:
             return 0
         compressed = path.suffix == ".gz"
         try:
-            size = path.stat().st_size
-        except OSError:
+            stat = path.stat()
+        except OSError:  # gone since the listing: the next run looks again
             return 0
+        size, mtime = stat.st_size, stat.st_mtime
         cursor = self.state.cursors.get(key)
         if cursor is not None and cursor.done and cursor.size == size:
             return 0
@@ -222,7 +223,6 @@ class LogReader:
         elif not compressed and size == cursor.offset:
             cursor.path = str(path)
             return 0
-        mtime = path.stat().st_mtime
         tally = _Tally(cursor.offset, cursor.last_time)
         try:
             with _open(path) as fh:
