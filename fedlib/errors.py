@@ -23,6 +23,9 @@ REASONS: Final[frozenset[str]] = frozenset(
         "unsupported_version",
         "unknown_base_version",
         "too_stale",
+        #: Trained on a version whose features (template vocabulary, standardization)
+        #: are not the base's: its delta would move other columns' parameters.
+        "feature_mismatch",
         "duplicate_update_id",
         "replay",
         "non_finite",

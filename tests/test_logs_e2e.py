@@ -202,3 +202,130 @@ def test_a_device_with_only_log_paths_trains_uploads_scores_and_explains(
     )
     text = capsys.readouterr().out
     assert "FLAGGED" in text and brute in text
+
+
+def _learn(tmp_path, name: str, lines, *extra: str):
+    sample = tmp_path / f"{name}.log"
+    sample.write_text(syslog_text(lines))
+    out = tmp_path / f"{name}.json"
+    argv = ["templates", "learn", str(sample), "--format", "syslog", "--out", str(out)]
+    assert admin_main([*argv, *extra]) == 0
+    return out
+
+
+def _holdout(tmp_path, name: str, vocab_path, host_logs, labels_csv):
+    out = tmp_path / f"{name}.npz"
+    argv = ["templates", "holdout", *host_logs, "--vocabulary", str(vocab_path)]
+    assert admin_main([*argv, "--labels", str(labels_csv), "--out", str(out)]) == 0
+    return out
+
+
+def test_a_new_vocabulary_is_a_new_version_and_devices_recount_their_windows(
+    admin_env, tmp_path, capsys
+):
+    """Vocabulary 1 is mined from logs without any failed login; vocabulary 2 (learned
+    against it) adds those templates. `templates publish` makes it version 2 with the
+    surviving columns' parameters; a device that ran before it re-counts its retained
+    windows with vocabulary 2 (exactly as the server counts its log), an update trained
+    on version 1 is refused as `feature_mismatch`, and no rollback crosses the change."""
+    from client.agent import local_rows
+    from fedlib.models.model import FeatureSchema
+    from fedlib.ops import templates
+    from fedlib.ops.admin import admin_s3_config
+    from fedlib.server.rounds import model_from_package
+
+    sample = device_logs(900, windows=200, anomaly_rate=0.2, seed=3)
+    plain = [(t, s) for t, s in sample.lines if "Failed password" not in s]
+    v1_path = _learn(tmp_path, "v1", plain)
+    v2_path = _learn(tmp_path, "v2", sample.lines, "--previous", str(v1_path))
+    v1 = TemplateVocabulary.from_json(v1_path.read_bytes())
+    v2 = TemplateVocabulary.from_json(v2_path.read_bytes())
+    assert (v1.version, v2.version) == (1, 2)
+    added = {t.pattern for t in v2.templates} - {t.pattern for t in v1.templates}
+    assert any("Failed password" in p for p in added), added
+
+    periods, host_logs = [], []
+    for i in range(2):
+        start = recent_start(240) - (i + 1) * 5 * 86_400
+        logs = device_logs(1000 + i, windows=240, anomaly_rate=0.2, seed=4, start=start)
+        path = tmp_path / f"holdout-{i}.log"
+        path.write_text(syslog_text(logs.lines))
+        host_logs.append(str(path))
+        periods += anomalous_periods(logs.labels, logs.kinds, start=start)
+    write_labels(tmp_path / "labels.csv", periods)
+    h1 = _holdout(tmp_path, "h1", v1_path, host_logs, tmp_path / "labels.csv")
+    h2 = _holdout(tmp_path, "h2", v2_path, host_logs, tmp_path / "labels.csv")
+    assert admin_main(["init", "--holdout", str(h1), "--vocabulary", str(v1_path)]) == 0
+    # a holdout of other features cannot replace the current one by the back door
+    assert admin_main(["holdout", str(h2)]) == 1
+
+    configs = []
+    for d in range(3):
+        device = tmp_path / f"dev-{d}"
+        (device / "log").mkdir(parents=True)
+        logs = device_logs(d, windows=WINDOWS, seed=5, start=recent_start(WINDOWS))
+        (device / "log" / "syslog").write_text(syslog_text(logs.lines))
+        assert client_main(["keygen", "--out", str(device / "state" / "client_key.pem")]) == 0
+        out = device / "client.json"
+        argv = ["enroll", f"dev-{d}", "--public-key", str(device / "state" / "client_key.pub.pem")]
+        assert admin_main([*argv, "--out", str(out), "--log", "log/syslog*"]) == 0
+        configs.append(out)
+    # device 0 runs under version 1: its update is in the inbox when the vocabulary moves
+    capsys.readouterr()
+    assert client_main(["run", "--config", str(configs[0]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["uploaded"]
+
+    assert admin_main(["templates", "publish", str(v2_path), "--holdout", str(h2), "--json"]) == 0
+    change = json.loads(capsys.readouterr().out)
+    assert change["published_version"] == 2 and change["previous_version"] == 1, change
+    assert change["vocabulary_version"] == 2
+    assert change["new"] >= len(added) + 3  # the added templates, unknown, 2 set statistics
+    assert change["carried"] >= 5 and change["metrics"]["auc"] > 0.5, change
+    # publishing it again changes nothing
+    assert admin_main(["templates", "publish", str(v2_path), "--holdout", str(h2), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["published_version"] is None
+
+    settings = ServerSettings.load(admin_env["config"])
+    deployment = Deployment(settings, admin_s3_config(settings, admin_env["config"]))
+    registry = deployment.registry()
+    assert registry.active_version() == 2
+    new = registry.read_version(2)
+    old = registry.read_version(1)
+    schema = FeatureSchema.from_dict(new.metadata.feature_schema)
+    assert schema.vocabulary == v2 and deployment.load_holdout().feature_names == schema.names
+    assert new.metadata.parent_version == 1 and new.metadata.threshold is not None
+    # a carried template column keeps the standardization its parameters were fitted in
+    old_schema = FeatureSchema.from_dict(old.metadata.feature_schema)
+    carried = v2.carried_features(v1)
+    for name, was in carried.items():
+        assert schema.mean[schema.names.index(name)] == old_schema.mean[old_schema.names.index(was)]
+    assert model_from_package(new).score(np.zeros((1, schema.dim))).shape == (1,)
+
+    # every device trains on version 2; device 0 re-counts the windows it kept from before
+    for out in configs:
+        assert client_main(["run", "--config", str(out), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["trained"] and report["uploaded"], report
+    config0 = ClientConfig.load(configs[0])
+    rows = local_rows(config0, schema, max_rows=100_000)
+    server_counted = templates.count_holdout(
+        [tmp_path / "dev-0" / "log" / "syslog"],
+        v2,
+        log_format="syslog",
+        regex=None,
+        window_seconds=WINDOW,
+        anomalous=[],
+    ).features
+    assert rows.shape == server_counted.shape == (WINDOWS, schema.dim)
+    np.testing.assert_array_equal(rows, server_counted)
+
+    capsys.readouterr()
+    assert admin_main(["round", "--run-id", "vocab-2", "--json"]) == 0
+    round_report = json.loads(capsys.readouterr().out)
+    assert round_report["accepted"] == 3, round_report
+    assert round_report["rejected"] == {"feature_mismatch": 1}, round_report
+
+    # a rollback to version 1 would serve vocabulary 1 against a vocabulary-2 holdout
+    argv = ["rollback", "--to-version", "1", "--reason", "test"]
+    assert admin_main(argv) == 1
+    assert "template vocabulary" in capsys.readouterr().err

@@ -238,6 +238,9 @@ def test_new_kind_plugs_in_without_touching_anything(schema: FeatureSchema) -> N
         def _set_params(self, vec: np.ndarray) -> None:
             self._mu = vec
 
+        def _carry(self, old: Any, index: np.ndarray) -> None:
+            self._mu = np.where(index >= 0, old._mu[np.maximum(index, 0)], 0.0)
+
         def fit_local(self, x_raw: Any, *, epochs: int, seed: int) -> int:
             z = self._scaled(x_raw)
             self._mu = z.mean(axis=0)

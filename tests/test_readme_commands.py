@@ -86,6 +86,10 @@ COMPOSE = "NOT RUN: no Docker daemon here; tests/test_compose.py validates docke
 LOGS_E2E = (
     "tests/test_logs_e2e.py::test_a_device_with_only_log_paths_trains_uploads_scores_and_explains"
 )
+VOCAB_E2E = (
+    "tests/test_logs_e2e.py::"
+    "test_a_new_vocabulary_is_a_new_version_and_devices_recount_their_windows"
+)
 TABLE: dict[str, str] = {
     # -- operator: fl-admin
     "fl-admin init": ADMIN + "test_round_through_cli",
@@ -98,6 +102,11 @@ TABLE: dict[str, str] = {
     "fl-admin templates holdout labeled/*.log --vocabulary vocabulary.json --labels "
     "anomalies.csv --out holdout.npz": LOGS_E2E,
     "fl-admin init --holdout holdout.npz --vocabulary vocabulary.json": LOGS_E2E,
+    "fl-admin templates learn sample/*.log --previous vocabulary.json --out "
+    "vocabulary-2.json": VOCAB_E2E,
+    "fl-admin templates holdout labeled/*.log --vocabulary vocabulary-2.json --labels "
+    "anomalies.csv --out holdout-2.npz": VOCAB_E2E,
+    "fl-admin templates publish vocabulary-2.json --holdout holdout-2.npz": VOCAB_E2E,
     "fl-client score --config client.json": LOGS_E2E,
     "fl-admin enroll dev-7 --public-key dev-7.pub.pem --out dev-7/client.json": ADMIN
     + "test_init_enroll_status_revoke",

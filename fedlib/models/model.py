@@ -254,6 +254,28 @@ class FeatureSchema:
         )
 
 
+def carried_schema(
+    old: FeatureSchema, vocabulary: TemplateVocabulary, benign_raw: Any
+) -> tuple[FeatureSchema, list[int | None]]:
+    """The feature schema of ``vocabulary`` replacing ``old``'s, and for each new column
+    the old column whose parameters carry over (None: a new column).
+
+    A carried column keeps its old standardization, so the parameters fitted in it
+    mean what they meant; a new one is standardized by the moments of ``benign_raw``
+    (the server's benign holdout rows counted with ``vocabulary``). Which columns carry
+    is :meth:`TemplateVocabulary.carried_features`'s decision; without an old
+    vocabulary (a model of feature files) none does."""
+    names = vocabulary.feature_names()
+    carried = vocabulary.carried_features(old.vocabulary) if old.vocabulary else {}
+    position = {name: j for j, name in enumerate(old.names)}
+    source = [position.get(carried[name]) if name in carried else None for name in names]
+    fresh = FeatureSchema.from_data(names, benign_raw, old.transform)
+    mean = [old.mean[j] if j is not None else m for j, m in zip(source, fresh.mean, strict=True)]
+    std = [old.std[j] if j is not None else s for j, s in zip(source, fresh.std, strict=True)]
+    schema = FeatureSchema(names, old.transform, mean, std, vocabulary=vocabulary)
+    return schema, source
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -327,6 +349,33 @@ class AnomalyModel(abc.ABC):
     @abc.abstractmethod
     def _set_params(self, vec: np.ndarray) -> None:
         """Install a validated float64 vector (owned by the callee)."""
+
+    def remapped(self, schema: FeatureSchema, source: Sequence[int | None]) -> AnomalyModel:
+        """This model on other feature columns (a new template vocabulary): column ``j``
+        of ``schema`` is column ``source[j]`` of this model's, whose parameters carry
+        over, or new (None). A new column starts where the schema's standardization
+        puts it (mean 0, variance 1, independent of the rest) and, until devices train
+        on it, has no say in what the carried columns learned. The threshold is unset:
+        the caller calibrates it on the new columns."""
+        if len(source) != schema.dim:
+            raise ValueError(f"source names {len(source)} columns, the schema has {schema.dim}")
+        if schema.transform != self.schema.transform:
+            raise ValueError("parameters do not carry across a change of transform")
+        index = np.array([-1 if j is None else j for j in source], dtype=np.int64)
+        if np.any(index >= self.schema.dim) or np.any(index < -1):
+            raise ValueError(f"source columns must be below {self.schema.dim}")
+        picked = index[index >= 0]
+        if np.unique(picked).size != picked.size:
+            raise ValueError("an old column can carry into one new column only")
+        model = type(self)(schema, self.spec)
+        model._init_params(0)
+        model._carry(self, index)
+        return model
+
+    @abc.abstractmethod
+    def _carry(self, old: Any, index: np.ndarray) -> None:
+        """Install ``old``'s parameters on the columns ``index >= 0`` (old column
+        ``index[j]``), the neutral ones elsewhere."""
 
     def statistics_reference(self) -> np.ndarray:
         """For sufficient-statistics kinds: the statistics a device's E-step is computed
@@ -587,6 +636,22 @@ class AutoencoderModel(AnomalyModel):
         self._est.intercepts_ = intercepts
         self._reset_optimizer()
 
+    def _carry(self, old: AutoencoderModel, index: np.ndarray) -> None:
+        """The hidden layers as they were; a new column's input weights, output weights
+        and output bias are 0, so it changes no code and is reconstructed as its mean."""
+        keep = index >= 0
+        coefs = [c.copy() for c in old._est.coefs_]
+        intercepts = [b.copy() for b in old._est.intercepts_]
+        d = self.schema.dim
+        first = np.zeros((d, coefs[0].shape[1]))
+        first[keep] = coefs[0][index[keep]]
+        last = np.zeros((coefs[-1].shape[0], d))
+        last[:, keep] = coefs[-1][:, index[keep]]
+        bias = np.zeros(d)
+        bias[keep] = intercepts[-1][index[keep]]
+        coefs[0], coefs[-1], intercepts[-1] = first, last, bias
+        self._set_params(np.concatenate([c.ravel() for c in coefs] + intercepts))
+
     def _reset_optimizer(self) -> None:
         """Drop optimizer state so training depends only on params, data, epochs, seed."""
         if hasattr(self._est, "_optimizer"):
@@ -747,6 +812,17 @@ class GaussianModel(AnomalyModel):
         self._m2 = np.asarray(m2, dtype=np.float64)
         self._whitener = None
 
+    def _carry(self, old: GaussianModel, index: np.ndarray) -> None:
+        """Moments of the carried columns as they were; a new column has mean 0,
+        ``E[z^2]`` 1 and no correlation (the moments of N(0, 1) independent of the rest)."""
+        keep = np.flatnonzero(index >= 0)
+        src = index[keep]
+        mu = np.zeros(self.schema.dim)
+        mu[keep] = old._mu[src]
+        m2 = np.eye(self.schema.dim)
+        m2[np.ix_(keep, keep)] = old._m2[np.ix_(src, src)]
+        self._install(mu, m2)
+
     def fit_local(self, x_raw: Any, *, epochs: int, seed: int) -> int:
         """Replace params by the local moments (``epochs``/``seed`` have no effect)."""
         z = self._scaled(x_raw)
@@ -902,6 +978,22 @@ class GaussianMixtureModel(AnomalyModel):
     def _install(self, pi: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> None:
         self._pi, self._s1, self._s2 = pi, s1, s2
         self._cache = None
+
+    def _carry(self, old: GaussianMixtureModel, index: np.ndarray) -> None:
+        """Each component's statistics of the carried columns as they were; in a new
+        column every component is N(0, 1), independent of the rest: ``E[r z] = 0``,
+        ``E[r z^2] = pi``, no cross terms."""
+        keep = np.flatnonzero(index >= 0)
+        new = np.flatnonzero(index < 0)
+        src = index[keep]
+        k, d = self._s1.shape
+        pi = old._pi.copy()
+        s1 = np.zeros((k, d))
+        s1[:, keep] = old._s1[:, src]
+        s2 = np.zeros((k, d, d))
+        s2[:, keep[:, None], keep[None, :]] = old._s2[:, src[:, None], src[None, :]]
+        s2[:, new, new] = pi[:, None]
+        self._install(pi, s1, s2)
 
     def _live(self) -> np.ndarray:
         return np.flatnonzero(self._pi > self.DEAD_WEIGHT)

@@ -54,3 +54,10 @@ class ModelPackage:
         for name, data in sorted(self.files().items()):
             h.update(name.encode() + b"\x00" + hashlib.sha256(data).digest())
         return h.hexdigest()
+
+
+def same_features(a: PackageMetadata, b: PackageMetadata) -> bool:
+    """Whether two versions read the same feature columns the same way (names, template
+    vocabulary, transform, standardization): only then does an update trained on one
+    apply to the other, or one's figures on a holdout compare with the other's."""
+    return a.feature_schema == b.feature_schema

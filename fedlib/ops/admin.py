@@ -234,6 +234,27 @@ def cmd_templates_holdout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_templates_publish(args: argparse.Namespace) -> int:
+    vocabulary = TemplateVocabulary.from_json(Path(args.vocabulary).read_bytes())
+    holdout = Holdout.from_bytes(Path(args.holdout).read_bytes())  # before any side effect
+    change = templates.publish_vocabulary(_deployment(args), vocabulary, holdout)
+    if args.json:
+        doc: dict[str, Any] = {
+            "published_version": change.package.version if change.package else None,
+            "previous_version": change.previous_version,
+            "vocabulary_version": vocabulary.version,
+            "holdout_version": change.holdout_version,
+            "carried": change.carried,
+            "new": change.new,
+            "dropped": change.dropped,
+            "metrics": change.package.metadata.metrics if change.package else None,
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        print(change.summary())
+    return 0
+
+
 def client_config_document(
     deployment: Deployment,
     client_id: str,
@@ -350,7 +371,16 @@ def holdout_document(deployment: Deployment) -> dict[str, Any]:
 def cmd_holdout(args: argparse.Namespace) -> int:
     deployment = _deployment(args)
     if args.file:
-        version = deployment.save_holdout(Holdout.from_bytes(Path(args.file).read_bytes()))
+        holdout = Holdout.from_bytes(Path(args.file).read_bytes())
+        active = deployment.registry().active_version()
+        if active is not None:
+            names = deployment.registry().read_metadata(active).feature_schema["names"]
+            if holdout.feature_names != names:
+                raise ValueError(
+                    f"the holdout's features are not those of active v{active}; a holdout "
+                    "for a new template vocabulary goes in with `fl-admin templates publish`"
+                )
+        version = deployment.save_holdout(holdout)
         print(f"holdout version {version} is now current (rounds evaluate on it from now on)")
     doc = holdout_document(deployment)
     if args.json:
@@ -754,6 +784,17 @@ def build_parser() -> argparse.ArgumentParser:
     count.add_argument("--window-seconds", type=int, default=300)
     count.add_argument("--out", required=True)
     count.set_defaults(func=cmd_templates_holdout)
+    publish = tpl_sub.add_parser(
+        "publish",
+        help="publish a new vocabulary as the next model version, with a holdout counted "
+        "by it (the columns that survive keep their parameters)",
+    )
+    publish.add_argument("vocabulary", help="the reviewed vocabulary file (templates learn)")
+    publish.add_argument(
+        "--holdout", required=True, help="labeled windows counted with it (templates holdout)"
+    )
+    publish.add_argument("--json", action="store_true")
+    publish.set_defaults(func=cmd_templates_publish)
 
     enroll = sub.add_parser("enroll", help="register a device key, write its client config")
     enroll.add_argument("client_id")

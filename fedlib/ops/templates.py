@@ -17,10 +17,12 @@ import csv
 import gzip
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedlib.models.evaluation import evaluate_onnx
 from fedlib.models.logfeatures import (
     MASK_NAMES,
     Entry,
@@ -34,7 +36,10 @@ from fedlib.models.logfeatures import (
     parse_syslog,
     window_features,
 )
-from fedlib.server.deployment import Holdout
+from fedlib.models.model import FeatureSchema, carried_schema
+from fedlib.models.package import ModelPackage
+from fedlib.server.deployment import Deployment, Holdout
+from fedlib.server.rounds import model_from_package, package_model
 from fedlib.wire.vocabulary import WILDCARD, Template, TemplateVocabulary
 
 FORMATS = ("syslog", "journald", "jsonl", "regex")
@@ -239,4 +244,105 @@ def count_holdout(
         labels=np.asarray(labels, dtype=np.int64),
         feature_names=vocabulary.feature_names(),
         classes=np.asarray(classes, dtype=str) if any(classes) else None,
+    )
+
+
+@dataclass(frozen=True)
+class VocabularyChange:
+    """What ``fl-admin templates publish`` did: the version it published (None when the
+    vocabulary was active already), the holdout version rounds now evaluate on, and how
+    many of the new feature columns carried their parameters over."""
+
+    package: ModelPackage | None
+    previous_version: int
+    holdout_version: int
+    carried: int
+    new: int
+    dropped: int
+
+    def summary(self) -> str:
+        if self.package is None:
+            return (
+                f"this vocabulary is already active (v{self.previous_version}); holdout "
+                f"version {self.holdout_version} is current"
+            )
+        meta = self.package.metadata
+        vocabulary = FeatureSchema.from_dict(meta.feature_schema).vocabulary
+        return (
+            f"published version {meta.version} (vocabulary "
+            f"{vocabulary.version if vocabulary else '?'}, from v{self.previous_version}): "
+            f"{self.carried} feature columns carried their parameters, {self.new} new, "
+            f"{self.dropped} dropped; AUC {meta.metrics['auc']:.3f} on holdout version "
+            f"{self.holdout_version}'s evaluation rows. Devices re-count their retained "
+            "windows with it at their next run; updates trained on older versions are "
+            "refused (feature_mismatch)"
+        )
+
+
+def _same_rows(a: Holdout, b: Holdout) -> bool:
+    return (
+        a.feature_names == b.feature_names
+        and np.array_equal(a.features, b.features)
+        and np.array_equal(a.labels, b.labels)
+    )
+
+
+def publish_vocabulary(
+    deployment: Deployment, vocabulary: TemplateVocabulary, holdout: Holdout
+) -> VocabularyChange:
+    """A new template vocabulary as the next model version (a vocabulary change is a
+    model change): the active model on the new columns (:meth:`AnomalyModel.remapped`;
+    the columns that count what they counted before keep their parameters), its
+    threshold calibrated and its figures measured on ``holdout``, counted with this
+    vocabulary, which becomes the holdout rounds evaluate on.
+
+    The holdout is stored first, so a crash leaves a state a rerun completes: the rerun
+    stores nothing twice and publishes the version (or finds it active)."""
+    if holdout.feature_names != vocabulary.feature_names():
+        raise ValueError(
+            f"the holdout's features are not those of vocabulary {vocabulary.version}: "
+            "count it with `fl-admin templates holdout` and this vocabulary"
+        )
+    registry = deployment.registry(signing=True)
+    active = registry.read_active()
+    old = FeatureSchema.from_dict(active.metadata.feature_schema)
+    if deployment.holdout_version() is None or not _same_rows(deployment.load_holdout(), holdout):
+        deployment.save_holdout(holdout)
+    parts = deployment.holdout_parts()
+    if old.vocabulary is not None and old.vocabulary.digest() == vocabulary.digest():
+        return VocabularyChange(None, active.version, parts.evaluation.version or 0, 0, 0, 0)
+    if old.vocabulary is not None and vocabulary.version <= old.vocabulary.version:
+        raise ValueError(
+            f"vocabulary {vocabulary.version} is not newer than the active model's "
+            f"{old.vocabulary.version} (`fl-admin templates learn --previous` numbers it)"
+        )
+    settings = deployment.settings
+    benign = parts.calibration.benign()
+    schema, source = carried_schema(old, vocabulary, benign)
+    model = model_from_package(active).remapped(schema, source)
+    model.calibrate_threshold(benign, quantile=settings.threshold_quantile)
+    version = registry.next_version()
+
+    def package(metrics: dict[str, float] | None) -> ModelPackage:
+        return package_model(
+            model,
+            version=version,
+            training=active.metadata.training,
+            parent_version=active.version,
+            metrics=metrics,
+            privacy=active.metadata.privacy,  # the same lineage of parameters
+        )
+
+    ev = parts.evaluation
+    metrics = evaluate_onnx(package(None).onnx_bytes, ev.features, ev.labels, interval=True)
+    published = package(metrics.as_dict())
+    registry.publish(published)
+    carried = sum(j is not None for j in source)
+    return VocabularyChange(
+        published,
+        active.version,
+        ev.version or 0,
+        carried=carried,
+        new=schema.dim - carried,
+        dropped=old.dim - carried,
     )

@@ -43,6 +43,7 @@ from fedlib.trust.package import (
     sign_package,
     verify_package_files,
 )
+from fedlib.wire.protocol import PackageMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,22 @@ class ModelRegistry:
         raise VerificationError(
             f"no copy of {info.path} matches its signed hash: {'; '.join(problems)}"
         )
+
+    def read_metadata(self, version: int, targets: Targets | None = None) -> PackageMetadata:
+        """A published version's ``metadata.json`` alone (one GET), checked against the
+        length and SHA-256 the signed targets give before it is parsed."""
+        listed = (targets or self.channel.targets()).targets
+        info = listed.get(target_path(version, "metadata.json"))
+        if info is None:
+            raise NoSuchKey(package_prefix(version), f"the channel names no version {version}")
+        data = self._read_target(info, package_prefix(version) + "metadata.json")
+        try:
+            metadata = PackageMetadata.from_json(data)
+        except ValueError as exc:
+            raise VerificationError(f"version {version}: {exc}") from None
+        if metadata.version != version:
+            raise VerificationError(f"metadata says version {metadata.version}, expected {version}")
+        return metadata
 
     def read_version(self, version: int, targets: Targets | None = None) -> ModelPackage:
         """A published version: signed target hashes first, then the package signature."""

@@ -25,7 +25,7 @@ from typing import Protocol
 from fedlib import failpoints
 from fedlib.failpoints import failpoint
 from fedlib.models.evaluation import Metrics, evaluate_onnx
-from fedlib.models.package import ModelPackage
+from fedlib.models.package import ModelPackage, same_features
 from fedlib.server import state_keys
 from fedlib.server.deployment import Deployment, Holdout
 from fedlib.server.records import RollbackAction, RollbackDecision
@@ -212,7 +212,13 @@ def check_active(
     pkgs = packages(registry, sorted(set(recent) | {active}))
     parts = deployment.holdout_parts()
     holdout: Holdout = parts.calibration  # a decision: calibration rows
-    good = [v for v in known_good(pkgs) if v != active]
+    # Only versions that read the active's features: the others (before a template
+    # vocabulary change) cannot be scored on today's holdout, nor served in its place.
+    good = [
+        v
+        for v in known_good(pkgs)
+        if v != active and same_features(pkgs[v].metadata, pkgs[active].metadata)
+    ]
     scores = {
         v: evaluate_onnx(pkgs[v].onnx_bytes, holdout.features, holdout.labels)
         for v in [*good, active]
@@ -306,6 +312,12 @@ def manual_rollback(
             f"version {to_version} was rolled back away from; it is not known-good"
         )
     target = pkgs[to_version]
+    if active is not None and not same_features(target.metadata, pkgs[active].metadata):
+        raise RollbackRefused(
+            f"version {to_version} reads other features than active v{active} (a template "
+            "vocabulary change lies between them): the holdout cannot score it and devices "
+            "count for the active vocabulary; a rollback stays on this side of the change"
+        )
     holdout = deployment.holdout_parts().evaluation  # published with the version
     metrics = evaluate_onnx(target.onnx_bytes, holdout.features, holdout.labels, interval=True)
     if active is None:

@@ -34,7 +34,7 @@ from fedlib import failpoints
 from fedlib.crypto import sealing
 from fedlib.errors import RejectedUpdate, StoreError
 from fedlib.failpoints import failpoint
-from fedlib.models.package import ModelPackage, weights_from_bytes
+from fedlib.models.package import ModelPackage, same_features, weights_from_bytes
 from fedlib.server import privacy, robust, state_keys
 from fedlib.server.aggregation import (
     AggregationConfig,
@@ -90,6 +90,7 @@ from fedlib.wire.protocol import PackageMetadata
 
 if TYPE_CHECKING:
     from fedlib.models.evaluation import Metrics as ScoredMetrics
+    from fedlib.server.registry import ModelRegistry
 
 #: S3 requests one shard keeps in flight (inbox GETs ahead of the verifier; archive
 #: writes). Enough to hide a local S3's latency behind the verifier's CPU; each GET in
@@ -529,6 +530,22 @@ def round_clip_norm(deployment: Deployment, base: ModelPackage) -> float:
     return deployment.settings.privacy().clip_norm
 
 
+def other_features(
+    registry: ModelRegistry, base: ModelPackage, known: frozenset[int], max_staleness: int
+) -> frozenset[int]:
+    """The versions an update may name as its base without being too stale whose
+    features are not ``base``'s (one signed ``metadata.json`` read each): a template
+    vocabulary published between them. Published versions never change, so a retried
+    or replayed shard gets the same set."""
+    window = [v for v in known if base.version - max_staleness <= v < base.version]
+    if not window:
+        return frozenset()
+    targets = registry.channel.targets()
+    return frozenset(
+        v for v in window if not same_features(registry.read_metadata(v, targets), base.metadata)
+    )
+
+
 def round_inputs(
     deployment: Deployment, base: ModelPackage, holdout_version: int | None = None
 ) -> RoundInputs:
@@ -540,12 +557,15 @@ def round_inputs(
     if aggregation.robust == "fltrust":
         benign = deployment.holdout_parts(holdout_version).calibration.benign()
         reference = robust.reference_delta(base, benign)
+    registry = deployment.registry()
+    known = frozenset(registry.versions())
     return RoundInputs(
         reference=reference,
         fleet=deployment.load_fleet(),
         server_keys=deployment.server_keyring(),
         base=base,
-        known_versions=frozenset(deployment.registry().versions()),
+        known_versions=known,
+        other_features=other_features(registry, base, known, aggregation.max_staleness),
         aggregation=aggregation,
         accepted_suites=frozenset(
             sealing.SUITES[name] for name in deployment.settings.accepted_hpke_suites
@@ -1014,20 +1034,25 @@ CLASS_REFERENCE_VERSIONS = 20
 
 
 def recent_class_reference(
-    deployment: Deployment, holdout: Holdout, active: ScoredMetrics
+    deployment: Deployment, holdout: Holdout, base: ModelPackage, active: ScoredMetrics
 ) -> dict[str, float] | None:
     """The best per-class detection of the active model and the last
     :data:`CLASS_REFERENCE_VERSIONS` published versions on ``holdout`` (None: the
     holdout names no classes). A window, not the active model alone, so that a class
-    eroded a little per round still meets the tolerance as a whole."""
+    eroded a little per round still meets the tolerance as a whole. Only versions that
+    read ``base``'s features: one before a template vocabulary change cannot be scored
+    on this holdout."""
     if holdout.classes is None:
         return None
     from fedlib.models.evaluation import class_reference
 
     registry = deployment.registry()
+    targets = registry.channel.targets()
     recent = [active]
     for version in registry.versions()[-CLASS_REFERENCE_VERSIONS:]:
-        recent.append(evaluate(deployment, registry.read_version(version), holdout))
+        package = registry.read_version(version, targets)
+        if same_features(package.metadata, base.metadata):
+            recent.append(evaluate(deployment, package, holdout))
     return class_reference(recent)
 
 
@@ -1071,7 +1096,7 @@ def evaluate_round(deployment: Deployment, run_id: str) -> Evaluation:
             tolerance=deployment.settings.auc_tolerance,
             floor=deployment.settings.auc_floor,
             class_tolerance=deployment.settings.class_detection_tolerance,
-            class_reference=recent_class_reference(deployment, holdout, active),
+            class_reference=recent_class_reference(deployment, holdout, base_pkg, active),
         )
         reason += f" (gate on the {holdout.labels.size} calibration rows)"
         calibration_candidate = _metrics(scored, "calibration")

@@ -45,6 +45,9 @@ class RoundInputs:
     server_keys: sealing.ServerKeyring
     base: ModelPackage
     known_versions: frozenset[int]
+    #: Published versions within the staleness bound whose features are not the base's
+    #: (a template vocabulary change between them): updates trained on them are refused.
+    other_features: frozenset[int] = frozenset()
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     max_envelope_bytes: int = protocol.MAX_ENVELOPE_BYTES
     #: FLTrust's reference delta (``aggregation.robust == "fltrust"``), else None.
@@ -84,6 +87,13 @@ def open_and_validate(key: str, blob: bytes, inputs: RoundInputs) -> AcceptedUpd
     if header.base_version not in inputs.known_versions:
         raise RejectedUpdate(
             "unknown_base_version", f"base version {header.base_version} was never published"
+        )
+    if header.base_version in inputs.other_features:
+        raise RejectedUpdate(
+            "feature_mismatch",
+            f"trained on version {header.base_version}, whose features are not those of "
+            f"version {base.version} (a new template vocabulary): the device re-counts "
+            "its windows with the new one and trains again",
         )
     staleness = base.version - header.base_version
     if meta.model_kind != base.model_kind or meta.num_params != base.num_params:

@@ -82,6 +82,34 @@ class TemplateVocabulary(BaseModel):
         ordered = sorted(self.templates, key=lambda t: t.id)
         return [t.feature for t in ordered] + [UNKNOWN_FEATURE, *WINDOW_STATS]
 
+    def carried_features(self, previous: TemplateVocabulary) -> dict[str, str]:
+        """This vocabulary's feature columns that count exactly what a column of
+        ``previous`` counted, each mapped to that column's name (a template may have a
+        new id): a model's parameters for them carry over when this vocabulary replaces
+        ``previous``.
+
+        ``line_rate`` always survives. A template column survives when the same pattern
+        is in both (under the same masks) and no template only one of them has could
+        match a line it matches: an added ``link up`` takes lines from ``link <*>``, a
+        removed one gives them back, and either changes what ``link <*>`` counts. The
+        columns that depend on the whole set (``unknown``, ``distinct_templates``,
+        ``unknown_share``) survive only when the template set is unchanged.
+        """
+        carried = {"line_rate": "line_rate"}
+        if self.masks != previous.masks:
+            return carried
+        now = {" ".join(t.tokens): t for t in self.templates}
+        then = {" ".join(t.tokens): t for t in previous.templates}
+        changed = [tuple(p.split()) for p in set(now) ^ set(then)]
+        for pattern in set(now) & set(then):
+            tokens = tuple(pattern.split())
+            if not any(_overlap(tokens, other) for other in changed):
+                carried[now[pattern].feature] = then[pattern].feature
+        if not changed:
+            for name in (UNKNOWN_FEATURE, *WINDOW_STATS):
+                carried[name] = name
+        return carried
+
     def to_json(self) -> bytes:
         return canonical_json(self.model_dump(mode="json", by_alias=True))
 
@@ -92,3 +120,8 @@ class TemplateVocabulary(BaseModel):
     @classmethod
     def from_json(cls, data: bytes) -> TemplateVocabulary:
         return cls.model_validate_json(data)
+
+
+def _overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether some message could match both patterns (``<*>`` is one token)."""
+    return len(a) == len(b) and all(x == y or WILDCARD in (x, y) for x, y in zip(a, b, strict=True))
