@@ -78,8 +78,8 @@ bench: $(STAMP) redis
 	$(BIN)/python -m bench.client --dataset bench/results/dataset.npz --json > bench/results/client.json
 	$(BIN)/python -m bench.round --json > bench/results/round.json
 	$(BIN)/python -m bench.round --memory-check --json > bench/results/round-memory.json
-	$(BIN)/python -m bench.scaleout --updates 10000 --json > bench/results/scaleout.json
-	$(BIN)/python -m bench.scaleout --updates 1000 --shard-size 100 --json > bench/results/scaleout-1k.json
+	$(BIN)/python -m bench.scaleout --updates 10000 --repeat 3 --json > bench/results/scaleout.json
+	$(BIN)/python -m bench.scaleout --updates 1000 --shard-size 100 --repeat 3 --json > bench/results/scaleout-1k.json
 	$(BIN)/python -m bench.scaleout --updates 10000 --executor celery --json > bench/results/scaleout-celery.json
 	$(BIN)/python -m bench.fleet --json > bench/results/fleet.json
 

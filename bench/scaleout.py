@@ -1,7 +1,7 @@
 """Scale-out: one real ``fl_round`` over N queued updates with 1 and with 2 task workers.
 
     python -m bench.scaleout --updates 10000 --json [--clients N] [--shard-size 1000]
-        [--executor local|celery]
+        [--executor local|celery] [--repeat N]
 
 Why: issue 6 asks whether a round scales by adding workers. The round's heavy phase is
 ``process_shard`` (verify, decrypt, validate, sum), mapped over shards; everything else
@@ -30,6 +30,10 @@ run's start to end; ``speedup`` = 1-worker shard phase / 2-worker shard phase. O
 2-core machine SeaweedFS, the scheduler, the API server and the task processes share the
 cores, so expect a modest speedup (``shard_phase_cpu_busy`` shows how busy the whole
 machine was).
+
+``--repeat N`` runs each worker count N times, interleaved (1, 2, 1, 2...), each with a
+fresh inbox; the top-level figures and ``median`` are medians over those runs, ``runs``
+keeps every run.
 
 ``--executor celery``: the same measurement on CeleryExecutor (PostgreSQL for metadata
 and results, Redis as broker, ``make redis``): one ``airflow celery worker`` process per
@@ -578,6 +582,36 @@ def measure(
     return result
 
 
+MEDIAN_KEYS = (
+    "shard_phase_s",
+    "whole_run_s",
+    "shard_task_s_median",
+    "shard_phase_cpu_busy",
+    "serial_task_s",
+    "record_phase_s",
+)
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each timing over repeated runs with the same worker count (and of
+    each round-wide task on its own): one run is at the mercy of this shared machine."""
+    out: dict[str, Any] = {"runs": len(runs)}
+    for key in MEDIAN_KEYS:
+        values = [r[key] for r in runs if r[key] is not None]
+        out[key] = round(float(np.median(values)), 3) if values else None
+    out["serial_task_s_range"] = [
+        min(r["serial_task_s"] for r in runs),
+        max(r["serial_task_s"] for r in runs),
+    ]
+    tasks = sorted({t for r in runs for t in r["serial_tasks_s"]})
+    out["serial_tasks_s"] = {
+        t: round(float(np.median([r["serial_tasks_s"][t] for r in runs])), 2)
+        for t in tasks
+        if all(t in r["serial_tasks_s"] for r in runs)
+    }
+    return out
+
+
 def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     from scripts.seaweed import SeaweedServer
 
@@ -620,6 +654,9 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
                 airflow.start_worker(f"worker-{i + 1}", with_keys)
             airflow.start_scheduler(2 * workers)
 
+        # 1 then 2 workers, ``--repeat`` times, interleaved: a slow minute on this shared
+        # machine then lands on both worker counts rather than on one.
+        plan = [workers for _ in range(args.repeat) for workers in (1, 2)]
         runs = [
             measure(
                 airflow,
@@ -631,14 +668,15 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
                 timeout=args.timeout,
                 start=start,
             )
-            for i, workers in enumerate((1, 2))
+            for i, workers in enumerate(plan)
         ]
-    one, two = runs
+    median = {str(w): medians([r for r in runs if r["workers"] == w]) for w in (1, 2)}
+    one, two = median["1"], median["2"]
     return {
         "updates": args.updates,
         "clients": args.clients,
         "shard_size": args.shard_size,
-        "shards": one["shards"],
+        "shards": runs[0]["shards"],
         "model_params": model_params,
         "workers_1_shard_phase_s": one["shard_phase_s"],
         "workers_2_shard_phase_s": two["shard_phase_s"],
@@ -648,7 +686,9 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         "workers_1_whole_run_s": one["whole_run_s"],
         "workers_2_whole_run_s": two["whole_run_s"],
         "whole_run_speedup": round(one["whole_run_s"] / two["whole_run_s"], 3),
-        "all_accounted": one["all_accounted"] and two["all_accounted"],
+        "all_accounted": all(r["all_accounted"] for r in runs),
+        "repeat": args.repeat,
+        "median": median,
         "runs": runs,
         "machine": {
             "nproc": os.cpu_count(),
@@ -694,14 +734,20 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="[workers] min_heartbeat_interval, seconds (Airflow's default: 5)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per worker count (interleaved 1, 2, 1, 2...); figures are medians",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="per DAG run, seconds")
     parser.add_argument("--dir", default=None, help="keep all state here (default: temp dir)")
     parser.add_argument("--json", action="store_true", help="print the JSON object on one line")
     args = parser.parse_args(argv)
     if args.clients is None:
         args.clients = args.updates
-    if args.updates < 2 or args.clients < 2 or args.shard_size < 1:
-        parser.error("need --updates >= 2, --clients >= 2, --shard-size >= 1")
+    if args.updates < 2 or args.clients < 2 or args.shard_size < 1 or args.repeat < 1:
+        parser.error("need --updates >= 2, --clients >= 2, --shard-size >= 1, --repeat >= 1")
     shards = -(-args.updates // args.shard_size)
     if shards > 1024:  # [core] max_map_length
         parser.error(f"{shards} shards exceed Airflow's max_map_length (1024)")
