@@ -280,7 +280,7 @@ class LogReader:
                 return  # a line still being written
             tally.offset += len(raw)
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if not line.strip():
+            if not line or line.isspace():
                 continue
             if fmt == "syslog":
                 entry = parse_syslog(line, year=year)

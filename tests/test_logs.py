@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from client.logs import LogSettings, LogSource, LogState, fingerprint, ingest, state_path
@@ -366,3 +366,64 @@ def test_a_wildcard_with_few_values_is_split_into_one_template_per_value():
     matcher = TemplateMatcher(vocabulary)
     ids = {t.pattern: t.id for t in vocabulary.templates}
     assert matcher.match(mask("kernel: eth0 link down now")) == ids["kernel: eth0 link down now"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    token=st.one_of(
+        st.from_regex(r"[0-9]{1,12}", fullmatch=True),
+        st.from_regex(r"[0-9]{1,4}(\.[0-9]{1,4}){2,4}(:[0-9]{0,6})?", fullmatch=True),
+        st.from_regex(r"[0-9a-f:.\-/x]{1,20}", fullmatch=True),
+        st.text(min_size=1, max_size=16).filter(lambda t: not any(c.isspace() for c in t)),
+    )
+)
+def test_the_token_shortcuts_mask_as_the_rules_do(token):
+    from fedlib.models import logfeatures
+
+    assert logfeatures._mask_token(token) == logfeatures._mask_token_by_rules(token)
+
+
+def _users_by_the_rules(tokens: list[str], out: list[str]) -> None:
+    """The user-name rules of MASKS as its comment states them, one token at a time."""
+    last = len(tokens) - 1
+    for i, token in enumerate(tokens):
+        if i and tokens[i - 1] in ("user", "User"):
+            out[i] = USER_RE.sub("<USER>", out[i], count=1)
+        elif i and i < last and tokens[i - 1] == "for" and tokens[i + 1] == "from":
+            if token not in ("user", "invalid", "User"):
+                out[i] = USER_RE.sub("<USER>", out[i], count=1)
+        elif i == 1 and last >= 2 and tokens[0] == "sudo:" and tokens[2] == ":":
+            out[i] = "<USER>"
+        elif "=" in token:
+            for key in ("ruser=", "logname=", "user=", "USER=", "acct="):
+                if token.startswith(key) and len(token) > len(key):
+                    out[i] = key + USER_RE.sub("<USER>", token[len(key) :], count=1)
+                    break
+
+
+USER_RE = __import__("re").compile(r"[\w.\-@$]+")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    tokens=st.lists(
+        st.one_of(
+            st.sampled_from(["user", "User", "for", "from", "invalid", "sudo:", ":", "x"]),
+            st.sampled_from(["ruser=", "user=bob", "USER=root", "acct=a.b", "logname=", "a=b"]),
+            st.from_regex(r"[a-z0-9.@$=\-]{1,8}", fullmatch=True),
+        ),
+        min_size=1,
+        max_size=10,
+    )
+)
+@example(tokens=["sudo:", "user=bob", ":", "x"])  # the first rule that fits, only
+@example(tokens=["x", "for", "user=a", "from", "y"])
+@example(tokens=["user", "USER=root"])
+def test_the_user_rules_apply_as_stated(tokens):
+    from fedlib.models import logfeatures
+
+    expected = [logfeatures._mask_token(t) for t in tokens]
+    _users_by_the_rules(tokens, expected)
+    got = [logfeatures._mask_token(t) for t in tokens]
+    logfeatures._mask_users(tokens, got, any("=" in t for t in tokens))
+    assert got == expected

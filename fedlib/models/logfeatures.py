@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, NamedTuple
 
 import numpy as np
 
@@ -73,10 +73,33 @@ _MEMO_LIMIT: Final = 262_144
 _token_memo: dict[str, str] = {}
 
 
+#: Whole tokens whose masking is known without the rules (the rules give the same:
+#: ``tests/test_logs.py`` holds them to it): most tokens the memo has not seen are a
+#: number or an address, each seen once.
+_WHOLE_IPV4: Final = re.compile(r"(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?")
+
+
 def _mask_token(token: str) -> str:
+    if token.isascii():
+        if token.isdigit():
+            return "<NUM>"
+        if _WHOLE_IPV4.fullmatch(token):
+            return "<IP>"
+    return _mask_token_by_rules(token)
+
+
+def _mask_token_by_rules(token: str) -> str:
     for regex, replacement in _TOKEN_RULES:
         token = regex.sub(replacement, token)
     return token
+
+
+def _masked_token(token: str) -> str:
+    """A memo miss: mask ``token`` and remember it (the memo is bounded)."""
+    if len(_token_memo) >= _MEMO_LIMIT:
+        _token_memo.clear()
+    masked = _token_memo[token] = _mask_token(token)
+    return masked
 
 
 def mask(message: str) -> str:
@@ -84,17 +107,12 @@ def mask(message: str) -> str:
     whitespace collapsed to single spaces. Tokens repeat across lines, so each token's
     context-free masking is memoised (bounded)."""
     tokens = message.split()
-    memo = _token_memo
-    out = []
-    for token in tokens:
-        masked = memo.get(token)
-        if masked is None:
-            if len(memo) >= _MEMO_LIMIT:
-                memo.clear()
-            masked = memo[token] = _mask_token(token)
-        out.append(masked)
-    if "ser" in message or "for" in message or "=" in message or message.startswith("sudo:"):
-        _mask_users(tokens, out)  # (most lines can name no user: no walk for them)
+    known = _token_memo.get
+    # a masked token is never empty, so ``or`` falls through exactly on a miss
+    out = [known(token) or _masked_token(token) for token in tokens]
+    assignments = "=" in message
+    if assignments or "ser" in message or "for" in message or message.startswith("sudo:"):
+        _mask_users(tokens, out, assignments)  # (most lines can name no user: no walk)
     if "/" in message:
         _mask_status(tokens, out)
     return " ".join(out)
@@ -102,25 +120,40 @@ def mask(message: str) -> str:
 
 def _mask_status(tokens: list[str], out: list[str]) -> None:
     for i in range(1, len(tokens)):
-        if _STATUS.fullmatch(tokens[i]) and _AFTER_REQUEST.search(tokens[i - 1]):
-            out[i] = f"<{tokens[i][0]}xx>"
+        token = tokens[i]
+        if len(token) == 3 and _STATUS.fullmatch(token) and _AFTER_REQUEST.search(tokens[i - 1]):
+            out[i] = f"<{token[0]}xx>"
 
 
-def _mask_users(tokens: list[str], out: list[str]) -> None:
+def _mask_users(tokens: list[str], out: list[str], assignments: bool) -> None:
+    """User names by position; each token takes the first rule that fits: after
+    ``user``/``User``; between ``for`` and ``from`` (unless ``user``, ``invalid`` or
+    ``User``); sudo's ``sudo: NAME :``; else a ``ruser=``/``logname=``/``user=``/
+    ``USER=``/``acct=`` value. Each rule first finds its places with list scans (C),
+    so a line pays a Python loop only for rules that can apply."""
     last = len(tokens) - 1
-    for i, token in enumerate(tokens):
-        if i and tokens[i - 1] in ("user", "User"):
-            out[i] = _USER.sub("<USER>", out[i], count=1)
-        elif i and i < last and tokens[i - 1] == "for" and tokens[i + 1] == "from":
-            if token not in _FOR_NOT_A_NAME:
+    placed: set[int] = set()
+    if "user" in tokens or "User" in tokens:
+        for i in range(1, last + 1):
+            if tokens[i - 1] in ("user", "User"):
                 out[i] = _USER.sub("<USER>", out[i], count=1)
-        elif i == 1 and last >= 2 and tokens[0] == "sudo:" and tokens[2] == ":":
-            out[i] = "<USER>"
-        elif "=" in token:
-            for key in _USER_KEYS:
-                if token.startswith(key) and len(token) > len(key):
-                    out[i] = key + _USER.sub("<USER>", token[len(key) :], count=1)
-                    break
+                placed.add(i)
+    if "for" in tokens and "from" in tokens:
+        for i in range(1, last):
+            if tokens[i - 1] == "for" and tokens[i + 1] == "from":
+                if tokens[i] not in _FOR_NOT_A_NAME:
+                    out[i] = _USER.sub("<USER>", out[i], count=1)
+                placed.add(i)
+    if last >= 2 and tokens[0] == "sudo:" and tokens[2] == ":":
+        out[1] = "<USER>"
+        placed.add(1)
+    if assignments:
+        for i, token in enumerate(tokens):
+            if "=" in token and i not in placed:
+                for key in _USER_KEYS:
+                    if token.startswith(key) and len(token) > len(key):
+                        out[i] = key + _USER.sub("<USER>", token[len(key) :], count=1)
+                        break
 
 
 # ---------------------------------------------------------------------------- matching
@@ -192,10 +225,11 @@ def _search(node: _Node, tokens: list[str], at: int) -> int | None:
 # ----------------------------------------------------------------------------- formats
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One log entry: when (epoch seconds, None if the entry carried no time we could
-    read) and what (the message the templates are matched against)."""
+    read) and what (the message the templates are matched against). A named tuple: a
+    device makes one per line, and a tuple is made several times faster than a frozen
+    dataclass."""
 
     time: float | None
     message: str
@@ -231,11 +265,29 @@ def parse_iso_time(text: str) -> float | None:
 
 
 _bsd_days: dict[tuple[str, int], float | None] = {}
+#: Whole stamps already read, for one year at a time (a busy host writes many lines a
+#: second, so most stamps repeat): ``_bsd_stamps[0]`` is that year.
+_bsd_stamps: tuple[int, dict[str, float | None]] = (0, {})
 
 
 def _bsd_time(stamp: str, year: int) -> float | None:
     """``Dec  6 20:48:19`` (``Mon dd hh:mm:ss``, day space-padded) in ``year``, UTC; None
-    if it is no such time. The day's start is memoised; the clock is read by position."""
+    if it is no such time. Stamps and days' starts are memoised."""
+    global _bsd_stamps
+    stamps_year, stamps = _bsd_stamps
+    if stamps_year != year or len(stamps) >= _MEMO_LIMIT:
+        _bsd_stamps = (year, {})
+        stamps_year, stamps = _bsd_stamps
+    try:
+        return stamps[stamp]
+    except KeyError:
+        when = stamps[stamp] = _read_bsd_time(stamp, year)
+        return when
+
+
+def _read_bsd_time(stamp: str, year: int) -> float | None:
+    """:func:`_bsd_time` without the stamp memo: the day's start is memoised, the clock
+    is read by position."""
     clock = stamp[7:]
     if len(clock) != 8 or clock[2] != ":" or clock[5] != ":":
         return None
@@ -262,29 +314,32 @@ def _bsd_time(stamp: str, year: int) -> float | None:
     return None if day is None else day + h * 3600 + m * 60 + sec
 
 
+#: The fast path's header: stamp (checked by :func:`_bsd_time`), a host without spaces,
+#: and a tag of at most 72 characters without ``:`` or spaces, then ``": "``.
+_BSD_HEAD: Final = re.compile(
+    r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) .. ..:..:.. ([^ ]+) ([^: ]{1,72}): ",
+    re.DOTALL,
+)
+
+
 def _parse_bsd_fast(line: str, year: int) -> Entry | None:
     """The common RFC 3164 shape (``Mon dd hh:mm:ss host tag[pid]: msg``) with string
     operations; None for anything else (the regex decides those, the same way)."""
-    if line[:3] not in _MONTHS or line[3:4] != " " or line[15:16] != " ":
+    head = _BSD_HEAD.match(line)
+    if head is None:
         return None
-    stamp = line[:15]
-    if stamp[6:7] != " " or stamp[9:10] != ":" or stamp[12:13] != ":":
-        return None
-    host_end = line.find(" ", 16)
-    if host_end <= 16 or not line[16:host_end].isprintable():  # no other whitespace
-        return None
-    tag, sep, message = line[host_end + 1 :].partition(": ")
-    if not sep or not tag or len(tag) > 72 or ":" in tag or " " in tag:
-        return None
-    if not tag.isprintable():
+    host, tag = head.group(1, 2)
+    if not host.isprintable() or not tag.isprintable():  # no other whitespace
         return None
     app, bracket, pid = tag.partition("[")
     if not app or len(app) > 64 or (bracket and not (pid[-1:] == "]" and pid[:-1].isdigit())):
         return None
-    when = _bsd_time(stamp, year)
+    when = _bsd_time(line[:15], year)
     if when is None:
         return None
-    return Entry(when, f"{app}: {message}")
+    if not bracket:  # "app: message" as it stands in the line
+        return Entry(when, line[head.start(2) :])
+    return Entry(when, f"{app}: {line[head.end() :]}")
 
 
 def parse_syslog(line: str, *, year: int) -> Entry | None:
