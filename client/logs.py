@@ -100,6 +100,9 @@ class FileCursor(BaseModel):
     last_time: float | None = None  # time of the last entry (for entries without one)
     size: int = 0  # compressed files: the size at which it was read to its end
     done: bool = False  # a compressed file read to its end: never grows again
+    #: When a listing of the sources last named the file (epoch seconds): a cursor no
+    #: listing names for ``retention_days`` is dropped (rotated away for good).
+    seen_at: float | None = None
 
 
 class Window(BaseModel):
@@ -192,20 +195,37 @@ class LogReader:
         self.settings = settings
         self.base = base
         self.state = state
+        self._seen: set[str] = set()  # fingerprints of the files this read listed
 
     def read(self, *, now: float | None = None) -> int:
         """Read every source's new lines; the number of entries counted."""
+        now = time.time() if now is None else now
         counted = 0
+        self._seen.clear()
         for source in self.sources:
             for path in source_files(source, self.base):
                 counted += self._read_file(source, path)
-        self._expire(time.time() if now is None else now)
+        self._expire(now)
+        self._forget_files(now)
         return counted
+
+    def _forget_files(self, now: float) -> None:
+        """Drop the cursors of files no listing has named for ``retention_days`` (a
+        rotated file deleted by logrotate): without this the state grows by a cursor per
+        rotation forever. Whatever such a file could still hold is older than every
+        window kept, so reading it again could count nothing that is kept."""
+        cutoff = now - self.settings.retention_days * 86_400
+        for key, cursor in list(self.state.cursors.items()):
+            if key in self._seen or cursor.seen_at is None:  # None: a state from before
+                cursor.seen_at = now
+            elif cursor.seen_at < cutoff:
+                del self.state.cursors[key]
 
     def _read_file(self, source: LogSource, path: Path) -> int:
         key = fingerprint(path)
         if key is None:
             return 0
+        self._seen.add(key)
         compressed = path.suffix == ".gz"
         try:
             stat = path.stat()

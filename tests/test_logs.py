@@ -16,7 +16,15 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from client.logs import LogSettings, LogSource, LogState, fingerprint, ingest, state_path
+from client.logs import (
+    LogReader,
+    LogSettings,
+    LogSource,
+    LogState,
+    fingerprint,
+    ingest,
+    state_path,
+)
 from fedlib.models.logfeatures import (
     JournalExportParser,
     TemplateMatcher,
@@ -427,3 +435,28 @@ def test_the_user_rules_apply_as_stated(tokens):
     got = [logfeatures._mask_token(t) for t in tokens]
     logfeatures._mask_users(tokens, got, any("=" in t for t in tokens))
     assert got == expected
+
+
+def test_a_rotated_file_gone_for_the_retention_is_forgotten(tmp_path, rng):
+    """logrotate deletes the oldest rotation: its cursor goes once no listing has named
+    it for ``retention_days``, while a file still listed keeps its cursor however old."""
+    settings = LogSettings(window_seconds=300, retention_days=2)
+    live, old = tmp_path / "syslog", tmp_path / "syslog.1"
+    write(live, [syslog_line(i, rng=rng) for i in range(5)])
+    write(old, [syslog_line(1000 + i, rng=rng) for i in range(5)])
+    state = LogState(window_seconds=300)
+
+    def read(now: float) -> None:
+        LogReader([LogSource(path="syslog*")], settings, base=tmp_path, state=state).read(now=now)
+
+    read(T0)
+    assert len(state.cursors) == 2
+    kept = fingerprint(live)
+    old.unlink()
+    read(T0 + 86_400)  # one day later: still remembered
+    assert len(state.cursors) == 2 and kept in state.cursors
+    read(T0 + 3 * 86_400)  # two days after the last listing that named it: forgotten
+    assert set(state.cursors) == {kept}
+    read(T0 + 400 * 86_400)  # the live file stays known, however long
+    assert set(state.cursors) == {kept}
+    assert state.cursors[kept].seen_at == T0 + 400 * 86_400
