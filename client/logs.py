@@ -32,7 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Annotated, BinaryIO, Final, Literal
 
@@ -45,10 +45,12 @@ from fedlib.models.logfeatures import (
     JournalExportParser,
     RegexFormat,
     TemplateMatcher,
+    log_zone,
     mask,
     parse_json_line,
     parse_syslog,
     window_features,
+    year_before,
 )
 
 log = logging.getLogger(__name__)
@@ -68,14 +70,21 @@ class LogSource(BaseModel):
     format: Literal["syslog", "journald", "jsonl", "regex"] = "syslog"
     regex: str | None = None  # format "regex": named groups "message" and (optional) "time"
     time_format: str | None = None  # strptime format of the regex's "time" (else ISO 8601)
+    #: The IANA zone (``Europe/Berlin``) of stamps that carry no offset (RFC 3164 syslog,
+    #: ISO 8601 or ``time_format`` without one); None: UTC.
+    timezone: str | None = None
 
     @model_validator(mode="after")
     def _regex_given(self) -> LogSource:
+        self.zone()  # a zone this machine knows
         if self.format == "regex":
             if not self.regex:
                 raise ValueError('format "regex" needs "regex"')
             RegexFormat(self.regex, self.time_format)  # compiles, has "message"
         return self
+
+    def zone(self) -> tzinfo:
+        return log_zone(self.timezone)
 
 
 class LogSettings(BaseModel):
@@ -270,10 +279,11 @@ class LogReader:
     def _lines(
         self, fh: BinaryIO, tally: _Tally, source: LogSource, mtime: float, *, final: bool
     ) -> Iterator[Entry]:
-        year = datetime.fromtimestamp(mtime, UTC).year
+        zone = source.zone()
+        year = datetime.fromtimestamp(mtime, zone).year
         limit = self.settings.max_line_bytes
         pattern = (
-            RegexFormat(source.regex, source.time_format)
+            RegexFormat(source.regex, source.time_format, zone)
             if source.format == "regex" and source.regex
             else None
         )
@@ -303,11 +313,11 @@ class LogReader:
             if not line or line.isspace():
                 continue
             if fmt == "syslog":
-                entry = parse_syslog(line, year=year)
+                entry = parse_syslog(line, year=year, zone=zone)
                 if entry is not None and entry.time is not None and entry.time > late:
-                    entry = _year_rollover(entry)
+                    entry = year_before(entry, zone)
             elif fmt == "jsonl":
-                entry = parse_json_line(line)
+                entry = parse_json_line(line, zone)
                 if entry is None:
                     tally.skipped_invalid += 1
                     continue
@@ -385,19 +395,6 @@ def _skip(fh: BinaryIO, count: int) -> None:
         if not chunk:
             return
         count -= len(chunk)
-
-
-def _year_rollover(entry: Entry) -> Entry:
-    """An RFC 3164 stamp has no year: it is read in the year the file was last written,
-    which puts December's lines of a file last written in January after the file's last
-    write (the caller's test): they are from the year before."""
-    if entry.time is None:
-        return entry
-    stamp = datetime.fromtimestamp(entry.time, UTC)
-    try:
-        return Entry(stamp.replace(year=stamp.year - 1).timestamp(), entry.message)
-    except ValueError:  # 29 February
-        return entry
 
 
 class _Tally:

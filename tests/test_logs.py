@@ -460,3 +460,41 @@ def test_a_rotated_file_gone_for_the_retention_is_forgotten(tmp_path, rng):
     read(T0 + 400 * 86_400)  # the live file stays known, however long
     assert set(state.cursors) == {kept}
     assert state.cursors[kept].seen_at == T0 + 400 * 86_400
+
+
+def test_stamps_without_an_offset_are_read_in_the_source_zone(tmp_path):
+    """RFC 3164 and offset-free ISO stamps in the source's zone, summer time included;
+    the server's holdout counter reads the same file to the same windows."""
+    from zoneinfo import ZoneInfo
+
+    from fedlib.ops.templates import read_sample
+
+    berlin = ZoneInfo("Europe/Berlin")
+    winter = datetime(2026, 1, 15, 12, 2, 3, tzinfo=berlin)  # UTC+1
+    summer = datetime(2026, 7, 15, 12, 7, 3, tzinfo=berlin)  # UTC+2
+    lines = [
+        f"{w:%b} {w.day:>2} {w:%H:%M:%S} host sshd[1]: Accepted publickey for bob\n"
+        for w in (winter, summer)
+    ]
+    write(tmp_path / "syslog", lines)
+    (tmp_path / "app.jsonl").write_text(
+        json.dumps({"time": summer.replace(tzinfo=None).isoformat(), "msg": "started"}) + "\n"
+    )
+    os.utime(tmp_path / "syslog", (T0 + 200 * 86_400, T0 + 200 * 86_400))  # in 2026
+    sources = [
+        LogSource(path="syslog", timezone="Europe/Berlin"),
+        LogSource(path="app.jsonl", format="jsonl", timezone="Europe/Berlin"),
+    ]
+    state = LogState(window_seconds=300)
+    LogReader(sources, SETTINGS, base=tmp_path, state=state).read(now=T0 + 200 * 86_400)
+    starts = sorted(w.start for w in state.windows.values())
+    expected = sorted({winter.timestamp() // 300 * 300, summer.timestamp() // 300 * 300})
+    assert starts == expected
+    assert sum(w.lines for w in state.windows.values()) == 3
+    # the same file read as UTC lands an hour (winter) and two (summer) later
+    utc = [e.time for e in read_sample(tmp_path / "syslog", "syslog")]
+    zoned = [e.time for e in read_sample(tmp_path / "syslog", "syslog", zone=berlin)]
+    assert zoned == [winter.timestamp(), summer.timestamp()]
+    assert [u - z for u, z in zip(utc, zoned, strict=True)] == [3600.0, 7200.0]
+    with pytest.raises(ValueError, match="time zone"):
+        LogSource(path="syslog", timezone="Mars/Olympus")

@@ -6,6 +6,7 @@ flags. Nothing of a line (text, user, address, template) is in what a device upl
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -14,6 +15,7 @@ from bench.make_logs import anomalous_periods, device_logs, syslog_text, write_l
 from client.cli import main as client_main
 from client.config import ClientConfig
 from fedlib.crypto import sealing
+from fedlib.models.logfeatures import MASK_NAMES
 from fedlib.ops.admin import main as admin_main
 from fedlib.server.deployment import Deployment
 from fedlib.server.settings import ServerSettings
@@ -329,3 +331,59 @@ def test_a_new_vocabulary_is_a_new_version_and_devices_recount_their_windows(
     argv = ["rollback", "--to-version", "1", "--reason", "test"]
     assert admin_main(argv) == 1
     assert "template vocabulary" in capsys.readouterr().err
+
+
+def test_enroll_writes_the_zone_of_a_log_source(admin_env, tmp_path):
+    """`fl-admin enroll --log-timezone` puts the zone in the device's log source (its
+    RFC 3164 stamps are read in it); a zone the machine does not know is refused there,
+    not discovered on the device."""
+    assert admin_main(["init", "--holdout", str(admin_env["holdout"])]) == 0
+    assert client_main(["keygen", "--out", str(tmp_path / "dev" / "client_key.pem")]) == 0
+    argv = ["enroll", "dev-7", "--public-key", str(tmp_path / "dev" / "client_key.pub.pem")]
+    out = tmp_path / "dev" / "client.json"
+    log = ["--log", "/var/log/syslog*", "--log-format", "syslog"]
+    assert admin_main([*argv, "--out", str(out), *log, "--log-timezone", "Mars/Olympus"]) == 1
+    assert not out.exists()
+    assert admin_main([*argv, "--out", str(out), *log, "--log-timezone", "Europe/Berlin"]) == 0
+    config = ClientConfig.load(out)
+    assert [s.timezone for s in config.log_sources] == ["Europe/Berlin"]
+    assert config.log_sources[0].zone().utcoffset(None) is None  # a real zone, not UTC
+
+
+def test_the_holdout_reads_stamps_in_the_zone_it_is_told(tmp_path):
+    """`fl-admin templates holdout --timezone`: an RFC 3164 stamp written in Berlin at
+    12:02 is 11:02 UTC, so a period given in UTC around 11:02 labels its window."""
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    berlin = ZoneInfo("Europe/Berlin")
+    first = datetime(2026, 1, 15, 12, 2, 3, tzinfo=berlin)
+    second = datetime(2026, 1, 15, 13, 2, 3, tzinfo=berlin)
+    log = tmp_path / "host.log"
+    log.write_text(
+        "".join(
+            f"{w:%b} {w.day:>2} {w:%H:%M:%S} host sshd[1]: Accepted publickey for bob\n"
+            for w in (first, second)
+        )
+    )
+    os.utime(log, (second.timestamp(), second.timestamp()))
+    start = datetime(2026, 1, 15, 11, 0, tzinfo=UTC).isoformat()
+    end = datetime(2026, 1, 15, 11, 5, tzinfo=UTC).isoformat()
+    (tmp_path / "labels.csv").write_text(f"start,end,class\n{start},{end},brute\n")
+    vocab = TemplateVocabulary.model_validate(
+        {
+            "version": 1,
+            "masks": MASK_NAMES,
+            "templates": [{"id": 1, "pattern": "sshd: Accepted publickey for <USER>"}],
+        }
+    )
+    (tmp_path / "v.json").write_bytes(vocab.to_json())
+    out = tmp_path / "h.npz"
+    argv = ["templates", "holdout", str(log), "--vocabulary", str(tmp_path / "v.json")]
+    argv += ["--labels", str(tmp_path / "labels.csv"), "--out", str(out)]
+    assert admin_main([*argv, "--timezone", "Europe/Berlin"]) == 0
+    with np.load(out) as npz:
+        assert npz["holdout_y"].tolist() == [1, 0]
+    assert admin_main(argv) == 0  # read as UTC, the first line is an hour past the period
+    with np.load(out) as npz:
+        assert npz["holdout_y"].tolist() == [0, 0]

@@ -107,6 +107,14 @@ TABLE: dict[str, str] = {
     "fl-admin templates holdout labeled/*.log --vocabulary vocabulary-2.json --labels "
     "anomalies.csv --out holdout-2.npz": VOCAB_E2E,
     "fl-admin templates publish vocabulary-2.json --holdout holdout-2.npz": VOCAB_E2E,
+    "fl-admin templates holdout labeled/*.log --vocabulary vocabulary.json --labels "
+    "anomalies.csv --out holdout.npz --timezone Europe/Berlin": (
+        "tests/test_logs_e2e.py::test_the_holdout_reads_stamps_in_the_zone_it_is_told"
+    ),
+    "fl-admin enroll dev-7 --public-key dev-7.pub.pem --out dev-7/client.json --log "
+    "'/var/log/syslog*' --log-timezone Europe/Berlin": (
+        "tests/test_logs_e2e.py::test_enroll_writes_the_zone_of_a_log_source"
+    ),
     "fl-client score --config client.json": LOGS_E2E,
     "fl-admin enroll dev-7 --public-key dev-7.pub.pem --out dev-7/client.json": ADMIN
     + "test_init_enroll_status_revoke",

@@ -26,8 +26,9 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Final, NamedTuple
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 
@@ -253,41 +254,42 @@ _SYSLOG: Final = re.compile(
 )
 
 
-def parse_iso_time(text: str) -> float | None:
-    """An ISO 8601 time as epoch seconds (no zone: UTC); None if it is not one."""
+def parse_iso_time(text: str, zone: tzinfo = UTC) -> float | None:
+    """An ISO 8601 time as epoch seconds (no offset in it: in ``zone``); None if it is
+    not one."""
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
+        when = when.replace(tzinfo=zone)
     return when.timestamp()
 
 
 _bsd_days: dict[tuple[str, int], float | None] = {}
-#: Whole stamps already read, for one year at a time (a busy host writes many lines a
-#: second, so most stamps repeat): ``_bsd_stamps[0]`` is that year.
-_bsd_stamps: tuple[int, dict[str, float | None]] = (0, {})
+#: Whole stamps already read, for one year and zone at a time (a busy host writes many
+#: lines a second, so most stamps repeat): ``_bsd_stamps[0]`` is that year and zone.
+_bsd_stamps: tuple[tuple[int, tzinfo], dict[str, float | None]] = ((0, UTC), {})
 
 
-def _bsd_time(stamp: str, year: int) -> float | None:
-    """``Dec  6 20:48:19`` (``Mon dd hh:mm:ss``, day space-padded) in ``year``, UTC; None
-    if it is no such time. Stamps and days' starts are memoised."""
+def _bsd_time(stamp: str, year: int, zone: tzinfo = UTC) -> float | None:
+    """``Dec  6 20:48:19`` (``Mon dd hh:mm:ss``, day space-padded) in ``year`` and
+    ``zone``; None if it is no such time. Stamps and days' starts are memoised."""
     global _bsd_stamps
-    stamps_year, stamps = _bsd_stamps
-    if stamps_year != year or len(stamps) >= _MEMO_LIMIT:
-        _bsd_stamps = (year, {})
-        stamps_year, stamps = _bsd_stamps
+    which, stamps = _bsd_stamps
+    if which != (year, zone) or len(stamps) >= _MEMO_LIMIT:
+        _bsd_stamps = ((year, zone), {})
+        which, stamps = _bsd_stamps
     try:
         return stamps[stamp]
     except KeyError:
-        when = stamps[stamp] = _read_bsd_time(stamp, year)
+        when = stamps[stamp] = _read_bsd_time(stamp, year, zone)
         return when
 
 
-def _read_bsd_time(stamp: str, year: int) -> float | None:
-    """:func:`_bsd_time` without the stamp memo: the day's start is memoised, the clock
-    is read by position."""
+def _read_bsd_time(stamp: str, year: int, zone: tzinfo) -> float | None:
+    """:func:`_bsd_time` without the stamp memo: the clock is read by position; in UTC
+    the day's start is memoised, elsewhere the zone decides each time (summer time)."""
     clock = stamp[7:]
     if len(clock) != 8 or clock[2] != ":" or clock[5] != ":":
         return None
@@ -297,6 +299,14 @@ def _read_bsd_time(stamp: str, year: int) -> float | None:
     h, m, sec = int(hh), int(mm), int(ss)
     if h > 23 or m > 59 or sec > 59:
         return None
+    if zone is not UTC:
+        mon, text = _MONTHS.get(stamp[:3]), stamp[4:6].strip()
+        if mon is None or stamp[3] != " " or not text.isdecimal():
+            return None
+        try:
+            return datetime(year, mon, int(text), h, m, sec, tzinfo=zone).timestamp()
+        except ValueError:  # 31 February
+            return None
     key = (stamp[:6], year)
     day = _bsd_days.get(key, -1.0)
     if day == -1.0:
@@ -322,7 +332,7 @@ _BSD_HEAD: Final = re.compile(
 )
 
 
-def _parse_bsd_fast(line: str, year: int) -> Entry | None:
+def _parse_bsd_fast(line: str, year: int, zone: tzinfo = UTC) -> Entry | None:
     """The common RFC 3164 shape (``Mon dd hh:mm:ss host tag[pid]: msg``) with string
     operations; None for anything else (the regex decides those, the same way)."""
     head = _BSD_HEAD.match(line)
@@ -334,7 +344,7 @@ def _parse_bsd_fast(line: str, year: int) -> Entry | None:
     app, bracket, pid = tag.partition("[")
     if not app or len(app) > 64 or (bracket and not (pid[-1:] == "]" and pid[:-1].isdigit())):
         return None
-    when = _bsd_time(line[:15], year)
+    when = _bsd_time(line[:15], year, zone)
     if when is None:
         return None
     if not bracket:  # "app: message" as it stands in the line
@@ -342,35 +352,62 @@ def _parse_bsd_fast(line: str, year: int) -> Entry | None:
     return Entry(when, f"{app}: {line[head.end() :]}")
 
 
-def parse_syslog(line: str, *, year: int) -> Entry | None:
+def parse_syslog(line: str, *, year: int, zone: tzinfo = UTC) -> Entry | None:
     """A syslog line; None when it does not start with a syslog header (a continuation
-    of the previous entry). RFC 3164 stamps carry no year or zone: ``year``, UTC."""
-    fast = _parse_bsd_fast(line, year)
-    return fast if fast is not None else _parse_syslog_regex(line, year)
+    of the previous entry). RFC 3164 stamps carry no year or zone: ``year``, ``zone``
+    (as does an ISO 8601 stamp without an offset)."""
+    fast = _parse_bsd_fast(line, year, zone)
+    return fast if fast is not None else _parse_syslog_regex(line, year, zone)
 
 
-def _parse_syslog_regex(line: str, year: int) -> Entry | None:
+def _parse_syslog_regex(line: str, year: int, zone: tzinfo = UTC) -> Entry | None:
     match = _SYSLOG.match(line)
     if match is None:
         return None
     if match.group("bsd"):
         stamp = f"{match.group('mon')} {match.group('day'):>2} {match.group('hms')}"
-        when: float | None = _bsd_time(stamp, year)
+        when: float | None = _bsd_time(stamp, year, zone)
         if when is None:
             return None
     else:
-        when = parse_iso_time(match.group("iso"))
+        when = parse_iso_time(match.group("iso"), zone)
     return Entry(when, f"{match.group('app')}: {match.group('msg')}")
+
+
+def log_zone(name: str | None) -> tzinfo:
+    """The zone named ``name`` (IANA, ``Europe/Berlin``); UTC for None. ValueError for a
+    name this machine's zone database does not hold."""
+    if name is None or name == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (an IANA name: Europe/Berlin)") from None
+
+
+def year_before(entry: Entry, zone: tzinfo = UTC) -> Entry:
+    """``entry`` a year earlier. An RFC 3164 stamp has no year: it is read in the year the
+    file was last written, which puts December's lines of a file last written in January
+    after the file's last write; a reader that sees that calls this (they are from the
+    year before)."""
+    if entry.time is None:
+        return entry
+    stamp = datetime.fromtimestamp(entry.time, zone)
+    try:
+        return Entry(stamp.replace(year=stamp.year - 1).timestamp(), entry.message)
+    except ValueError:  # 29 February
+        return entry
 
 
 JSON_TIME_KEYS: Final = ("time", "timestamp", "ts", "@timestamp", "date")
 JSON_MESSAGE_KEYS: Final = ("message", "msg", "MESSAGE", "log")
 
 
-def parse_json_line(line: str) -> Entry | None:
-    """A JSON-lines entry: the time from the first of :data:`JSON_TIME_KEYS` (ISO 8601
-    or epoch seconds/milliseconds), the message from :data:`JSON_MESSAGE_KEYS`, prefixed
-    with ``level`` and ``logger``/``app`` when present. None if not a JSON object."""
+def parse_json_line(line: str, zone: tzinfo = UTC) -> Entry | None:
+    """A JSON-lines entry: the time from the first of :data:`JSON_TIME_KEYS` (ISO 8601,
+    in ``zone`` when it has no offset, or epoch seconds/milliseconds), the message from
+    :data:`JSON_MESSAGE_KEYS`, prefixed with ``level`` and ``logger``/``app`` when
+    present. None if not a JSON object."""
     try:
         doc = json.loads(line)
     except ValueError:
@@ -380,7 +417,7 @@ def parse_json_line(line: str) -> Entry | None:
     when = None
     for key in JSON_TIME_KEYS:
         if key in doc:
-            when = _json_time(doc[key])
+            when = _json_time(doc[key], zone)
             break
     message = next((doc[k] for k in JSON_MESSAGE_KEYS if isinstance(doc.get(k), str)), None)
     if message is None:
@@ -389,25 +426,27 @@ def parse_json_line(line: str) -> Entry | None:
     return Entry(when, " ".join([*prefix, message]))
 
 
-def _json_time(value: object) -> float | None:
+def _json_time(value: object, zone: tzinfo) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float) and math.isfinite(value):
         return value / 1000.0 if value > 1e11 else float(value)  # ms or s since the epoch
     if isinstance(value, str):
-        return parse_iso_time(value)
+        return parse_iso_time(value, zone)
     return None
 
 
 class RegexFormat:
     """A format given as a regex with named groups ``message`` and (optionally) ``time``
-    (ISO 8601, or ``time_format`` for :meth:`datetime.strptime`, UTC unless it has a zone)."""
+    (ISO 8601, or ``time_format`` for :meth:`datetime.strptime`; in ``zone`` unless it
+    has an offset)."""
 
-    def __init__(self, pattern: str, time_format: str | None = None) -> None:
+    def __init__(self, pattern: str, time_format: str | None = None, zone: tzinfo = UTC) -> None:
         self.regex = re.compile(pattern)
         if "message" not in self.regex.groupindex:
             raise ValueError("a log format regex needs a named group 'message'")
         self.time_format = time_format
+        self.zone = zone
 
     def parse(self, line: str) -> Entry | None:
         match = self.regex.match(line)
@@ -422,9 +461,9 @@ class RegexFormat:
                 except ValueError:
                     stamp = None
                 if stamp is not None:
-                    when = (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+                    when = (stamp if stamp.tzinfo else stamp.replace(tzinfo=self.zone)).timestamp()
             else:
-                when = parse_iso_time(text)
+                when = parse_iso_time(text, self.zone)
         return Entry(when, match.group("message"))
 
 

@@ -41,6 +41,7 @@ from fedlib.models.evaluation import (
     precision_warnings,
     score_metrics,
 )
+from fedlib.models.logfeatures import log_zone
 from fedlib.models.model import KINDS, FeatureSchema, create_model, onnx_score
 from fedlib.ops import templates
 from fedlib.server import rotation
@@ -217,7 +218,8 @@ def cmd_templates_learn(args: argparse.Namespace) -> int:
 
 def cmd_templates_holdout(args: argparse.Namespace) -> int:
     vocabulary = TemplateVocabulary.from_json(Path(args.vocabulary).read_bytes())
-    periods = templates.read_periods(Path(args.labels))
+    zone = log_zone(args.timezone)
+    periods = templates.read_periods(Path(args.labels), zone)
     holdout = templates.count_holdout(
         [Path(p) for p in args.logs],
         vocabulary,
@@ -225,6 +227,7 @@ def cmd_templates_holdout(args: argparse.Namespace) -> int:
         regex=args.regex,
         window_seconds=args.window_seconds,
         anomalous=periods,
+        zone=zone,
     )
     atomic_write(args.out, holdout.to_bytes())
     print(
@@ -321,7 +324,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         access_key, secret_key = creds.access_key, creds.secret_key
         print(f"issued least-privilege S3 keys for {args.client_id} ({creds.user_name})")
     deployment.save_fleet(fleet)
-    logs = [{"path": path, "format": args.log_format} for path in args.log or ()]
+    zone = {} if args.log_timezone is None else {"timezone": args.log_timezone}
+    if zone:
+        log_zone(args.log_timezone)  # refused here, not on the device
+    logs = [{"path": path, "format": args.log_format, **zone} for path in args.log or ()]
     doc = client_config_document(
         deployment,
         args.client_id,
@@ -783,6 +789,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     count.add_argument("--window-seconds", type=int, default=300)
     count.add_argument("--out", required=True)
+    count.add_argument(
+        "--timezone",
+        default=None,
+        help="IANA zone of stamps and label times without an offset (default UTC), as "
+        "the devices' log_sources say",
+    )
     count.set_defaults(func=cmd_templates_holdout)
     publish = tpl_sub.add_parser(
         "publish",
@@ -807,6 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--log", action="append", help="a log file or glob the device reads (repeatable)"
     )
     enroll.add_argument("--log-format", default="syslog", choices=templates.FORMATS)
+    enroll.add_argument(
+        "--log-timezone", default=None, help="IANA zone of its stamps without an offset"
+    )
     enroll.add_argument("--state-dir", default="state")
     enroll.add_argument(
         "--access-key", default=None, help="device S3 key (default: issue one via IAM)"

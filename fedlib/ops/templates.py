@@ -18,6 +18,7 @@ import gzip
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from fedlib.models.logfeatures import (
     parse_json_line,
     parse_syslog,
     window_features,
+    year_before,
 )
 from fedlib.models.model import FeatureSchema, carried_schema
 from fedlib.models.package import ModelPackage
@@ -46,10 +48,14 @@ FORMATS = ("syslog", "journald", "jsonl", "regex")
 
 
 def read_sample(
-    path: Path, log_format: str, *, regex: str | None = None, year: int = 2026
+    path: Path, log_format: str, *, regex: str | None = None, zone: tzinfo = UTC
 ) -> Iterator[Entry]:
     """The entries of one sample file (``.gz`` read as gzip); lines that are not an
-    entry of the format (continuations, garbage) are left out."""
+    entry of the format (continuations, garbage) are left out. Stamps without a year or
+    zone are read as a device reads them: in ``zone``, in the year the file was last
+    written (a year earlier for a stamp more than a day after that)."""
+    mtime = path.stat().st_mtime
+    year, late = datetime.fromtimestamp(mtime, zone).year, mtime + 86_400
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as fh:
         if log_format == "journald":
@@ -58,15 +64,17 @@ def read_sample(
                 yield from (e for e in parser.feed(chunk) if e is not None)
             yield from (e for e in parser.feed(b"\n\n") if e is not None)
             return
-        pattern = RegexFormat(regex) if log_format == "regex" and regex else None
+        pattern = RegexFormat(regex, zone=zone) if log_format == "regex" and regex else None
         if log_format == "regex" and pattern is None:
             raise ValueError("--format regex needs --regex")
         for raw in fh:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             if log_format == "syslog":
-                entry = parse_syslog(line, year=year)
+                entry = parse_syslog(line, year=year, zone=zone)
+                if entry is not None and entry.time is not None and entry.time > late:
+                    entry = year_before(entry, zone)
             elif log_format == "jsonl":
-                entry = parse_json_line(line)
+                entry = parse_json_line(line, zone)
             elif pattern is not None:
                 entry = pattern.parse(line)
             else:
@@ -181,28 +189,28 @@ def _split_categories(mined: dict[str, int], seen: Counter[str]) -> dict[str, in
     return out
 
 
-def read_periods(path: Path) -> list[tuple[float, float, str]]:
-    """Anomalous periods from a CSV ``start,end[,class]`` (ISO 8601 or epoch seconds; a
-    header row is skipped)."""
+def read_periods(path: Path, zone: tzinfo = UTC) -> list[tuple[float, float, str]]:
+    """Anomalous periods from a CSV ``start,end[,class]`` (ISO 8601, in ``zone`` without
+    an offset, or epoch seconds; a header row is skipped)."""
     periods = []
     with path.open(newline="") as fh:
         for number, row in enumerate(csv.reader(fh), 1):
             if not row or row[0].strip().lower() == "start":
                 continue
-            start, end = (_time(v, path, number) for v in row[:2])
+            start, end = (_time(v, path, number, zone) for v in row[:2])
             if end <= start:
                 raise ValueError(f"{path}:{number}: the period ends before it starts")
             periods.append((start, end, row[2].strip() if len(row) > 2 else ""))
     return periods
 
 
-def _time(value: str, path: Path, number: int) -> float:
+def _time(value: str, path: Path, number: int, zone: tzinfo) -> float:
     text = value.strip()
     try:
         return float(text)
     except ValueError:
         pass
-    when = parse_iso_time(text)
+    when = parse_iso_time(text, zone)
     if when is None:
         raise ValueError(f"{path}:{number}: {text!r} is not an ISO 8601 time")
     return when
@@ -216,6 +224,7 @@ def count_holdout(
     regex: str | None,
     window_seconds: int,
     anomalous: list[tuple[float, float, str]],
+    zone: tzinfo = UTC,
 ) -> Holdout:
     """Labeled windows for the server's holdout, counted as devices count them
     (:func:`fedlib.models.logfeatures.window_features`), each file on its own (one
@@ -225,7 +234,7 @@ def count_holdout(
     rows, labels, classes = [], [], []
     for path in paths:
         windows = masked_windows(
-            read_sample(path, log_format, regex=regex), window_seconds=window_seconds
+            read_sample(path, log_format, regex=regex, zone=zone), window_seconds=window_seconds
         )
         for start in sorted(windows):
             lines, messages = windows[start]
