@@ -218,12 +218,14 @@ def train_update(
     package: ModelPackage,
     key: ed25519.Ed25519PrivateKey,
     report: CycleReport,
+    logs: LogState | None = None,
 ) -> tuple[LocalUpdate, ResidualStore] | None:
-    """Train from the package's weights on local rows; return the sealed update."""
+    """Train from the package's weights on local rows; return the sealed update.
+    ``logs``: the log state this run already read (else it is read here)."""
     meta = package.metadata
     schema = FeatureSchema.from_dict(meta.feature_schema)
     try:
-        rows = local_rows(config, schema, max_rows=meta.training.max_rows)
+        rows = local_rows(config, schema, max_rows=meta.training.max_rows, logs=logs)
     except FeatureError as exc:
         report.ok = False
         report.messages.append(f"no local rows: {exc}")
@@ -311,29 +313,37 @@ def log_matcher(schema: FeatureSchema) -> TemplateMatcher:
 
 
 def local_rows(
-    config: ClientConfig, schema: FeatureSchema, *, max_rows: int, now: float | None = None
+    config: ClientConfig,
+    schema: FeatureSchema,
+    *,
+    max_rows: int,
+    now: float | None = None,
+    logs: LogState | None = None,
 ) -> np.ndarray:
     """The newest ``max_rows`` local feature rows: the feature files' rows, then the log
-    windows' (closed windows, counted with the installed vocabulary)."""
+    windows' (closed windows, counted with the installed vocabulary). ``logs``: the log
+    state already in memory (a run reads its JSON once), else it is read here."""
     blocks = []
     if config.features_dir is not None:
         blocks.append(load_features(config.features_dir, list(schema.names), max_rows=max_rows))
     if config.log_sources:
-        state = LogState.load(state_path(config.state_dir), config.logs.window_seconds)
+        state = logs or LogState.load(state_path(config.state_dir), config.logs.window_seconds)
         windows = closed_windows(state, now=time.time() if now is None else now)
         blocks.append(window_rows(windows[-max_rows:], log_matcher(schema), state.window_seconds))
     return np.concatenate(blocks)[-max_rows:]
 
 
-def ingest_logs(config: ClientConfig, report: CycleReport) -> None:
-    """Read what the log sources appended since the last run (see :mod:`client.logs`)."""
+def ingest_logs(config: ClientConfig, report: CycleReport) -> LogState | None:
+    """Read what the log sources appended since the last run (see :mod:`client.logs`);
+    the state, saved, for the rest of the run (None without log sources)."""
     if not config.log_sources:
-        return
+        return None
     path = state_path(config.state_dir)
     state = LogState.load(path, config.logs.window_seconds)
     reader = LogReader(config.log_sources, config.logs, base=config.state_dir, state=state)
     report.log_entries = reader.read()
     state.save(path)
+    return state
 
 
 def load_calibration(config: ClientConfig) -> DeviceCalibration | None:
@@ -345,7 +355,10 @@ def load_calibration(config: ClientConfig) -> DeviceCalibration | None:
 
 
 def refresh_calibration(
-    config: ClientConfig, installed: InstalledModels, report: CycleReport
+    config: ClientConfig,
+    installed: InstalledModels,
+    report: CycleReport,
+    logs: LogState | None = None,
 ) -> None:
     """Refit the on-device calibration (client.calibration) of the installed model on
     the local rows when the model, the feature files or the settings changed.
@@ -367,7 +380,7 @@ def refresh_calibration(
             report.calibration_threshold = old.threshold
             return
         schema = FeatureSchema.from_dict(package.metadata.feature_schema)
-        rows = local_rows(config, schema, max_rows=max_rows)
+        rows = local_rows(config, schema, max_rows=max_rows, logs=logs)
         calibration = fit_calibration(
             rows,
             onnx_score(package.onnx_bytes, rows)[0],
@@ -480,14 +493,15 @@ def score_logs(
     with the templates that contribute most: the columns furthest from the fleet's
     normal (the model's own standardization, ``(transform(count) - mean) / std``), each
     with its count and one masked line of that window. This stays on the device."""
-    ingest_logs(config, CycleReport(client_id=config.client_id))
+    state = ingest_logs(config, CycleReport(client_id=config.client_id))
     installed = InstalledModels(config.state_dir / "models")
     package = installed.load_current(config.trusted_package_keys())
     schema = FeatureSchema.from_dict(package.metadata.feature_schema)
     matcher = log_matcher(schema)
     vocabulary = matcher.vocabulary
     patterns = {t.feature: t.pattern for t in vocabulary.templates}
-    state = LogState.load(state_path(config.state_dir), config.logs.window_seconds)
+    if state is None:
+        raise FeatureError("client.json names no log_sources: nothing to score")
     chosen = closed_windows(state, now=time.time() if now is None else now)[-windows:]
     out: dict[str, object] = {
         "client_id": config.client_id,
@@ -559,10 +573,10 @@ def run_cycle(config: ClientConfig) -> CycleReport:
     installed = InstalledModels(state / "models")
     spool = Spool(state / "spool")
 
-    ingest_logs(config, report)
+    logs = ingest_logs(config, report)
     config = pull_model(config, installed, report)
     report.installed_version = installed.current_version()
-    refresh_calibration(config, installed, report)
+    refresh_calibration(config, installed, report, logs)
 
     last = _read_json(state / "last_trained.json")
     if report.installed_version is None:
@@ -583,7 +597,7 @@ def run_cycle(config: ClientConfig) -> CycleReport:
             report.messages.append(f"local DP budget spent ({dp_sent} updates): not training")
             trained = None
         else:
-            trained = train_update(config, package, key, report)
+            trained = train_update(config, package, key, report, logs)
         if trained is not None:
             update, residuals = trained
             spool.add(update.update_id, update.envelope)  # durable before the residual moves
