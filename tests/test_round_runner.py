@@ -364,6 +364,21 @@ def test_a_plan_makes_no_request_per_object(seaweed_factory, tmp_path, small_dat
     assert sum(many.values()) < 40, many
 
 
+def test_an_inbox_of_exactly_the_flat_limit_is_listed_once(
+    seaweed_factory, tmp_path, small_dataset, monkeypatch
+):
+    """An inbox of exactly FLAT_LISTING_LIMIT keys is whole in the flat listing: the plan
+    makes the requests it makes below the limit (no delimited listing, no device listed
+    on its own)."""
+    from fedlib.server import round_runner as rr
+
+    monkeypatch.setattr(rr, "FLAT_LISTING_LIMIT", 41)
+    below = _plan_requests(seaweed_factory, tmp_path / "below", small_dataset, 40)
+    monkeypatch.setattr(rr, "FLAT_LISTING_LIMIT", 40)
+    at = _plan_requests(seaweed_factory, tmp_path / "at", small_dataset, 40)
+    assert at == below, (below, at)
+
+
 def test_a_retried_shard_does_not_take_its_own_verdicts_for_replays(deployment):
     """A shard task run again after its run wrote some of its verdicts (the objects not
     yet deleted) sums the same objects to the same partial: only another run's verdict

@@ -248,8 +248,9 @@ def inbox_groups(
     whole plan's I/O when it covers the inbox; past that, device prefixes come from a
     delimited listing and the devices the flat listing did not cover whole are listed
     ``SHARD_IO_CONCURRENCY`` at a time. Groups are yielded in name order."""
-    flat = list(deployment.inbox.list(INBOX, limit=FLAT_LISTING_LIMIT))
-    whole = len(flat) < FLAT_LISTING_LIMIT
+    # one key more than the limit: an inbox of exactly the limit is listed whole
+    flat = list(deployment.inbox.list(INBOX, limit=FLAT_LISTING_LIMIT + 1))
+    whole = len(flat) <= FLAT_LISTING_LIMIT
     by_prefix = _by_prefix(flat) if whole else {}
     if whole:
         top = sorted(by_prefix.pop(INBOX, []), key=lambda o: o.key)
@@ -284,7 +285,7 @@ def inbox_groups(
     if junk:
         yield group_of(None, junk, junk_limit)
 
-    known = listed_devices(flat, [p for _, p in devices], cap + 1)
+    known = listed_devices(flat, [p for _, p in devices], cap + 1, whole=whole)
 
     def device_group(device: tuple[str, str]) -> _Group:
         client, prefix = device
@@ -314,7 +315,7 @@ def _by_prefix(flat: list[ObjectInfo]) -> dict[str, list[ObjectInfo]]:
 
 
 def listed_devices(
-    flat: list[ObjectInfo], prefixes: list[str], per_device: int
+    flat: list[ObjectInfo], prefixes: list[str], per_device: int, *, whole: bool
 ) -> dict[str, list[ObjectInfo]]:
     """Each device prefix's objects (up to ``per_device``) from one flat listing of the
     inbox, for the devices it covers whole; the others need a listing of their own.
@@ -324,13 +325,12 @@ def listed_devices(
     in any listing order (they share a prefix), so every device the listing has passed
     is complete; only the one it stopped in may not be. At most
     :data:`FLAT_LISTING_LIMIT` entries: a device flooding the start of the key space
-    costs the others that many entries, then they are listed one by one as before."""
+    costs the others that many entries, then they are listed one by one as before.
+    ``whole``: the listing reached the inbox's end (then a device not in it has nothing)."""
     wanted = set(prefixes)
     found: dict[str, list[ObjectInfo]] = {}
     last: str | None = None
-    count = 0
     for info in flat:
-        count += 1
         head, sep, _ = info.key[len(INBOX) :].partition("/")
         prefix = f"{INBOX}{head}/" if sep else None
         last = prefix
@@ -338,9 +338,9 @@ def listed_devices(
             entries = found.setdefault(prefix, [])
             if len(entries) < per_device:
                 entries.append(info)
-    if count >= FLAT_LISTING_LIMIT and last is not None:
+    if not whole and last is not None:
         found.pop(last, None)  # the listing stopped inside it: list it on its own
-    elif count < FLAT_LISTING_LIMIT:  # the whole inbox: a device not seen has nothing
+    elif whole:  # a device not seen has nothing
         for prefix in wanted - found.keys():
             found[prefix] = []
     return found
