@@ -82,6 +82,18 @@ def wait_for_backfill(airflow: Airflow, count: int, timeout: float) -> dict[str,
     raise AssertionError(f"backfill {count} did not complete; logs in {airflow.home}")
 
 
+def wait_for_runs(airflow: Airflow, run_ids: set[str], timeout: float) -> None:
+    """Until each of these DAG runs has ended (a run that started during the backfill
+    may still be in its first task when the backfill completes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = {r["dag_run_id"]: r["state"] for r in all_runs(airflow)}
+        if all(states.get(run_id) in ("success", "failed") for run_id in run_ids):
+            return
+        time.sleep(2)
+    raise AssertionError(f"runs {sorted(run_ids)} did not end; logs in {airflow.home}")
+
+
 def run_commands(commands: list[str], env: dict[str, str], cwd: Path) -> None:
     """Each line as an operator's shell runs it (``airflow`` from the PATH: the venv's)."""
     bash = shutil.which("bash")
@@ -186,6 +198,7 @@ def test_readme_backfill_takes_each_interval_in_order_then_replays_byte_for_byte
             and window[0] <= r["start_date"] <= window[1]
         ]
         assert overlapping, (window, runs)
+        wait_for_runs(airflow, {r["dag_run_id"] for r in overlapping}, timeout=300)
         for run in overlapping:
             plan = load_plan(deployment, run["dag_run_id"])
             assert plan.updates == 0 and plan.waiting, plan
