@@ -291,6 +291,11 @@ def test_a_new_vocabulary_is_a_new_version_and_devices_recount_their_windows(
     deployment = Deployment(settings, admin_s3_config(settings, admin_env["config"]))
     registry = deployment.registry()
     assert registry.active_version() == 2
+    # an older vocabulary is refused before anything is stored (the holdout stays v2's)
+    holdout_version = deployment.holdout_version()
+    assert admin_main(["templates", "publish", str(v1_path), "--holdout", str(h1)]) == 1
+    assert "not newer" in capsys.readouterr().err
+    assert deployment.holdout_version() == holdout_version
     new = registry.read_version(2)
     old = registry.read_version(1)
     schema = FeatureSchema.from_dict(new.metadata.feature_schema)

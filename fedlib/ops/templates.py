@@ -289,10 +289,15 @@ class VocabularyChange:
 
 
 def _same_rows(a: Holdout, b: Holdout) -> bool:
+    if a.classes is None or b.classes is None:
+        classes = a.classes is None and b.classes is None
+    else:
+        classes = np.array_equal(a.classes, b.classes)
     return (
         a.feature_names == b.feature_names
         and np.array_equal(a.features, b.features)
         and np.array_equal(a.labels, b.labels)
+        and classes
     )
 
 
@@ -315,16 +320,17 @@ def publish_vocabulary(
     registry = deployment.registry(signing=True)
     active = registry.read_active()
     old = FeatureSchema.from_dict(active.metadata.feature_schema)
-    if deployment.holdout_version() is None or not _same_rows(deployment.load_holdout(), holdout):
-        deployment.save_holdout(holdout)
-    parts = deployment.holdout_parts()
-    if old.vocabulary is not None and old.vocabulary.digest() == vocabulary.digest():
-        return VocabularyChange(None, active.version, parts.evaluation.version or 0, 0, 0, 0)
-    if old.vocabulary is not None and vocabulary.version <= old.vocabulary.version:
-        raise ValueError(
+    already = old.vocabulary is not None and old.vocabulary.digest() == vocabulary.digest()
+    if not already and old.vocabulary is not None and vocabulary.version <= old.vocabulary.version:
+        raise ValueError(  # before anything is stored
             f"vocabulary {vocabulary.version} is not newer than the active model's "
             f"{old.vocabulary.version} (`fl-admin templates learn --previous` numbers it)"
         )
+    if deployment.holdout_version() is None or not _same_rows(deployment.load_holdout(), holdout):
+        deployment.save_holdout(holdout)
+    parts = deployment.holdout_parts()
+    if already:
+        return VocabularyChange(None, active.version, parts.evaluation.version or 0, 0, 0, 0)
     settings = deployment.settings
     benign = parts.calibration.benign()
     schema, source = carried_schema(old, vocabulary, benign)
