@@ -33,6 +33,32 @@ def recent_start(windows: int) -> float:
     return (now // WINDOW - windows - 2) * WINDOW
 
 
+def labeled_hosts(tmp_path) -> list[str]:
+    """Two labeled hosts' syslog (days apart, so their labels never mix) and
+    ``labels.csv`` with their anomalous periods: what ``templates holdout`` counts."""
+    periods, paths = [], []
+    for i in range(2):
+        start = recent_start(240) - (i + 1) * 5 * 86_400
+        logs = device_logs(1000 + i, windows=240, anomaly_rate=0.2, seed=4, start=start)
+        path = tmp_path / f"holdout-{i}.log"
+        path.write_text(syslog_text(logs.lines))
+        paths.append(str(path))
+        periods += anomalous_periods(logs.labels, logs.kinds, start=start)
+    write_labels(tmp_path / "labels.csv", periods)
+    return paths
+
+
+def device_with_syslog(tmp_path, d: int):
+    """Device ``d``'s folder: its recent syslog in ``log/`` and a fresh key in ``state/``;
+    returns (folder, the generated logs)."""
+    device = tmp_path / f"dev-{d}"
+    (device / "log").mkdir(parents=True)
+    logs = device_logs(d, windows=WINDOWS, seed=5, start=recent_start(WINDOWS))
+    (device / "log" / "syslog").write_text(syslog_text(logs.lines))
+    assert client_main(["keygen", "--out", str(device / "state" / "client_key.pem")]) == 0
+    return device, logs
+
+
 def test_a_device_with_only_log_paths_trains_uploads_scores_and_explains(
     admin_env, tmp_path, capsys
 ):
@@ -60,16 +86,7 @@ def test_a_device_with_only_log_paths_trains_uploads_scores_and_explains(
     brute = "sshd: Failed password for invalid user <USER> from <IP> port <NUM> ssh2"
     assert brute in patterns
 
-    periods = []
-    holdout_files = []
-    for i in range(2):
-        start = recent_start(240) - (i + 1) * 5 * 86_400  # hosts apart: labels do not mix
-        logs = device_logs(1000 + i, windows=240, anomaly_rate=0.2, seed=4, start=start)
-        path = tmp_path / f"holdout-{i}.log"
-        path.write_text(syslog_text(logs.lines))
-        holdout_files.append(str(path))
-        periods += anomalous_periods(logs.labels, logs.kinds, start=start)
-    write_labels(tmp_path / "labels.csv", periods)
+    holdout_files = labeled_hosts(tmp_path)
     holdout = tmp_path / "holdout-logs.npz"
     assert (
         admin_main(
@@ -96,11 +113,7 @@ def test_a_device_with_only_log_paths_trains_uploads_scores_and_explains(
     secrets = {"alice", "10.", "203.", "Accepted", "publickey", "password", "<USER>", "sshd"}
     configs = []
     for d in range(3):
-        device = tmp_path / f"dev-{d}"
-        (device / "log").mkdir(parents=True)
-        logs = device_logs(d, windows=WINDOWS, seed=5, start=recent_start(WINDOWS))
-        (device / "log" / "syslog").write_text(syslog_text(logs.lines))
-        assert client_main(["keygen", "--out", str(device / "state" / "client_key.pem")]) == 0
+        device, logs = device_with_syslog(tmp_path, d)
         out = device / "client.json"
         assert (
             admin_main(
@@ -246,15 +259,7 @@ def test_a_new_vocabulary_is_a_new_version_and_devices_recount_their_windows(
     added = {t.pattern for t in v2.templates} - {t.pattern for t in v1.templates}
     assert any("Failed password" in p for p in added), added
 
-    periods, host_logs = [], []
-    for i in range(2):
-        start = recent_start(240) - (i + 1) * 5 * 86_400
-        logs = device_logs(1000 + i, windows=240, anomaly_rate=0.2, seed=4, start=start)
-        path = tmp_path / f"holdout-{i}.log"
-        path.write_text(syslog_text(logs.lines))
-        host_logs.append(str(path))
-        periods += anomalous_periods(logs.labels, logs.kinds, start=start)
-    write_labels(tmp_path / "labels.csv", periods)
+    host_logs = labeled_hosts(tmp_path)
     h1 = _holdout(tmp_path, "h1", v1_path, host_logs, tmp_path / "labels.csv")
     h2 = _holdout(tmp_path, "h2", v2_path, host_logs, tmp_path / "labels.csv")
     assert admin_main(["init", "--holdout", str(h1), "--vocabulary", str(v1_path)]) == 0
@@ -263,11 +268,7 @@ def test_a_new_vocabulary_is_a_new_version_and_devices_recount_their_windows(
 
     configs = []
     for d in range(3):
-        device = tmp_path / f"dev-{d}"
-        (device / "log").mkdir(parents=True)
-        logs = device_logs(d, windows=WINDOWS, seed=5, start=recent_start(WINDOWS))
-        (device / "log" / "syslog").write_text(syslog_text(logs.lines))
-        assert client_main(["keygen", "--out", str(device / "state" / "client_key.pem")]) == 0
+        device, _ = device_with_syslog(tmp_path, d)
         out = device / "client.json"
         argv = ["enroll", f"dev-{d}", "--public-key", str(device / "state" / "client_key.pub.pem")]
         assert admin_main([*argv, "--out", str(out), "--log", "log/syslog*"]) == 0
