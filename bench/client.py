@@ -456,7 +456,7 @@ def log_worker(path: Path, mode: str) -> dict[str, Any]:
 
     ``reader``: the device's :class:`client.logs.LogReader` (parse, mask, count into
     windows; the state saved once). ``lines``: the floor, reading and decoding every
-    line and nothing else (the same ``readline`` loop the reader uses)."""
+    line and nothing else (the reader's own block reads)."""
     import resource
 
     from client.logs import LogReader, LogSettings, LogSource, LogState, state_path
@@ -476,11 +476,13 @@ def log_worker(path: Path, mode: str) -> dict[str, Any]:
             ),
         }
     else:
+        from client.logs import ReadTally, line_blocks
+
         counted, extra = 0, {}
+        tally = ReadTally(0, None)
         with path.open("rb") as fh:
-            while raw := fh.readline(65_537):
-                raw.decode("utf-8", "replace").rstrip("\r\n")
-                counted += 1
+            for lines in line_blocks(fh, tally, limit=LogSettings().max_line_bytes, final=False):
+                counted += len(lines)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

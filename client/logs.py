@@ -31,8 +31,8 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
-from datetime import datetime, tzinfo
+from collections.abc import Callable, Iterable, Iterator
+from datetime import tzinfo
 from pathlib import Path
 from typing import Annotated, BinaryIO, Final, Literal
 
@@ -45,12 +45,10 @@ from fedlib.models.logfeatures import (
     JournalExportParser,
     RegexFormat,
     TemplateMatcher,
+    line_parser,
     log_zone,
     mask,
-    parse_json_line,
-    parse_syslog,
     window_features,
-    year_before,
 )
 
 log = logging.getLogger(__name__)
@@ -252,20 +250,22 @@ class LogReader:
         elif not compressed and size == cursor.offset:
             cursor.path = str(path)
             return 0
-        tally = _Tally(cursor.offset, cursor.last_time)
+        tally = ReadTally(cursor.offset, cursor.last_time)
         try:
             with _open(path) as fh:
                 if compressed:
                     _skip(fh, cursor.offset)
                 else:
                     fh.seek(cursor.offset)
-                entries = (
-                    self._journal(fh, tally, final=compressed)
-                    if source.format == "journald"
-                    else self._lines(fh, tally, source, mtime, final=compressed)
-                )
-                for entry in entries:
-                    self._count(entry, tally)
+                if source.format == "journald":
+                    self._count(self._journal(fh, tally, final=compressed), tally)
+                else:
+                    parse, invalid = self._line_format(source, mtime)
+                    blocks = line_blocks(
+                        fh, tally, limit=self.settings.max_line_bytes, final=compressed
+                    )
+                    for lines in blocks:
+                        self._count_lines(lines, parse, invalid, tally)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             log.warning("%s: read stopped (%s); what was read before counts", path, exc)
         finally:  # what was counted and where it ends, together
@@ -276,61 +276,43 @@ class LogReader:
         self.state.cursors[key] = cursor
         return tally.entries
 
-    def _lines(
-        self, fh: BinaryIO, tally: _Tally, source: LogSource, mtime: float, *, final: bool
-    ) -> Iterator[Entry]:
-        zone = source.zone()
-        year = datetime.fromtimestamp(mtime, zone).year
-        limit = self.settings.max_line_bytes
-        pattern = (
-            RegexFormat(source.regex, source.time_format, zone)
-            if source.format == "regex" and source.regex
-            else None
+    def _line_format(
+        self, source: LogSource, mtime: float
+    ) -> tuple[Callable[[str], Entry | None], bool]:
+        """The source's line parser, and whether a line it refuses is invalid (JSON
+        lines) rather than the continuation of the entry before it."""
+        parse = line_parser(
+            source.format,
+            mtime=mtime,
+            zone=source.zone(),
+            regex=source.regex,
+            time_format=source.time_format,
         )
-        fmt = source.format
-        readline = fh.readline
-        late = mtime + 86_400
-        while True:
-            raw = readline(limit + 1)
-            if not raw:
-                return
-            if len(raw) > limit:  # too long: drop it through its newline
-                consumed = len(raw)
-                while not raw.endswith(b"\n"):
-                    raw = readline(limit + 1)
-                    if not raw:
-                        if not final:
-                            return  # its end is not written yet: read it next run
-                        break
-                    consumed += len(raw)
-                tally.offset += consumed
-                tally.skipped_long += 1
-                continue
-            if raw[-1:] != b"\n" and not final:
-                return  # a line still being written
-            tally.offset += len(raw)
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        return parse, source.format == "jsonl"
+
+    def _count_lines(
+        self,
+        lines: list[str],
+        parse: Callable[[str], Entry | None],
+        invalid: bool,
+        tally: ReadTally,
+    ) -> None:
+        """Parse a block of lines and count its entries."""
+        entries = []
+        for line in lines:
+            line = line.rstrip("\r")
             if not line or line.isspace():
                 continue
-            if fmt == "syslog":
-                entry = parse_syslog(line, year=year, zone=zone)
-                if entry is not None and entry.time is not None and entry.time > late:
-                    entry = year_before(entry, zone)
-            elif fmt == "jsonl":
-                entry = parse_json_line(line, zone)
-                if entry is None:
-                    tally.skipped_invalid += 1
-                    continue
-            elif pattern is not None:
-                entry = pattern.parse(line)
+            entry = parse(line)
+            if entry is not None:
+                entries.append(entry)
+            elif invalid:
+                tally.skipped_invalid += 1
             else:
-                return
-            if entry is None:
                 tally.continuation += 1
-                continue
-            yield entry
+        self._count(entries, tally)
 
-    def _journal(self, fh: BinaryIO, tally: _Tally, *, final: bool) -> Iterator[Entry]:
+    def _journal(self, fh: BinaryIO, tally: ReadTally, *, final: bool) -> Iterator[Entry]:
         parser = JournalExportParser(max_field=self.settings.max_line_bytes)
         start = tally.offset
         while chunk := fh.read(1 << 20):
@@ -346,32 +328,47 @@ class LogReader:
                     yield entry
         tally.skipped_long += parser.skipped_fields
 
-    def _count(self, entry: Entry, tally: _Tally) -> None:
-        when = entry.time if entry.time is not None else tally.last_time
-        if when is None:
-            tally.skipped_no_time += 1
-            return
-        tally.last_time = when
-        start = int(when - when % self.state.window_seconds)
-        window = tally.windows.get(start)
-        if window is None:
-            window = self.state.windows.get(str(start))
-            if window is None:
-                window = self.state.windows[str(start)] = Window(start=start)
-            tally.windows[start] = window
-            tally.lines[start] = tally.overflow[start] = 0
-        tally.lines[start] += 1
-        tally.entries += 1
-        masked = mask(entry.message)[:MAX_MASKED_CHARS]
-        messages = window.messages
-        if masked in messages:
-            messages[masked] += 1
-        elif len(messages) < self.settings.max_messages_per_window:
-            messages[masked] = 1
-        else:
-            tally.overflow[start] += 1
+    def _count(self, entries: Iterable[Entry], tally: ReadTally) -> None:
+        """Count each entry's masked message in its time window (an entry without a time
+        belongs where the one before it does). A device's hot path (a busy host writes
+        ten million lines a day): one loop, the current window kept at hand."""
+        seconds = self.state.window_seconds
+        cap = self.settings.max_messages_per_window
+        windows, lines_in, overflow = tally.windows, tally.lines, tally.overflow
+        start, messages = -1, {}
+        for entry in entries:
+            when = entry.time if entry.time is not None else tally.last_time
+            if when is None:
+                tally.skipped_no_time += 1
+                continue
+            tally.last_time = when
+            window_start = int(when - when % seconds)
+            if window_start != start:
+                start = window_start
+                window = windows.get(start)
+                if window is None:
+                    window = self._window(start, tally)
+                messages = window.messages
+            lines_in[start] += 1
+            tally.entries += 1
+            masked = mask(entry.message)[:MAX_MASKED_CHARS]
+            if masked in messages:
+                messages[masked] += 1
+            elif len(messages) < cap:
+                messages[masked] = 1
+            else:
+                overflow[start] += 1
 
-    def _apply(self, tally: _Tally, cursor: FileCursor) -> None:
+    def _window(self, start: int, tally: ReadTally) -> Window:
+        """The window starting at ``start``, made part of this read's tally."""
+        window = self.state.windows.get(str(start))
+        if window is None:
+            window = self.state.windows[str(start)] = Window(start=start)
+        tally.windows[start] = window
+        tally.lines[start] = tally.overflow[start] = 0
+        return window
+
+    def _apply(self, tally: ReadTally, cursor: FileCursor) -> None:
         cursor.offset, cursor.last_time = tally.offset, tally.last_time
         for start, window in tally.windows.items():
             window.lines += tally.lines[start]
@@ -389,6 +386,57 @@ class LogReader:
             del self.state.windows[key]
 
 
+#: Bytes a read takes from a file at a time (with at most one partial line carried).
+#: Small enough that a compressed file cut short loses little: the lines of the read
+#: that meets the cut are not counted (the read fails as a whole).
+BLOCK_BYTES = 1 << 16
+
+
+def line_blocks(
+    fh: BinaryIO, tally: ReadTally, *, limit: int, final: bool, block: int = BLOCK_BYTES
+) -> Iterator[list[str]]:
+    """The complete lines from ``fh``'s position on, decoded (U+FFFD for undecodable
+    bytes), without their newline, a block at a time; ``tally.offset`` advances over the
+    bytes of each block before it is yielded. A line of ``limit`` bytes or more with its
+    newline is skipped (``tally.skipped_long``); a last line without a newline waits for
+    the next read unless the file is ``final`` (compressed: it never grows). A line too
+    long to carry is dropped through its newline without being held in memory; if its
+    newline is not written yet, the read stops before it (it is read again next run)."""
+    pending = b""  # the start of a line whose newline is not read yet (at most limit)
+    dropping = 0  # bytes of a too-long line dropped so far (0: not in one)
+    while chunk := fh.read(block):
+        if dropping:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                dropping += len(chunk)
+                continue
+            tally.offset += dropping + newline + 1
+            tally.skipped_long += 1
+            dropping, chunk = 0, chunk[newline + 1 :]
+        data = pending + chunk if pending else chunk
+        end = data.rfind(b"\n") + 1
+        body, pending = data[:end], data[end:]
+        if body:
+            tally.offset += len(body)
+            parts = body.split(b"\n")
+            parts.pop()  # after the last newline: nothing
+            if max(map(len, parts)) < limit:  # the common case: decode the block at once
+                yield body[:-1].decode("utf-8", "replace").split("\n")
+            else:
+                tally.skipped_long += sum(len(p) >= limit for p in parts)
+                yield [p.decode("utf-8", "replace") for p in parts if len(p) < limit]
+        if len(pending) > limit:
+            dropping, pending = len(pending), b""
+    if dropping:
+        if final:
+            tally.offset += dropping
+            tally.skipped_long += 1
+        return
+    if pending and final:  # (never over the limit: see above)
+        tally.offset += len(pending)
+        yield [pending.decode("utf-8", "replace")]
+
+
 def _skip(fh: BinaryIO, count: int) -> None:
     while count > 0:
         chunk = fh.read(min(count, 1 << 20))
@@ -397,7 +445,7 @@ def _skip(fh: BinaryIO, count: int) -> None:
         count -= len(chunk)
 
 
-class _Tally:
+class ReadTally:
     """One file's read in progress, in plain attributes (a line costs no model
     validation); :meth:`LogReader._apply` moves it into the state in one step."""
 

@@ -5,6 +5,7 @@ invalid UTF-8 and absurdly long lines skipped with a count, never a crash."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import random
@@ -21,8 +22,10 @@ from client.logs import (
     LogSettings,
     LogSource,
     LogState,
+    ReadTally,
     fingerprint,
     ingest,
+    line_blocks,
     state_path,
 )
 from fedlib.models.logfeatures import (
@@ -297,8 +300,12 @@ def test_a_file_truncated_in_place_is_read_again_from_its_start(tmp_path, rng):
 @given(
     day=st.integers(1, 28),
     clock=st.tuples(st.integers(0, 23), st.integers(0, 59), st.integers(0, 59)),
-    host=st.from_regex(r"[a-z0-9.\-]{1,12}", fullmatch=True),
+    host=st.one_of(
+        st.from_regex(r"[a-z0-9.\-]{1,12}", fullmatch=True),
+        st.text(min_size=1, max_size=8).filter(lambda t: " " not in t),
+    ),
     tag=st.one_of(
+        st.from_regex(r"[A-Za-z0-9_\-]{1,8}\[[0-9]{1,6}\]", fullmatch=True),
         st.from_regex(r"[A-Za-z0-9_\-./()]{1,10}", fullmatch=True),
         st.from_regex(r"[A-Za-z0-9_\-]{1,8}\[[0-9a-z]{0,5}\]", fullmatch=True),
         st.text(min_size=0, max_size=12),
@@ -307,14 +314,20 @@ def test_a_file_truncated_in_place_is_read_again_from_its_start(tmp_path, rng):
     message=st.text(max_size=40),
 )
 def test_the_fast_syslog_path_reads_lines_as_the_regex_does(day, clock, host, tag, sep, message):
-    """Common RFC 3164 lines go through string operations, the rest through the regex:
-    wherever the fast path answers, it answers what the regex would."""
-    from fedlib.models.logfeatures import _parse_bsd_fast, _parse_syslog_regex
+    """A file's syslog parser reads common RFC 3164 lines with plain groups and a memo of
+    stamps, the rest with the full regex: it answers what the full regex answers, with
+    the year of the file's last write (a year earlier for a stamp more than a day after
+    it)."""
+    from fedlib.models.logfeatures import syslog_parser, year_before
 
     line = f"Mar {day:2d} {clock[0]:02d}:{clock[1]:02d}:{clock[2]:02d} {host} {tag}{sep}{message}"
-    fast = _parse_bsd_fast(line, 2026)
-    if fast is not None:
-        assert fast == _parse_syslog_regex(line, 2026), line
+    written = datetime(2026, 3, 14, 12, tzinfo=UTC).timestamp()  # later days: the year before
+    expected = parse_syslog(line, year=2026)
+    if expected is not None and expected.time is not None and expected.time > written + 86_400:
+        expected = year_before(expected)
+    parse = syslog_parser(mtime=written)
+    assert parse(line) == expected, line
+    assert parse(line) == expected, line  # and again, from the memo of stamps
 
 
 def test_masking_keeps_what_a_token_means_and_drops_what_varies():
@@ -435,6 +448,110 @@ def test_the_user_rules_apply_as_stated(tokens):
     got = [logfeatures._mask_token(t) for t in tokens]
     logfeatures._mask_users(tokens, got, any("=" in t for t in tokens))
     assert got == expected
+
+
+def _lines_one_by_one(data: bytes, limit: int, final: bool) -> tuple[list[str], int, int]:
+    """What :func:`line_blocks` reads, one ``readline`` at a time: (lines, bytes consumed,
+    lines skipped as too long)."""
+    fh, lines, offset, skipped = io.BytesIO(data), [], 0, 0
+    while raw := fh.readline(limit + 1):
+        if len(raw) > limit:
+            consumed = len(raw)
+            while not raw.endswith(b"\n"):
+                raw = fh.readline(limit + 1)
+                if not raw:
+                    if not final:
+                        return lines, offset, skipped
+                    break
+                consumed += len(raw)
+            offset, skipped = offset + consumed, skipped + 1
+            continue
+        if raw[-1:] != b"\n" and not final:
+            break
+        offset += len(raw)
+        lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
+    return lines, offset, skipped
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pieces=st.lists(
+        st.one_of(
+            st.binary(max_size=24),
+            st.sampled_from([b"\n", b"\r\n", b"\n\n", b"\xff\xfe", "é€".encode(), b"x" * 40]),
+        ),
+        max_size=12,
+    ),
+    limit=st.integers(4, 24),
+    block=st.integers(1, 16),
+    final=st.booleans(),
+)
+def test_block_reads_count_each_line_as_reading_it_alone_would(pieces, limit, block, final):
+    """The device reads a file in blocks: the same lines, the same bytes consumed and
+    the same long lines skipped as a read line by line, wherever the blocks cut."""
+    data = b"".join(pieces)
+    tally = ReadTally(0, None)
+    blocks = line_blocks(io.BytesIO(data), tally, limit=limit, final=final, block=block)
+    lines = [line.rstrip("\r") for lines in blocks for line in lines]
+    assert (lines, tally.offset, tally.skipped_long) == _lines_one_by_one(data, limit, final)
+
+
+_SHAPE_TOKENS = st.one_of(
+    st.sampled_from(
+        [
+            "GET",
+            "/api/v2",
+            "HTTP/1.1",
+            'HTTP/2"',
+            "user",
+            "User",
+            "for",
+            "from",
+            "invalid",
+            "sudo:",
+            ":",
+            "ssh2",
+            "eth0",
+            "e1000e:",
+            "port",
+            "user=bob7",
+            "uid=0",
+            "0x1f",
+            "7x1f",
+            "0x",
+            "<NUM>",
+            "[5]",
+            "503",
+            "200",
+            "603",
+            "099",
+        ]
+    ),
+    st.from_regex(r"[0-9]{1,6}", fullmatch=True),
+    st.from_regex(r"[0-9]{1,3}(\.[0-9]{1,3}){3}(:[0-9]{1,5})?", fullmatch=True),
+    st.from_regex(r"[0-9a-fxAF:.\-/=@]{1,14}", fullmatch=True),
+    st.from_regex(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", fullmatch=True),
+    st.text(min_size=1, max_size=6).filter(lambda t: not any(c.isspace() for c in t)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(tokens=st.lists(_SHAPE_TOKENS, min_size=1, max_size=8), seed=st.integers(0, 2**32 - 1))
+@example(tokens=["0x1f"], seed=0)  # "0x" is hex, "7x" is not: 0 is a shape of its own
+@example(tokens=["GET", "/a", "603"], seed=1)  # 603 is no status, 503 is
+def test_messages_of_one_shape_mask_as_each_would_alone(tokens, seed):
+    """The memo of message shapes answers for a message what masking it token by token
+    does, after messages that differ from it only in their digits were masked (its
+    non-zero digits changed: its shape; any digit changed)."""
+    from fedlib.models import logfeatures
+
+    message = " ".join(tokens)
+    rng = random.Random(seed)
+    twin = "".join(rng.choice("123456789") if c in "123456789" else c for c in message)
+    other = "".join(rng.choice("0123456789") if c in "0123456789" else c for c in message)
+    logfeatures._shape_memo.clear()
+    for text in (message, twin, other, message):
+        assert logfeatures.mask(text) == logfeatures.mask_by_tokens(text), (message, text)
 
 
 def test_a_rotated_file_gone_for_the_retention_is_forgotten(tmp_path, rng):

@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
+from functools import partial
 from typing import Final, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -72,6 +73,11 @@ _USER_KEYS: Final = ("ruser=", "logname=", "user=", "USER=", "acct=")
 _FOR_NOT_A_NAME: Final = frozenset({"user", "invalid", "User"})
 _MEMO_LIMIT: Final = 262_144
 _token_memo: dict[str, str] = {}
+#: A message's shape: ASCII digits but ``0`` made ``1`` (see :func:`mask`).
+_DIGIT_SHAPE: Final = bytes.maketrans(b"0123456789", b"0111111111")
+_ASCII_DIGIT: Final = re.compile(r"[0-9]")
+_SHAPE_MEMO_LIMIT: Final = 65_536
+_shape_memo: dict[bytes, tuple[str, tuple[tuple[int, str], ...]]] = {}
 
 
 #: Whole tokens whose masking is known without the rules (the rules give the same:
@@ -105,8 +111,52 @@ def _masked_token(token: str) -> str:
 
 def mask(message: str) -> str:
     """``message`` with its variable parts replaced by typed tokens (:data:`MASKS`),
-    whitespace collapsed to single spaces. Tokens repeat across lines, so each token's
-    context-free masking is memoised (bounded)."""
+    whitespace collapsed to single spaces.
+
+    Lines of one kind differ mostly in their digits (ports, addresses, counters), so
+    whole messages are memoised by their *shape*: every ASCII digit but ``0`` made a
+    ``1``. The rules tell digits apart only through classes that hold all of them
+    (``\\d``, ``[0-9]``, ``\\w``, hex), through the ``0`` of ``0x``, and through an
+    HTTP status's first digit. So two messages of one shape match the rules at the same
+    places, and their masked tokens are the same except a masked token that keeps digits
+    (``ssh2``) or a token where a status could stand (``503`` or ``603``): the memo
+    checks those against the message's own tokens. The memo is bounded;
+    :func:`mask_by_tokens` is the same without it (``tests/test_logs.py`` holds them
+    to each other)."""
+    shape = message.encode("utf-8", "surrogatepass").translate(_DIGIT_SHAPE)
+    known = _shape_memo.get(shape)
+    if known is not None:
+        if not known[1]:
+            return known[0]
+        tokens = message.split()
+        for at, token in known[1]:
+            if tokens[at] != token:
+                break
+        else:
+            return known[0]
+    tokens, out, status_places = _masked_tokens(message)
+    masked = " ".join(out)
+    if len(_shape_memo) >= _SHAPE_MEMO_LIMIT:
+        _shape_memo.clear()
+    checked: tuple[tuple[int, str], ...] = ()
+    if status_places or _ASCII_DIGIT.search(masked):
+        checked = tuple(
+            (at, tokens[at])
+            for at, token in enumerate(out)
+            if at in status_places or _ASCII_DIGIT.search(token)
+        )
+    _shape_memo[shape] = (masked, checked)
+    return masked
+
+
+def mask_by_tokens(message: str) -> str:
+    """:func:`mask` without its memo of message shapes (what the memo must agree with)."""
+    return " ".join(_masked_tokens(message)[1])
+
+
+def _masked_tokens(message: str) -> tuple[list[str], list[str], list[int]]:
+    """The message's tokens, each one masked (the token memo, then the rules that look
+    at a token's neighbours), and the places where an HTTP status could stand."""
     tokens = message.split()
     known = _token_memo.get
     # a masked token is never empty, so ``or`` falls through exactly on a miss
@@ -114,16 +164,20 @@ def mask(message: str) -> str:
     assignments = "=" in message
     if assignments or "ser" in message or "for" in message or message.startswith("sudo:"):
         _mask_users(tokens, out, assignments)  # (most lines can name no user: no walk)
-    if "/" in message:
-        _mask_status(tokens, out)
-    return " ".join(out)
+    return tokens, out, _mask_status(tokens, out) if "/" in message else []
 
 
-def _mask_status(tokens: list[str], out: list[str]) -> None:
+def _mask_status(tokens: list[str], out: list[str]) -> list[int]:
+    """An HTTP status right after a request's path or protocol keeps its class; the
+    places where one could stand (three characters there), status or not."""
+    places = []
     for i in range(1, len(tokens)):
         token = tokens[i]
-        if len(token) == 3 and _STATUS.fullmatch(token) and _AFTER_REQUEST.search(tokens[i - 1]):
-            out[i] = f"<{token[0]}xx>"
+        if len(token) == 3 and _AFTER_REQUEST.search(tokens[i - 1]):
+            places.append(i)
+            if _STATUS.fullmatch(token):
+                out[i] = f"<{token[0]}xx>"
+    return places
 
 
 def _mask_users(tokens: list[str], out: list[str], assignments: bool) -> None:
@@ -324,40 +378,77 @@ def _read_bsd_time(stamp: str, year: int, zone: tzinfo) -> float | None:
     return None if day is None else day + h * 3600 + m * 60 + sec
 
 
-#: The fast path's header: stamp (checked by :func:`_bsd_time`), a host without spaces,
-#: and a tag of at most 72 characters without ``:`` or spaces, then ``": "``.
+#: The fast path's header: a stamp (checked by :func:`_read_bsd_time`), a host and an app
+#: tag as the regex reads them, an optional numeric ``[pid]``, then ``": "``.
 _BSD_HEAD: Final = re.compile(
-    r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) .. ..:..:.. ([^ ]+) ([^: ]{1,72}): ",
+    r"((?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) .. ..:..:..)"
+    r" \S+ ([^\s:\[]{1,64})(\[\d+\])?: ",
     re.DOTALL,
 )
-
-
-def _parse_bsd_fast(line: str, year: int, zone: tzinfo = UTC) -> Entry | None:
-    """The common RFC 3164 shape (``Mon dd hh:mm:ss host tag[pid]: msg``) with string
-    operations; None for anything else (the regex decides those, the same way)."""
-    head = _BSD_HEAD.match(line)
-    if head is None:
-        return None
-    host, tag = head.group(1, 2)
-    if not host.isprintable() or not tag.isprintable():  # no other whitespace
-        return None
-    app, bracket, pid = tag.partition("[")
-    if not app or len(app) > 64 or (bracket and not (pid[-1:] == "]" and pid[:-1].isdigit())):
-        return None
-    when = _bsd_time(line[:15], year, zone)
-    if when is None:
-        return None
-    if not bracket:  # "app: message" as it stands in the line
-        return Entry(when, line[head.start(2) :])
-    return Entry(when, f"{app}: {line[head.end() :]}")
 
 
 def parse_syslog(line: str, *, year: int, zone: tzinfo = UTC) -> Entry | None:
     """A syslog line; None when it does not start with a syslog header (a continuation
     of the previous entry). RFC 3164 stamps carry no year or zone: ``year``, ``zone``
-    (as does an ISO 8601 stamp without an offset)."""
-    fast = _parse_bsd_fast(line, year, zone)
-    return fast if fast is not None else _parse_syslog_regex(line, year, zone)
+    (as does an ISO 8601 stamp without an offset). The reference for
+    :func:`syslog_parser`, which reads the lines of a file."""
+    return _parse_syslog_regex(line, year, zone)
+
+
+def syslog_parser(*, mtime: float, zone: tzinfo = UTC) -> Callable[[str], Entry | None]:
+    """:func:`parse_syslog` for the lines of a file last written at ``mtime``: in the
+    year of ``mtime`` (in ``zone``), a year earlier for a stamp more than a day after
+    ``mtime`` (:func:`year_before`). The common RFC 3164 shape (``Mon dd hh:mm:ss host
+    tag[pid]: msg``) is read with one regex of plain groups and a memo of the file's
+    stamps (a busy host writes many lines a second); the full regex reads the rest."""
+    year = datetime.fromtimestamp(mtime, zone).year
+    late = mtime + 86_400
+    stamps: dict[str, float | None] = {}
+    head = _BSD_HEAD.match
+
+    def parse(line: str) -> Entry | None:
+        match = head(line)
+        if match is not None:
+            stamp, app, pid = match.groups()
+            when = stamps.get(stamp)
+            if when is None and stamp not in stamps:
+                if len(stamps) >= _MEMO_LIMIT:
+                    stamps.clear()
+                when = stamps[stamp] = _read_bsd_time(stamp, year, zone)
+            if when is not None:
+                if pid is None:  # "app: message" as it stands in the line
+                    entry = Entry(when, line[match.start(2) :])
+                else:
+                    entry = Entry(when, f"{app}: {line[match.end() :]}")
+                return entry if when <= late else year_before(entry, zone)
+        read = _parse_syslog_regex(line, year, zone)
+        if read is not None and read.time is not None and read.time > late:
+            return year_before(read, zone)
+        return read
+
+    return parse
+
+
+def line_parser(
+    log_format: str,
+    *,
+    mtime: float,
+    zone: tzinfo = UTC,
+    regex: str | None = None,
+    time_format: str | None = None,
+) -> Callable[[str], Entry | None]:
+    """The parser of one file's lines in ``log_format`` (``syslog``, ``jsonl`` or
+    ``regex``; journald's export format is :class:`JournalExportParser`), as the device
+    and the operator's holdout counter both read them."""
+    if log_format == "syslog":
+        return syslog_parser(mtime=mtime, zone=zone)
+    if log_format == "jsonl":
+        return partial(parse_json_line, zone=zone)
+    if log_format == "regex":
+        if not regex:
+            raise ValueError('log format "regex" needs a regex')
+        return RegexFormat(regex, time_format, zone).parse
+    raise ValueError(f"unknown line format {log_format!r}: syslog, jsonl or regex")
 
 
 def _parse_syslog_regex(line: str, year: int, zone: tzinfo = UTC) -> Entry | None:

@@ -18,7 +18,7 @@ import gzip
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, tzinfo
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +28,12 @@ from fedlib.models.logfeatures import (
     MASK_NAMES,
     Entry,
     JournalExportParser,
-    RegexFormat,
     TemplateMatcher,
+    line_parser,
     mask,
     masked_windows,
     parse_iso_time,
-    parse_json_line,
-    parse_syslog,
     window_features,
-    year_before,
 )
 from fedlib.models.model import FeatureSchema, carried_schema
 from fedlib.models.package import ModelPackage
@@ -55,7 +52,6 @@ def read_sample(
     zone are read as a device reads them: in ``zone``, in the year the file was last
     written (a year earlier for a stamp more than a day after that)."""
     mtime = path.stat().st_mtime
-    year, late = datetime.fromtimestamp(mtime, zone).year, mtime + 86_400
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as fh:
         if log_format == "journald":
@@ -64,21 +60,9 @@ def read_sample(
                 yield from (e for e in parser.feed(chunk) if e is not None)
             yield from (e for e in parser.feed(b"\n\n") if e is not None)
             return
-        pattern = RegexFormat(regex, zone=zone) if log_format == "regex" and regex else None
-        if log_format == "regex" and pattern is None:
-            raise ValueError("--format regex needs --regex")
+        parse = line_parser(log_format, mtime=mtime, zone=zone, regex=regex)
         for raw in fh:
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if log_format == "syslog":
-                entry = parse_syslog(line, year=year, zone=zone)
-                if entry is not None and entry.time is not None and entry.time > late:
-                    entry = year_before(entry, zone)
-            elif log_format == "jsonl":
-                entry = parse_json_line(line, zone)
-            elif pattern is not None:
-                entry = pattern.parse(line)
-            else:
-                raise ValueError(f"unknown log format {log_format!r}; expected {FORMATS}")
+            entry = parse(raw.decode("utf-8", "replace").rstrip("\r\n"))
             if entry is not None:
                 yield entry
 
