@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedlib.files import atomic_write
 from fedlib.models.logfeatures import (
+    MAX_MASKED_CHARS,
     Entry,
     JournalExportParser,
     RegexFormat,
@@ -49,14 +50,13 @@ from fedlib.models.logfeatures import (
     log_zone,
     mask,
     window_features,
+    window_start,
 )
 
 log = logging.getLogger(__name__)
 
 LOG_STATE_SCHEMA: Final = "dadm.device-log-state.v1"
 FINGERPRINT_BYTES = 1024
-#: A masked message longer than this is counted as unknown (no template is that long).
-MAX_MASKED_CHARS = 2048
 
 
 class LogSource(BaseModel):
@@ -342,9 +342,9 @@ class LogReader:
                 tally.skipped_no_time += 1
                 continue
             tally.last_time = when
-            window_start = int(when - when % seconds)
-            if window_start != start:
-                start = window_start
+            this = window_start(when, seconds)
+            if this != start:
+                start = this
                 window = windows.get(start)
                 if window is None:
                     window = self._window(start, tally)

@@ -72,6 +72,9 @@ _USER: Final = re.compile(r"[\w.\-@$]+")
 _USER_KEYS: Final = ("ruser=", "logname=", "user=", "USER=", "acct=")
 _FOR_NOT_A_NAME: Final = frozenset({"user", "invalid", "User"})
 _MEMO_LIMIT: Final = 262_144
+#: A masked message longer than this is cut here (it then matches no template: none is
+#: that long), so one absurd line costs its window a bounded key.
+MAX_MASKED_CHARS: Final = 2048
 _token_memo: dict[str, str] = {}
 #: A message's shape: ASCII digits but ``0`` made ``1`` (see :func:`mask`).
 _DIGIT_SHAPE: Final = bytes.maketrans(b"0123456789", b"0111111111")
@@ -647,8 +650,10 @@ class JournalExportParser:
 # ----------------------------------------------------------------------------- windows
 
 
-def window_start(when: float, seconds: float) -> float:
-    return math.floor(when / seconds) * seconds
+def window_start(when: float, seconds: int) -> int:
+    """The start of the window of ``seconds`` that holds ``when`` (epoch seconds): the
+    device and the server's holdout counter both cut windows here."""
+    return int(when - when % seconds)
 
 
 def window_features(
@@ -683,11 +688,11 @@ def window_features(
 
 
 def masked_windows(
-    entries: Iterable[Entry], *, window_seconds: float
-) -> dict[float, tuple[int, dict[str, int]]]:
+    entries: Iterable[Entry], *, window_seconds: int
+) -> dict[int, tuple[int, dict[str, int]]]:
     """``{window start: (lines, {masked message: count})}`` of ``entries`` (an entry
     without a time takes the previous entry's; one before any time is left out)."""
-    windows: dict[float, tuple[int, dict[str, int]]] = {}
+    windows: dict[int, tuple[int, dict[str, int]]] = {}
     last: float | None = None
     for entry in entries:
         when = entry.time if entry.time is not None else last
@@ -696,7 +701,7 @@ def masked_windows(
         last = when
         start = window_start(when, window_seconds)
         lines, messages = windows.get(start, (0, {}))
-        masked = mask(entry.message)
+        masked = mask(entry.message)[:MAX_MASKED_CHARS]
         messages[masked] = messages.get(masked, 0) + 1
         windows[start] = (lines + 1, messages)
     return windows
