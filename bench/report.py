@@ -148,6 +148,15 @@ DECLARED_GOALS: dict[str, dict[str, tuple[str, str, float]]] = {
         )
         for attack in ("scaled", "sign_flip", "random")
     },
+    # Issue 19: a device parses a day of a busy host's logs (10 million lines) in under a
+    # minute of CPU.
+    "client.json": {
+        "log_parsing_cpu_s_for_10m_lines": (
+            "log_parsing.projected_cpu_s_for_10m_lines",
+            "<",
+            60.0,
+        )
+    },
 }
 # A goal whose figure has another name in its file.
 FIGURE_OF = {
@@ -178,7 +187,7 @@ def goal_rows(name: str, data: Mapping[str, Any]) -> list[tuple[str, str, bool]]
     ]
     for key, (path, op, target) in DECLARED_GOALS.get(name, {}).items():
         value = lookup(data, path)
-        met = value >= target if op == ">=" else value <= target
+        met = {">=": value >= target, "<=": value <= target, "<": value < target}[op]
         rows.append((key, path, bool(met)))
     return rows
 
@@ -222,7 +231,18 @@ def _poisoning_reason(attack: str) -> Callable[[Source], str]:
     return reason
 
 
+def _parsing_reason(s: Source) -> str:
+    p = "log_parsing"
+    return (
+        f"the reader took {s.num(f'{p}.reader_cpu_s_per_100k_lines', '.2f')} s of CPU per "
+        f"100,000 lines, {s.num(f'{p}.reader_vs_floor_cpu', '.0f')}x reading and decoding them; "
+        f"masking, matching and counting run in Python, and a line whose message shape the "
+        f"memo has not seen is masked token by token (several microseconds)"
+    )
+
+
 REASONS: dict[tuple[str, str], Callable[[Source], str]] = {
+    ("client.json", "log_parsing_cpu_s_for_10m_lines"): _parsing_reason,
     ("round.json", "pipeline_updates_per_s"): _round_reason,
     ("round.json", "overhead_ratio"): _round_reason,
     ("aggregate.json", "speed_ratio"): _aggregate_reason,
@@ -238,6 +258,9 @@ GOAL_NAMES = {
     ("aggregate.json", "memory_ratio"): "aggregation memory, Flower / ours",
     ("wire.json", "ratio_topk1_vs_dense32"): "bytes per top-1% update / dense float32",
     ("client.json", "cycle_cpu_s"): "device cycle, CPU s",
+    ("client.json", "log_parsing_cpu_s_for_10m_lines"): (
+        "log parsing, CPU s for 10,000,000 syslog lines (projected)"
+    ),
     ("client.json", "cycle_peak_rss_mb"): "device cycle, peak RSS MB",
     ("poisoning.json", "scaled_fltrust_within_clean"): "FLTrust, `scaled` attack, AUC - all-honest",
     ("poisoning.json", "sign_flip_fltrust_within_clean"): (
@@ -255,7 +278,7 @@ def render_goals(sources: Mapping[str, Source]) -> str:
         s = sources[name]
         for key, path, met in goal_rows(name, s.data):
             label = GOAL_NAMES.get((name, key), f"`{key}`")
-            if key in DECLARED_GOALS.get(name, {}):  # a difference to a reference run
+            if name == "poisoning.json":  # a difference to a reference run
                 spec = "+.3f"
             else:
                 spec = ",.0f" if abs(float(s.get(path))) >= 1000 else ".3g"
