@@ -259,7 +259,7 @@ GOAL_NAMES = {
     ("wire.json", "ratio_topk1_vs_dense32"): "bytes per top-1% update / dense float32",
     ("client.json", "cycle_cpu_s"): "device cycle, CPU s",
     ("client.json", "log_parsing_cpu_s_for_10m_lines"): (
-        "log parsing, CPU s for 10,000,000 syslog lines (projected)"
+        "log parsing, CPU s for a busy host's day of syslog (projected)"
     ),
     ("client.json", "cycle_peak_rss_mb"): "device cycle, peak RSS MB",
     ("poisoning.json", "scaled_fltrust_within_clean"): "FLTrust, `scaled` attack, AUC - all-honest",
