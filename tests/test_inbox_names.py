@@ -8,6 +8,7 @@ digest), is quarantined (bounded) and removed, and the next round runs clean.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 
 import pytest
@@ -155,6 +156,55 @@ def test_unaddressable_names_are_judged_and_removed(deployment):
     upload_updates(deployment, 2, start=2)
     again = run_round(deployment, "odd-2")
     assert again.accepted == 2 and again.rejected == {}, again.summary()
+
+
+def test_shards_search_their_ranges_of_the_inbox_for_unaddressable_names(deployment):
+    """Issue 18: the mapped shards search the inbox for names the data path cannot
+    address, each its own range in listing order (cut at keys the shards own: the last
+    range runs to the end), so the round-wide ``finalize`` lists nothing. Names before
+    every device, inside one, between two (under an id that sorts apart in SeaweedFS's
+    directory order and in byte order: ``x-y`` and ``x``) and after the last: each
+    judged once, and more than one shard found some."""
+    from fedlib.server.records import ShardRecorded
+    from fedlib.server.round_runner import load_plan, load_shard
+    from fedlib.server.state_keys import RunKeys
+
+    deployment.settings = deployment.settings.model_copy(update={"shard_size": 2})
+    sent = upload_updates(deployment, 5)
+    ids = sorted({key.split("/")[1] for key in sent})
+    client = deployment.inbox._control()
+    bucket = deployment.settings.inbox_bucket
+    odd = [
+        "updates/0\x01first",
+        f"updates/{ids[0]}/in\x01side",
+        f"updates/{ids[1]}-y/\x02between",
+        f"updates/{ids[3]}/dir/",
+        "updates/zz/\x03last",
+    ]
+    for name in odd:
+        client.put_object(Bucket=bucket, Key=name, Body=b"junk")
+
+    report = run_round(deployment, "ranges-1")
+    assert report.decision == "published" and report.accepted == 5, report.summary()
+    assert report.rejected == {"malformed_name": len(odd)}, report.summary()
+    plan = load_plan(deployment, "ranges-1")
+    assert plan.shards_search_names and plan.shard_count >= 3
+    ranges = [load_shard(deployment, plan, i).search_range for i in range(plan.shard_count)]
+    cuts = [r for r in ranges if r is not None]
+    assert len(cuts) >= 3 and cuts[0].after is None and cuts[-1].through is None
+    assert all(a.through == b.after for a, b in itertools.pairwise(cuts)), cuts
+    found = [
+        ShardRecorded.from_json(
+            deployment.state.get(RunKeys("ranges-1").shard_recorded(i))
+        ).rejected.get("malformed_name", 0)
+        for i in range(plan.shard_count)
+    ]
+    assert sum(found) == len(odd) and sum(1 for n in found if n) >= 2, (found, ranges)
+    ledger = Ledger(deployment.state)
+    for name in odd:
+        entry = ledger.read(name)
+        assert entry is not None and entry.reason == "malformed_name" and entry.key == name
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket)  # the inbox is empty
 
 
 def test_oversized_objects_are_kept_as_stubs_not_copies(deployment):

@@ -671,3 +671,23 @@ def test_unaddressable_keys_are_listed_read_and_deleted_by_their_exact_name(
     assert keys(s3_bucket.list_unaddressable("updates/", limit=10)) == [odd[1]]
     assert s3_bucket.delete_unaddressable(odd[0], etag=fresh.etag) is False  # gone
     assert keys(s3_bucket.list("updates/")) == ["updates/c/fine"]
+
+
+def test_unaddressable_keys_are_listed_within_a_range(s3_bucket: S3Store) -> None:
+    """A range of the listing: after one key (which need not exist any more), through
+    another, reading at most so many keys."""
+    control = s3_bucket.config.client()
+    for key in ("updates/a/x\x01", "updates/b/x\x01", "updates/c/x\x01"):
+        control.put_object(Bucket=s3_bucket.bucket, Key=key, Body=b"odd")
+    for key in ("updates/a/y", "updates/b/y", "updates/c/y"):
+        s3_bucket.put(key, b"ok")
+
+    def within(**bounds: object) -> list[str]:
+        return keys(s3_bucket.list_unaddressable("updates/", limit=10, **bounds))  # type: ignore[arg-type]
+
+    assert within(through="updates/a/y") == ["updates/a/x\x01"]
+    assert within(start_after="updates/a/y", through="updates/b/y") == ["updates/b/x\x01"]
+    assert within(start_after="updates/b/y") == ["updates/c/x\x01"]
+    s3_bucket.delete("updates/b/y")  # gone: the next range still starts after it
+    assert within(start_after="updates/b/y") == ["updates/c/x\x01"]
+    assert within(scan_limit=3) == ["updates/a/x\x01", "updates/b/x\x01"]

@@ -198,11 +198,24 @@ class RoundPlan(Record):
     capped_groups: int | None = None
     #: The capped devices by id, first :data:`CAPPED_DEVICES_LISTED` in name order.
     capped_devices: list[str] | None = None
+    #: Whether the shards search the inbox for names the data path cannot address (each
+    #: its :attr:`ShardKeys.search_range`); False: ``finalize`` searches it whole.
+    shards_search_names: bool = False
 
     @property
     def shard_run(self) -> str:
         """The run whose shard files hold the keys (a replay reuses the original's)."""
         return self.replay_of or self.run_id
+
+
+class InboxRange(Record):
+    """Part of the inbox in the store's listing order: the keys after ``after`` (None:
+    from the start) through ``through`` (None: to the end). The plan cuts the inbox at
+    keys its shards own, so each range ends at a key that still exists while its shard
+    searches it; a search also stops after a bounded number of keys."""
+
+    after: str | None
+    through: str | None
 
 
 class ShardKeys(Record):
@@ -216,6 +229,10 @@ class ShardKeys(Record):
     #: When the store received each key (ms, parallel to ``keys``; absent in older
     #: documents): which of a device's updates is its newest, from the server's clock.
     received_ms: list[int] | None = None
+    #: The range of the inbox, in listing order, this shard searches for names the data
+    #: path cannot address (:class:`InboxRange`); None: none (the plan's ranges
+    #: cover the inbox together, one shard each).
+    search_range: InboxRange | None = None
 
 
 # -- verdicts -----------------------------------------------------------------------------------

@@ -186,10 +186,19 @@ class ObjectStore(Protocol):
         """Remove ``key``; deleting a missing key is not an error (as in S3)."""
         ...
 
-    def list_unaddressable(self, prefix: str, *, limit: int) -> Iterator[ObjectInfo]:
+    def list_unaddressable(
+        self,
+        prefix: str,
+        *,
+        limit: int,
+        start_after: str | None = None,
+        through: str | None = None,
+        scan_limit: int | None = None,
+    ) -> Iterator[ObjectInfo]:
         """At most ``limit`` objects under ``prefix`` whose keys :meth:`list` skips (an S3
         bucket may hold a control character, an empty segment or a trailing ``/`` in a
-        key; a directory cannot)."""
+        key; a directory cannot), in listing order from after ``start_after``, through
+        the key ``through`` (None: to the end), looking at most at ``scan_limit`` keys."""
         ...
 
     def digest_unaddressable(
@@ -711,10 +720,28 @@ class S3Store:
             raise err from exc
         return True
 
-    def list_unaddressable(self, prefix: str, *, limit: int) -> Iterator[ObjectInfo]:
+    def list_unaddressable(
+        self,
+        prefix: str,
+        *,
+        limit: int,
+        start_after: str | None = None,
+        through: str | None = None,
+        scan_limit: int | None = None,
+    ) -> Iterator[ObjectInfo]:
         """A ListObjectsV2 pass over ``prefix`` (control plane) keeping only such keys."""
-        odd = (info for info in self._control_objects(prefix) if not _addressable(info.key))
-        yield from itertools.islice(odd, limit)
+        if limit <= 0:
+            return
+        found = 0
+        listed = self._control_objects(prefix, start_after)
+        for info in itertools.islice(listed, scan_limit):
+            if not _addressable(info.key):
+                yield info
+                found += 1
+                if found >= limit:
+                    return
+            if info.key == through:
+                return
 
     def _control_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
         """Every object under ``prefix`` through ListObjectsV2, page by page (lazily)."""
@@ -1080,7 +1107,15 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"get {key!r} from {self.root}: {exc}") from exc
 
-    def list_unaddressable(self, prefix: str, *, limit: int) -> Iterator[ObjectInfo]:
+    def list_unaddressable(
+        self,
+        prefix: str,
+        *,
+        limit: int,
+        start_after: str | None = None,
+        through: str | None = None,
+        scan_limit: int | None = None,
+    ) -> Iterator[ObjectInfo]:
         """Nothing: a directory cannot hold such names (:func:`validate_key`)."""
         return iter(())
 
