@@ -82,17 +82,31 @@ def parse_float_list(text: str) -> list[float]:
 # ------------------------------------------------------------------------ S3 requests
 
 
-def s3_requests(metrics_url: str, buckets: set[str]) -> Counter[str]:
-    """Requests the S3 server answered so far on ``buckets``, by type (GET, PUT, ...)."""
+def s3_requests(metrics_url: str, buckets: set[str], *, settle: bool = False) -> Counter[str]:
+    """Requests the S3 server answered so far on ``buckets``, by type (GET, PUT, ...).
+
+    ``settle``: read until two reads 0.25 s apart agree (at most 5 s). SeaweedFS counts a
+    request after it has answered it, so a read right after the last answer can miss it."""
     import requests
 
-    counts: Counter[str] = Counter()
-    for line in requests.get(metrics_url, timeout=10).text.splitlines():
-        match = _REQUEST.match(line)
-        if match:
-            labels = dict(_LABEL.findall(match.group(1)))
-            if labels.get("bucket") in buckets:
-                counts[labels.get("type", "?")] += int(float(match.group(2)))
+    def read() -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for line in requests.get(metrics_url, timeout=10).text.splitlines():
+            match = _REQUEST.match(line)
+            if match:
+                labels = dict(_LABEL.findall(match.group(1)))
+                if labels.get("bucket") in buckets:
+                    counts[labels.get("type", "?")] += int(float(match.group(2)))
+        return counts
+
+    counts = read()
+    deadline = time.monotonic() + 5.0
+    while settle and time.monotonic() < deadline:
+        time.sleep(0.25)
+        again = read()
+        if again == counts:
+            break
+        counts = again
     return counts
 
 

@@ -146,8 +146,10 @@ class SeaweedServer:
         self.data_dir = Path(data_dir).resolve()
         self.identities = list(identities or [])
         self.weed_binary = weed_binary or find_weed()
+        # hex: a URL-safe secret starts with "-" one time in 64, and a command line then
+        # takes it for an option (``--secret-key -x...``)
         self.admin_credentials = admin_credentials or Credentials(
-            "fladmin" + secrets.token_hex(6), secrets.token_urlsafe(24)
+            "fladmin" + secrets.token_hex(6), secrets.token_hex(24)
         )
         self._fixed_ports = dict(ports or {})
         if s3_port is not None:

@@ -100,7 +100,7 @@ def test_wire_meets_its_size_goal_at_full_size(capsys):
 def test_client_small(s3_config, small_dataset, capsys):
     argv = ["--rows", "300", "--dataset", str(small_dataset)]
     argv += ["--s3-endpoint", s3_config.endpoint_url]
-    argv += ["--s3-access-key", s3_config.access_key, "--s3-secret-key", s3_config.secret_key]
+    argv += [f"--s3-access-key={s3_config.access_key}", f"--s3-secret-key={s3_config.secret_key}"]
     r = _run(client_main, argv, capsys)
     assert r["rows"] == 300 and r["server_opened"] == 2
     assert r["cycle"]["num_rows"] == 300 and r["cycle"]["command"] == "fl-client run"

@@ -42,7 +42,7 @@ def fleet_env(admin_env, tmp_path, capsys):
         creds = env["server"].admin_credentials
         args = ["enroll", cid, "--public-key", str(home / "state" / "client_key.pub.pem")]
         args += ["--out", str(home / "client.json")]
-        args += ["--access-key", creds.access_key, "--secret-key", creds.secret_key]
+        args += [f"--access-key={creds.access_key}", f"--secret-key={creds.secret_key}"]
         assert admin_main(args) == 0
         configs[cid] = home / "client.json"
     capsys.readouterr()

@@ -347,10 +347,10 @@ def _plan_requests(seaweed_factory, tmp_path, small_dataset, pending: int) -> di
         deployment.inbox.put(protocol.inbox_key(f"device-{i:05d}", protocol.new_update_id()), b"x")
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     buckets = {deployment.inbox.bucket, deployment.state.bucket}
-    before = s3_requests(url, buckets)
+    before = s3_requests(url, buckets, settle=True)
     plan = rr.plan_round(deployment, f"plan-{pending}", min_clients=1, shard_size=1000)
     assert plan.updates == pending and plan.client_count == pending and not plan.waiting
-    after = s3_requests(url, buckets)
+    after = s3_requests(url, buckets, settle=True)
     return {kind: after[kind] - before[kind] for kind in after if after[kind] - before[kind]}
 
 
