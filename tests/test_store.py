@@ -24,6 +24,7 @@ import pytest
 
 from fedlib.errors import ObjectExists, StoreError
 from fedlib.storage.store import (
+    ListingSpan,
     LocalStore,
     NoSuchKey,
     ObjectInfo,
@@ -683,11 +684,12 @@ def test_unaddressable_keys_are_listed_within_a_range(s3_bucket: S3Store) -> Non
         s3_bucket.put(key, b"ok")
 
     def within(**bounds: object) -> list[str]:
-        return keys(s3_bucket.list_unaddressable("updates/", limit=10, **bounds))  # type: ignore[arg-type]
+        span = ListingSpan(**bounds)  # type: ignore[arg-type]
+        return keys(s3_bucket.list_unaddressable("updates/", limit=10, span=span))
 
     assert within(through="updates/a/y") == ["updates/a/x\x01"]
-    assert within(start_after="updates/a/y", through="updates/b/y") == ["updates/b/x\x01"]
-    assert within(start_after="updates/b/y") == ["updates/c/x\x01"]
+    assert within(after="updates/a/y", through="updates/b/y") == ["updates/b/x\x01"]
+    assert within(after="updates/b/y") == ["updates/c/x\x01"]
     s3_bucket.delete("updates/b/y")  # gone: the next range still starts after it
-    assert within(start_after="updates/b/y") == ["updates/c/x\x01"]
-    assert within(scan_limit=3) == ["updates/a/x\x01", "updates/b/x\x01"]
+    assert within(after="updates/b/y") == ["updates/c/x\x01"]
+    assert within(keys=3) == ["updates/a/x\x01", "updates/b/x\x01"]

@@ -84,7 +84,14 @@ from fedlib.server.rounds import (
 )
 from fedlib.server.state_keys import RunKeys
 from fedlib.server.strategy import aggregator_from_bytes, new_aggregator
-from fedlib.storage.store import ListLevel, NoSuchKey, ObjectInfo, ObjectTooLarge
+from fedlib.storage.store import (
+    WHOLE_LISTING,
+    ListingSpan,
+    ListLevel,
+    NoSuchKey,
+    ObjectInfo,
+    ObjectTooLarge,
+)
 from fedlib.trust.package import PACKAGE_FILES
 from fedlib.wire import protocol
 from fedlib.wire.protocol import PackageMetadata
@@ -1450,13 +1457,12 @@ def judge_unaddressable(
     ledger = Ledger(deployment.state)
     stub_bytes = deployment.settings.quarantine_stub_bytes
     judged, failed = 0, []
-    found = deployment.inbox.list_unaddressable(
-        INBOX,
-        limit=UNADDRESSABLE_PER_ROUND,
-        start_after=within.after if within else None,
-        through=within.through if within else None,
-        scan_limit=SEARCH_KEYS_PER_RANGE if within else None,
+    span = (
+        ListingSpan(within.after, within.through, SEARCH_KEYS_PER_RANGE)
+        if within
+        else WHOLE_LISTING
     )
+    found = deployment.inbox.list_unaddressable(INBOX, limit=UNADDRESSABLE_PER_ROUND, span=span)
     for info in found:
         try:
             digest = deployment.inbox.digest_unaddressable(

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
 import obstore
@@ -82,6 +82,20 @@ class ObjectTooLarge(StoreError):
         self.key = key
         self.size = size
         self.max_bytes = max_bytes
+
+
+@dataclass(frozen=True)
+class ListingSpan:
+    """Part of a listing, in the store's own order: the keys after ``after`` (None: from
+    the start; it need not exist) through the key ``through`` (None: to the end), at
+    most ``keys`` of them read (None: no bound)."""
+
+    after: str | None = None
+    through: str | None = None
+    keys: int | None = None
+
+
+WHOLE_LISTING: Final = ListingSpan()
 
 
 @dataclass(frozen=True)
@@ -187,18 +201,11 @@ class ObjectStore(Protocol):
         ...
 
     def list_unaddressable(
-        self,
-        prefix: str,
-        *,
-        limit: int,
-        start_after: str | None = None,
-        through: str | None = None,
-        scan_limit: int | None = None,
+        self, prefix: str, *, limit: int, span: ListingSpan = WHOLE_LISTING
     ) -> Iterator[ObjectInfo]:
         """At most ``limit`` objects under ``prefix`` whose keys :meth:`list` skips (an S3
         bucket may hold a control character, an empty segment or a trailing ``/`` in a
-        key; a directory cannot), in listing order from after ``start_after``, through
-        the key ``through`` (None: to the end), looking at most at ``scan_limit`` keys."""
+        key; a directory cannot), in listing order, within ``span``."""
         ...
 
     def digest_unaddressable(
@@ -721,26 +728,20 @@ class S3Store:
         return True
 
     def list_unaddressable(
-        self,
-        prefix: str,
-        *,
-        limit: int,
-        start_after: str | None = None,
-        through: str | None = None,
-        scan_limit: int | None = None,
+        self, prefix: str, *, limit: int, span: ListingSpan = WHOLE_LISTING
     ) -> Iterator[ObjectInfo]:
         """A ListObjectsV2 pass over ``prefix`` (control plane) keeping only such keys."""
         if limit <= 0:
             return
         found = 0
-        listed = self._control_objects(prefix, start_after)
-        for info in itertools.islice(listed, scan_limit):
+        listed = self._control_objects(prefix, span.after)
+        for info in itertools.islice(listed, span.keys):
             if not _addressable(info.key):
                 yield info
                 found += 1
                 if found >= limit:
                     return
-            if info.key == through:
+            if info.key == span.through:
                 return
 
     def _control_objects(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
@@ -1108,13 +1109,7 @@ class LocalStore:
             raise StoreError(f"get {key!r} from {self.root}: {exc}") from exc
 
     def list_unaddressable(
-        self,
-        prefix: str,
-        *,
-        limit: int,
-        start_after: str | None = None,
-        through: str | None = None,
-        scan_limit: int | None = None,
+        self, prefix: str, *, limit: int, span: ListingSpan = WHOLE_LISTING
     ) -> Iterator[ObjectInfo]:
         """Nothing: a directory cannot hold such names (:func:`validate_key`)."""
         return iter(())
