@@ -278,12 +278,15 @@ def test_a_device_s_objects_are_never_split_across_shards(deployment):
         assert sum(bool(device_keys & shard) for shard in shards) == 1
 
 
-def test_one_flat_listing_plans_like_a_listing_per_device(deployment, monkeypatch):
-    """The plan reads devices from one flat listing of the inbox where it covers them
-    whole; cut short anywhere (a limit of 1, 4, 7 entries: then a delimited listing finds the
-    devices), the groups are the same as
-    with a listing per device, including a device over the cap."""
-    sizes = {"dev-a": 3, "dev-b": 1, "dev-c": 20, "dev-d": 2}
+def test_chunked_listings_plan_like_a_listing_per_device(deployment, monkeypatch):
+    """The plan reads devices from flat listings of chunks of the inbox, side by side;
+    however the chunks are cut (1, 2 or 3 devices each) and wherever a chunk's listing is
+    cut short (1, 4, 7 keys: the devices it did not cover are then listed one by one),
+    the groups are the same as with a listing per device, in the store's listing order,
+    including devices over the cap (a listing leaves one by skipping past it, but not
+    ``dev-a``, a stem) and ids that sort apart in the two listing orders (``dev-a``,
+    ``dev-a-b``, ``dev-a.c``)."""
+    sizes = {"dev-a": 20, "dev-a-b": 1, "dev-a.c": 2, "dev-b": 1, "dev-c": 40, "dev-d": 2}
     for client, n in sizes.items():
         for _ in range(n):
             deployment.inbox.put(protocol.inbox_key(client, protocol.new_update_id()), b"x")
@@ -291,21 +294,62 @@ def test_one_flat_listing_plans_like_a_listing_per_device(deployment, monkeypatc
     deployment.inbox.put("updates/Not A Client/x", b"x")  # a segment that is no client id
     deployment.inbox.put("updates/dev-b/deeper/x", b"x")  # under a device, not a name
 
-    def groups() -> dict[str | None, tuple[list[str], bool]]:
-        return {
-            g.client_id: ([e[0].key for e in g.entries], g.capped)
+    def groups() -> list[tuple[str | None, list[str], bool]]:
+        return [
+            (g.client_id, [e[0].key for e in g.entries], g.capped)
             for g in rr.inbox_groups(deployment, 16)
-        }
+        ]
 
     whole = groups()
-    assert {c: len(keys) for c, (keys, _) in whole.items()} == {
+    assert {c: len(keys) for c, keys, _ in whole} == {
         None: 2,
-        "dev-a": 3,
+        "dev-a": 16,
+        "dev-a-b": 1,
+        "dev-a.c": 2,
         "dev-b": 2,
         "dev-c": 16,
         "dev-d": 2,
     }
-    assert whole["dev-c"][1] and not whole["dev-a"][1]
-    for limit in (1, 4, 7, 30):
-        monkeypatch.setattr(rr, "FLAT_LISTING_LIMIT", limit)
-        assert groups() == whole, limit
+    one_by_one = {
+        c: [i.key for i in deployment.inbox.list(f"updates/{c}/", limit=16)] for c in sizes
+    }
+    assert {c: keys for c, keys, _ in whole if c} == one_by_one
+    capped = {c for c, _, cap in whole if cap}
+    assert capped == {"dev-a", "dev-c"}
+    store_order = list(
+        dict.fromkeys(
+            i.key.split("/")[1] for i in deployment.inbox.list("updates/") if i.key.count("/") == 2
+        )
+    )
+    assert [c for c, _, _ in whole if c] == [c for c in store_order if c in sizes]
+    for chunk in (1, 2, 3):
+        monkeypatch.setattr(rr, "LISTING_CHUNK", chunk)
+        assert groups() == whole, chunk
+        for limit in (1, 4, 7):
+            monkeypatch.setattr(rr, "CHUNK_KEY_LIMIT", limit)
+            assert groups() == whole, (chunk, limit)
+        monkeypatch.undo()
+
+
+def test_listing_chunks_are_cut_where_both_listing_orders_agree():
+    """A cut never separates an id from its stem (``a`` and ``a-b``: byte order puts
+    ``a-b/`` first, SeaweedFS's walk ``a/``), and only stems are never skipped past."""
+    prefixes = [f"updates/{n}/" for n in ("a", "a-b", "a-b.c", "a0", "b", "c", "c.d", "e")]
+    chunks = rr.ListingChunks.of(prefixes)
+    assert chunks.stems == {"updates/a/", "updates/a-b/", "updates/c/"}
+    for size in (1, 2, 3):
+        cut = rr.ListingChunks.of(prefixes, size=size).chunks
+        assert sorted(p for chunk in cut for p in chunk) == sorted(prefixes)
+        for chunk in cut:
+            names = {p[:-1] for p in chunk}
+            for name in names:  # a stem's longer names stay with it
+                assert all(
+                    o[:-1] in names for o in prefixes if o.startswith(name) and o[len(name)] < "/"
+                ), (size, cut)
+    assert rr.ListingChunks.of(prefixes, size=1).chunks == [
+        ["updates/a/", "updates/a-b/", "updates/a-b.c/"],
+        ["updates/a0/"],
+        ["updates/b/"],
+        ["updates/c/", "updates/c.d/"],
+        ["updates/e/"],
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -332,9 +333,12 @@ def test_each_shard_records_its_own_verdicts_and_finalize_reads_one_record_per_s
     assert list(deployment.inbox.list("updates/")) == []
 
 
-def _plan_requests(seaweed_factory, tmp_path, small_dataset, pending: int) -> dict[str, int]:
-    """The S3 requests one plan makes over ``pending`` well-formed objects, by type, as the
-    SeaweedFS server itself counts them (its Prometheus counter)."""
+def _plan_requests(
+    seaweed_factory, tmp_path, small_dataset, pending: int, *, flood: int = 0
+) -> dict[str, int]:
+    """The S3 requests one plan makes over ``pending`` well-formed objects (one a device),
+    by type, as the SeaweedFS server itself counts them (its Prometheus counter);
+    ``flood``: that many more objects of the middle device."""
     from bench.fleet import s3_requests
     from fedlib.server import round_runner as rr
     from scripts.demo import free_port
@@ -345,11 +349,23 @@ def _plan_requests(seaweed_factory, tmp_path, small_dataset, pending: int) -> di
     deployment = build_deployment(server.s3_config(), tmp_path / f"keys-{pending}", small_dataset)
     for i in range(pending):  # the plan reads names only: any bytes under a well-formed key
         deployment.inbox.put(protocol.inbox_key(f"device-{i:05d}", protocol.new_update_id()), b"x")
+    flooder = f"device-{pending // 2:05d}"
+    with ThreadPoolExecutor(16) as pool:
+        list(
+            pool.map(
+                lambda _: deployment.inbox.put(
+                    protocol.inbox_key(flooder, protocol.new_update_id()), b"x"
+                ),
+                range(flood),
+            )
+        )
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     buckets = {deployment.inbox.bucket, deployment.state.bucket}
     before = s3_requests(url, buckets, settle=True)
     plan = rr.plan_round(deployment, f"plan-{pending}", min_clients=1, shard_size=1000)
-    assert plan.updates == pending and plan.client_count == pending and not plan.waiting
+    cap = deployment.settings.max_objects_per_device
+    expected = pending if not flood else pending - 1 + cap
+    assert plan.updates == expected and plan.client_count == pending and not plan.waiting
     after = s3_requests(url, buckets, settle=True)
     return {kind: after[kind] - before[kind] for kind in after if after[kind] - before[kind]}
 
@@ -364,19 +380,15 @@ def test_a_plan_makes_no_request_per_object(seaweed_factory, tmp_path, small_dat
     assert sum(many.values()) < 40, many
 
 
-def test_an_inbox_of_exactly_the_flat_limit_is_listed_once(
-    seaweed_factory, tmp_path, small_dataset, monkeypatch
+def test_a_flooding_device_costs_the_plan_one_listing_request(
+    seaweed_factory, tmp_path, small_dataset
 ):
-    """An inbox of exactly FLAT_LISTING_LIMIT keys is whole in the flat listing: the plan
-    makes the requests it makes below the limit (no delimited listing, no device listed
-    on its own)."""
-    from fedlib.server import round_runner as rr
-
-    monkeypatch.setattr(rr, "FLAT_LISTING_LIMIT", 41)
-    below = _plan_requests(seaweed_factory, tmp_path / "below", small_dataset, 40)
-    monkeypatch.setattr(rr, "FLAT_LISTING_LIMIT", 40)
-    at = _plan_requests(seaweed_factory, tmp_path / "at", small_dataset, 40)
-    assert at == below, (below, at)
+    """A device with 1,500 objects in the middle of the inbox costs the plan one listing
+    request more than a device with one: its chunk's listing takes what the per-device
+    cap needs and starts again past the device (without that, 15 pages of its keys)."""
+    one = _plan_requests(seaweed_factory, tmp_path / "one", small_dataset, 40)
+    flooded = _plan_requests(seaweed_factory, tmp_path / "flood", small_dataset, 40, flood=1500)
+    assert sum(flooded.values()) <= sum(one.values()) + 1, (one, flooded)
 
 
 def test_a_retried_shard_does_not_take_its_own_verdicts_for_replays(deployment):

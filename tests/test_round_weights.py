@@ -355,3 +355,40 @@ def test_gmm_rounds_over_s3_are_centralized_em_steps(s3_config, tmp_path, small_
         np.testing.assert_allclose(params_of(base)[1], centralized.params(), rtol=0, atol=1e-6)
     assert base.metadata.metrics is not None and v1.metadata.metrics is not None
     assert base.metadata.metrics["auc"] > v1.metadata.metrics["auc"]
+
+
+def test_reduce_weighs_from_the_shards_weight_records(s3_config, tmp_path, small_dataset):
+    """Reduce reads each shard's weight record (five columns), not its verdicts; the
+    record holds every accepted update's weight fields; a shard that wrote none (it ran
+    before they existed) is weighed from its verdicts, to the same aggregate bytes."""
+    dep = build_deployment(s3_config, tmp_path / "records", small_dataset)
+    _honest(dep, 4)
+    package = dep.registry().read_active()
+    delta, _ = local_delta(package, dep.dataset.clients[dep.dataset.client_ids[4]], seed=4)
+    _attacker(dep, delta, updates=6, num_samples=10_000)
+    _reduced(dep, "rec-1", shard_size=3)
+    keys = RunKeys("rec-1")
+    plan = rr.load_plan(dep, "rec-1")
+    assert plan.shard_count > 1
+    aggregate = dep.state.get(keys.aggregate)
+    weights = rr.load_round_weights(dep, "rec-1")
+    assert weights is not None and len(weights.devices) == 5
+    for index in range(plan.shard_count):
+        verdicts = rr.get_record(dep, keys.shard_verdicts(index), rr.ShardVerdicts).verdicts
+        from_record = rr.shard_weights(dep, plan, index)
+        assert from_record == [
+            rr._update_weight(v, plan.base_version) for v in verdicts if v.accepted
+        ]
+    verdicts_of = {i: dep.state.get(keys.shard_verdicts(i)) for i in range(plan.shard_count)}
+    for index in range(plan.shard_count):  # the records alone: verdicts gone
+        dep.state.delete(keys.shard_verdicts(index))
+    dep.state.delete(keys.aggregate)
+    rr.reduce_round(dep, "rec-1")
+    assert dep.state.get(keys.aggregate) == aggregate
+    for index, blob in verdicts_of.items():  # the verdicts alone: records gone
+        dep.state.put(keys.shard_verdicts(index), blob)
+        dep.state.delete(keys.shard_weights(index))
+    dep.state.delete(keys.aggregate)
+    rr.reduce_round(dep, "rec-1")
+    assert dep.state.get(keys.aggregate) == aggregate
+    assert rr.load_round_weights(dep, "rec-1") == weights

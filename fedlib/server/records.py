@@ -22,6 +22,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     ValidationError,
     model_serializer,
+    model_validator,
 )
 
 from fedlib.wire import protocol
@@ -290,6 +291,28 @@ class ShardVerdicts(Record):
 
     def to_doc(self) -> dict[str, Any]:
         return {"schema": self.schema_, "verdicts": [v.as_dict() for v in self.verdicts]}
+
+
+class ShardWeights(Record):
+    """What the weight policy needs of a shard's accepted updates
+    (``rounds/<run>/shards/NNNNN.weights.json``), one column a field, in the order of the
+    shard's verdicts: the reduce step reads these (five numbers an update) rather than
+    parsing every verdict of the round."""
+
+    schema_: Literal["dadm.shard-weights.v1"] = _schema("dadm.shard-weights.v1")
+    keys: list[str]
+    client_ids: list[str]
+    num_samples: list[int]
+    staleness: list[int]
+    units: list[int]
+
+    @model_validator(mode="after")
+    def _columns_align(self) -> Self:
+        lengths = {len(self.keys), len(self.client_ids), len(self.num_samples)}
+        lengths |= {len(self.staleness), len(self.units)}
+        if len(lengths) != 1:
+            raise ValueError(f"shard weights columns of unequal lengths {sorted(lengths)}")
+        return self
 
 
 class QuarantineStub(Record):

@@ -70,6 +70,7 @@ from fedlib.server.records import (
     ShardRecorded,
     ShardResult,
     ShardVerdicts,
+    ShardWeights,
     UnrecordedVerdicts,
     Verdict,
 )
@@ -87,9 +88,9 @@ from fedlib.server.strategy import aggregator_from_bytes, new_aggregator
 from fedlib.storage.store import (
     WHOLE_LISTING,
     ListingSpan,
-    ListLevel,
     NoSuchKey,
     ObjectInfo,
+    ObjectStore,
     ObjectTooLarge,
 )
 from fedlib.trust.package import PACKAGE_FILES
@@ -252,21 +253,12 @@ def inbox_groups(
     the one task no worker count shortens): the shard that opens an object checks its
     verdict (:func:`process_shard`).
 
-    One flat listing (:data:`FLAT_LISTING_LIMIT` keys at most, 1,000 a request) is the
-    whole plan's I/O when it covers the inbox; past that, device prefixes come from a
-    delimited listing and the devices the flat listing did not cover whole are listed
-    ``SHARD_IO_CONCURRENCY`` at a time. Groups are yielded in the store's listing order
-    (the junk group first)."""
-    # one key more than the limit: an inbox of exactly the limit is listed whole
-    flat = list(deployment.inbox.list(INBOX, limit=FLAT_LISTING_LIMIT + 1))
-    whole = len(flat) <= FLAT_LISTING_LIMIT
-    by_prefix = _by_prefix(flat) if whole else {}
-    if whole:  # devices in the store's listing order, as a delimited listing gives them
-        top = sorted(by_prefix.pop(INBOX, []), key=lambda o: o.key)
-        level = ListLevel(list(by_prefix), top)
-    else:
-        level = deployment.inbox.list_level(INBOX)
-
+    The devices come from one delimited listing (cheap: it does not descend into them);
+    their keys from flat listings of :data:`LISTING_CHUNK` devices each, side by side
+    (:func:`chunk_listing`), so the plan's listing time does not grow with the inbox on
+    the store's cores. A device a chunk's listing did not cover whole is listed on its
+    own. Groups are yielded in the store's listing order (the junk group first)."""
+    level = deployment.inbox.list_level(INBOX)
     junk_limit = cap if junk_limit is None else junk_limit
 
     def group_of(client: str | None, listed: list[ObjectInfo], limit: int) -> _Group:
@@ -280,64 +272,157 @@ def inbox_groups(
         return _Group(client, entries, capped=capped)
 
     junk: list[ObjectInfo] = list(level.objects[: junk_limit + 1])
-    devices: list[tuple[str, str]] = []
+    clients: dict[str, str] = {}  # device prefix -> client id
     for prefix in level.prefixes:
         client = _device_of(prefix)
         if client is not None:
-            devices.append((client, prefix))
+            clients[prefix] = client
         elif len(junk) <= junk_limit:
-            more = junk_limit + 1 - len(junk)
-            if whole:
-                junk += by_prefix[prefix][:more]
-            else:
-                junk += deployment.inbox.list(prefix, limit=more)
+            junk += deployment.inbox.list(prefix, limit=junk_limit + 1 - len(junk))
     if junk:
         yield group_of(None, junk, junk_limit)
 
-    known = listed_devices(flat, [p for _, p in devices], cap + 1, whole=whole)
+    chunks = ListingChunks.of(level.prefixes)
+
+    def list_chunk(number: int) -> tuple[list[str], dict[str, list[ObjectInfo]]]:
+        """A chunk's devices in the store's order (those it did not cover last) and the
+        objects of those it covered."""
+        flat, whole = chunk_listing(deployment.inbox, chunks, number, cap + 1)
+        wanted = [prefix for prefix in chunks.chunks[number] if prefix in clients]
+        listed = listed_devices(flat, wanted, cap + 1, whole=whole)
+        return [*listed, *(p for p in wanted if p not in listed)], listed
 
     def own_listing(prefix: str) -> list[ObjectInfo]:
         return list(deployment.inbox.list(prefix, limit=cap + 1))
 
-    # only the devices the flat listing did not cover go to the pool (a task per device
-    # costs more than the device's grouping: 0.6 s at 10,000 devices)
-    unlisted = [prefix for _, prefix in devices if prefix not in known]
     with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="plan") as pool:
+        order: list[str] = []
+        known: dict[str, list[ObjectInfo]] = {}
+        for chunk_order, chunk_known in pool.map(list_chunk, range(len(chunks.chunks))):
+            order += chunk_order
+            known.update(chunk_known)
+        # only the devices no chunk covered go to the pool one by one (a task per device
+        # costs more than the device's grouping: 0.6 s at 10,000 devices)
+        unlisted = [prefix for prefix in order if prefix not in known]
         listings = pool.map(own_listing, unlisted)
-        for client, prefix in devices:
+        for prefix in order:
             listed = known[prefix] if prefix in known else next(listings)
-            group = group_of(client, listed[: cap + 1], cap)
+            group = group_of(clients[prefix], listed[: cap + 1], cap)
             if group.entries:
                 yield group
 
 
-#: Entries the plan's one flat listing of the inbox reads (see :func:`listed_devices`).
-FLAT_LISTING_LIMIT = 10_000
+#: Devices (level-one prefixes of the inbox) one flat listing of the plan covers: with a
+#: key a device, a page (1,000 keys) holds the chunk and the next chunk's first keys, so a
+#: chunk is one request (on SeaweedFS, continuing a listing from a key inside a device
+#: costs as much as a page: 0.08 s).
+LISTING_CHUNK = 900
+#: Keys one chunk's listing reads at most (then a page more): past that, the devices it
+#: did not cover are listed one by one.
+CHUNK_KEY_LIMIT = 10_000
+#: Appended to a prefix ending in ``/``: a listing that starts after it starts past every
+#: key of that prefix (no valid UTF-8 key continues the prefix with a higher character).
+PAST_PREFIX = "\U0010ffff"
 
 
-def _by_prefix(flat: list[ObjectInfo]) -> dict[str, list[ObjectInfo]]:
-    """A flat listing of the inbox by "directory" ``updates/<segment>/`` (listing order
-    kept); the keys directly under ``updates/`` under ``updates/`` itself."""
-    grouped: dict[str, list[ObjectInfo]] = {}
-    for info in flat:
-        head, sep, _ = info.key[len(INBOX) :].partition("/")
-        grouped.setdefault(f"{INBOX}{head}/" if sep else INBOX, []).append(info)
-    return grouped
+@dataclasses.dataclass(frozen=True)
+class ListingChunks:
+    """The inbox's level-one prefixes cut into runs of about :data:`LISTING_CHUNK`, each
+    listed on its own, from past the previous run's last prefix.
+
+    Stores list in two orders: bytes (AWS, MinIO, a directory: ``a-b/`` before ``a/``)
+    and SeaweedFS's directory walk (``a/`` before ``a-b/``), whose StartAfter also drops
+    keys below it in bytes. They disagree only on a name and its *stem*, the name
+    followed by a character below ``/``. A cut is made only before a prefix with no stem
+    in the level, so every chunk holds the same prefixes in either order and starts past
+    the previous one in both; a listing skips past a prefix only if it is no one's stem.
+    """
+
+    chunks: list[list[str]]
+    chunk_of: dict[str, int]
+    stems: frozenset[str]
+
+    @classmethod
+    def of(cls, prefixes: list[str], size: int | None = None) -> ListingChunks:
+        """Cut in name order, where a stem comes right before the names it is the stem of
+        (``a``, ``a-b``, ``a-b.c``, ``a.x``, then ``a0``): a cut before a prefix with no
+        stem in the level separates no name from its stem."""
+        size = LISTING_CHUNK if size is None else size
+        names = set(prefixes)
+        stems: set[str] = set()
+        chunks: list[list[str]] = []
+        for prefix in sorted(names, key=lambda p: p[:-1]):
+            mine = {
+                prefix[:i] + "/"
+                for i in range(len(INBOX) + 1, len(prefix) - 1)
+                if prefix[i] < "/" and prefix[:i] + "/" in names
+            }
+            stems |= mine
+            if not chunks or (len(chunks[-1]) >= size and not mine):
+                chunks.append([])
+            chunks[-1].append(prefix)
+        chunk_of = {prefix: n for n, chunk in enumerate(chunks) for prefix in chunk}
+        return cls(chunks, chunk_of, frozenset(stems))
+
+    def start_after(self, number: int) -> str | None:
+        """Where chunk ``number``'s listing starts: past the previous chunk's last prefix
+        in bytes (the walk may still meet earlier chunks' keys: they are skipped)."""
+        return None if number == 0 else max(self.chunks[number - 1]) + PAST_PREFIX
+
+
+def chunk_listing(
+    store: ObjectStore, chunks: ListingChunks, number: int, per_prefix: int
+) -> tuple[list[ObjectInfo], bool]:
+    """Chunk ``number``'s keys, at most ``per_prefix`` of each prefix, from a flat
+    listing of the inbox that starts at the chunk and stops past it; whether it covered
+    the chunk whole (False: it stopped at :data:`CHUNK_KEY_LIMIT`).
+
+    Keys directly under the inbox (the junk group's), of other chunks, and under
+    prefixes the level did not have (they arrived since) are not the chunk's. A prefix
+    with more keys than ``per_prefix`` is left by starting the listing again past it,
+    so a device flooding the inbox costs a page, not its keys. A page asks for as many
+    keys as the chunk has prefixes not yet met, plus ``per_prefix`` (the one it is in
+    may have that many more) and one, so a chunk of one key a device is one request
+    that reads at most ``per_prefix + 1`` keys of the next chunk."""
+    flat: list[ObjectInfo] = []
+    taken = Counter[str]()
+    read, after = 0, chunks.start_after(number)
+    while read <= CHUNK_KEY_LIMIT:
+        page = min(1_000, len(chunks.chunks[number]) - len(taken) + per_prefix + 1)
+        listed = 0
+        for info in store.list(INBOX, start_after=after, limit=page):
+            listed, read, after = listed + 1, read + 1, info.key
+            head, sep, _ = info.key[len(INBOX) :].partition("/")
+            prefix = f"{INBOX}{head}/"
+            chunk = chunks.chunk_of.get(prefix) if sep else None
+            if chunk is None or chunk < number:
+                continue
+            if chunk > number:
+                return flat, True
+            if taken[prefix] < per_prefix:
+                taken[prefix] += 1
+                flat.append(info)
+            elif prefix not in chunks.stems:
+                after = prefix + PAST_PREFIX
+                break
+        else:
+            if listed < page:
+                return flat, True  # the end of the inbox
+    return flat, False
 
 
 def listed_devices(
     flat: list[ObjectInfo], prefixes: list[str], per_device: int, *, whole: bool
 ) -> dict[str, list[ObjectInfo]]:
-    """Each device prefix's objects (up to ``per_device``) from one flat listing of the
-    inbox, for the devices it covers whole; the others need a listing of their own.
+    """Each device prefix's objects (up to ``per_device``) from one flat listing of
+    part of the inbox (:func:`chunk_listing`), for the devices it covers whole; the
+    others need a listing of their own.
 
     Why: with one pending update per device, a listing per device is one request per
-    device; the flat listing reads 1,000 keys a request. A device's keys are contiguous
-    in any listing order (they share a prefix), so every device the listing has passed
-    is complete; only the one it stopped in may not be. At most
-    :data:`FLAT_LISTING_LIMIT` entries: a device flooding the start of the key space
-    costs the others that many entries, then they are listed one by one as before.
-    ``whole``: the listing reached the inbox's end (then a device not in it has nothing)."""
+    device; the flat listing reads up to 1,000 keys a request. A device's keys are
+    contiguous in any listing order (they share a prefix), so every device the listing
+    has passed is complete; only the one it stopped in may not be. ``whole``: the
+    listing reached the end of its part (then a device not in it has nothing)."""
     wanted = set(prefixes)
     found: dict[str, list[ObjectInfo]] = {}
     last: str | None = None
@@ -733,6 +818,7 @@ def process_shard(deployment: Deployment, run_id: str, index: int) -> ShardResul
             deployment.state.put(run_keys.archive(index), pack_envelopes(accepted_bytes))
     partial = agg.to_bytes()
     deployment.state.put(run_keys.shard_partial(index), partial)
+    put_record(deployment, run_keys.shard_weights(index), weights_of(verdicts, plan.base_version))
     failpoint(failpoints.SHARD_AFTER_PARTIAL)  # fault tests: a worker killed right here
     put_record(deployment, run_keys.shard_verdicts(index), ShardVerdicts(verdicts=verdicts))
     rejected = Counter(v.reason or "unknown" for v in verdicts if not v.accepted)
@@ -781,12 +867,12 @@ def reduce_round(deployment: Deployment, run_id: str) -> AggregateResult:
         data = deployment.state.get(keys.shard_partial(index))
         total.merge(aggregator_from_bytes(data, aggregation))
 
-    # Each shard's verdicts are read and parsed once; the weight policy's passes go over
-    # these small records (a few fields per accepted update, not the verdicts).
-    weights = [
-        [_update_weight(v, plan.base_version) for v in verdicts if v.accepted]
-        for verdicts in shard_verdicts(deployment, run_id, plan)
-    ]
+    # The weight policy's passes go over the shards' weight records (five numbers an
+    # accepted update, read side by side), not over the verdicts.
+    with ThreadPoolExecutor(SHARD_IO_CONCURRENCY, thread_name_prefix="reduce") as pool:
+        weights = list(
+            pool.map(functools.partial(shard_weights, deployment, plan), range(plan.shard_count))
+        )
     policy = final_weights(lambda: itertools.chain.from_iterable(weights), aggregation)
     inputs: RoundInputs | None = None
     reweighted = 0
@@ -830,6 +916,33 @@ def reduce_round(deployment: Deployment, run_id: str) -> AggregateResult:
     blob = total.to_bytes()
     deployment.state.put(keys.aggregate, blob)
     return AggregateResult(count=total.count, digest=hashlib.sha256(blob).hexdigest())
+
+
+def weights_of(verdicts: list[Verdict], base_version: int) -> ShardWeights:
+    """A shard's :class:`ShardWeights`: its accepted verdicts as the weight policy's input."""
+    updates = [_update_weight(v, base_version) for v in verdicts if v.accepted]
+    return ShardWeights(
+        keys=[u.key for u in updates],
+        client_ids=[u.client_id for u in updates],
+        num_samples=[u.num_samples for u in updates],
+        staleness=[u.staleness for u in updates],
+        units=[u.units for u in updates],
+    )
+
+
+def shard_weights(deployment: Deployment, plan: RoundPlan, index: int) -> list[UpdateWeight]:
+    """Shard ``index``'s accepted updates as the weight policy sees them; from its
+    verdicts if it wrote no weights record (a shard that ran before they existed)."""
+    keys = RunKeys(plan.run_id)
+    record = find_record(deployment, keys.shard_weights(index), ShardWeights)
+    if record is None:
+        verdicts = get_record(deployment, keys.shard_verdicts(index), ShardVerdicts).verdicts
+        record = weights_of(verdicts, plan.base_version)
+    columns = (record.keys, record.client_ids, record.num_samples, record.staleness, record.units)
+    return [
+        UpdateWeight(key=k, client_id=c, num_samples=n, staleness=s, units=u)
+        for k, c, n, s, u in zip(*columns, strict=True)
+    ]
 
 
 def _update_weight(verdict: Verdict, base_version: int) -> UpdateWeight:

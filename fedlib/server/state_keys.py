@@ -115,6 +115,10 @@ class RunKeys:
     def shard_verdicts(self, index: int) -> str:
         return f"{self.prefix}shards/{index:05d}.verdicts.json"
 
+    def shard_weights(self, index: int) -> str:
+        """What reduce needs of the shard's accepted updates (``records.ShardWeights``)."""
+        return f"{self.prefix}shards/{index:05d}.weights.json"
+
     def shard_recorded(self, index: int) -> str:
         """What ``record_shard`` did with the shard's verdicts (``records.ShardRecorded``)."""
         return f"{self.prefix}shards/{index:05d}.recorded.json"

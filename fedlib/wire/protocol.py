@@ -76,6 +76,8 @@ UpdateId = Annotated[
 # fullmatch, not ``^...$``: ``$`` also matches before a trailing newline.
 _CLIENT_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _UPDATE_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+#: ``updates/<client id>/<update id>`` in one match (the plan checks every pending key)
+_INBOX_KEY_RE = re.compile(f"updates/({_CLIENT_ID_RE.pattern})/({_UPDATE_ID_RE.pattern})")
 
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -212,19 +214,14 @@ def parse_inbox_key(key: str) -> tuple[str, str]:
 
     Strict: exactly ``updates/<client id>/<update id>``, the id a canonical (lowercase)
     UUIDv7, so a name that parses is short and safe inside any state key."""
-    parts = key.split("/")
-    if (
-        len(parts) != 3
-        or parts[0] != "updates"
-        or not _CLIENT_ID_RE.fullmatch(parts[1])
-        or not _UPDATE_ID_RE.fullmatch(parts[2])
-    ):
+    match = _INBOX_KEY_RE.fullmatch(key)
+    if match is None:
         shown = key[:80] + ("..." if len(key) > 80 else "")
         raise RejectedUpdate(
             "malformed_name",
             f"object key {shown!r} ({len(key)} chars) is not updates/<client>/<UUIDv7>",
         )
-    return parts[1], parts[2]
+    return match[1], match[2]
 
 
 @dataclass(frozen=True)
