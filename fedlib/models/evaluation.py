@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,10 @@ def score_metrics(
     """ROC-AUC and average precision of the scores; TPR/FPR of the shipped flags; with
     ``classes`` (a name per row, "" for none), the flagged share of each class's rows;
     with ``interval``, the AUC's bootstrap interval (:func:`auc_interval`)."""
+    # imported here: scikit-learn costs ~80 MB and 1 s, and every round task imports this
+    # module (through the deployment) while only the scoring tasks score
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     labels = np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         raise ValueError("a holdout needs both benign and anomalous rows")
