@@ -919,6 +919,32 @@ def render_serial(src: Mapping[str, Source]) -> str:
     verdict = ("met: " if all(flat.values()) else "not met: ") + "; ".join(
         within(w) for w in (1, 2)
     )
+
+    def growth(task: str) -> float:
+        return sum(
+            large.get(f"median.{w}.serial_tasks_s.{task}")
+            - small.get(f"median.{w}.serial_tasks_s.{task}")
+            for w in (1, 2)
+        )
+
+    grows = max(SERIAL_TASKS, key=growth)
+    quiet = all(
+        large.get(f"median.{w}.serial_tasks_s.{grows}")
+        - small.get(f"median.{w}.serial_tasks_s.{grows}")
+        < small.get(f"median.{w}.serial_task_s_range")[1]
+        - small.get(f"median.{w}.serial_task_s_range")[0]
+        for w in (1, 2)
+    )
+    most = (
+        f"The task that grows most with the batch is `{grows}`: "
+        + " and ".join(
+            f"{small.num(f'median.{w}.serial_tasks_s.{grows}', '.2f')} -> "
+            f"{large.num(f'median.{w}.serial_tasks_s.{grows}', '.2f')} s with {names[w]}"
+            for w in (1, 2)
+        )
+        + f"; each rise is {'smaller' if quiet else 'not smaller'} than the spread of the "
+        f"totals over the runs at {n(small)}."
+    )
     return "\n".join(
         [
             f"The round-wide tasks (each runs once per round), {n(small)} updates in "
@@ -940,7 +966,7 @@ def render_serial(src: Mapping[str, Source]) -> str:
             f"search for unaddressable names) | {record} |",
             "",
             f"Goal: the round-wide part does not grow from {n(small)} to {n(large)} updates; "
-            f"{verdict}. Most of each task is a task's fixed cost (a process starts, parses "
+            f"{verdict}. {most} Most of each task is a task's fixed cost (a process starts, parses "
             f"the DAG, reads the plan), which varies by a second or more from run to run on "
             f"this shared machine. What grows with the batch: `plan` lists the inbox (flat "
             f"listings of chunks of devices, side by side; no request per object) and "
