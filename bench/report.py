@@ -797,8 +797,8 @@ def render_load(src: Mapping[str, Source]) -> str:
 
 def _per_workers(o: Source) -> list[tuple[str, str]]:
     """(path prefix, column head) per worker count: the medians of a repeated run, else
-    each run."""
-    if "median" in o.data:
+    each run (a single run per worker count is not called a median)."""
+    if "median" in o.data and o.data.get("repeat", 1) > 1:
         workers = [r["workers"] for r in o.get("runs")]
         return [
             (
