@@ -1810,18 +1810,25 @@ def delete_judged(
     """Delete an inbox object only if it is still the version that was judged; one that
     changed since stays for the next round (where it meets its ledger entry)."""
     judged = {v.key: v.etag for v in verdicts}
-    doomed: list[str] = []
     last: dict[str, str] = {}  # client -> its last judged key
     for key in judged:
         if key.count("/") == 2:
             client = key.split("/")[1]
             last[client] = max(last.get(client, key), key)
-    for client in sorted(last):
+
+    def unchanged(client: str) -> list[str]:
+        """The client's judged keys still holding the judged version (one listing)."""
+        found: list[str] = []
         for info in deployment.inbox.list(f"updates/{client}/"):
             if info.key.count("/") == 2 and info.key > last[client]:
                 break  # the plan took a device's first keys: the rest is not ours to read
             if info.key in judged and judged[info.key] == info.etag:
-                doomed.append(info.key)
+                found.append(info.key)
+        return found
+
+    clients = sorted(last)
+    listed = map(unchanged, clients) if pool is None else pool.map(unchanged, clients)
+    doomed = [key for keys in listed for key in keys]
     for key in judged:
         if key.count("/") != 2:  # keys outside the layout were listed under updates/ too
             for info in deployment.inbox.list(key, limit=1):
